@@ -1,0 +1,154 @@
+"""Selection ops used by the MIDL gate, usable on their own.
+
+Both functions are written with `keras.ops` only and give the same results on
+TensorFlow, JAX and PyTorch, including how ties are broken.
+"""
+
+import math
+
+from keras import ops
+
+SELECTION_METHODS = ("top_k", "bisection")
+
+
+def kth_largest(scores, k, method="top_k"):
+    """Returns the k-th largest value of each row of `scores`.
+
+    Args:
+        scores: Float tensor of shape `(..., n)`.
+        k: Python int in `[1, n]`.
+        method: `"top_k"` reads the value off `ops.top_k`. `"bisection"`
+            runs 32 fixed steps of a bitwise binary search on the float32
+            bit patterns of the scores: each step is one comparison and one
+            row sum, there is no sort, and the result is exact (not an
+            approximation) for every finite or infinite float32 value.
+
+    Returns:
+        Tensor of shape `(..., 1)` in float32.
+    """
+    scores = ops.cast(scores, "float32")
+    if method == "top_k":
+        values, _ = ops.top_k(scores, k, sorted=True)
+        return values[..., k - 1 : k]
+    if method == "bisection":
+        return _kth_largest_bisection(scores, k)
+    raise ValueError(
+        "Received an invalid value for `method`, expected one of "
+        f"{SELECTION_METHODS}. Received: method={method!r}"
+    )
+
+
+def _sortable_keys(scores):
+    """Maps float32 values to int32 keys with the same order.
+
+    For a non-negative float the bit pattern, read as a signed integer, is
+    already ordered. For a negative one the order of the magnitude bits is
+    reversed, so those bits are flipped.
+    """
+    bits = ops.view(scores, "int32")
+    flipped = ops.bitwise_xor(bits, ops.convert_to_tensor(0x7FFFFFFF, "int32"))
+    return ops.where(bits < 0, flipped, bits)
+
+
+def _keys_to_floats(keys):
+    flipped = ops.bitwise_xor(keys, ops.convert_to_tensor(0x7FFFFFFF, "int32"))
+    return ops.view(ops.where(keys < 0, flipped, keys), "float32")
+
+
+def _kth_largest_bisection(scores, k):
+    keys = _sortable_keys(scores)
+
+    def count_at_least(threshold):
+        return ops.sum(ops.cast(keys >= threshold, "int32"), axis=-1)
+
+    # Sign bit first: is the k-th largest key non-negative?
+    zero = ops.zeros(ops.shape(keys)[:-1], "int32")
+    int_min = ops.full(ops.shape(keys)[:-1], -(2**31), "int32")
+    answer = ops.where(count_at_least(zero[..., None]) >= k, zero, int_min)
+    # Then set each lower bit when at least k keys stay at or above it.
+    for bit in range(30, -1, -1):
+        candidate = ops.bitwise_or(
+            answer, ops.convert_to_tensor(1 << bit, "int32")
+        )
+        answer = ops.where(
+            count_at_least(candidate[..., None]) >= k, candidate, answer
+        )
+    return _keys_to_floats(answer[..., None])
+
+
+def topk_mask(scores, k, method="top_k"):
+    """Marks the `k` largest scores of each row.
+
+    `mask[..., i] = 1` if `scores[..., i]` is among the `k` largest values of
+    its row, else `0`; every row has exactly `k` ones.
+
+    Ties: scores equal to the row's k-th largest value are taken in order of
+    increasing index until the row has `k` ones (the lowest indices win).
+    This rule is applied by the function itself, so it is the same on every
+    backend whatever `ops.top_k` does with ties. NaN scores rank below every
+    number (they are treated as `-inf`), so a row with NaNs still has exactly
+    `k` ones; `+inf` ranks highest.
+
+    The mask carries no gradient (use `straight_through` for that).
+
+    Example:
+
+    >>> topk_mask(np.array([[0.1, 0.9, 0.5, 0.9]]), k=2)
+    array([[0., 1., 0., 1.]])
+    >>> topk_mask(np.array([[1.0, 1.0, 1.0]]), k=2)
+    array([[1., 1., 0.]])
+
+    Args:
+        scores: Float tensor of shape `(..., n)`, any rank >= 1.
+        k: Python int, `1 <= k <= n`.
+        method: How the row's k-th largest value is found, `"top_k"` or
+            `"bisection"` (see `kth_largest`). Both give the same mask.
+
+    Returns:
+        Float32 tensor of the shape of `scores` holding 0s and 1s.
+    """
+    n = scores.shape[-1]
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(
+            "Received an invalid value for `k`, expected a positive "
+            f"integer. Received: k={k!r}"
+        )
+    if n is not None and k > n:
+        raise ValueError(
+            "Received an invalid value for `k`, expected at most the size "
+            f"of the last axis of `scores` ({n}). Received: k={k}"
+        )
+    scores = ops.stop_gradient(ops.cast(scores, "float32"))
+    scores = ops.where(ops.isnan(scores), -math.inf, scores)
+    if n is not None and k == n:
+        return ops.ones_like(scores)
+    threshold = kth_largest(scores, k, method=method)
+    above = scores > threshold
+    tied = ops.cast(scores == threshold, "int32")
+    still_needed = k - ops.sum(ops.cast(above, "int32"), axis=-1, keepdims=True)
+    first_tied = ops.logical_and(
+        tied > 0, ops.cumsum(tied, axis=-1) <= still_needed
+    )
+    return ops.cast(ops.logical_or(above, first_tied), "float32")
+
+
+def straight_through(hard, soft):
+    """Straight-through estimator: the value of `hard`, the gradient of `soft`.
+
+    `hard + (soft - stop_gradient(soft))`: in the forward pass this equals
+    `hard` exactly; in the backward pass the gradient flows
+    through `soft` as if `hard` had been replaced by it.
+
+    Example:
+
+    >>> mask = topk_mask(logits, k)
+    >>> gate = straight_through(mask, ops.sigmoid(logits))
+
+    Args:
+        hard: Tensor, typically a 0/1 mask with no gradient.
+        soft: Tensor broadcastable to `hard`, a differentiable surrogate.
+
+    Returns:
+        Tensor equal to `hard` whose gradient is that of `soft`.
+    """
+    return hard + (soft - ops.stop_gradient(soft))
