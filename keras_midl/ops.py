@@ -151,4 +151,6 @@ def straight_through(hard, soft):
     Returns:
         Tensor equal to `hard` whose gradient is that of `soft`.
     """
+    hard = ops.convert_to_tensor(hard)
+    soft = ops.convert_to_tensor(soft)
     return hard + (soft - ops.stop_gradient(soft))

@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+from backend_utils import value_and_gradients
+from keras import ops
+
+from keras_midl.ops import kth_largest
+from keras_midl.ops import straight_through
+from keras_midl.ops import topk_mask
+
+METHODS = ["top_k", "bisection"]
+
+
+def reference_mask(scores, k):
+    """NumPy reference: stable descending order, NaN lowest."""
+    scores = np.where(np.isnan(scores), -np.inf, scores)
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    mask = np.zeros_like(scores, dtype="float32")
+    np.put_along_axis(mask, order[..., :k], 1.0, axis=-1)
+    return mask
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "shape, k",
+    [((4, 10), 3), ((1, 10), 3), ((2, 5, 16), 7), ((3, 8), 1), ((3, 8), 8)],
+)
+def test_topk_mask_selects_the_k_largest(method, shape, k, rng):
+    scores = rng.normal(size=shape).astype("float32")
+    mask = ops.convert_to_numpy(topk_mask(scores, k, method=method))
+    assert mask.shape == shape
+    np.testing.assert_array_equal(mask.sum(axis=-1), np.full(shape[:-1], k))
+    np.testing.assert_array_equal(mask, reference_mask(scores, k))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_topk_mask_breaks_ties_by_lowest_index(method):
+    scores = np.array(
+        [
+            [1.0, 1.0, 1.0, 1.0],
+            [0.0, 2.0, 1.0, 1.0],
+            [3.0, 1.0, 3.0, 3.0],
+            [-1.0, -1.0, -2.0, -1.0],
+        ],
+        dtype="float32",
+    )
+    expected = np.array(
+        [[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 0], [1, 1, 0, 0]],
+        dtype="float32",
+    )
+    mask = ops.convert_to_numpy(topk_mask(scores, 2, method=method))
+    np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_topk_mask_ranks_nan_lowest_and_inf_highest(method):
+    scores = np.array(
+        [[np.nan, -np.inf, np.inf, -0.0, 0.0, np.nan]], dtype="float32"
+    )
+    mask = ops.convert_to_numpy(topk_mask(scores, 3, method=method))
+    np.testing.assert_array_equal(mask, [[0, 0, 1, 1, 1, 0]])
+    all_nan = np.full((2, 5), np.nan, dtype="float32")
+    mask = ops.convert_to_numpy(topk_mask(all_nan, 2, method=method))
+    np.testing.assert_array_equal(mask, [[1, 1, 0, 0, 0]] * 2)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 1e30])
+def test_selection_methods_agree_at_every_scale(scale, rng):
+    scores = (rng.normal(size=(16, 33)) * scale).astype("float32")
+    for k in (1, 5, 32):
+        by_top_k = ops.convert_to_numpy(kth_largest(scores, k, "top_k"))
+        by_bits = ops.convert_to_numpy(kth_largest(scores, k, "bisection"))
+        np.testing.assert_array_equal(by_top_k, by_bits)
+
+
+@pytest.mark.parametrize("k", [0, -1, 11, 2.0, True])
+def test_topk_mask_rejects_invalid_k(k):
+    with pytest.raises(ValueError, match=f"k={k!r}"):
+        topk_mask(np.zeros((2, 10), "float32"), k)
+
+
+def test_topk_mask_rejects_unknown_method():
+    with pytest.raises(ValueError, match="method='sort'"):
+        topk_mask(np.zeros((2, 10), "float32"), 3, method="sort")
+
+
+def test_topk_mask_accepts_half_precision_scores(rng):
+    scores = rng.normal(size=(4, 12)).astype("float32")
+    for dtype in ("float16", "bfloat16"):
+        half = ops.cast(scores, dtype)
+        mask = ops.convert_to_numpy(topk_mask(half, 4))
+        expected = reference_mask(
+            ops.convert_to_numpy(ops.cast(half, "float32")), 4
+        )
+        np.testing.assert_array_equal(mask, expected)
+
+
+def test_straight_through_has_hard_value_and_soft_gradient(rng):
+    logits = rng.normal(size=(3, 6)).astype("float32")
+    upstream = rng.normal(size=(3, 6)).astype("float32")
+    temperature = 0.7
+
+    def loss(s):
+        gate = straight_through(topk_mask(s, 2), ops.sigmoid(s / temperature))
+        return ops.sum(gate * ops.convert_to_tensor(upstream))
+
+    value, (grad,) = value_and_gradients(loss, logits)
+    mask = reference_mask(logits, 2)
+    np.testing.assert_allclose(value, np.sum(mask * upstream), rtol=1e-6)
+    sigmoid = 1 / (1 + np.exp(-logits / temperature))
+    expected = upstream * sigmoid * (1 - sigmoid) / temperature
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_straight_through_forward_is_exactly_hard(rng):
+    hard = (rng.random((5, 7)) > 0.5).astype("float32")
+    soft = rng.random((5, 7)).astype("float32")
+    out = ops.convert_to_numpy(straight_through(hard, soft))
+    np.testing.assert_array_equal(out, hard)
+    assert out.dtype == np.float32
