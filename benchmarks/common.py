@@ -1,0 +1,275 @@
+"""Helpers shared by the benchmark scripts: metadata, result files, progress.
+
+Every result file records what produced it (`environment()`): the command,
+the Keras backend, library versions, the machine and the date. Results are
+written twice: a JSON file for machines (`write_json`) and a Markdown table
+for the README (`write_markdown`).
+
+Example:
+
+>>> from benchmarks import common   # or `import common` from benchmarks/
+>>> meta = common.environment()
+>>> rows = [{"dataset": "mnist", "acc": 0.981}]
+>>> common.write_json("benchmarks/results/x.json", rows, meta)
+>>> common.write_markdown(
+...     "benchmarks/results/x.md", rows, meta, title="X",
+...     columns=[("dataset", "Dataset", None), ("acc", "Accuracy", ".3f")],
+... )
+"""
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+RESULTS_DIR = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results"
+)
+
+_PACKAGES = (
+    "keras",
+    "keras-midl",
+    "numpy",
+    "tensorflow",
+    "tensorflow-cpu",
+    "jax",
+    "jaxlib",
+    "torch",
+    "tensorflow-datasets",
+    "keras-tuner",
+)
+
+
+def _version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit():
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def command_line():
+    """The command that started this process, as a copyable shell string."""
+    backend = os.environ.get("KERAS_BACKEND")
+    prefix = f"KERAS_BACKEND={backend} " if backend else ""
+    script = os.path.relpath(sys.argv[0]) if sys.argv else "python"
+    arguments = " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+    return f"{prefix}python {script} {arguments}".strip()
+
+
+def environment():
+    """Metadata for a result file: command, backend, versions, machine, date.
+
+    Returns:
+        Dict with `command`, `backend`, `date` (UTC, ISO 8601), `git_commit`,
+        `python`, `versions` (installed packages among the ones the project
+        uses) and `machine` (`platform`, `cpu`, `cpu_count`).
+    """
+    import keras
+
+    versions = {name: _version(name) for name in _PACKAGES}
+    return {
+        "command": command_line(),
+        "backend": keras.backend.backend(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "versions": {k: v for k, v in versions.items() if v is not None},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+        },
+    }
+
+
+def results_path(name):
+    """`benchmarks/results/<name>`, creating the folder if needed."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    return os.path.join(RESULTS_DIR, name)
+
+
+def write_json(path, rows, metadata, **extra):
+    """Writes `{"metadata": ..., "rows": [...], **extra}` as indented JSON.
+
+    Args:
+        path: Output file path.
+        rows: List of dicts (one per result row), JSON-serializable.
+        metadata: Usually `environment()`.
+        **extra: More top-level keys (settings, notes).
+    """
+    payload = {"metadata": metadata, **extra, "rows": rows}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as file:
+        json.dump(payload, file, indent=2, sort_keys=False, default=_jsonable)
+        file.write("\n")
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):  # NumPy scalars
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"Not JSON serializable: {value!r}")
+
+
+def format_value(value, spec=None):
+    """Formats one table cell: `None` as an em dash, numbers with `spec`."""
+    if value is None:
+        return "—"
+    if spec and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    return str(value)
+
+
+def markdown_table(rows, columns):
+    """A GitHub Markdown table.
+
+    Args:
+        rows: List of dicts.
+        columns: List of `(key, header, format_spec)`; `format_spec` (e.g.
+            `".2f"`) or `None`, or a callable `row -> str` instead of a key.
+
+    Returns:
+        The table as a string.
+    """
+    header = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [header, rule]
+    for row in rows:
+        cells = []
+        for key, _, spec in columns:
+            if callable(key):
+                cells.append(key(row))
+            else:
+                cells.append(format_value(row.get(key), spec))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def metadata_markdown(metadata):
+    """A short Markdown paragraph describing how a result was produced."""
+    versions = ", ".join(f"{k} {v}" for k, v in metadata["versions"].items())
+    machine = metadata["machine"]
+    commit = metadata.get("git_commit")
+    return (
+        f"Command: `{metadata['command']}`  \n"
+        f"Backend: {metadata['backend']}; {versions}; "
+        f"Python {metadata['python']}  \n"
+        f"Machine: {machine['platform']}, {machine['cpu']}, "
+        f"{machine['cpu_count']} CPUs  \n"
+        f"Date: {metadata['date']}"
+        + (f", commit {commit}" if commit else "")
+    )
+
+
+def write_markdown(path, rows, metadata, columns, title=None, notes=None):
+    """Writes a Markdown file: title, table, notes, then the metadata.
+
+    Args:
+        path: Output file path.
+        rows: List of dicts.
+        metadata: Usually `environment()`.
+        columns: See `markdown_table`.
+        title: Optional `#`-level heading.
+        notes: Optional string or list of strings, printed under the table.
+    """
+    parts = []
+    if title:
+        parts.append(f"# {title}\n")
+    parts.append(markdown_table(rows, columns) + "\n")
+    if notes:
+        if isinstance(notes, str):
+            notes = [notes]
+        parts.append("\n".join(notes) + "\n")
+    parts.append(metadata_markdown(metadata) + "\n")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as file:
+        file.write("\n".join(parts))
+
+
+def mean_std(values):
+    """`(mean, sample std)` of a list of numbers; std 0.0 for one value."""
+    values = [float(v) for v in values]
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def median_ratio(numerators, denominators):
+    """`median(numerators) / median(denominators)`, e.g. two timings."""
+    return statistics.median(numerators) / statistics.median(denominators)
+
+
+class Progress:
+    """A one-line-per-step progress display with elapsed time and ETA.
+
+    Example:
+
+    >>> progress = Progress(total=12, label="paper_table")
+    >>> progress.step("mnist seed 0 baseline", "acc 0.981")
+
+    Args:
+        total: Number of steps expected.
+        label: Prefix of every line.
+        stream: Where to write (default `sys.stdout`, flushed each line).
+    """
+
+    def __init__(self, total, label="", stream=None):
+        self.total = total
+        self.label = label
+        self.stream = stream or sys.stdout
+        self.done = 0
+        self.start = time.perf_counter()
+
+    def step(self, what, detail=""):
+        """Reports one finished step and the estimated time left."""
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * (self.total - self.done)
+        prefix = f"[{self.label}] " if self.label else ""
+        self.stream.write(
+            f"{prefix}{self.done}/{self.total} {what} {detail} "
+            f"(elapsed {elapsed / 60:.1f} min, ~{left / 60:.1f} min left)\n"
+        )
+        self.stream.flush()
+
+    def note(self, message):
+        """Writes a free-form line."""
+        prefix = f"[{self.label}] " if self.label else ""
+        self.stream.write(f"{prefix}{message}\n")
+        self.stream.flush()

@@ -1,0 +1,531 @@
+"""Search MIDL's k_ratio on MNIST with KerasTuner: accuracy against FLOPs.
+
+Model: 784 -> MIDL(units, k_ratio, relu) -> Dense(10, softmax). KerasTuner
+searches `k_ratio` to maximize, on a validation split held out of the MNIST
+training set,
+
+    val_efficiency = val_accuracy - lam * flops_fraction
+
+where `flops_fraction` is the model's inference multiply-adds (MIDL's gate
+and light path included) over those of the same model with a Dense hidden
+layer. The same Dense model is trained as the baseline. Prints one row per
+trial and writes a JSON file, a Markdown table and a plot of accuracy
+against FLOPs.
+
+MNIST comes from `--data-dir` (default: `../shared/datasets` beside the
+project when it exists, else `$KERAS_MIDL_DATA_DIR`, else TensorFlow
+Datasets, which downloads it).
+
+    KERAS_BACKEND=torch python examples/tune_k_ratio.py \
+        --train-size 10000 --val-size 5000 --epochs 2 --executions 3
+"""
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import keras
+import keras_tuner
+import numpy as np
+
+from keras_midl import MIDL
+from keras_midl import datasets
+from keras_midl import tuning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "datasets")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+TUNERS = ("grid", "random", "bayesian", "hyperband")
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+    "TF_NUM_INTEROP_THREADS",
+    "XLA_FLAGS",
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--data-dir",
+        default=SHARED_DATA if os.path.isdir(SHARED_DATA) else None,
+        help="Folder holding mnist/mnist.npz (default: %(default)s; "
+        "TFDS when none).",
+    )
+    parser.add_argument("--tuner", choices=TUNERS, default="grid")
+    parser.add_argument(
+        "--max-trials",
+        type=int,
+        default=10,
+        help="Trials of the grid, random and Bayesian searches.",
+    )
+    parser.add_argument("--k-min", type=float, default=0.1)
+    parser.add_argument("--k-max", type=float, default=1.0)
+    parser.add_argument("--k-step", type=float, default=0.1)
+    parser.add_argument("--lam", type=float, default=0.1)
+    parser.add_argument("--units", type=int, default=256)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=2,
+        help="Epochs per trial (Hyperband: the maximum).",
+    )
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-size", type=int, default=10000)
+    parser.add_argument("--val-size", type=int, default=5000)
+    parser.add_argument(
+        "--executions",
+        type=int,
+        default=3,
+        help="Trainings per trial (and of the baseline), averaged.",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--directory",
+        default=None,
+        help="KerasTuner's working folder (default: a temporary one).",
+    )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="Only redraw the plot from an existing --output JSON file.",
+    )
+    parser.add_argument(
+        "--output",
+        default=os.path.join(RESULTS, "tune_k_ratio.json"),
+        help="JSON result file; the .md table and .png plot go beside it.",
+    )
+    return parser.parse_args(argv)
+
+
+def load_mnist(data_dir, train_size, val_size, seed):
+    """Disjoint random train and validation subsets of MNIST's train split,
+    flattened to 784 float32 features in [0, 1], and the test split."""
+    data = datasets.load("mnist", data_dir=data_dir)
+    if train_size + val_size > len(data.x_train):
+        raise ValueError(
+            f"train_size + val_size must be at most {len(data.x_train)}. "
+            f"Received: {train_size} + {val_size}"
+        )
+    order = np.random.default_rng(seed).permutation(len(data.x_train))
+    train, val = order[:train_size], order[train_size : train_size + val_size]
+    x = data.x_train.reshape(len(data.x_train), -1)
+    x_test = data.x_test.reshape(len(data.x_test), -1)
+    return (
+        (x[train], data.y_train[train]),
+        (x[val], data.y_train[val]),
+        (x_test, data.y_test),
+        data.source,
+    )
+
+
+def make_model(hidden_layer):
+    model = keras.Sequential(
+        [
+            keras.Input((784,)),
+            hidden_layer,
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(
+        "adam", "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    return model
+
+
+class RunRecorder(keras.callbacks.Callback):
+    """Keeps each training's per-epoch logs, in order, across trials.
+
+    KerasTuner deep-copies the search callbacks for every execution; this
+    one returns itself instead, so that one list collects every run.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.runs = []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def on_train_begin(self, logs=None):
+        (midl,) = [
+            layer for layer in self.model.layers if isinstance(layer, MIDL)
+        ]
+        self.runs.append({"k_ratio": midl.k_ratio, "epochs": []})
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.runs[-1]["epochs"].append(dict(logs or {}))
+
+
+def make_tuner(args, hypermodel, directory):
+    common = {
+        "objective": hypermodel.objective,
+        "directory": directory,
+        "project_name": f"tune_k_ratio_{args.tuner}",
+        "overwrite": True,
+        "seed": args.seed,
+        "executions_per_trial": args.executions,
+    }
+    if args.tuner == "grid":
+        return keras_tuner.GridSearch(
+            hypermodel, max_trials=args.max_trials, **common
+        )
+    if args.tuner == "random":
+        return keras_tuner.RandomSearch(
+            hypermodel, max_trials=args.max_trials, **common
+        )
+    if args.tuner == "bayesian":
+        return keras_tuner.BayesianOptimization(
+            hypermodel, max_trials=args.max_trials, **common
+        )
+    return keras_tuner.Hyperband(
+        hypermodel, max_epochs=args.epochs, factor=3, **common
+    )
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (`None` for a single value)."""
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return statistics.fmean(values), std
+
+
+def best_accuracy(run):
+    """Validation accuracy at the epoch KerasTuner keeps: the best one."""
+    return max(epoch["val_accuracy"] for epoch in run["epochs"])
+
+
+def train_dense_baseline(args, data):
+    """Best-epoch validation accuracies of the Dense model, one per run."""
+    (x, y), validation, _, _ = data
+    accuracies = []
+    for _ in range(args.executions):
+        model = make_model(keras.layers.Dense(args.units, activation="relu"))
+        history = model.fit(
+            x,
+            y,
+            validation_data=validation,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            verbose=0,
+        )
+        accuracies.append(max(history.history["val_accuracy"]))
+    return accuracies
+
+
+def trial_rows(tuner, recorder, executions):
+    """One row per completed trial, with per-execution accuracy spread.
+
+    Trials run one after the other, `executions` trainings each, so the
+    recorder's runs split into consecutive groups, one per trial.
+    """
+    trials = sorted(tuner.oracle.trials.values(), key=lambda t: t.trial_id)
+    completed = [t for t in trials if t.score is not None]
+    if len(recorder.runs) != executions * len(completed):
+        raise RuntimeError(
+            f"Recorded {len(recorder.runs)} trainings for {len(completed)} "
+            f"trials of {executions} executions."
+        )
+    (best,) = tuner.oracle.get_best_trials(1)
+    rows = []
+    for index, trial in enumerate(completed):
+        runs = recorder.runs[index * executions : (index + 1) * executions]
+        # Float steps give 0.30000000000000004; the layer holds 0.3.
+        k_ratio = round(trial.hyperparameters.get("k_ratio"), 10)
+        if any(run["k_ratio"] != k_ratio for run in runs):
+            raise RuntimeError(f"Runs out of order at trial {trial.trial_id}")
+        accuracy, accuracy_std = mean_std([best_accuracy(r) for r in runs])
+        fraction = runs[0]["epochs"][-1]["flops_fraction"]
+        rows.append(
+            {
+                "model": "MIDL",
+                "trial": trial.trial_id,
+                "k_ratio": k_ratio,
+                "epochs": len(runs[0]["epochs"]),
+                "val_accuracy": accuracy,
+                "val_accuracy_std": accuracy_std,
+                "val_accuracies": [best_accuracy(r) for r in runs],
+                "flops_fraction": fraction,
+                "flops_saving": 1.0 / fraction,
+                "objective": trial.score,
+                "best": trial.trial_id == best.trial_id,
+            }
+        )
+    return rows
+
+
+def format_table(rows):
+    header = (
+        "| model | k_ratio | val accuracy (mean ± std) | FLOPs vs Dense "
+        "| saving | objective |"
+    )
+    lines = [header, "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        k_ratio = "—" if row["k_ratio"] is None else f"{row['k_ratio']:.2f}"
+        mark = " (best)" if row.get("best") else ""
+        std = row["val_accuracy_std"]
+        spread = "" if std is None else f" ± {std:.4f}"
+        lines.append(
+            f"| {row['model']}{mark} | {k_ratio} "
+            f"| {row['val_accuracy']:.4f}{spread} "
+            f"| {row['flops_fraction']:.3f} | {row['flops_saving']:.2f}x "
+            f"| {row['objective']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows, lam, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    midl = sorted(
+        (r for r in rows if r["model"] == "MIDL"),
+        key=lambda r: r["flops_fraction"],
+    )
+    dense = [r for r in rows if r["model"] == "Dense"]
+    figure, axis = plt.subplots(figsize=(6.0, 4.2))
+    axis.errorbar(
+        [r["flops_fraction"] for r in midl],
+        [r["val_accuracy"] for r in midl],
+        yerr=[r["val_accuracy_std"] or 0.0 for r in midl],
+        fmt="o-",
+        capsize=3,
+        label="MIDL trials",
+    )
+    for row in midl:
+        axis.annotate(
+            f"{row['k_ratio']:.2f}",
+            (row["flops_fraction"], row["val_accuracy"]),
+            textcoords="offset points",
+            xytext=(4, -11),
+            fontsize=7,
+        )
+    for row in dense:
+        axis.errorbar(
+            [row["flops_fraction"]],
+            [row["val_accuracy"]],
+            yerr=[row["val_accuracy_std"] or 0.0],
+            fmt="s",
+            color="black",
+            capsize=3,
+            label="Dense baseline",
+        )
+    best = [r for r in midl if r["best"]]
+    if best:
+        (best,) = best
+        axis.plot(
+            best["flops_fraction"],
+            best["val_accuracy"],
+            "*",
+            markersize=15,
+            color="tab:red",
+            label=f"best objective (k_ratio {best['k_ratio']:.2f})",
+        )
+        # Points of equal objective: accuracy = objective + lam * fraction.
+        fractions = [r["flops_fraction"] for r in rows]
+        low, high = min(fractions), max(fractions)
+        axis.plot(
+            [low, high],
+            [best["objective"] + lam * low, best["objective"] + lam * high],
+            ":",
+            color="tab:red",
+            label=f"equal objective, lam = {lam:g}",
+        )
+    # Frame the measured points; the equal-objective line may leave it.
+    bottom = min(r["val_accuracy"] - (r["val_accuracy_std"] or 0) for r in rows)
+    top = max(r["val_accuracy"] + (r["val_accuracy_std"] or 0) for r in rows)
+    padding = 0.15 * (top - bottom) + 1e-3
+    axis.set_ylim(bottom - padding, top + padding)
+    axis.set_xlabel("inference multiply-adds / Dense model's")
+    axis.set_ylabel("validation accuracy")
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def environment(seconds):
+    versions = {}
+    for package in (
+        "keras",
+        "keras-tuner",
+        "tensorflow-cpu",
+        "jax",
+        "torch",
+        "numpy",
+    ):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    arguments = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # Thread settings change timings a lot on a shared machine: record them.
+    threads = "".join(
+        f"{name}={shlex.quote(os.environ[name])} "
+        for name in THREAD_VARIABLES
+        if name in os.environ
+    )
+    return {
+        "command": f"{threads}KERAS_BACKEND={keras.backend.backend()} python "
+        f"{os.path.relpath(sys.argv[0], ROOT)} {arguments}".strip(),
+        "backend": keras.backend.backend(),
+        "versions": versions,
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "seconds": seconds,
+    }
+
+
+def plot_title(settings, backend):
+    return (
+        f"MNIST 784-{settings['units']}-10, {settings['tuner']} search, "
+        f"{backend}, {settings['epochs']} epochs x "
+        f"{settings['executions']} runs"
+    )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    base = os.path.splitext(args.output)[0]
+    if args.replot:
+        with open(args.output) as file:
+            results = json.load(file)
+        settings = results["settings"]
+        title = plot_title(settings, results["metadata"]["backend"])
+        plot(results["rows"], settings["lam"], base + ".png", title)
+        print(f"Wrote {base}.png")
+        return
+    start = time.perf_counter()
+
+    keras.utils.set_random_seed(args.seed)
+    data = load_mnist(args.data_dir, args.train_size, args.val_size, args.seed)
+    (x, y), validation, (x_test, y_test), source = data
+    print(f"MNIST from {source}: {len(x)} train, {len(validation[0])} val")
+
+    def build(hp):
+        arguments = tuning.midl_hyperparameters(
+            hp,
+            k_ratio=(args.k_min, args.k_max),
+            k_ratio_step=args.k_step,
+        )
+        return make_model(MIDL(args.units, activation="relu", **arguments))
+
+    hypermodel = tuning.MIDLHyperModel(build, lam=args.lam)
+    directory = args.directory or tempfile.mkdtemp(prefix="tune_k_ratio_")
+    tuner = make_tuner(args, hypermodel, directory)
+    recorder = RunRecorder()
+    search_start = time.perf_counter()
+    tuner.search(
+        x,
+        y,
+        validation_data=validation,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        callbacks=[recorder],
+        verbose=0,
+    )
+    search_seconds = time.perf_counter() - search_start
+    rows = trial_rows(tuner, recorder, args.executions)
+
+    dense_accuracies = train_dense_baseline(args, data)
+    accuracy, accuracy_std = mean_std(dense_accuracies)
+    rows.append(
+        {
+            "model": "Dense",
+            "trial": None,
+            "k_ratio": None,
+            "epochs": args.epochs,
+            "val_accuracy": accuracy,
+            "val_accuracy_std": accuracy_std,
+            "val_accuracies": dense_accuracies,
+            "flops_fraction": 1.0,
+            "flops_saving": 1.0,
+            "objective": accuracy - args.lam * 1.0,
+            "best": False,
+        }
+    )
+
+    (best_model,) = tuner.get_best_models(1)
+    best_hp = tuner.get_best_hyperparameters(1)[0]
+    test = best_model.evaluate(x_test, y_test, verbose=0, return_dict=True)
+    if args.directory is None:
+        shutil.rmtree(directory, ignore_errors=True)
+    seconds = time.perf_counter() - start
+
+    table = format_table(rows)
+    print(table)
+    print(
+        f"Best k_ratio {best_hp.get('k_ratio'):.2f}: test accuracy "
+        f"{test['accuracy']:.4f}. Search {search_seconds:.0f} s, "
+        f"total {seconds:.0f} s ({keras.backend.backend()})."
+    )
+
+    settings = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("directory", "output", "replot")
+    }
+    metadata = environment(seconds)
+    summary = {
+        "best_k_ratio": round(best_hp.get("k_ratio"), 10),
+        "best_test_accuracy": test["accuracy"],
+        "search_seconds": search_seconds,
+        "total_seconds": seconds,
+        "data_source": source,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as file:
+        json.dump(
+            {
+                "metadata": metadata,
+                "settings": settings,
+                "summary": summary,
+                "rows": rows,
+            },
+            file,
+            indent=2,
+        )
+        file.write("\n")
+    with open(base + ".md", "w") as file:
+        file.write(
+            f"# k_ratio search on MNIST ({args.tuner}, "
+            f"{metadata['backend']})\n\n"
+            f"Command: `{metadata['command']}`  \n"
+            f"{metadata['date']}, {metadata['machine']['platform']}, "
+            f"{metadata['machine']['cpu_count']} CPUs; "
+            + ", ".join(f"{k} {v}" for k, v in metadata["versions"].items())
+            + ".\n\n"
+            f"784 -> {args.units} -> 10, {len(x)} training / "
+            f"{len(validation[0])} validation images (MNIST train split), "
+            f"{args.epochs} epochs, {args.executions} runs per point "
+            f"(validation accuracy at each run's best epoch), objective = "
+            f"val_accuracy - {args.lam:g} * FLOPs fraction.\n\n"
+            f"{table}\n\n"
+            f"Best k_ratio {best_hp.get('k_ratio'):.2f}: MNIST test accuracy "
+            f"{test['accuracy']:.4f} (one model). Search {search_seconds:.0f} "
+            f"s, whole script {seconds:.0f} s.\n"
+        )
+    title = plot_title(settings, metadata["backend"])
+    plot(rows, args.lam, base + ".png", title)
+    print(f"Wrote {args.output}, {base}.md and {base}.png")
+
+
+if __name__ == "__main__":
+    main()

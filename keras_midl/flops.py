@@ -1,0 +1,444 @@
+"""Analytic inference cost: multiply-adds per example, layer by layer.
+
+The counts are computed from the layers' configurations and shapes, not by a
+profiler, so they are the same on every backend. One multiply-add is one
+`a * b + c` of a matrix product or convolution. Biases, activations and other
+elementwise work (O(size of an activation), not O(size of a weight matrix))
+are not counted, as is conventional for FLOPs tables; a FLOP count is about
+twice the multiply-add count.
+
+Rules, per example (batch axis excluded):
+
+* `Dense(n)` on inputs `(..., d)`: `rows * d * n`, where `rows` is the
+  product of the axes between the batch axis and the last one (1 for a
+  `(batch, d)` input; `T` for a `(batch, T, d)` input).
+* `MIDL(n)`: `rows * (d*r + 2*r*n + k*d)`, or `rows * (d*r + r*n + k*d)`
+  with `light_path="zero"`: the gate, the light path and the full path of
+  the `k` selected neurons (see `MIDL.inference_multiply_adds`).
+* `Conv1D/2D/3D`: `output positions * prod(kernel_size) * c_in / groups *
+  c_out`. `DepthwiseConv1D/2D`: `output positions * prod(kernel_size) *
+  c_in * depth_multiplier`. `SeparableConv1D/2D`: the depthwise part plus a
+  1x1 convolution. `Conv1D/2D/3DTranspose`: `input positions *
+  prod(kernel_size) * c_in * c_out`.
+* Zero: embedding lookups, pooling (comparisons and additions only),
+  normalization (an elementwise scale and shift at inference, foldable into
+  the previous layer), activations, dropout and noise (identity at
+  inference), reshaping, padding, cropping, merging, rescaling, masking,
+  random augmentation, text vectorization and input layers.
+* A nested model counts as the sum of its layers.
+
+Any other layer raises a `ValueError` naming its class; add a rule with
+`register_multiply_adds` rather than letting it count as zero silently.
+
+Example:
+
+>>> model = keras.Sequential([
+...     keras.Input((784,)),
+...     MIDL(512, k_ratio=0.45, rank=32, activation="relu"),
+... ])
+>>> model_multiply_adds(model)   # 784*32 + 2*32*512 + 230*784
+238176
+"""
+
+import math
+
+import keras
+
+from keras_midl.layer import MIDL
+
+_ZERO_COST_NAMES = (
+    # Inputs, lookups and preprocessing.
+    "InputLayer",
+    "Embedding",
+    "TextVectorization",
+    "StringLookup",
+    "IntegerLookup",
+    "Hashing",
+    "CategoryEncoding",
+    "Discretization",
+    "Normalization",
+    "Rescaling",
+    "Masking",
+    "Identity",
+    # Pooling.
+    "MaxPooling1D",
+    "MaxPooling2D",
+    "MaxPooling3D",
+    "AveragePooling1D",
+    "AveragePooling2D",
+    "AveragePooling3D",
+    "GlobalMaxPooling1D",
+    "GlobalMaxPooling2D",
+    "GlobalMaxPooling3D",
+    "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D",
+    "GlobalAveragePooling3D",
+    # Normalization.
+    "BatchNormalization",
+    "LayerNormalization",
+    "GroupNormalization",
+    "UnitNormalization",
+    # Activations.
+    "Activation",
+    "ReLU",
+    "LeakyReLU",
+    "PReLU",
+    "ELU",
+    "Softmax",
+    # Regularization (identity at inference).
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "SpatialDropout3D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "ActivityRegularization",
+    # Reshaping.
+    "Flatten",
+    "Reshape",
+    "Permute",
+    "RepeatVector",
+    "Cropping1D",
+    "Cropping2D",
+    "Cropping3D",
+    "ZeroPadding1D",
+    "ZeroPadding2D",
+    "ZeroPadding3D",
+    "UpSampling1D",
+    "UpSampling2D",
+    "UpSampling3D",
+    # Merging.
+    "Add",
+    "Subtract",
+    "Multiply",
+    "Average",
+    "Maximum",
+    "Minimum",
+    "Concatenate",
+    # Augmentation (identity at inference).
+    "RandomFlip",
+    "RandomRotation",
+    "RandomTranslation",
+    "RandomZoom",
+    "RandomContrast",
+    "RandomCrop",
+    "RandomBrightness",
+)
+
+_CUSTOM_RULES = {}
+
+
+def register_multiply_adds(layer_class, rule):
+    """Adds a counting rule for a layer class (and its subclasses).
+
+    Example:
+
+    >>> register_multiply_adds(MyLayer, lambda layer, shape: 0)
+
+    Args:
+        layer_class: A `keras.layers.Layer` subclass.
+        rule: Callable `rule(layer, input_shape) -> int` returning the
+            multiply-adds per example; `input_shape` includes the batch
+            axis (usually `None`).
+    """
+    if not (
+        isinstance(layer_class, type)
+        and issubclass(layer_class, keras.layers.Layer)
+    ):
+        raise ValueError(
+            "Expected a keras.layers.Layer subclass for `layer_class`. "
+            f"Received: layer_class={layer_class!r}"
+        )
+    if not callable(rule):
+        raise ValueError(
+            f"Expected a callable for `rule`. Received: rule={rule!r}"
+        )
+    _CUSTOM_RULES[layer_class] = rule
+
+
+def _product(values):
+    return int(math.prod(int(value) for value in values))
+
+
+def _check_defined(layer, shape, what):
+    if any(size is None for size in shape):
+        raise ValueError(
+            f"Cannot count the multiply-adds of layer {layer.name!r} "
+            f"({type(layer).__name__}): its {what} shape {tuple(shape)} has "
+            "undefined axes besides the batch axis. Build the model with a "
+            "fixed input shape."
+        )
+
+
+def _rows_and_depth(layer, input_shape):
+    inner = tuple(input_shape[1:])
+    if not inner:
+        raise ValueError(
+            f"Layer {layer.name!r} ({type(layer).__name__}) needs an input "
+            f"of rank >= 2. Received: input_shape={tuple(input_shape)}"
+        )
+    _check_defined(layer, inner, "input")
+    return _product(inner[:-1]), int(inner[-1])
+
+
+def _dense(layer, input_shape):
+    rows, depth = _rows_and_depth(layer, input_shape)
+    return rows * depth * layer.units
+
+
+def _midl(layer, input_shape):
+    rows, depth = _rows_and_depth(layer, input_shape)
+    return rows * layer.inference_multiply_adds(depth)
+
+
+def _channels(layer, input_shape):
+    axis = -1 if layer.data_format == "channels_last" else 1
+    return int(input_shape[axis])
+
+
+def _positions(layer, shape):
+    spatial = shape[1:-1] if layer.data_format == "channels_last" else shape[2:]
+    _check_defined(layer, spatial, "spatial")
+    return _product(spatial)
+
+
+def _conv(layer, input_shape):
+    output_shape = layer.compute_output_shape(tuple(input_shape))
+    channels_in = _channels(layer, input_shape)
+    groups = getattr(layer, "groups", 1)
+    return (
+        _positions(layer, output_shape)
+        * _product(layer.kernel_size)
+        * (channels_in // groups)
+        * layer.filters
+    )
+
+
+def _conv_transpose(layer, input_shape):
+    channels_in = _channels(layer, input_shape)
+    return (
+        _positions(layer, input_shape)
+        * _product(layer.kernel_size)
+        * channels_in
+        * layer.filters
+    )
+
+
+def _depthwise(layer, input_shape):
+    output_shape = layer.compute_output_shape(tuple(input_shape))
+    return (
+        _positions(layer, output_shape)
+        * _product(layer.kernel_size)
+        * _channels(layer, input_shape)
+        * layer.depth_multiplier
+    )
+
+
+def _separable(layer, input_shape):
+    output_shape = layer.compute_output_shape(tuple(input_shape))
+    positions = _positions(layer, output_shape)
+    middle = _channels(layer, input_shape) * layer.depth_multiplier
+    depthwise = positions * _product(layer.kernel_size) * middle
+    return depthwise + positions * middle * layer.filters
+
+
+_RULES = (
+    (MIDL, _midl),
+    (keras.layers.Dense, _dense),
+    (keras.layers.DepthwiseConv1D, _depthwise),
+    (keras.layers.DepthwiseConv2D, _depthwise),
+    (keras.layers.SeparableConv1D, _separable),
+    (keras.layers.SeparableConv2D, _separable),
+    (keras.layers.Conv1DTranspose, _conv_transpose),
+    (keras.layers.Conv2DTranspose, _conv_transpose),
+    (keras.layers.Conv3DTranspose, _conv_transpose),
+    (keras.layers.Conv1D, _conv),
+    (keras.layers.Conv2D, _conv),
+    (keras.layers.Conv3D, _conv),
+)
+
+
+def _zero_cost(layer):
+    for cls in type(layer).__mro__:
+        if cls.__module__.startswith("keras") and (
+            cls.__name__ in _ZERO_COST_NAMES
+        ):
+            return True
+    return False
+
+
+def _layer_input_shape(layer):
+    try:
+        return tuple(layer.input.shape)
+    except (AttributeError, ValueError) as error:
+        raise ValueError(
+            f"Cannot find the input shape of layer {layer.name!r} "
+            f"({type(layer).__name__}): it has not been called on a symbolic "
+            "input. Pass `input_shape`, or use a Sequential or Functional "
+            "model built with `keras.Input`."
+        ) from error
+
+
+def layer_multiply_adds(layer, input_shape=None):
+    """Inference multiply-adds per example of one built layer.
+
+    See the module docstring for the rule of each layer type. A nested
+    model counts as the sum of its layers.
+
+    Example:
+
+    >>> dense = keras.layers.Dense(512)
+    >>> layer_multiply_adds(dense, input_shape=(None, 784))
+    401408
+
+    Args:
+        layer: A `keras.layers.Layer` (or `keras.Model`).
+        input_shape: Shape of the layer's input, batch axis included (its
+            size is ignored). `None` reads it from the layer's first call on
+            a symbolic input (Sequential and Functional models).
+
+    Returns:
+        Python int.
+
+    Raises:
+        ValueError: for a layer type without a rule, or when the input
+            shape is unknown or has undefined non-batch axes.
+    """
+    if isinstance(layer, keras.Model):
+        return model_multiply_adds(layer)
+    for layer_class, rule in _CUSTOM_RULES.items():
+        if isinstance(layer, layer_class):
+            shape = input_shape or _layer_input_shape(layer)
+            return int(rule(layer, tuple(shape)))
+    if _zero_cost(layer):
+        return 0
+    for layer_class, rule in _RULES:
+        if isinstance(layer, layer_class):
+            shape = input_shape or _layer_input_shape(layer)
+            return int(rule(layer, tuple(shape)))
+    raise ValueError(
+        f"No multiply-add rule for layer {layer.name!r} of class "
+        f"{type(layer).__name__}. Supported: MIDL, Dense, convolutions and "
+        "the parameter-free layers listed in keras_midl.flops; add one with "
+        "`keras_midl.flops.register_multiply_adds`."
+    )
+
+
+def layer_counts(model):
+    """Multiply-adds per example of each layer of a model, in order.
+
+    Nested models are expanded: their layers appear in place, with names
+    prefixed by the nested model's name and `/`.
+
+    Args:
+        model: A built Sequential or Functional `keras.Model`.
+
+    Returns:
+        List of `(name, layer, multiply_adds)` tuples.
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Expected a keras.Model for `model`. Received: model={model!r}"
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model {model.name!r} is not built: call it on data or build "
+            "it with a fixed input shape first."
+        )
+    counts = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            for name, inner, count in layer_counts(layer):
+                counts.append((f"{layer.name}/{name}", inner, count))
+        else:
+            counts.append((layer.name, layer, layer_multiply_adds(layer)))
+    return counts
+
+
+def model_multiply_adds(model):
+    """Inference multiply-adds per example of a model: the sum over layers.
+
+    Args:
+        model: A built Sequential or Functional `keras.Model`.
+
+    Returns:
+        Python int.
+    """
+    return sum(count for _, _, count in layer_counts(model))
+
+
+def _midl_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, MIDL):
+            yield layer
+        elif isinstance(layer, keras.Model):
+            yield from _midl_layers(layer)
+
+
+def active_fraction(model):
+    """Fraction of full-path neurons over all MIDL layers of a model.
+
+    `sum(k) / sum(units)` over the MIDL layers (nested models included), so
+    wider layers weigh more; 1.0 for a model without MIDL layers (every
+    neuron of a Dense layer is active).
+
+    Args:
+        model: A `keras.Model`.
+
+    Returns:
+        Python float in `(0, 1]`.
+    """
+    layers = list(_midl_layers(model))
+    if not layers:
+        return 1.0
+    return sum(layer.k for layer in layers) / sum(
+        layer.units for layer in layers
+    )
+
+
+def flops_ratio(baseline, candidate):
+    """How many times cheaper `candidate` is than `baseline` at inference.
+
+    `model_multiply_adds(baseline) / model_multiply_adds(candidate)`: above
+    1 when the candidate is cheaper.
+
+    Args:
+        baseline: A built `keras.Model`.
+        candidate: A built `keras.Model`.
+
+    Returns:
+        Python float.
+    """
+    candidate_count = model_multiply_adds(candidate)
+    if candidate_count == 0:
+        raise ValueError(
+            f"Model {candidate.name!r} has zero multiply-adds: the ratio is "
+            "undefined."
+        )
+    return model_multiply_adds(baseline) / candidate_count
+
+
+def summary(model, print_fn=None):
+    """Prints (and returns) a table of multiply-adds per layer.
+
+    Args:
+        model: A built Sequential or Functional `keras.Model`.
+        print_fn: Callable receiving the table as one string; `print` by
+            default. Pass `lambda text: None` to only get the string.
+
+    Returns:
+        The table as a string.
+    """
+    counts = layer_counts(model)
+    total = sum(count for _, _, count in counts)
+    width = max([len(name) for name, _, _ in counts] + [5])
+    lines = [f"{'layer':<{width}}  {'class':<20} {'multiply-adds':>14}"]
+    for name, layer, count in counts:
+        kind = type(layer).__name__
+        lines.append(f"{name:<{width}}  {kind:<20} {count:>14,}")
+    lines.append(f"{'total':<{width}}  {'':<20} {total:>14,}")
+    lines.append(f"MIDL active fraction: {active_fraction(model):.3f}")
+    text = "\n".join(lines)
+    (print_fn or print)(text)
+    return text

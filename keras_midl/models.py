@@ -1,0 +1,263 @@
+"""Baseline and MIDL models for the six MID-L benchmarks.
+
+Each benchmark has two variants with identical layers except the hidden
+ones: `"baseline"` uses `Dense` hidden layers, `"midl"` uses `MIDL` layers
+with the same units (and activation). Hidden layers are named
+`hidden_0`, `hidden_1`, ... so that `hidden_layers(model)` finds them.
+
+* `mlp`: `Flatten` (if needed), hidden layers, softmax output. MNIST
+  (784-512-256-10) and Adult (105-256-128-2).
+* `cnn`: two conv + max-pool blocks, `Flatten`, a hidden head, softmax.
+  CIFAR-10, CIFAR-100, SVHN. Only the dense head uses MIDL.
+* `text_mlp`: `Embedding`, `GlobalAveragePooling1D` (padding masked),
+  hidden layers, softmax. IMDB.
+
+The MIDL rank defaults to `light_rank(d, n)`: the largest rank (at most 32)
+whose gate and light path cost at most `overhead = 10%` of the Dense layer's
+`d*n` multiply-adds, so that at `k_ratio = 0.45` each layer costs at most
+`0.55 * d*n` (a FLOPs ratio of at least 1.8).
+
+Example:
+
+>>> model = build("mnist", "midl", input_shape=(28, 28, 1), num_classes=10)
+>>> model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
+"""
+
+import math
+
+import keras
+
+from keras_midl.layer import MIDL
+
+VARIANTS = ("baseline", "midl")
+ARCHITECTURES = {
+    "mnist": ("mlp", (512, 256)),
+    "adult": ("mlp", (256, 128)),
+    "cifar10": ("cnn", (256,)),
+    "cifar100": ("cnn", (512,)),
+    "svhn_cropped": ("cnn", (256,)),
+    "imdb": ("text_mlp", (256, 128)),
+}
+
+
+def light_rank(input_dim, units, overhead=0.1, max_rank=32):
+    """Largest rank whose gate and light path stay within a cost budget.
+
+    The gate and light path cost `r * (d + 2 * n)` multiply-adds per row;
+    the rank returned is the largest `r <= max_rank` with
+    `r * (d + 2 * n) <= overhead * d * n`, and at least 1.
+
+    Example:
+
+    >>> light_rank(784, 512)   # 22 * (784 + 1024) <= 0.1 * 784 * 512
+    22
+
+    Args:
+        input_dim: `d`, the layer's input size.
+        units: `n`, the layer's units.
+        overhead: Budget as a fraction of the Dense cost `d * n`.
+        max_rank: Upper bound.
+
+    Returns:
+        Python int.
+    """
+    if not 0 < overhead < 1:
+        raise ValueError(
+            "Received an invalid value for `overhead`, expected a float in "
+            f"(0, 1). Received: overhead={overhead!r}"
+        )
+    rank = math.floor(overhead * input_dim * units / (input_dim + 2 * units))
+    return int(max(1, min(max_rank, rank)))
+
+
+def hidden_layer(variant, units, input_dim, index, k_ratio, rank, seed):
+    """One hidden layer: `Dense` or `MIDL` with ReLU, named `hidden_<i>`."""
+    name = f"hidden_{index}"
+    if variant == "baseline":
+        return keras.layers.Dense(units, activation="relu", name=name)
+    return MIDL(
+        units,
+        k_ratio=k_ratio,
+        rank=rank or light_rank(input_dim, units),
+        activation="relu",
+        seed=seed,
+        name=name,
+    )
+
+
+def _check(variant, hidden_units):
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"Received an invalid value for `variant`, expected one of "
+            f"{VARIANTS}. Received: variant={variant!r}"
+        )
+    if not hidden_units or any(
+        not isinstance(u, int) or isinstance(u, bool) or u <= 0
+        for u in hidden_units
+    ):
+        raise ValueError(
+            "Received an invalid value for `hidden_units`, expected a "
+            f"non-empty sequence of positive integers. "
+            f"Received: hidden_units={hidden_units!r}"
+        )
+
+
+def _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed):
+    for index, units in enumerate(hidden_units):
+        layer = hidden_layer(
+            variant, units, x.shape[-1], index, k_ratio, rank, seed
+        )
+        x = layer(x)
+    return keras.layers.Dense(num_classes, activation="softmax", name="output")(
+        x
+    )
+
+
+def mlp(
+    input_shape,
+    num_classes,
+    variant="baseline",
+    hidden_units=(512, 256),
+    k_ratio=0.45,
+    rank=None,
+    seed=None,
+):
+    """Multi-layer perceptron: `[Flatten] -> hidden layers -> softmax`.
+
+    Args:
+        input_shape: Shape of one example, e.g. `(28, 28, 1)` or `(105,)`.
+        num_classes: Number of output classes.
+        variant: `"baseline"` (Dense hidden layers) or `"midl"`.
+        hidden_units: Units of each hidden layer.
+        k_ratio: MIDL only: fraction of full-path neurons.
+        rank: MIDL only: rank of every MIDL layer; `None` uses
+            `light_rank(d, n)` per layer.
+        seed: MIDL only: seed of the gate noise (unused at `gate_noise=0`).
+
+    Returns:
+        An uncompiled `keras.Model`.
+    """
+    _check(variant, hidden_units)
+    inputs = keras.Input(input_shape, name="inputs")
+    x = keras.layers.Flatten()(inputs) if len(input_shape) > 1 else inputs
+    outputs = _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed)
+    return keras.Model(inputs, outputs, name=f"mlp_{variant}")
+
+
+def cnn(
+    input_shape,
+    num_classes,
+    variant="baseline",
+    hidden_units=(256,),
+    k_ratio=0.45,
+    rank=None,
+    filters=(16, 32),
+    seed=None,
+):
+    """Small CNN: `[Conv 3x3 + ReLU -> MaxPool 2x2] * 2 -> Flatten ->
+    hidden layers -> softmax`. Only the hidden (dense) layers differ
+    between the variants.
+
+    Args:
+        input_shape: Shape of one image, e.g. `(32, 32, 3)`.
+        num_classes: Number of output classes.
+        variant: `"baseline"` or `"midl"`.
+        hidden_units: Units of each hidden dense layer.
+        k_ratio: MIDL only: fraction of full-path neurons.
+        rank: MIDL only; `None` uses `light_rank(d, n)` per layer.
+        filters: Filters of each convolution block.
+        seed: MIDL only: seed of the gate noise.
+
+    Returns:
+        An uncompiled `keras.Model`.
+    """
+    _check(variant, hidden_units)
+    inputs = keras.Input(input_shape, name="inputs")
+    x = inputs
+    for index, count in enumerate(filters):
+        x = keras.layers.Conv2D(
+            count, 3, padding="same", activation="relu", name=f"conv_{index}"
+        )(x)
+        x = keras.layers.MaxPooling2D(name=f"pool_{index}")(x)
+    x = keras.layers.Flatten()(x)
+    outputs = _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed)
+    return keras.Model(inputs, outputs, name=f"cnn_{variant}")
+
+
+def text_mlp(
+    sequence_length,
+    vocabulary_size,
+    num_classes=2,
+    variant="baseline",
+    hidden_units=(256, 128),
+    k_ratio=0.45,
+    rank=None,
+    embedding_dim=128,
+    seed=None,
+):
+    """Bag-of-embeddings classifier: `Embedding -> GlobalAveragePooling1D
+    (padding id 0 masked) -> hidden layers -> softmax`.
+
+    Args:
+        sequence_length: Tokens per example.
+        vocabulary_size: Number of token ids (0 is padding).
+        num_classes: Number of output classes.
+        variant: `"baseline"` or `"midl"`.
+        hidden_units: Units of each hidden layer.
+        k_ratio: MIDL only: fraction of full-path neurons.
+        rank: MIDL only; `None` uses `light_rank(d, n)` per layer.
+        embedding_dim: Size of the token embeddings.
+        seed: MIDL only: seed of the gate noise.
+
+    Returns:
+        An uncompiled `keras.Model`.
+    """
+    _check(variant, hidden_units)
+    inputs = keras.Input((sequence_length,), dtype="int32", name="inputs")
+    x = keras.layers.Embedding(
+        vocabulary_size, embedding_dim, mask_zero=True, name="embedding"
+    )(inputs)
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    outputs = _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed)
+    return keras.Model(inputs, outputs, name=f"text_mlp_{variant}")
+
+
+def build(name, variant, input_shape, num_classes, **kwargs):
+    """The model a benchmark uses (see `ARCHITECTURES`).
+
+    Args:
+        name: Benchmark name, as in `keras_midl.datasets.NAMES`.
+        variant: `"baseline"` or `"midl"`.
+        input_shape: Shape of one example (`(sequence_length,)` for IMDB).
+        num_classes: Number of output classes.
+        **kwargs: Passed to `mlp`, `cnn` or `text_mlp` (e.g. `k_ratio`,
+            `rank`, `hidden_units`; `vocabulary_size` for IMDB).
+
+    Returns:
+        An uncompiled `keras.Model`.
+    """
+    if name not in ARCHITECTURES:
+        raise ValueError(
+            f"Unknown benchmark name. Expected one of {tuple(ARCHITECTURES)}. "
+            f"Received: name={name!r}"
+        )
+    kind, hidden_units = ARCHITECTURES[name]
+    kwargs.setdefault("hidden_units", hidden_units)
+    if kind == "mlp":
+        return mlp(input_shape, num_classes, variant, **kwargs)
+    if kind == "cnn":
+        return cnn(input_shape, num_classes, variant, **kwargs)
+    if "vocabulary_size" not in kwargs:
+        raise ValueError(
+            "The IMDB model needs `vocabulary_size` (the TextVectorization "
+            "vocabulary size used by keras_midl.datasets.load)."
+        )
+    return text_mlp(input_shape[0], num_classes=num_classes, variant=variant,
+                    **kwargs)
+
+
+def hidden_layers(model):
+    """The layers named `hidden_<i>`, in order (Dense or MIDL)."""
+    return [
+        layer for layer in model.layers if layer.name.startswith("hidden_")
+    ]

@@ -1,0 +1,210 @@
+"""Tests of keras_midl.flops against hand counts."""
+
+import keras
+import pytest
+
+from keras_midl import MIDL
+from keras_midl import flops
+
+
+def zero_weights(*layers):
+    """Counts do not depend on weight values; zeros build fast on JAX,
+    where each new random-initializer shape compiles."""
+    for layer in layers:
+        for name in (
+            "kernel_initializer",
+            "depthwise_initializer",
+            "pointwise_initializer",
+            "embeddings_initializer",
+        ):
+            if hasattr(layer, name):
+                setattr(layer, name, keras.initializers.Zeros())
+    return layers
+
+
+def sequential(input_shape, *layers):
+    return keras.Sequential([keras.Input(input_shape), *zero_weights(*layers)])
+
+
+def test_design_example_midl_vs_dense():
+    # DESIGN.md: d=784, n=512, r=32, k_ratio=0.45 -> 238k vs 401k, 1.69x.
+    midl = sequential((784,), MIDL(512, k_ratio=0.45, rank=32))
+    dense = sequential((784,), keras.layers.Dense(512))
+    k = 230
+    assert flops.model_multiply_adds(midl) == 784 * 32 + 2 * 32 * 512 + k * 784
+    assert flops.model_multiply_adds(midl) == 238_176
+    assert flops.model_multiply_adds(dense) == 401_408
+    assert flops.flops_ratio(dense, midl) == pytest.approx(401_408 / 238_176)
+    assert flops.flops_ratio(dense, midl) == pytest.approx(1.685, abs=1e-3)
+
+
+def test_midl_zero_light_path():
+    layer = MIDL(100, k_ratio=0.25, rank=8, light_path="zero")
+    model = sequential((40,), layer)
+    assert flops.model_multiply_adds(model) == 40 * 8 + 8 * 100 + 25 * 40
+
+
+def test_midl_default_rank_is_counted():
+    # default rank: clip(min(64, 32) // 16, 4, 32) = 4
+    model = sequential((64,), MIDL(32, k_ratio=0.5))
+    assert flops.model_multiply_adds(model) == 64 * 4 + 2 * 4 * 32 + 16 * 64
+
+
+@pytest.mark.parametrize(
+    "layer_fn, expected",
+    [
+        (lambda: keras.layers.Dense(3), 7 * 5 * 3),
+        (lambda: MIDL(8, k_ratio=0.5, rank=2), 7 * (5 * 2 + 2 * 2 * 8 + 4 * 5)),
+    ],
+)
+def test_dense_and_midl_count_every_position(layer_fn, expected):
+    model = sequential((7, 5), layer_fn())
+    assert flops.model_multiply_adds(model) == expected
+
+
+def test_layer_multiply_adds_with_explicit_shape():
+    (layer,) = zero_weights(keras.layers.Dense(512))
+    layer.build((None, 784))
+    assert flops.layer_multiply_adds(layer, input_shape=(None, 784)) == 401_408
+
+
+def test_conv2d_valid_and_same_padding():
+    model = sequential(
+        (32, 32, 3),
+        keras.layers.Conv2D(16, 3),  # 30x30 output
+        keras.layers.Conv2D(8, (3, 5), padding="same", strides=2),  # 15x15
+    )
+    counts = [c for _, _, c in flops.layer_counts(model)]
+    assert counts == [30 * 30 * 3 * 3 * 3 * 16, 15 * 15 * 3 * 5 * 16 * 8]
+
+
+def test_grouped_depthwise_and_separable_conv():
+    model = sequential(
+        (8, 8, 4),
+        keras.layers.Conv2D(6, 3, padding="same", groups=2),
+        keras.layers.DepthwiseConv2D(3, depth_multiplier=2),  # 6x6x12
+        keras.layers.SeparableConv2D(5, 3),  # 4x4x5, depth_multiplier 1
+    )
+    counts = [c for _, _, c in flops.layer_counts(model)]
+    assert counts == [
+        8 * 8 * 9 * 2 * 6,
+        6 * 6 * 9 * 6 * 2,
+        4 * 4 * 9 * 12 + 4 * 4 * 12 * 5,
+    ]
+
+
+def test_conv1d():
+    model = sequential((20, 4), keras.layers.Conv1D(7, 5))
+    assert flops.model_multiply_adds(model) == 16 * 5 * 4 * 7
+
+
+def test_small_cnn_total_and_zero_cost_layers():
+    model = sequential(
+        (28, 28, 1),
+        keras.layers.Rescaling(1 / 255),
+        keras.layers.Conv2D(4, 3, activation="relu"),  # 26x26x4
+        keras.layers.BatchNormalization(),
+        keras.layers.MaxPooling2D(),  # 13x13x4
+        keras.layers.Dropout(0.5),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    )
+    expected = 26 * 26 * 9 * 1 * 4 + 13 * 13 * 4 * 10
+    assert flops.model_multiply_adds(model) == expected
+
+
+def test_embedding_pooling_mlp():
+    model = sequential(
+        (50,),
+        keras.layers.Embedding(1000, 16),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(1),
+    )
+    assert flops.model_multiply_adds(model) == 16 * 32 + 32 * 1
+
+
+def test_nested_model_recurses():
+    inner = sequential((10,), keras.layers.Dense(6), MIDL(4, k_ratio=0.5))
+    outer = sequential((10,), inner, keras.layers.Dense(2))
+    inner_count = 10 * 6 + (6 * 4 + 2 * 4 * 4 + 2 * 6)
+    assert flops.layer_multiply_adds(inner) == inner_count
+    assert flops.model_multiply_adds(outer) == inner_count + 4 * 2
+    names = [name for name, _, _ in flops.layer_counts(outer)]
+    assert names[0].startswith(inner.name + "/")
+
+
+def test_functional_model_with_branches():
+    inputs = keras.Input((12,))
+    left_layer, right_layer, head = zero_weights(
+        keras.layers.Dense(5), keras.layers.Dense(3), keras.layers.Dense(2)
+    )
+    branches = [left_layer(inputs), right_layer(inputs)]
+    merged = keras.layers.Concatenate()(branches)
+    outputs = head(merged)
+    model = keras.Model(inputs, outputs)
+    assert flops.model_multiply_adds(model) == 12 * 5 + 12 * 3 + 8 * 2
+
+
+@pytest.mark.parametrize(
+    "k_ratio_a, k_ratio_b, expected",
+    [(0.5, 0.5, 0.5), (0.25, 0.75, (25 + 150) / (100 + 200)), (1.0, 1.0, 1.0)],
+)
+def test_active_fraction_weighted_by_units(k_ratio_a, k_ratio_b, expected):
+    model = sequential(
+        (10,),
+        MIDL(100, k_ratio=k_ratio_a),
+        MIDL(200, k_ratio=k_ratio_b),
+        keras.layers.Dense(3),
+    )
+    assert flops.active_fraction(model) == pytest.approx(expected)
+
+
+def test_active_fraction_without_midl_is_one():
+    model = sequential((10,), keras.layers.Dense(3))
+    assert flops.active_fraction(model) == 1.0
+
+
+def test_unknown_layer_raises_with_class_name():
+    class Mystery(keras.layers.Layer):
+        def call(self, x):
+            return x * 2.0
+
+    model = sequential((4,), Mystery(), keras.layers.Dense(2))
+    with pytest.raises(ValueError, match="Mystery"):
+        flops.model_multiply_adds(model)
+
+
+def test_register_multiply_adds():
+    class Scaled(keras.layers.Layer):
+        def call(self, x):
+            return x * 2.0
+
+    flops.register_multiply_adds(Scaled, lambda layer, shape: shape[-1])
+    try:
+        model = sequential((4,), Scaled(), keras.layers.Dense(2))
+        assert flops.model_multiply_adds(model) == 4 + 8
+    finally:
+        flops._CUSTOM_RULES.pop(Scaled)
+
+
+def test_register_rejects_non_layer():
+    with pytest.raises(ValueError, match="layer_class"):
+        flops.register_multiply_adds(int, lambda layer, shape: 0)
+
+
+def test_undefined_axis_raises():
+    model = sequential((None, 5), keras.layers.Dense(3))
+    with pytest.raises(ValueError, match="undefined"):
+        flops.model_multiply_adds(model)
+
+
+def test_unbuilt_layer_without_shape_raises():
+    with pytest.raises(ValueError, match="input shape"):
+        flops.layer_multiply_adds(keras.layers.Dense(3))
+
+
+def test_summary_lists_layers_and_total():
+    model = sequential((784,), MIDL(512, k_ratio=0.45, rank=32, name="m"))
+    text = flops.summary(model, print_fn=lambda text: None)
+    assert "m" in text and "238,176" in text and "0.449" in text

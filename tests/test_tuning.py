@@ -1,0 +1,412 @@
+"""Tests of keras_midl.tuning: search space, objective and tiny searches."""
+
+import keras
+import keras_tuner
+import numpy as np
+import pytest
+
+from keras_midl import MIDL
+from keras_midl import tuning
+from keras_midl.layer import default_rank
+
+INPUT_DIM = 16
+UNITS = 32
+CLASSES = 2
+LAM = 0.3
+
+
+def _data(rng, rows):
+    x = rng.normal(size=(rows, INPUT_DIM)).astype("float32")
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype("int32")
+    return x, y
+
+
+def _model(k_ratio=0.5):
+    model = keras.Sequential(
+        [
+            keras.Input((INPUT_DIM,)),
+            MIDL(UNITS, k_ratio=k_ratio, activation="relu"),
+            keras.layers.Dense(CLASSES, activation="softmax"),
+        ]
+    )
+    # Eager steps: tracing or compiling a fresh function per trial costs
+    # more than the few steps each trial runs.
+    model.compile(
+        "adam",
+        "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        run_eagerly=True,
+    )
+    return model
+
+
+def _expected_fraction(k_ratio):
+    """The FLOPs fraction of `_model`, from the design's formula."""
+    r = default_rank(INPUT_DIM, UNITS)
+    k = max(1, round(k_ratio * UNITS))
+    head = UNITS * CLASSES
+    midl = INPUT_DIM * r + 2 * r * UNITS + k * INPUT_DIM
+    return (midl + head) / (INPUT_DIM * UNITS + head)
+
+
+class _Recorder(keras.callbacks.Callback):
+    """Records every epoch's logs; shared (not copied) across trials."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def on_epoch_end(self, epoch, logs=None):
+        midl = [layer for layer in self.model.layers if isinstance(layer, MIDL)]
+        self.records.append((midl[0].k_ratio, dict(logs)))
+
+
+# --- search space -----------------------------------------------------------
+
+
+def test_search_space_defaults():
+    hp = keras_tuner.HyperParameters()
+    arguments = tuning.midl_hyperparameters(hp)
+    assert arguments == {"k_ratio": 0.1}
+    (space,) = hp.space
+    assert space.name == "k_ratio"
+    # Every grid value, the maximum included (KerasTuner's float floor
+    # division alone would stop at 0.95).
+    np.testing.assert_allclose(
+        list(space.values), np.linspace(0.1, 1.0, 19), atol=1e-9
+    )
+
+
+@pytest.mark.parametrize(
+    "k_ratio, step, sampling, expected",
+    [
+        ((0.1, 1.0), 0.1, "linear", np.linspace(0.1, 1.0, 10)),
+        ((0.25, 1.0), 0.25, "linear", [0.25, 0.5, 0.75, 1.0]),
+        ((0.2, 0.9), 0.3, "linear", [0.2, 0.5, 0.8]),
+        ((0.125, 1.0), 2.0, "log", [0.125, 0.25, 0.5, 1.0]),
+    ],
+)
+def test_search_space_grid_values(k_ratio, step, sampling, expected):
+    hp = keras_tuner.HyperParameters()
+    tuning.midl_hyperparameters(
+        hp, k_ratio=k_ratio, k_ratio_step=step, k_ratio_sampling=sampling
+    )
+    values = list(hp.space[0].values)
+    np.testing.assert_allclose(values, expected, atol=1e-9)
+    # Each value builds a valid layer.
+    for value in values:
+        hp.values["k_ratio"] = value
+        arguments = tuning.midl_hyperparameters(
+            hp, k_ratio=k_ratio, k_ratio_step=step, k_ratio_sampling=sampling
+        )
+        assert 0 < MIDL(8, **arguments).k_ratio <= 1
+
+
+def test_search_space_rank_noise_and_names():
+    hp = keras_tuner.HyperParameters()
+    arguments = tuning.midl_hyperparameters(
+        hp,
+        name="hidden",
+        k_ratio=(0.25, 0.75),
+        k_ratio_step=0.25,
+        k_ratio_default=0.5,
+        rank=[4, 8],
+        gate_noise=[0.0, 0.1],
+    )
+    assert arguments == {"k_ratio": 0.5, "rank": 4, "gate_noise": 0.0}
+    assert sorted(p.name for p in hp.space) == [
+        "hidden/gate_noise",
+        "hidden/k_ratio",
+        "hidden/rank",
+    ]
+    # The returned arguments build a layer.
+    layer = MIDL(UNITS, **arguments)
+    assert (layer.k_ratio, layer.rank, layer.k) == (0.5, 4, 16)
+
+
+def test_search_space_rounds_float_steps():
+    hp = keras_tuner.HyperParameters()
+    hp.values["k_ratio"] = 0.1 + 2 * 0.05  # 0.20000000000000004
+    assert tuning.midl_hyperparameters(hp)["k_ratio"] == 0.2
+
+
+def test_search_space_single_value_is_fixed():
+    hp = keras_tuner.HyperParameters()
+    assert tuning.midl_hyperparameters(hp, k_ratio=(1.0, 1.0)) == {
+        "k_ratio": 1.0
+    }
+    assert isinstance(hp.space[0], keras_tuner.engine.hyperparameters.Fixed)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"k_ratio": (0.0, 0.5)}, r"`k_ratio`.*\(0, 1\].*k_ratio=\(0.0, 0.5\)"),
+        ({"k_ratio": (0.5, 1.5)}, r"`k_ratio`.*\(0, 1\].*k_ratio=\(0.5, 1.5\)"),
+        ({"k_ratio": (-0.2, 0.5)}, r"`k_ratio`.*k_ratio=\(-0.2, 0.5\)"),
+        ({"k_ratio": (0.8, 0.2)}, r"min_value <= max_value.*\(0.8, 0.2\)"),
+        ({"k_ratio": 0.5}, r"pair of numbers.*k_ratio=0.5"),
+        ({"k_ratio": (0.1, 0.5, 0.9)}, r"pair.*k_ratio=\(0.1, 0.5, 0.9\)"),
+        ({"k_ratio_step": 0}, r"`k_ratio_step`.*> 0.*k_ratio_step=0"),
+        ({"k_ratio_step": -0.1}, r"`k_ratio_step`.*k_ratio_step=-0.1"),
+        ({"k_ratio_step": float("nan")}, r"`k_ratio_step`.*k_ratio_step=nan"),
+        (
+            {"k_ratio_sampling": "log", "k_ratio_step": 1.0},
+            r"`k_ratio_step`.*> 1.*k_ratio_step=1.0",
+        ),
+        ({"k_ratio_sampling": "cubic"}, r"`k_ratio_sampling`.*'cubic'"),
+        ({"k_ratio_default": 0.05}, r"`k_ratio_default`.*=0.05"),
+        ({"rank": [0, 8]}, r"`rank`.*positive integers.*rank=\[0, 8\]"),
+        ({"rank": []}, r"`rank`.*non-empty.*rank=\[\]"),
+        ({"rank": [8, 8]}, r"`rank`.*distinct.*rank=\[8, 8\]"),
+        ({"gate_noise": [-0.1]}, r"`gate_noise`.*gate_noise=\[-0.1\]"),
+        ({"name": ""}, r"`name`.*name=''"),
+    ],
+)
+def test_search_space_rejects_invalid_arguments(kwargs, message):
+    hp = keras_tuner.HyperParameters()
+    with pytest.raises(ValueError, match=message):
+        tuning.midl_hyperparameters(hp, **kwargs)
+    assert not hp.space
+
+
+def test_search_space_rejects_non_hyperparameters():
+    with pytest.raises(ValueError, match="HyperParameters.*hp=3"):
+        tuning.midl_hyperparameters(3)
+
+
+# --- FLOPs fraction and objective ------------------------------------------
+
+
+@pytest.mark.parametrize("k_ratio", [0.25, 0.5, 1.0])
+def test_flops_fraction_matches_formula(k_ratio):
+    assert tuning.flops_fraction(_model(k_ratio)) == pytest.approx(
+        _expected_fraction(k_ratio)
+    )
+
+
+def test_flops_fraction_design_example_and_sequences():
+    model = keras.Sequential(
+        [keras.Input((784,)), MIDL(512, k_ratio=0.45, rank=32)]
+    )
+    assert tuning.dense_multiply_adds(model) == 784 * 512
+    assert tuning.flops_fraction(model) == pytest.approx(238176 / 401408)
+    # A (batch, T, d) input: both counts scale with T, the fraction does not.
+    sequence = keras.Sequential(
+        [keras.Input((7, 784)), MIDL(512, k_ratio=0.45, rank=32)]
+    )
+    assert tuning.dense_multiply_adds(sequence) == 7 * 784 * 512
+    assert tuning.flops_fraction(sequence) == pytest.approx(238176 / 401408)
+
+
+def test_efficiency_objective_logs_every_epoch(rng):
+    x, y = _data(rng, 64)
+    model = _model(0.25)
+    efficiency = tuning.EfficiencyObjective(lam=LAM)
+    history = model.fit(
+        x,
+        y,
+        validation_data=(x, y),
+        epochs=2,
+        batch_size=32,
+        callbacks=[efficiency],
+        verbose=0,
+    )
+    logged = history.history
+    assert len(logged["val_efficiency"]) == 2
+    fraction = _expected_fraction(0.25)
+    np.testing.assert_allclose(logged["flops_fraction"], [fraction] * 2)
+    np.testing.assert_allclose(
+        logged["val_efficiency"],
+        np.array(logged["val_accuracy"]) - LAM * fraction,
+        rtol=1e-6,
+    )
+    assert efficiency.objective.name == "val_efficiency"
+    assert efficiency.objective.direction == "max"
+
+
+def test_efficiency_objective_needs_its_metric(rng):
+    x, y = _data(rng, 32)
+    with pytest.raises(ValueError, match="'val_accuracy'.*validation data"):
+        _model().fit(
+            x,
+            y,
+            epochs=1,
+            callbacks=[tuning.EfficiencyObjective()],
+            verbose=0,
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lam": -0.1}, r"`lam`.*lam=-0.1"),
+        ({"lam": float("inf")}, r"`lam`.*lam=inf"),
+        ({"lam": "0.1"}, r"`lam`.*lam='0.1'"),
+        ({"accuracy": ""}, r"`accuracy`.*accuracy=''"),
+        ({"name": "val_accuracy"}, r"`name` must differ.*'val_accuracy'"),
+    ],
+)
+def test_efficiency_objective_rejects_invalid_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tuning.EfficiencyObjective(**kwargs)
+
+
+# --- hypermodel --------------------------------------------------------------
+
+
+def test_hypermodel_tunes_an_unchanged_build_function():
+    def build():
+        inputs = keras.Input((INPUT_DIM,))
+        hidden = MIDL(UNITS, k_ratio=0.5, activation="relu")(inputs)
+        hidden = MIDL(UNITS, k_ratio=0.5, rank=4)(hidden)
+        outputs = keras.layers.Dense(CLASSES, activation="softmax")(hidden)
+        model = keras.Model(inputs, outputs)
+        model.compile(
+            keras.optimizers.SGD(0.05),
+            "sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        return model
+
+    hypermodel = tuning.MIDLHyperModel(
+        build, search_space={"k_ratio": (0.25, 1.0), "k_ratio_step": 0.25}
+    )
+    hp = keras_tuner.HyperParameters()
+    hp.values.update({"midl_0/k_ratio": 0.75, "midl_1/k_ratio": 0.25})
+    model = hypermodel.build(hp)
+    assert sorted(p.name for p in hp.space) == [
+        "midl_0/k_ratio",
+        "midl_1/k_ratio",
+    ]
+    midl = [layer for layer in model.layers if isinstance(layer, MIDL)]
+    assert [layer.k_ratio for layer in midl] == [0.75, 0.25]
+    assert [layer.k for layer in midl] == [24, 8]
+    assert midl[1].rank == 4  # Other arguments are kept.
+    assert isinstance(model.optimizer, keras.optimizers.SGD)
+    assert model.optimizer.get_config()["learning_rate"] == pytest.approx(0.05)
+
+
+def test_hypermodel_rejects_a_model_without_midl():
+    def build():
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+
+    hypermodel = tuning.MIDLHyperModel(build)
+    with pytest.raises(ValueError, match="without top-level MIDL layers"):
+        hypermodel.build(keras_tuner.HyperParameters())
+
+
+def test_hypermodel_rejects_invalid_arguments():
+    with pytest.raises(ValueError, match="build_model=3"):
+        tuning.MIDLHyperModel(3)
+    with pytest.raises(ValueError, match=r"`lam`.*lam=-1"):
+        tuning.MIDLHyperModel(_model, lam=-1)
+    with pytest.raises(ValueError, match="cannot set `name`"):
+        tuning.MIDLHyperModel(_model, search_space={"name": "a"})
+
+
+def _build_with_hp(hp):
+    arguments = tuning.midl_hyperparameters(
+        hp, k_ratio=(0.25, 1.0), k_ratio_step=0.25
+    )
+    return _model(**arguments)
+
+
+def _tuner(kind, hypermodel, directory):
+    common = {
+        "objective": hypermodel.objective,
+        "directory": str(directory),
+        "project_name": kind,
+        "overwrite": True,
+        "seed": 3,
+    }
+    if kind == "random":
+        return keras_tuner.RandomSearch(hypermodel, max_trials=2, **common)
+    if kind == "bayesian":
+        return keras_tuner.BayesianOptimization(
+            hypermodel, max_trials=3, num_initial_points=2, **common
+        )
+    # max_epochs=2, factor=2: two 1-epoch trials, the best continued to epoch
+    # 2, and one 2-epoch trial.
+    return keras_tuner.Hyperband(
+        hypermodel, max_epochs=2, factor=2, hyperband_iterations=1, **common
+    )
+
+
+# get_best_models() loads weights into an unbuilt optimizer: harmless.
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+@pytest.mark.parametrize("kind", ["random", "bayesian", "hyperband"])
+def test_search_finds_and_reloads_the_logged_best(kind, rng, tmp_path):
+    x, y = _data(rng, 96)
+    x_val, y_val = _data(rng, 64)
+    hypermodel = tuning.MIDLHyperModel(_build_with_hp, lam=LAM)
+    tuner = _tuner(kind, hypermodel, tmp_path)
+    recorder = _Recorder()
+    tuner.search(
+        x,
+        y,
+        validation_data=(x_val, y_val),
+        epochs=1,
+        batch_size=32,
+        callbacks=[recorder],
+        verbose=0,
+    )
+    trials = [t for t in tuner.oracle.trials.values() if t.score is not None]
+    assert len(trials) >= 2
+    assert len(recorder.records) >= len(trials)
+
+    # Every logged objective is val_accuracy - lam * fraction(k_ratio).
+    for k_ratio, logs in recorder.records:
+        assert logs["flops_fraction"] == pytest.approx(
+            _expected_fraction(k_ratio)
+        )
+        assert logs["val_efficiency"] == pytest.approx(
+            logs["val_accuracy"] - LAM * _expected_fraction(k_ratio)
+        )
+    # Every trial's score is one of the values logged for its k_ratio.
+    for trial in trials:
+        k_ratio = trial.hyperparameters.get("k_ratio")
+        logged = [
+            logs["val_efficiency"]
+            for value, logs in recorder.records
+            if value == k_ratio
+        ]
+        assert any(trial.score == pytest.approx(v) for v in logged)
+
+    # The best trial holds the best logged objective and its k_ratio.
+    best_logged = max(logs["val_efficiency"] for _, logs in recorder.records)
+    best_ratios = {
+        value
+        for value, logs in recorder.records
+        if logs["val_efficiency"] == pytest.approx(best_logged)
+    }
+    (best_trial,) = tuner.oracle.get_best_trials(1)
+    assert best_trial.score == pytest.approx(best_logged)
+    assert best_trial.hyperparameters.get("k_ratio") in best_ratios
+    best_hp = tuner.get_best_hyperparameters(1)[0]
+    assert best_hp.values == best_trial.hyperparameters.values
+
+    # The best model reloads with the checkpointed weights: it reproduces
+    # the best objective, and a .keras round trip its predictions.
+    (best_model,) = tuner.get_best_models(1)
+    (midl,) = [layer for layer in best_model.layers if isinstance(layer, MIDL)]
+    assert midl.k_ratio == best_hp.get("k_ratio")
+    metrics = best_model.evaluate(
+        x_val, y_val, batch_size=32, return_dict=True, verbose=0
+    )
+    fraction = tuning.flops_fraction(best_model)
+    assert metrics["accuracy"] - LAM * fraction == pytest.approx(
+        best_trial.score
+    )
+    path = tmp_path / "best.keras"
+    best_model.save(path)
+    reloaded = keras.models.load_model(path)
+    np.testing.assert_allclose(
+        reloaded.predict(x_val, verbose=0),
+        best_model.predict(x_val, verbose=0),
+        rtol=1e-6,
+        atol=1e-6,
+    )
