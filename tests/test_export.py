@@ -1,0 +1,131 @@
+"""Exporting MIDL models for serving: TF SavedModel and ONNX.
+
+`model.export(format="tf_saved_model")` works on the TensorFlow and JAX
+backends (Keras has no SavedModel export from torch). ONNX export works on
+TensorFlow with `selection="top_k"` (tf2onnx converts no bitcast nor
+bitwise op, which the `"bisection"` selection uses) and on torch with the
+masked inference path (the gathered path's `scatter_update` lowers to
+`aten::ravel`, which the exporter does not convert). The reloaded models
+must give the Keras model's predictions to `atol=1e-5`.
+"""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from keras_midl import MIDL
+
+BACKEND = keras.backend.backend()
+ATOL = 1e-5
+
+def _model(input_shape=(12,), gathered=True, **midl_kwargs):
+    """Two MIDL layers: the first on the masked path, the second gathered."""
+    keras.utils.set_random_seed(3)
+    midl_kwargs = {"k_ratio": 0.4, "rank": 4, **midl_kwargs}
+    model = keras.Sequential(
+        [
+            keras.Input(input_shape),
+            MIDL(16, activation="relu", **midl_kwargs),
+            MIDL(
+                8,
+                light_path="zero",
+                inference_path="gathered" if gathered else "masked",
+                **midl_kwargs,
+            ),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.predict(_inputs((2, *input_shape)), verbose=0)
+    return model
+
+
+def _inputs(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A model on rank-3 inputs, exported once as a TF SavedModel.
+
+    On JAX the gathered path is left out: it uses `ops.top_k`, which JAX
+    0.10 lowers to a `stablehlo.composite` that TensorFlow 2.21's
+    `XlaCallModule` cannot deserialize.
+    """
+    if BACKEND not in ("tensorflow", "jax"):
+        pytest.skip(
+            "Keras exports TF SavedModels from the TensorFlow and JAX "
+            "backends only"
+        )
+    model = _model((5, 12), gathered=BACKEND == "tensorflow")
+    path = str(tmp_path_factory.mktemp("export") / "saved_model")
+    model.export(path, format="tf_saved_model", verbose=False)
+    return model, path
+
+
+_SERVE_WITH_TF_ONLY = """
+import sys
+import numpy as np
+import tensorflow as tf
+
+served = tf.saved_model.load(sys.argv[1])
+x = np.load(sys.argv[2])
+np.save(sys.argv[3], served.serve(x).numpy())
+assert "keras_midl" not in sys.modules
+"""
+
+
+def test_tf_saved_model_served_by_tensorflow_alone(exported, tmp_path):
+    # A fresh process that imports TensorFlow but not keras_midl serves 6
+    # rows; the model was traced with 2 (the batch size stays dynamic).
+    model, path = exported
+    x = _inputs((6, 5, 12))
+    np.save(tmp_path / "x.npy", x)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _SERVE_WITH_TF_ONLY,
+            path,
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+        ],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    np.testing.assert_allclose(
+        np.load(tmp_path / "y.npy"), model.predict(x, verbose=0), atol=ATOL
+    )
+
+
+def _onnx_case():
+    if BACKEND == "tensorflow":
+        pytest.importorskip("tf2onnx")
+        return {"selection": "top_k"}
+    if BACKEND == "torch":
+        pytest.importorskip("onnxscript")
+        return {"gathered": False}
+    pytest.skip(
+        "ONNX export from the JAX backend needs jax2onnx, not a dependency "
+        "of keras_midl; see docs/distribution_export.md"
+    )
+
+
+def test_onnx_export_serves_same_predictions(tmp_path):
+    midl_kwargs = _onnx_case()
+    pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = _model(**midl_kwargs)
+    path = str(tmp_path / "model.onnx")
+    model.export(path, format="onnx", verbose=False)
+    session = onnxruntime.InferenceSession(path)
+    (input_spec,) = session.get_inputs()
+    x = _inputs((6, 12))
+    (served,) = session.run(None, {input_spec.name: x})
+    np.testing.assert_allclose(served, model.predict(x, verbose=0), atol=ATOL)
