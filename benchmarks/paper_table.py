@@ -75,7 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--k-ratio", type=float, default=0.45)
     parser.add_argument("--rank", type=int, default=None,
-                        help="MIDL rank (default: models.light_rank)")
+                        help="MIDL rank (default: MIDL's default_rank)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs for every dataset (default: per dataset)")
     parser.add_argument("--batch-size", type=int, default=128)

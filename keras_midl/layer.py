@@ -16,17 +16,43 @@ from keras_midl.ops import topk_mask
 LIGHT_PATHS = ("lowrank", "zero")
 INFERENCE_PATHS = ("auto", "masked", "gathered")
 # "auto" gathers when an input has at most this many rows (static shapes).
-GATHERED_MAX_ROWS = 8
+# 0: on the CPUs measured (benchmarks/results/latency.md) the gathered path
+# is slower than the masked one on every backend, even for a single row at
+# d = n = 4096 and k_ratio 0.45, so "auto" runs the masked path. Raise it to
+# 1 on hardware where gathering one row pays off.
+GATHERED_MAX_ROWS = 0
 
 
-def default_rank(input_dim, units):
-    """The rank used when `rank=None`: `clip(min(d, n) // 16, 4, 32)`.
+def default_rank(input_dim, units, overhead=0.1, max_rank=32):
+    """The rank used when `rank=None`: the largest that keeps the gate cheap.
 
-    The result never exceeds `min(d, n)`, where a low-rank code would stop
-    being low-rank.
+    The gate and the light path cost `r * (d + 2 * n)` multiply-adds per
+    row; the default rank is the largest `r <= max_rank` (and at least 1)
+    with `r * (d + 2 * n) <= overhead * d * n`. With the default 10% budget
+    a layer's inference cost is at most `(k_ratio + 0.1) * d * n`, a FLOPs
+    ratio to Dense of at least 1.8 at `k_ratio = 0.45`.
+
+    Example:
+
+    >>> default_rank(784, 512)   # 22 * (784 + 1024) <= 0.1 * 784 * 512
+    22
+
+    Args:
+        input_dim: `d`, the layer's input size.
+        units: `n`, the layer's units.
+        overhead: Budget as a fraction of the Dense cost `d * n`.
+        max_rank: Upper bound.
+
+    Returns:
+        Python int.
     """
-    smallest = min(input_dim, units)
-    return int(min(max(smallest // 16, 4), 32, smallest))
+    if not 0 < overhead < 1:
+        raise ValueError(
+            "Received an invalid value for `overhead`, expected a float in "
+            f"(0, 1). Received: overhead={overhead!r}"
+        )
+    rank = math.floor(overhead * input_dim * units / (input_dim + 2 * units))
+    return int(max(1, min(max_rank, rank)))
 
 
 def num_selected(k_ratio, units):
@@ -36,6 +62,33 @@ def num_selected(k_ratio, units):
 
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _matmul_transposed(inputs, kernel):
+    """`inputs @ kernel^T` for a kernel stored as `(units, input_dim)`.
+
+    Computed as `(kernel @ rows^T)^T`: TensorFlow's CPU matmul with a
+    transposed right operand (what `matmul(x, transpose(kernel))` and
+    `einsum` lower to) runs about 1.7x slower than `x @ W`, while
+    transposing the activations instead costs no more than Dense on any
+    backend (see docs/speed.md).
+    """
+    units, input_dim = kernel.shape
+    if len(inputs.shape) == 2:
+        return ops.transpose(ops.matmul(kernel, ops.transpose(inputs)))
+    rows = ops.reshape(inputs, (-1, input_dim))
+    outputs = ops.transpose(ops.matmul(kernel, ops.transpose(rows)))
+    return ops.reshape(outputs, (*ops.shape(inputs)[:-1], units))
+
+
+def _static_rows(inputs):
+    """Number of rows (product of the leading axes), `None` if not static."""
+    rows = 1
+    for size in inputs.shape[:-1]:
+        if size is None:
+            return None
+        rows *= size
+    return rows
 
 
 @keras.saving.register_keras_serializable(package="keras_midl")
@@ -92,7 +145,8 @@ class MIDL(keras.layers.Layer):
             full path for each input; `k = max(1, round(k_ratio * units))`.
         rank: Positive integer, rank `r` of the low-rank code shared by the
             gate and the light path. `None` uses `default_rank(d, units)`:
-            `clip(min(d, units) // 16, 4, 32)`, at most `min(d, units)`.
+            the largest rank <= 32 whose gate and light path cost at most
+            10% of the Dense layer's `d * units` multiply-adds.
         light_path: `"lowrank"` (default) for `h_lite = z U + b_lite`, or
             `"zero"` for `h_lite = 0`: unselected neurons output
             `activation(0)`, a learned input-dependent dropout.
@@ -114,8 +168,18 @@ class MIDL(keras.layers.Layer):
             `"bisection"`; both give the same mask (see
             `keras_midl.ops.topk_mask`). `None` picks the faster one for the
             current backend.
-        inference_path: `"masked"`, `"gathered"` or `"auto"`: how the full
-            path is computed outside training. See the performance note.
+        inference_path: How the full path is computed outside training
+            (training always uses the masked path); all give the same
+            outputs up to float rounding. `"masked"`: one matmul `x W` for
+            all `units`, then the 0/1 mask. `"gathered"`: for each input
+            row, gathers the `k` selected rows of `W^T` and computes only
+            those `k` dot products; it materializes `rows * k * input_dim`
+            weights, so it is meant for one or a few rows. `"auto"`:
+            gathered when the input's leading axes hold at most
+            `keras_midl.layer.GATHERED_MAX_ROWS` rows (known statically),
+            else masked; that is 0 rows (always masked) because, measured
+            on CPU, gathering through `keras.ops` is slower than the
+            masked path even for one row (`docs/speed.md`).
         seed: Integer, seed of the gate noise.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
@@ -343,7 +407,7 @@ class MIDL(keras.layers.Layer):
         else:
             soft = ops.sigmoid(logits / self.temperature)
             gate = ops.cast(straight_through(mask, soft), self.compute_dtype)
-            full = ops.matmul(inputs, ops.transpose(self.kernel))
+            full = _matmul_transposed(inputs, self.kernel)
             if self.bias is not None:
                 full = ops.add(full, self.bias)
             # g*full + (1-g)*light rather than light + g*(full - light): a
@@ -358,12 +422,8 @@ class MIDL(keras.layers.Layer):
     def _use_gathered_path(self, inputs):
         if self.inference_path != "auto":
             return self.inference_path == "gathered"
-        rows = 1
-        for size in inputs.shape[:-1]:
-            if size is None:
-                return False
-            rows *= size
-        return rows <= GATHERED_MAX_ROWS
+        rows = _static_rows(inputs)
+        return rows is not None and 1 <= rows <= GATHERED_MAX_ROWS
 
     def _gathered_outputs(self, inputs, mask, light):
         """Full path for the `k` selected neurons of each row only.
@@ -371,6 +431,9 @@ class MIDL(keras.layers.Layer):
         Gathers the `k` selected rows of `W^T` (contiguous in memory), takes
         their dot products with the row, and scatters the results into the
         light path. Equal to the masked path up to float rounding.
+
+        The gathered weights are materialized: `rows * k * d` values, so
+        this path is for a few rows at a time (see `GATHERED_MAX_ROWS`).
         """
         leading_shape = ops.shape(inputs)[:-1]
         rows = ops.reshape(inputs, (-1, self.input_dim))
@@ -378,8 +441,13 @@ class MIDL(keras.layers.Layer):
         # The mask has exactly k ones per row: any top_k of it finds them.
         _, selected = ops.top_k(row_mask, self.k, sorted=False)
         selected = ops.cast(selected, "int32")
-        weights = ops.take(self.kernel, selected, axis=0)  # (rows, k, d)
-        values = ops.einsum("bd,bkd->bk", rows, weights)
+        if _static_rows(inputs) == 1:
+            # One (k, d) block and one matrix-vector product in its layout.
+            weights = ops.take(self.kernel, selected[0], axis=0)
+            values = ops.transpose(ops.matmul(weights, ops.transpose(rows)))
+        else:
+            weights = ops.take(self.kernel, selected, axis=0)  # (rows, k, d)
+            values = ops.einsum("bd,bkd->bk", rows, weights)
         if self.bias is not None:
             values = values + ops.take(self.bias, selected)
         row_ids = ops.broadcast_to(
@@ -444,8 +512,10 @@ class MIDL(keras.layers.Layer):
         return {**base_config, **config}
 
 
-# The faster selection per backend, from the MLP training-time measurement
-# in benchmarks/selection.py (see the README's "Speed" section).
+# The faster selection per backend (benchmarks/results/selection.md): MLP
+# 784-512-256-10 training step MIDL/Dense, top_k vs bisection: TensorFlow
+# 1.89x vs 1.81x, JAX 2.13x vs 1.57x, PyTorch 1.69x vs 2.75x. Bisection is
+# 32 fused passes under XLA but ~200 separate kernels in PyTorch's eager mode.
 _FASTEST_SELECTION = {
     "jax": "bisection",
     "tensorflow": "bisection",

@@ -12,18 +12,16 @@ with the same units (and activation). Hidden layers are named
 * `text_mlp`: `Embedding`, `GlobalAveragePooling1D` (padding masked),
   hidden layers, softmax. IMDB.
 
-The MIDL rank defaults to `light_rank(d, n)`: the largest rank (at most 32)
-whose gate and light path cost at most `overhead = 10%` of the Dense layer's
-`d*n` multiply-adds, so that at `k_ratio = 0.45` each layer costs at most
-`0.55 * d*n` (a FLOPs ratio of at least 1.8).
+The MIDL rank defaults to the layer's own `default_rank(d, n)`: the largest
+rank (at most 32) whose gate and light path cost at most 10% of the Dense
+layer's `d*n` multiply-adds, so that at `k_ratio = 0.45` each layer costs at
+most `0.55 * d*n` (a FLOPs ratio of at least 1.8).
 
 Example:
 
 >>> model = build("mnist", "midl", input_shape=(28, 28, 1), num_classes=10)
 >>> model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
 """
-
-import math
 
 import keras
 
@@ -40,37 +38,7 @@ ARCHITECTURES = {
 }
 
 
-def light_rank(input_dim, units, overhead=0.1, max_rank=32):
-    """Largest rank whose gate and light path stay within a cost budget.
-
-    The gate and light path cost `r * (d + 2 * n)` multiply-adds per row;
-    the rank returned is the largest `r <= max_rank` with
-    `r * (d + 2 * n) <= overhead * d * n`, and at least 1.
-
-    Example:
-
-    >>> light_rank(784, 512)   # 22 * (784 + 1024) <= 0.1 * 784 * 512
-    22
-
-    Args:
-        input_dim: `d`, the layer's input size.
-        units: `n`, the layer's units.
-        overhead: Budget as a fraction of the Dense cost `d * n`.
-        max_rank: Upper bound.
-
-    Returns:
-        Python int.
-    """
-    if not 0 < overhead < 1:
-        raise ValueError(
-            "Received an invalid value for `overhead`, expected a float in "
-            f"(0, 1). Received: overhead={overhead!r}"
-        )
-    rank = math.floor(overhead * input_dim * units / (input_dim + 2 * units))
-    return int(max(1, min(max_rank, rank)))
-
-
-def hidden_layer(variant, units, input_dim, index, k_ratio, rank, seed):
+def hidden_layer(variant, units, index, k_ratio, rank, seed):
     """One hidden layer: `Dense` or `MIDL` with ReLU, named `hidden_<i>`."""
     name = f"hidden_{index}"
     if variant == "baseline":
@@ -78,7 +46,7 @@ def hidden_layer(variant, units, input_dim, index, k_ratio, rank, seed):
     return MIDL(
         units,
         k_ratio=k_ratio,
-        rank=rank or light_rank(input_dim, units),
+        rank=rank,
         activation="relu",
         seed=seed,
         name=name,
@@ -104,9 +72,7 @@ def _check(variant, hidden_units):
 
 def _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed):
     for index, units in enumerate(hidden_units):
-        layer = hidden_layer(
-            variant, units, x.shape[-1], index, k_ratio, rank, seed
-        )
+        layer = hidden_layer(variant, units, index, k_ratio, rank, seed)
         x = layer(x)
     return keras.layers.Dense(num_classes, activation="softmax", name="output")(
         x
@@ -131,7 +97,7 @@ def mlp(
         hidden_units: Units of each hidden layer.
         k_ratio: MIDL only: fraction of full-path neurons.
         rank: MIDL only: rank of every MIDL layer; `None` uses
-            `light_rank(d, n)` per layer.
+            the layer's `default_rank(d, n)`.
         seed: MIDL only: seed of the gate noise (unused at `gate_noise=0`).
 
     Returns:
@@ -164,7 +130,7 @@ def cnn(
         variant: `"baseline"` or `"midl"`.
         hidden_units: Units of each hidden dense layer.
         k_ratio: MIDL only: fraction of full-path neurons.
-        rank: MIDL only; `None` uses `light_rank(d, n)` per layer.
+        rank: MIDL only; `None` uses the layer's `default_rank(d, n)`.
         filters: Filters of each convolution block.
         seed: MIDL only: seed of the gate noise.
 
@@ -205,7 +171,7 @@ def text_mlp(
         variant: `"baseline"` or `"midl"`.
         hidden_units: Units of each hidden layer.
         k_ratio: MIDL only: fraction of full-path neurons.
-        rank: MIDL only; `None` uses `light_rank(d, n)` per layer.
+        rank: MIDL only; `None` uses the layer's `default_rank(d, n)`.
         embedding_dim: Size of the token embeddings.
         seed: MIDL only: seed of the gate noise.
 
@@ -252,12 +218,11 @@ def build(name, variant, input_shape, num_classes, **kwargs):
             "The IMDB model needs `vocabulary_size` (the TextVectorization "
             "vocabulary size used by keras_midl.datasets.load)."
         )
-    return text_mlp(input_shape[0], num_classes=num_classes, variant=variant,
-                    **kwargs)
+    return text_mlp(
+        input_shape[0], num_classes=num_classes, variant=variant, **kwargs
+    )
 
 
 def hidden_layers(model):
     """The layers named `hidden_<i>`, in order (Dense or MIDL)."""
-    return [
-        layer for layer in model.layers if layer.name.startswith("hidden_")
-    ]
+    return [layer for layer in model.layers if layer.name.startswith("hidden_")]

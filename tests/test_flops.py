@@ -45,9 +45,9 @@ def test_midl_zero_light_path():
 
 
 def test_midl_default_rank_is_counted():
-    # default rank: clip(min(64, 32) // 16, 4, 32) = 4
+    # default rank: floor(0.1 * 64 * 32 / (64 + 2 * 32)) = 1
     model = sequential((64,), MIDL(32, k_ratio=0.5))
-    assert flops.model_multiply_adds(model) == 64 * 4 + 2 * 4 * 32 + 16 * 64
+    assert flops.model_multiply_adds(model) == 64 * 1 + 2 * 1 * 32 + 16 * 64
 
 
 @pytest.mark.parametrize(
@@ -125,7 +125,9 @@ def test_embedding_pooling_mlp():
 
 
 def test_nested_model_recurses():
-    inner = sequential((10,), keras.layers.Dense(6), MIDL(4, k_ratio=0.5))
+    inner = sequential(
+        (10,), keras.layers.Dense(6), MIDL(4, k_ratio=0.5, rank=4)
+    )
     outer = sequential((10,), inner, keras.layers.Dense(2))
     inner_count = 10 * 6 + (6 * 4 + 2 * 4 * 4 + 2 * 6)
     assert flops.layer_multiply_adds(inner) == inner_count

@@ -63,10 +63,20 @@ def test_num_selected_rounds_half_up(k_ratio, units, expected):
 
 @pytest.mark.parametrize(
     "input_dim, units, expected",
-    [(784, 512, 32), (128, 64, 4), (64, 3000, 4), (2, 100, 2), (256, 96, 6)],
+    [
+        (784, 512, 22),
+        (128, 64, 3),
+        (64, 3000, 3),
+        (2, 100, 1),
+        (4096, 4096, 32),
+    ],
 )
 def test_default_rank(input_dim, units, expected):
-    assert default_rank(input_dim, units) == expected
+    rank = default_rank(input_dim, units)
+    assert rank == expected
+    if 1 < rank < 32:  # the largest rank within 10% of the Dense cost
+        assert rank * (input_dim + 2 * units) <= 0.1 * input_dim * units
+        assert (rank + 1) * (input_dim + 2 * units) > 0.1 * input_dim * units
     layer = built_layer(input_dim=input_dim, units=units)
     assert tuple(layer.projection.shape) == (input_dim, expected)
 

@@ -7,6 +7,7 @@ import pytest
 from keras_midl import MIDL
 from keras_midl import flops
 from keras_midl import models
+from keras_midl.layer import default_rank
 
 SMALL = {
     "mnist": ((6, 6, 1), 10, {}),
@@ -82,20 +83,18 @@ def test_models_forward_in_training_and_inference(name):
 
 
 def test_mnist_architecture_and_flops():
-    # The benchmark model: 784-512-256-10 with light_rank per layer.
+    # The benchmark model: 784-512-256-10 with the default rank per layer.
     baseline = models.build("mnist", "baseline", (28, 28, 1), 10)
     midl = models.build("mnist", "midl", (28, 28, 1), 10, k_ratio=0.45)
     assert [layer.units for layer in models.hidden_layers(midl)] == [512, 256]
     ranks = [layer.effective_rank for layer in models.hidden_layers(midl)]
-    assert ranks == [models.light_rank(784, 512), models.light_rank(512, 256)]
+    assert ranks == [default_rank(784, 512), default_rank(512, 256)]
     assert ranks == [22, 12]
     dense_hidden = 784 * 512 + 512 * 256
     midl_hidden = (784 * 22 + 2 * 22 * 512 + 230 * 784) + (
         512 * 12 + 2 * 12 * 256 + 115 * 512
     )
-    counts = dict(
-        (name, count) for name, _, count in flops.layer_counts(midl)
-    )
+    counts = dict((name, count) for name, _, count in flops.layer_counts(midl))
     assert counts["hidden_0"] + counts["hidden_1"] == midl_hidden
     assert flops.model_multiply_adds(baseline) == dense_hidden + 256 * 10
     assert dense_hidden / midl_hidden >= 1.7
@@ -105,8 +104,8 @@ def test_mnist_architecture_and_flops():
     "d, n, expected",
     [(784, 512, 22), (105, 256, 4), (4096, 4096, 32), (2, 2, 1)],
 )
-def test_light_rank(d, n, expected):
-    rank = models.light_rank(d, n)
+def test_default_rank_budget(d, n, expected):
+    rank = default_rank(d, n)
     assert rank == expected
     if 1 < rank < 32:
         assert rank * (d + 2 * n) <= 0.1 * d * n
@@ -114,8 +113,9 @@ def test_light_rank(d, n, expected):
 
 
 def test_explicit_rank_and_k_ratio():
-    model = models.mlp((10,), 3, "midl", hidden_units=(20,), k_ratio=0.25,
-                       rank=3)
+    model = models.mlp(
+        (10,), 3, "midl", hidden_units=(20,), k_ratio=0.25, rank=3
+    )
     (layer,) = models.hidden_layers(model)
     assert layer.effective_rank == 3 and layer.k == 5
 
@@ -139,4 +139,4 @@ def test_unknown_benchmark_and_missing_vocabulary():
     with pytest.raises(ValueError, match="vocabulary_size"):
         models.build("imdb", "baseline", (9,), 2)
     with pytest.raises(ValueError, match="overhead"):
-        models.light_rank(10, 10, overhead=1.5)
+        default_rank(10, 10, overhead=1.5)

@@ -117,3 +117,11 @@ def test_straight_through_forward_is_exactly_hard(rng):
     out = ops.convert_to_numpy(straight_through(hard, soft))
     np.testing.assert_array_equal(out, hard)
     assert out.dtype == np.float32
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_subnormal_scores_tie_with_zero_on_every_backend(method):
+    tiny = np.float32(1e-40)  # subnormal
+    scores = np.array([[0.0, tiny, -tiny, 2 * tiny, -1.0]], dtype="float32")
+    mask = ops.convert_to_numpy(topk_mask(scores, 2, method=method))
+    np.testing.assert_array_equal(mask, [[1, 1, 0, 0, 0]])

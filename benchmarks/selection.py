@@ -1,0 +1,346 @@
+"""Cost of the top-k selection, per method and backend.
+
+For each backend (one child process each, since `KERAS_BACKEND` is fixed per
+process) this measures, interleaved in one run after warm-up:
+
+* `topk_mask(scores, k, method)` for every method of
+  `keras_midl.ops.SELECTION_METHODS`, against the full-path matmul
+  `x @ W` of the same layer (what Dense computes), for a few layer shapes;
+  the selection's cost is reported as a fraction of that matmul;
+* the training-step time of an MLP 784-512-256-10 with MIDL hidden layers
+  (`k_ratio=0.45`), per method, against the same MLP with Dense layers,
+  at batch 128 (`train_on_batch` with Keras's default compilation: XLA
+  on JAX; on a CPU-only machine no XLA on TensorFlow, eager on PyTorch).
+
+Each backend runs with `--threads` threads (default 1: the machine these
+results come from has 2 cores shared with other jobs). The selection and
+the matmul are compiled with XLA on TensorFlow
+(`tf.function(jit_compile=True)`) and JAX (`jax.jit`), eager on PyTorch.
+Timings are medians; only ratios measured in the same run are
+compared (the machine is shared).
+
+Usage:
+
+    python benchmarks/selection.py                  # every backend
+    python benchmarks/selection.py --backends torch --repeats 5
+
+Writes `benchmarks/results/selection.json` and `selection.md`.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+BACKENDS = ("tensorflow", "jax", "torch")
+# (rows, input_dim, units): the MLP's first layer, a square layer at batch
+# 256, and the 4096 layer of benchmarks/latency.py at batch 1 and 32.
+SHAPES = ((128, 784, 512), (256, 1024, 1024), (1, 4096, 4096), (32, 4096, 4096))
+K_RATIO = 0.45
+
+
+def compiled(fn):
+    """`fn` compiled with XLA (TensorFlow, JAX), or eager (PyTorch)."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    if backend == "torch":
+        import torch
+
+        def no_grad(*args):
+            with torch.no_grad():
+                return fn(*args)
+
+        return no_grad
+    raise NotImplementedError(backend)
+
+
+def block(value):
+    """Waits for an asynchronous result (JAX) and returns it."""
+    if hasattr(value, "block_until_ready"):
+        value.block_until_ready()
+    elif hasattr(value, "numpy") and not hasattr(value, "detach"):
+        value.numpy()
+    return value
+
+
+def interleaved_medians(candidates, warmup=2, repeats=10):
+    """Median seconds of each callable, run in turn after a warm-up.
+
+    Args:
+        candidates: Dict `name -> zero-argument callable`.
+        warmup: Rounds run first and discarded (compilation, caches).
+        repeats: Timed rounds; each round runs every candidate once, in
+            a rotating order, so slow phases of a shared machine hit all.
+
+    Returns:
+        Dict `name -> median seconds`.
+    """
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            block(candidates[name]())
+    times = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            block(candidates[name]())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def thread_environment(threads):
+    """Environment variables limiting every backend to `threads` threads."""
+    threads = str(threads)
+    return {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TF_NUM_INTRAOP_THREADS": threads,
+        "TF_NUM_INTEROP_THREADS": threads,
+        "XLA_FLAGS": (
+            "--xla_cpu_multi_thread_eigen=false "
+            f"intra_op_parallelism_threads={threads}"
+            if threads == "1"
+            else ""
+        ),
+    }
+
+
+def run_backends(script, backends, arguments, threads):
+    """Runs `script --child` once per backend; returns their JSON outputs.
+
+    Each child is limited to `threads` threads: on a small machine shared
+    with other work, multi-threaded kernels wait on descheduled threads and
+    their timings become meaningless.
+    """
+    outputs = {}
+    for backend in backends:
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "out.json")
+            env = dict(os.environ, KERAS_BACKEND=backend)
+            env.update(thread_environment(threads))
+            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            command = [sys.executable, script, "--child", path, *arguments]
+            print(f"== {backend}", flush=True)
+            subprocess.run(command, env=env, check=True)
+            with open(path) as file:
+                outputs[backend] = json.load(file)
+    return outputs
+
+
+def selection_rows(repeats):
+    rows = []
+    for batch, input_dim, units in SHAPES:
+        rows.extend(measure_selection(batch, input_dim, units, repeats))
+        print(rows[-2:], flush=True)
+    return rows
+
+
+def measure_selection(batch, input_dim, units, repeats):
+    """Rows for one layer shape: each method against the matmul."""
+    import keras
+    from keras import ops
+
+    from keras_midl.ops import SELECTION_METHODS
+    from keras_midl.ops import topk_mask
+
+    rng = np.random.default_rng(0)
+    k = max(1, int(K_RATIO * units + 0.5))
+    x = ops.convert_to_tensor(rng.normal(size=(batch, input_dim)), "float32")
+    kernel = keras.Variable(
+        rng.normal(size=(input_dim, units)).astype("float32")
+    )
+    scores = ops.convert_to_tensor(rng.normal(size=(batch, units)), "float32")
+    matmul = compiled(lambda x: ops.matmul(x, kernel))
+    candidates = {"matmul": lambda: matmul(x)}
+    for method in SELECTION_METHODS:
+        select = compiled(lambda s, m=method: topk_mask(s, k, method=m))
+        candidates[method] = lambda select=select: select(scores)
+    medians = interleaved_medians(candidates, repeats=repeats)
+    return [
+        {
+            "kind": "selection",
+            "backend": keras.backend.backend(),
+            "method": method,
+            "batch": batch,
+            "input_dim": input_dim,
+            "units": units,
+            "k": k,
+            "selection_ms": medians[method] * 1e3,
+            "matmul_ms": medians["matmul"] * 1e3,
+            "fraction_of_matmul": medians[method] / medians["matmul"],
+        }
+        for method in SELECTION_METHODS
+    ]
+
+
+def mlp(layer_factory):
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            layer_factory(512),
+            layer_factory(256),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def training_rows(repeats):
+    import keras
+
+    from keras_midl import MIDL
+    from keras_midl.ops import SELECTION_METHODS
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 784)).astype("float32")
+    y = rng.integers(0, 10, size=(128,))
+    models = {"dense": mlp(lambda n: keras.layers.Dense(n, activation="relu"))}
+    for method in SELECTION_METHODS:
+        models[method] = mlp(
+            lambda n, m=method: MIDL(
+                n, k_ratio=K_RATIO, activation="relu", selection=m
+            )
+        )
+    for model in models.values():
+        model.compile(
+            "adam",
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    candidates = {
+        name: (lambda model=model: model.train_on_batch(x, y))
+        for name, model in models.items()
+    }
+    medians = interleaved_medians(candidates, warmup=3, repeats=repeats * 2)
+    return [
+        {
+            "kind": "training",
+            "backend": keras.backend.backend(),
+            "method": method,
+            "batch": 128,
+            "dense_step_ms": medians["dense"] * 1e3,
+            "midl_step_ms": medians[method] * 1e3,
+            "train_step_ratio": medians[method] / medians["dense"],
+            "jit_compile": models[method].jit_compile,
+        }
+        for method in SELECTION_METHODS
+    ]
+
+
+def child(path, repeats):
+    set_threads()
+    rows = selection_rows(repeats) + training_rows(repeats)
+    metadata = common.environment()
+    metadata["threads"] = os.environ.get("OMP_NUM_THREADS")
+    with open(path, "w") as file:
+        json.dump({"metadata": metadata, "rows": rows}, file)
+
+
+def set_threads():
+    """Applies OMP_NUM_THREADS to PyTorch, which also reads its own setting."""
+    import keras
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads and keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def fastest(rows):
+    """Per backend, the method with the lowest MLP training-step time."""
+    best = {}
+    for row in rows:
+        if row["kind"] != "training":
+            continue
+        current = best.get(row["backend"])
+        if current is None or row["midl_step_ms"] < current["midl_step_ms"]:
+            best[row["backend"]] = row
+    return {backend: row["method"] for backend, row in best.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.repeats)
+        return
+    script = os.path.abspath(__file__)
+    repeats = ["--repeats", str(args.repeats)]
+    outputs = run_backends(script, args.backends, repeats, args.threads)
+    rows = [row for output in outputs.values() for row in output["rows"]]
+    metadata = next(iter(outputs.values()))["metadata"]
+    metadata["command"] = common.command_line()
+    metadata["backend"] = ", ".join(outputs)
+    choice = fastest(rows)
+    common.write_json(
+        common.results_path("selection.json"),
+        rows,
+        metadata,
+        k_ratio=K_RATIO,
+        fastest_selection=choice,
+    )
+    selection = [row for row in rows if row["kind"] == "selection"]
+    training = [row for row in rows if row["kind"] == "training"]
+    shape = lambda row: f"{row['batch']}x{row['input_dim']} @ {row['units']}"  # noqa: E731
+    path = common.results_path("selection.md")
+    common.write_markdown(
+        path,
+        selection,
+        metadata,
+        title="Selection cost (top-k mask), k_ratio 0.45",
+        columns=[
+            ("backend", "Backend", None),
+            ("method", "Method", None),
+            (shape, "x @ W shape", None),
+            ("k", "k", None),
+            ("selection_ms", "Selection (ms)", ".3f"),
+            ("matmul_ms", "Matmul (ms)", ".3f"),
+            ("fraction_of_matmul", "Selection / matmul", ".2f"),
+        ],
+    )
+    with open(path, "a") as file:
+        file.write(
+            "\n## MLP 784-512-256-10 training step, batch 128\n\n"
+            + common.markdown_table(
+                training,
+                [
+                    ("backend", "Backend", None),
+                    ("method", "Method", None),
+                    ("dense_step_ms", "Dense step (ms)", ".1f"),
+                    ("midl_step_ms", "MIDL step (ms)", ".1f"),
+                    ("train_step_ratio", "MIDL / Dense", ".2f"),
+                    ("jit_compile", "XLA", None),
+                ],
+            )
+            + f"\n\nFastest method per backend (MLP step): {choice}\n"
+        )
+    print(open(path).read())
+
+
+if __name__ == "__main__":
+    main()
