@@ -71,7 +71,7 @@ def _matmul_transposed(inputs, kernel):
     transposed right operand (what `matmul(x, transpose(kernel))` and
     `einsum` lower to) runs about 1.7x slower than `x @ W`, while
     transposing the activations instead costs no more than Dense on any
-    backend (see docs/speed.md).
+    backend (see the README, "Speed").
     """
     units, input_dim = kernel.shape
     if len(inputs.shape) == 2:
@@ -179,7 +179,7 @@ class MIDL(keras.layers.Layer):
             `keras_midl.layer.GATHERED_MAX_ROWS` rows (known statically),
             else masked; that is 0 rows (always masked) because, measured
             on CPU, gathering through `keras.ops` is slower than the
-            masked path even for one row (`docs/speed.md`).
+            masked path even for one row (README, "Speed").
         seed: Integer, seed of the gate noise.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 

@@ -208,7 +208,7 @@ def test_midl_layouts_custom_names_and_validation():
 @pytest.mark.skipif(
     BACKEND != "jax",
     reason="keras.distribution runs on JAX only (TensorFlow: tf.distribute; "
-    "torch: DistributedDataParallel, see docs/distribution_export.md)",
+    "torch: DistributedDataParallel, see the README)",
 )
 def test_jax_data_and_model_parallel_match_single_device():
     results = _run(

@@ -113,7 +113,7 @@ def _onnx_case():
         return {"gathered": False}
     pytest.skip(
         "ONNX export from the JAX backend needs jax2onnx, not a dependency "
-        "of keras_midl; see docs/distribution_export.md"
+        "of keras_midl; see the README"
     )
 
 
