@@ -58,6 +58,8 @@ import os
 
 import numpy as np
 
+from keras_midl._checks import is_integer
+
 NAMES = ("mnist", "cifar10", "cifar100", "svhn_cropped", "adult", "imdb")
 DATA_DIR_VARIABLE = "KERAS_MIDL_DATA_DIR"
 SOURCES = ("auto", "local", "tfds")
@@ -186,7 +188,7 @@ def load(
             ("vocabulary_size", vocabulary_size),
             ("sequence_length", sequence_length),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or (
+            if not is_integer(value) or (
                 value < (3 if argument == "vocabulary_size" else 1)
             ):
                 raise ValueError(

@@ -9,6 +9,8 @@ from keras import initializers
 from keras import ops
 from keras import regularizers
 
+from keras_midl._checks import is_integer
+from keras_midl._checks import is_number
 from keras_midl.ops import SELECTION_METHODS
 from keras_midl.ops import straight_through
 from keras_midl.ops import topk_mask
@@ -58,10 +60,6 @@ def default_rank(input_dim, units, overhead=0.1, max_rank=32):
 def num_selected(k_ratio, units):
     """`k = max(1, round(k_ratio * units))`, rounding halves up."""
     return int(min(units, max(1, math.floor(k_ratio * units + 0.5))))
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _matmul_transposed(inputs, kernel):
@@ -230,19 +228,17 @@ class MIDL(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
-        if not isinstance(units, int) or isinstance(units, bool) or units <= 0:
+        if not is_integer(units) or units <= 0:
             raise ValueError(
                 "Received an invalid value for `units`, expected a positive "
                 f"integer. Received: units={units!r}"
             )
-        if not _is_number(k_ratio) or not 0.0 < k_ratio <= 1.0:
+        if not is_number(k_ratio) or not 0.0 < k_ratio <= 1.0:
             raise ValueError(
                 "Received an invalid value for `k_ratio`, expected a float "
                 f"in the interval (0, 1]. Received: k_ratio={k_ratio!r}"
             )
-        if rank is not None and (
-            not isinstance(rank, int) or isinstance(rank, bool) or rank < 1
-        ):
+        if rank is not None and (not is_integer(rank) or rank < 1):
             raise ValueError(
                 "Received an invalid value for `rank`, expected a positive "
                 f"integer or None. Received: rank={rank!r}"
@@ -252,12 +248,12 @@ class MIDL(keras.layers.Layer):
                 "Received an invalid value for `light_path`, expected one "
                 f"of {LIGHT_PATHS}. Received: light_path={light_path!r}"
             )
-        if not _is_number(temperature) or not temperature > 0:
+        if not is_number(temperature) or not temperature > 0:
             raise ValueError(
                 "Received an invalid value for `temperature`, expected a "
                 f"positive float. Received: temperature={temperature!r}"
             )
-        if not _is_number(gate_noise) or not gate_noise >= 0:
+        if not is_number(gate_noise) or not gate_noise >= 0:
             raise ValueError(
                 "Received an invalid value for `gate_noise`, expected a "
                 f"non-negative float. Received: gate_noise={gate_noise!r}"

@@ -25,6 +25,7 @@ Example:
 
 import keras
 
+from keras_midl._checks import is_integer
 from keras_midl.layer import MIDL
 
 VARIANTS = ("baseline", "midl")
@@ -60,8 +61,7 @@ def _check(variant, hidden_units):
             f"{VARIANTS}. Received: variant={variant!r}"
         )
     if not hidden_units or any(
-        not isinstance(u, int) or isinstance(u, bool) or u <= 0
-        for u in hidden_units
+        not is_integer(u) or u <= 0 for u in hidden_units
     ):
         raise ValueError(
             "Received an invalid value for `hidden_units`, expected a "

@@ -8,6 +8,8 @@ import math
 
 from keras import ops
 
+from keras_midl._checks import is_integer
+
 SELECTION_METHODS = ("top_k", "bisection")
 _FLOAT32_TINY = 1.1754944e-38  # smallest normal float32
 
@@ -117,7 +119,7 @@ def topk_mask(scores, k, method="top_k"):
         Float32 tensor of the shape of `scores` holding 0s and 1s.
     """
     n = scores.shape[-1]
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not is_integer(k) or k < 1:
         raise ValueError(
             "Received an invalid value for `k`, expected a positive "
             f"integer. Received: k={k!r}"

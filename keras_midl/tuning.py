@@ -50,17 +50,11 @@ import keras
 import keras_tuner
 
 from keras_midl import flops
+from keras_midl._checks import is_integer
+from keras_midl._checks import is_number
 from keras_midl.layer import MIDL
 
 _SAMPLINGS = ("linear", "log", "reverse_log")
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _scoped(name, argument):
@@ -71,7 +65,7 @@ def _validate_k_ratio_range(k_ratio, step, sampling):
     if (
         not isinstance(k_ratio, (tuple, list))
         or len(k_ratio) != 2
-        or not all(_is_number(bound) for bound in k_ratio)
+        or not all(is_number(bound) for bound in k_ratio)
     ):
         raise ValueError(
             "Received an invalid value for `k_ratio`, expected a pair of "
@@ -98,7 +92,7 @@ def _validate_k_ratio_range(k_ratio, step, sampling):
     # A linear step adds, a log step multiplies: a step of 0 (or <= 1 on a
     # log scale) never advances, a non-finite one yields nothing usable.
     smallest = 1.0 if sampling != "linear" else 0.0
-    if not _is_number(step) or not math.isfinite(step) or step <= smallest:
+    if not is_number(step) or not math.isfinite(step) or step <= smallest:
         expected = "> 1 (a factor)" if smallest else "> 0"
         raise ValueError(
             f"Received an invalid value for `k_ratio_step`, expected None or "
@@ -189,8 +183,7 @@ def midl_hyperparameters(
     _validate_k_ratio_range(k_ratio, k_ratio_step, k_ratio_sampling)
     low, high = float(k_ratio[0]), float(k_ratio[1])
     if k_ratio_default is not None and (
-        not _is_number(k_ratio_default)
-        or not low <= k_ratio_default <= high
+        not is_number(k_ratio_default) or not low <= k_ratio_default <= high
     ):
         raise ValueError(
             "Received an invalid value for `k_ratio_default`, expected None "
@@ -198,12 +191,12 @@ def midl_hyperparameters(
             f"Received: k_ratio_default={k_ratio_default!r}"
         )
     ranks = _validate_choices(
-        "rank", rank, lambda v: _is_int(v) and v >= 1, "positive integers"
+        "rank", rank, lambda v: is_integer(v) and v >= 1, "positive integers"
     )
     noises = _validate_choices(
         "gate_noise",
         gate_noise,
-        lambda v: _is_number(v) and math.isfinite(v) and v >= 0,
+        lambda v: is_number(v) and math.isfinite(v) and v >= 0,
         "non-negative numbers",
     )
 
@@ -334,7 +327,7 @@ class EfficiencyObjective(keras.callbacks.Callback):
         fraction_name="flops_fraction",
     ):
         super().__init__()
-        if not _is_number(lam) or not math.isfinite(lam) or lam < 0:
+        if not is_number(lam) or not math.isfinite(lam) or lam < 0:
             raise ValueError(
                 "Received an invalid value for `lam`, expected a finite "
                 f"non-negative number. Received: lam={lam!r}"
