@@ -34,18 +34,15 @@ import argparse
 import gc
 import json
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
-from selection import BACKENDS  # noqa: E402
-from selection import block  # noqa: E402
-from selection import interleaved_medians  # noqa: E402
-from selection import run_backends  # noqa: E402
-from selection import set_threads  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.selection import BACKENDS  # noqa: E402
+from benchmarks.selection import block  # noqa: E402
+from benchmarks.selection import interleaved_medians  # noqa: E402
+from benchmarks.selection import run_backends  # noqa: E402
+from benchmarks.selection import set_threads  # noqa: E402
 
 DIMS = (1024, 4096)
 K_RATIOS = (0.25, 0.45, 0.75)

@@ -27,9 +27,7 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 BACKENDS = ("tensorflow", "jax", "torch")
 MODELS = ("midl", "dense")

@@ -20,7 +20,6 @@ A dataset absent from `--data-dir` is listed as "not run here" unless
 
 import argparse
 import os
-import sys
 import time
 
 if os.environ.get("KERAS_BACKEND") == "jax":
@@ -31,13 +30,10 @@ if os.environ.get("KERAS_BACKEND") == "jax":
 
 import keras  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
-
-from keras_midl import datasets  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks import datasets  # noqa: E402
+from benchmarks import models  # noqa: E402
 from keras_midl import flops  # noqa: E402
-from keras_midl import models  # noqa: E402
 
 DEFAULT_EPOCHS = {
     "mnist": 5,

@@ -33,17 +33,13 @@ benchmarks/results/robustness_<dataset>_gates.png.
 
 import argparse
 import os
-import sys
 
 import keras
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
-
+from benchmarks import common  # noqa: E402
+from benchmarks import datasets  # noqa: E402
 from keras_midl import MIDL  # noqa: E402
-from keras_midl import datasets  # noqa: E402
 from keras_midl import gate_statistics  # noqa: E402
 from keras_midl.analysis import summarize_gates  # noqa: E402
 from keras_midl.plotting import save_gate_plots  # noqa: E402

@@ -29,18 +29,14 @@ Writes benchmarks/results/smi.{json,md}.
 
 import argparse
 import os
-import sys
 
 import keras
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
-import robustness  # noqa: E402
-
+from benchmarks import common  # noqa: E402
+from benchmarks import datasets  # noqa: E402
+from benchmarks import robustness  # noqa: E402
 from keras_midl import MIDL  # noqa: E402
-from keras_midl import datasets  # noqa: E402
 from keras_midl import gate_statistics  # noqa: E402
 from keras_midl.analysis import label_entropy  # noqa: E402
 from keras_midl.analysis import sliced_mutual_information  # noqa: E402

@@ -10,9 +10,9 @@ import argparse
 
 import keras
 
-from keras_midl import datasets
+from benchmarks import datasets
+from benchmarks import models
 from keras_midl import flops
-from keras_midl import models
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--data-dir", default=None)

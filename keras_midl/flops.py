@@ -44,7 +44,7 @@ import math
 
 import keras
 
-from keras_midl.layer import MIDL
+from keras_midl.midl import MIDL
 
 _ZERO_COST_NAMES = (
     # Inputs, lookups and preprocessing.

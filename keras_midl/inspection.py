@@ -5,7 +5,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_midl.layer import MIDL
+from keras_midl.midl import MIDL
 
 
 @dataclasses.dataclass(frozen=True)

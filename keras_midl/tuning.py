@@ -52,7 +52,7 @@ import keras_tuner
 from keras_midl import flops
 from keras_midl._checks import is_integer
 from keras_midl._checks import is_number
-from keras_midl.layer import MIDL
+from keras_midl.midl import MIDL
 
 _SAMPLINGS = ("linear", "log", "reverse_log")
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from conftest import BACKEND
 
-from keras_midl import layer as layer_module
-from keras_midl.layer import GATHERED_MAX_ROWS
-from keras_midl.layer import MIDL
+from keras_midl import midl as midl_module
+from keras_midl.midl import GATHERED_MAX_ROWS
+from keras_midl.midl import MIDL
 
 
 def make_pair(input_shape, units, **kwargs):
@@ -117,7 +117,7 @@ def gathered_calls(monkeypatch):
     ],
 )
 def test_auto_rule_counts_static_rows(input_shape, gathers, monkeypatch):
-    monkeypatch.setattr(layer_module, "GATHERED_MAX_ROWS", 8)
+    monkeypatch.setattr(midl_module, "GATHERED_MAX_ROWS", 8)
     layer = MIDL(24, inference_path="auto")
     assert layer._use_gathered_path(keras.KerasTensor(input_shape)) == gathers
 
@@ -135,7 +135,7 @@ def test_auto_follows_the_default_row_limit():
 def test_auto_runs_the_path_its_rule_picks(
     rows, gathers, gathered_calls, monkeypatch
 ):
-    monkeypatch.setattr(layer_module, "GATHERED_MAX_ROWS", 5)
+    monkeypatch.setattr(midl_module, "GATHERED_MAX_ROWS", 5)
     layer = MIDL(24, inference_path="auto", selection="top_k")
     layer(np.zeros((rows, 16), "float32"), training=False)
     assert bool(gathered_calls) == gathers

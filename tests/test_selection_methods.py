@@ -5,9 +5,9 @@ import pytest
 from conftest import BACKEND
 from keras import ops
 
-from keras_midl.ops import SELECTION_METHODS
-from keras_midl.ops import kth_largest
-from keras_midl.ops import topk_mask
+from keras_midl.selection import SELECTION_METHODS
+from keras_midl.selection import kth_largest
+from keras_midl.selection import topk_mask
 
 N = 33
 F32 = np.finfo("float32")

@@ -7,7 +7,7 @@ import pytest
 
 from keras_midl import MIDL
 from keras_midl import tuning
-from keras_midl.layer import default_rank
+from keras_midl.midl import default_rank
 
 INPUT_DIM = 16
 UNITS = 32

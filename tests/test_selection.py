@@ -3,9 +3,9 @@ import pytest
 from backend_utils import value_and_gradients
 from keras import ops
 
-from keras_midl.ops import kth_largest
-from keras_midl.ops import straight_through
-from keras_midl.ops import topk_mask
+from keras_midl.selection import kth_largest
+from keras_midl.selection import straight_through
+from keras_midl.selection import topk_mask
 
 METHODS = ["top_k", "bisection"]
 

@@ -26,7 +26,7 @@ Example:
 import keras
 
 from keras_midl._checks import is_integer
-from keras_midl.layer import MIDL
+from keras_midl.midl import MIDL
 
 VARIANTS = ("baseline", "midl")
 ARCHITECTURES = {
@@ -192,7 +192,7 @@ def build(name, variant, input_shape, num_classes, **kwargs):
     """The model a benchmark uses (see `ARCHITECTURES`).
 
     Args:
-        name: Benchmark name, as in `keras_midl.datasets.NAMES`.
+        name: Benchmark name, as in `benchmarks.datasets.NAMES`.
         variant: `"baseline"` or `"midl"`.
         input_shape: Shape of one example (`(sequence_length,)` for IMDB).
         num_classes: Number of output classes.
@@ -216,7 +216,7 @@ def build(name, variant, input_shape, num_classes, **kwargs):
     if "vocabulary_size" not in kwargs:
         raise ValueError(
             "The IMDB model needs `vocabulary_size` (the TextVectorization "
-            "vocabulary size used by keras_midl.datasets.load)."
+            "vocabulary size used by benchmarks.datasets.load)."
         )
     return text_mlp(
         input_shape[0], num_classes=num_classes, variant=variant, **kwargs

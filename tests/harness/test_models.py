@@ -1,13 +1,13 @@
-"""Tests of keras_midl.models: baseline and MIDL variants per benchmark."""
+"""Tests of benchmarks.models: baseline and MIDL variants per benchmark."""
 
 import keras
 import numpy as np
 import pytest
 
+from benchmarks import models
 from keras_midl import MIDL
 from keras_midl import flops
-from keras_midl import models
-from keras_midl.layer import default_rank
+from keras_midl.midl import default_rank
 
 SMALL = {
     "mnist": ((6, 6, 1), 10, {}),
@@ -33,7 +33,7 @@ def build_small(name, variant, **kwargs):
 
 
 def test_every_benchmark_has_an_architecture():
-    from keras_midl import datasets
+    from benchmarks import datasets
 
     assert sorted(models.ARCHITECTURES) == sorted(datasets.NAMES)
 

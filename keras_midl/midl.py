@@ -1,5 +1,6 @@
 """The Matrix-Interpolated Dropout Layer (MID-L)."""
 
+import itertools
 import math
 
 import keras
@@ -11,9 +12,9 @@ from keras import regularizers
 
 from keras_midl._checks import is_integer
 from keras_midl._checks import is_number
-from keras_midl.ops import SELECTION_METHODS
-from keras_midl.ops import straight_through
-from keras_midl.ops import topk_mask
+from keras_midl.selection import SELECTION_METHODS
+from keras_midl.selection import straight_through
+from keras_midl.selection import topk_mask
 
 LIGHT_PATHS = ("lowrank", "zero")
 INFERENCE_PATHS = ("auto", "masked", "gathered")
@@ -77,6 +78,24 @@ def _matmul_transposed(inputs, kernel):
     rows = ops.reshape(inputs, (-1, input_dim))
     outputs = ops.transpose(ops.matmul(kernel, ops.transpose(rows)))
     return ops.reshape(outputs, (*ops.shape(inputs)[:-1], units))
+
+
+def _initializer_for(initializer, index):
+    """A copy of `initializer` that gives the weight number `index` its own
+    draw.
+
+    Keras initializers are stateless: one instance returns the same values
+    on every call, so sharing it between weights of the same shape makes
+    them identical (and those of other shapes correlated). An unseeded
+    initializer is cloned from its config, which draws a fresh seed; a
+    seeded one gets a seed derived from its own and `index`, so the layer
+    stays reproducible with distinct weights.
+    """
+    config = initializer.get_config()
+    seed = config.get("seed")
+    if is_integer(seed):
+        config["seed"] = (seed * 1_000_003 + index) % (2**31 - 1)
+    return initializer.__class__.from_config(config)
 
 
 def _static_rows(inputs):
@@ -164,8 +183,8 @@ class MIDL(keras.layers.Layer):
         bias_constraint: Constraint applied to `b` and `b_lite`.
         selection: How the top-k mask is found: `"top_k"` or
             `"bisection"`; both give the same mask (see
-            `keras_midl.ops.topk_mask`). `None` picks the faster one for the
-            current backend.
+            `keras_midl.selection.topk_mask`). `None` picks the faster one
+            for the current backend.
         inference_path: How the full path is computed outside training
             (training always uses the masked path); all give the same
             outputs up to float rounding. `"masked"`: one matmul `x W` for
@@ -174,7 +193,7 @@ class MIDL(keras.layers.Layer):
             those `k` dot products; it materializes `rows * k * input_dim`
             weights, so it is meant for one or a few rows. `"auto"`:
             gathered when the input's leading axes hold at most
-            `keras_midl.layer.GATHERED_MAX_ROWS` rows (known statically),
+            `keras_midl.midl.GATHERED_MAX_ROWS` rows (known statically),
             else masked; that is 0 rows (always masked) because, measured
             on CPU, gathering through `keras.ops` is slower than the
             masked path even for one row (README, "Speed").
@@ -317,11 +336,16 @@ class MIDL(keras.layers.Layer):
         self.effective_rank = rank
         self.input_dim = input_dim
 
+        # Each weight gets its own draw (see `_initializer_for`).
+        weight_index = itertools.count()
+
         def kernel(name, shape, autocast=True):
             return self.add_weight(
                 name=name,
                 shape=shape,
-                initializer=self.kernel_initializer,
+                initializer=_initializer_for(
+                    self.kernel_initializer, next(weight_index)
+                ),
                 regularizer=self.kernel_regularizer,
                 constraint=self.kernel_constraint,
                 autocast=autocast,
@@ -331,7 +355,9 @@ class MIDL(keras.layers.Layer):
             return self.add_weight(
                 name=name,
                 shape=(self.units,),
-                initializer=self.bias_initializer,
+                initializer=_initializer_for(
+                    self.bias_initializer, next(weight_index)
+                ),
                 regularizer=self.bias_regularizer if regularized else None,
                 constraint=self.bias_constraint if regularized else None,
                 autocast=autocast,

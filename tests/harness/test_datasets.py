@@ -1,4 +1,4 @@
-"""Tests of keras_midl.datasets: TFDS (mocked) and local files written here.
+"""Tests of benchmarks.datasets: TFDS (mocked) and local files written here.
 
 Nothing here reads ../shared or the network: TFDS runs under
 `tfds.testing.mock_data`, and local folders are tiny files the tests write.
@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from keras_midl import datasets
+from benchmarks import datasets
 
 ADULT_TRAIN = """\
 39, State-gov, 77516, Bachelors, 13, Never-married, Adm-clerical, \

@@ -37,8 +37,8 @@ import keras
 import keras_tuner
 import numpy as np
 
+from benchmarks import datasets
 from keras_midl import MIDL
-from keras_midl import datasets
 from keras_midl import tuning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,8 +6,8 @@ from conftest import BACKEND
 from keras import ops
 
 from keras_midl import MIDL
-from keras_midl.layer import default_rank
-from keras_midl.layer import num_selected
+from keras_midl.midl import default_rank
+from keras_midl.midl import num_selected
 
 
 def to_numpy(x):

@@ -253,7 +253,7 @@ def _dataset_folder(data_dir, name):
     if not os.path.isdir(folder):
         raise FileNotFoundError(
             f"No {name!r} folder in {data_dir!r}: expected {folder!r}. See "
-            "the layout in the keras_midl.datasets docstring."
+            "the layout in the benchmarks.datasets docstring."
         )
     return folder
 
