@@ -1,18 +1,26 @@
 """Helpers shared by the benchmark scripts: metadata, result files, progress.
 
 Every result file records what produced it (`environment()`): the command,
-the Keras backend, library versions, the machine and the date. Results are
-written twice: a JSON file for machines (`write_json`) and a Markdown table
-for the README (`write_markdown`).
+the Keras backend, library versions, the machine, the date and the load
+average. Results are written twice: a JSON file for machines
+(`write_json`) and a Markdown table for the README (`write_markdown`).
 
-Example:
+Results go to the folder given by `--output` (`add_output_argument`),
+by default `DEFAULT_OUTPUT`, outside the repository: the committed results
+in `benchmarks/results` change only with `--output benchmarks/results`.
 
->>> from benchmarks import common   # or `import common` from benchmarks/
+Example (from the repository root):
+
+>>> import argparse
+>>> from benchmarks import common
+>>> parser = argparse.ArgumentParser()
+>>> common.add_output_argument(parser)
+>>> args = parser.parse_args([])
 >>> meta = common.environment()
 >>> rows = [{"dataset": "mnist", "acc": 0.981}]
->>> common.write_json("benchmarks/results/x.json", rows, meta)
+>>> common.write_json(common.output_path(args.output, "x.json"), rows, meta)
 >>> common.write_markdown(
-...     "benchmarks/results/x.md", rows, meta, title="X",
+...     common.output_path(args.output, "x.md"), rows, meta, title="X",
 ...     columns=[("dataset", "Dataset", None), ("acc", "Accuracy", ".3f")],
 ... )
 """
@@ -26,11 +34,15 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
-RESULTS_DIR = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "results"
-)
+# The repository root: the working folder of `python -m benchmarks.<name>`.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The committed results, rewritten only when `--output` names this folder.
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+# Where results go by default: outside the repository.
+DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "keras_midl_results")
 
 _PACKAGES = (
     "keras",
@@ -79,12 +91,28 @@ def _cpu_model():
 
 
 def command_line():
-    """The command that started this process, as a copyable shell string."""
+    """The command that started this process, as a copyable shell string.
+
+    `python -m benchmarks.<name> ...` for a module run with `-m`, else
+    `python <script> ...`; prefixed with `KERAS_BACKEND=...` when set.
+    """
     backend = os.environ.get("KERAS_BACKEND")
     prefix = f"KERAS_BACKEND={backend} " if backend else ""
-    script = os.path.relpath(sys.argv[0]) if sys.argv else "python"
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        script = f"-m {spec.name.removesuffix('.__main__')}"
+    else:
+        script = os.path.relpath(sys.argv[0]) if sys.argv else ""
     arguments = " ".join(shlex.quote(arg) for arg in sys.argv[1:])
     return f"{prefix}python {script} {arguments}".strip()
+
+
+def load_average():
+    """The 1-minute load average, or `None` where it cannot be read."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def environment():
@@ -93,7 +121,8 @@ def environment():
     Returns:
         Dict with `command`, `backend`, `date` (UTC, ISO 8601), `git_commit`,
         `python`, `versions` (installed packages among the ones the project
-        uses) and `machine` (`platform`, `cpu`, `cpu_count`).
+        uses), `machine` (`platform`, `cpu`, `cpu_count`) and
+        `load_average` (1-minute, now; record it again after the run).
     """
     import keras
 
@@ -112,13 +141,30 @@ def environment():
             "cpu": _cpu_model(),
             "cpu_count": os.cpu_count(),
         },
+        "load_average": load_average(),
     }
 
 
-def results_path(name):
-    """`benchmarks/results/<name>`, creating the folder if needed."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    return os.path.join(RESULTS_DIR, name)
+def add_output_argument(parser, default=DEFAULT_OUTPUT):
+    """Adds `--output FOLDER`, where a script writes its result files.
+
+    Args:
+        parser: An `argparse.ArgumentParser`.
+        default: The folder used without `--output`; keep it outside the
+            repository.
+    """
+    parser.add_argument(
+        "--output",
+        default=default,
+        help="Folder for the result files (default: %(default)s). Pass "
+        "--output benchmarks/results to update the committed results.",
+    )
+
+
+def output_path(folder, name):
+    """`<folder>/<name>`, creating the folder if needed."""
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)
 
 
 def write_json(path, rows, metadata, **extra):
@@ -181,18 +227,26 @@ def markdown_table(rows, columns):
 
 
 def metadata_markdown(metadata):
-    """A short Markdown paragraph describing how a result was produced."""
+    """A short Markdown paragraph describing how a result was produced.
+
+    Shows `load_average` (taken by `environment()`) and, when the script
+    recorded it at the end, `load_average_after`.
+    """
     versions = ", ".join(f"{k} {v}" for k, v in metadata["versions"].items())
     machine = metadata["machine"]
     commit = metadata.get("git_commit")
+    load = ""
+    if metadata.get("load_average") is not None:
+        load = f"; load average {metadata['load_average']} before"
+        if metadata.get("load_average_after") is not None:
+            load += f", {metadata['load_average_after']} after"
     return (
         f"Command: `{metadata['command']}`  \n"
         f"Backend: {metadata['backend']}; {versions}; "
         f"Python {metadata['python']}  \n"
         f"Machine: {machine['platform']}, {machine['cpu']}, "
-        f"{machine['cpu_count']} CPUs  \n"
-        f"Date: {metadata['date']}"
-        + (f", commit {commit}" if commit else "")
+        f"{machine['cpu_count']} CPUs{load}  \n"
+        f"Date: {metadata['date']}" + (f", commit {commit}" if commit else "")
     )
 
 
@@ -220,6 +274,66 @@ def write_markdown(path, rows, metadata, columns, title=None, notes=None):
     os.makedirs(directory, exist_ok=True)
     with open(path, "w") as file:
         file.write("\n".join(parts))
+
+
+def thread_environment(threads):
+    """Environment variables limiting every backend to `threads` threads;
+    none for `threads=0` (the backends' defaults).
+
+    On a small machine shared with other work, multi-threaded kernels wait
+    on descheduled threads: pass these to a child process that times.
+    """
+    if not threads:
+        return {}
+    threads = str(threads)
+    return {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TF_NUM_INTRAOP_THREADS": threads,
+        "TF_NUM_INTEROP_THREADS": threads,
+        "XLA_FLAGS": (
+            "--xla_cpu_multi_thread_eigen=false "
+            f"intra_op_parallelism_threads={threads}"
+        ),
+    }
+
+
+def block(value):
+    """Waits for an asynchronous result (JAX, TensorFlow) and returns it."""
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            block(item)
+    elif hasattr(value, "block_until_ready"):
+        value.block_until_ready()
+    elif hasattr(value, "numpy") and not hasattr(value, "detach"):
+        value.numpy()
+    return value
+
+
+def interleaved_medians(candidates, warmup=0, repeats=10):
+    """Median seconds of each callable, run in turn after a warm-up.
+
+    Args:
+        candidates: Dict `name -> zero-argument callable`.
+        warmup: Rounds run first and discarded (compilation, caches).
+        repeats: Timed rounds; each round runs every candidate once, in
+            a rotating order, so slow phases of a shared machine hit all.
+
+    Returns:
+        Dict `name -> median seconds`.
+    """
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            block(candidates[name]())
+    times = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            block(candidates[name]())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def mean_std(values):

@@ -6,6 +6,9 @@ benchmarks use them:
 
 * images (`mnist`, `cifar10`, `cifar100`, `svhn_cropped`): float32 pixels
   scaled to `[0, 1]`, shape `(N, H, W, C)` (`C = 1` for MNIST); int32 labels.
+  Integer pixels (and float pixels above 1) are divided by 255; float
+  pixels already in `[0, 1]` are kept as they are. Labels must be whole
+  numbers in `[0, num_classes)`; others (0.7, -1, 300) are an error.
 * `adult`: the UCI "Adult" census files. The 6 numeric columns are
   standardized with the training split's mean and standard deviation; the
   8 categorical columns are one-hot encoded with the categories seen in the
@@ -54,7 +57,10 @@ import glob
 import gzip
 import hashlib
 import json
+import math
 import os
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -168,8 +174,11 @@ def load(
         A `Dataset`.
 
     Raises:
-        ValueError: unknown `name` or `source`, invalid IMDB parameters, or
-            a local file with the wrong layout.
+        ValueError: unknown `name` or `source`, invalid IMDB parameters, a
+            local file with the wrong layout, a corrupt or truncated file
+            (`.npz`, `.gz`) or one that is not UTF-8 text (the message
+            names the file), pixels outside `[0, 255]`, or labels that are
+            not whole numbers in `[0, num_classes)`.
         FileNotFoundError: a local folder without the expected file.
         ImportError: TFDS needed but `tensorflow_datasets` not installed.
     """
@@ -288,21 +297,69 @@ def _open_text(path):
     return open(path, encoding="utf-8")
 
 
+# What a corrupt, truncated or non-UTF-8 file raises while it is read.
+_UNREADABLE = (
+    zipfile.BadZipFile,
+    EOFError,
+    UnicodeDecodeError,
+    zlib.error,
+    gzip.BadGzipFile,
+)
+
+
+def _unreadable(path, error):
+    """The ValueError for a file that cannot be read, naming it."""
+    return ValueError(
+        f"Cannot read {path!r}: the file is corrupt, truncated or not in "
+        f"the expected format (UTF-8 text, gzip or .npz). Replace it with "
+        f"a fresh copy. ({type(error).__name__}: {error})"
+    )
+
+
 def _read_image_npz(path, name):
-    with np.load(path) as arrays:
-        missing = [key for key in _IMAGE_KEYS if key not in arrays]
-        if missing:
-            raise ValueError(
-                f"{path!r} lacks the arrays {missing}; a {name} .npz file "
-                f"needs {list(_IMAGE_KEYS)}."
-            )
-        return {
-            "train": (arrays["x_train"], arrays["y_train"]),
-            "test": (arrays["x_test"], arrays["y_test"]),
-        }
+    try:
+        with np.load(path) as arrays:
+            found = {key: arrays[key] for key in _IMAGE_KEYS if key in arrays}
+    except FileNotFoundError:
+        raise
+    except (*_UNREADABLE, OSError, ValueError) as error:
+        # A file without the .npz signature is read as a pickle or .npy
+        # file and fails with an OSError or ValueError of NumPy's own.
+        raise _unreadable(path, error) from error
+    missing = [key for key in _IMAGE_KEYS if key not in found]
+    if missing:
+        raise ValueError(
+            f"{path!r} lacks the arrays {missing}; a {name} .npz file "
+            f"needs {list(_IMAGE_KEYS)}."
+        )
+    return {
+        "train": (found["x_train"], found["y_train"]),
+        "test": (found["x_test"], found["y_test"]),
+    }
+
+
+def _whole_number_label(value, path, number):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value != int(value)
+    ):
+        raise ValueError(
+            f"{path!r}, line {number}: the label must be a whole number. "
+            f"Received: label={value!r}"
+        )
+    return int(value)
 
 
 def _read_imdb_jsonl(path):
+    try:
+        return _read_imdb_lines(path)
+    except _UNREADABLE as error:
+        raise _unreadable(path, error) from error
+
+
+def _read_imdb_lines(path):
     texts = {"train": [], "test": []}
     labels = {"train": [], "test": []}
     with _open_text(path) as lines:
@@ -312,15 +369,23 @@ def _read_imdb_jsonl(path):
             try:
                 record = json.loads(line)
                 split = record["split"]
-                label = int(record["label"])
+                label = record["label"]
                 text = record["text"]
             except (ValueError, KeyError, TypeError) as error:
+                if isinstance(error, UnicodeDecodeError):
+                    raise
                 raise ValueError(
                     f"{path!r}, line {number}: expected a JSON object with "
                     f"'split', 'label' and 'text'. ({error})"
                 ) from error
             if split not in texts:
                 continue  # e.g. an unlabelled "unsup" split.
+            label = _whole_number_label(label, path, number)
+            if label not in (0, 1):
+                raise ValueError(
+                    f"{path!r}, line {number}: IMDB labels are 0 (negative) "
+                    f"or 1 (positive). Received: label={label!r}"
+                )
             texts[split].append(text)
             labels[split].append(label)
     for split in texts:
@@ -367,11 +432,127 @@ def _decode(text):
     return text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
 
-# --- images ---------------------------------------------------------------
+# --- subsets ---------------------------------------------------------------
+
+
+def stratified_indices(labels, size, seed):
+    """`size` distinct indices, drawn per class in proportion, shuffled.
+
+    Benchmark splits can be sorted by class (the CIFAR-10 test split of
+    the shared subset is): `x[:size]` would then hold the first classes
+    only. Each class gets `floor(size * share)` indices, and the remainder
+    goes to the classes with the largest fractional parts.
+
+    Example:
+
+    >>> index = stratified_indices(np.repeat(np.arange(10), 500), 2000, 0)
+    >>> np.bincount(np.repeat(np.arange(10), 500)[index]).tolist()
+    [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]
+
+    Args:
+        labels: Integer labels, shape `(N,)`.
+        size: Number of indices, `0 < size <= N`.
+        seed: Seed of the NumPy generator (the same seed, the same subset).
+
+    Returns:
+        Int64 array of `size` distinct indices into `labels`, in random
+        order.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if not is_integer(size) or not 0 < size <= len(labels):
+        raise ValueError(
+            f"Received an invalid value for `size`, expected an integer in "
+            f"[1, {len(labels)}]. Received: size={size!r}"
+        )
+    rng = np.random.default_rng(seed)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    counts = np.bincount(inverse)
+    shares = counts * size / len(labels)
+    quotas = np.floor(shares).astype(int)
+    order = np.argsort(-(shares - quotas), kind="stable")
+    quotas[order[: size - quotas.sum()]] += 1
+    chosen = np.concatenate([
+        rng.choice(np.flatnonzero(inverse == c), size=q, replace=False)
+        for c, q in enumerate(quotas)
+    ])
+    rng.shuffle(chosen)
+    return chosen
+
+
+# --- labels and images ----------------------------------------------------
+
+
+def check_labels(labels, num_classes, what):
+    """Class labels as int32, after checking that they are class indices.
+
+    Args:
+        labels: Array-like of labels, any shape (flattened).
+        num_classes: Number of classes; labels must lie in
+            `[0, num_classes)`.
+        what: How the labels are named in an error, e.g. `"mnist train"`.
+
+    Returns:
+        Int32 array of shape `(N,)`.
+
+    Raises:
+        ValueError: non-numeric labels, labels that are not whole numbers
+            (0.7, NaN), or labels outside `[0, num_classes)` (-1, 300).
+    """
+    labels = np.asarray(labels).reshape(-1)
+    if labels.dtype.kind not in "biuf":
+        raise ValueError(
+            f"{what} labels must be numbers. Received: dtype={labels.dtype}"
+        )
+    if labels.dtype.kind == "f":
+        bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            raise ValueError(
+                f"{what} labels must be whole numbers (class indices). "
+                f"{int(bad.sum())} are not, e.g. "
+                f"{labels[bad][:5].tolist()}"
+            )
+    if labels.size:
+        low, high = labels.min(), labels.max()
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"{what} labels must lie in [0, {num_classes - 1}] "
+                f"({num_classes} classes). Received labels from {low} to "
+                f"{high}."
+            )
+    return labels.astype("int32")
+
+
+def _pixel_scale(name, splits):
+    """255 for integer pixels (or floats above 1), 1 for floats in [0, 1].
+
+    One scale for both splits, so that train and test always agree.
+    """
+    scale = 1.0
+    for split, (x, _) in splits.items():
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise ValueError(
+                f"{name} {split} images must be numbers. "
+                f"Received: dtype={x.dtype}"
+            )
+        if not x.size:
+            continue
+        low, high = x.min(), x.max()
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or (
+            high > 255
+        ):
+            raise ValueError(
+                f"{name} {split} pixels must lie in [0, 255] (or [0, 1] as "
+                f"floats). Received values from {low} to {high}."
+            )
+        if x.dtype.kind != "f" or high > 1:
+            scale = 255.0
+    return scale
 
 
 def _images(name, splits, where):
     arrays = {}
+    scale = _pixel_scale(name, splits)
     for split, (x, y) in splits.items():
         x = np.asarray(x)
         if x.ndim == 3:
@@ -381,12 +562,13 @@ def _images(name, splits, where):
                 f"{name} {split} images must have shape (N, H, W[, C]). "
                 f"Received: shape={x.shape}"
             )
-        y = np.asarray(y).reshape(-1).astype("int32")
+        y = check_labels(y, _NUM_CLASSES[name], f"{name} {split}")
         if len(y) != len(x):
             raise ValueError(
                 f"{name} {split}: {len(x)} images but {len(y)} labels."
             )
-        arrays[split] = (x.astype("float32") / 255.0, y)
+        x = x.astype("float32")
+        arrays[split] = (x / scale if scale != 1.0 else x, y)
     return Dataset(
         name=name,
         x_train=arrays["train"][0],
@@ -403,12 +585,15 @@ def _images(name, splits, where):
 
 def file_md5(path):
     """MD5 hex digest of a file's contents (of the uncompressed text for
-    a `.gz` file)."""
+    a `.gz` file). A corrupt or truncated `.gz` file is a ValueError."""
     digest = hashlib.md5()
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with opener(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    except _UNREADABLE as error:
+        raise _unreadable(path, error) from error
     return digest.hexdigest()
 
 
@@ -445,6 +630,13 @@ def _download_adult(cache_dir, download):
 
 
 def _read_adult_rows(path):
+    try:
+        return _read_adult_lines(path)
+    except _UNREADABLE as error:
+        raise _unreadable(path, error) from error
+
+
+def _read_adult_lines(path):
     rows, labels = [], []
     with _open_text(path) as lines:
         for number, line in enumerate(lines, start=1):
@@ -557,9 +749,9 @@ def _imdb(splits, where, vocabulary_size, sequence_length):
     return Dataset(
         name="imdb",
         x_train=vectorize(train_texts),
-        y_train=np.asarray(splits["train"][1], dtype="int32").reshape(-1),
+        y_train=check_labels(splits["train"][1], 2, "imdb train"),
         x_test=vectorize(test_texts),
-        y_test=np.asarray(splits["test"][1], dtype="int32").reshape(-1),
+        y_test=check_labels(splits["test"][1], 2, "imdb test"),
         num_classes=2,
         source=where,
         info={"vocabulary": [str(t) for t in vectorizer.get_vocabulary()]},

@@ -15,10 +15,12 @@ warm-up stays under `--bound-mib` (default 64 MiB).
 
 Usage:
 
-    python benchmarks/memory.py                     # every backend
-    python benchmarks/memory.py --backends jax --calls 100
+    python -m benchmarks.memory                     # every backend
+    python -m benchmarks.memory --backends jax --calls 100
 
-Writes `benchmarks/results/memory.json` and `memory.md`.
+Writes `memory.json` and `memory.md` to `--output` (default: a folder
+outside the repository; `--output benchmarks/results` updates the
+committed results).
 """
 
 import argparse
@@ -27,7 +29,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 BACKENDS = ("tensorflow", "jax", "torch")
 MODELS = ("midl", "dense")
@@ -118,6 +120,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--bound-mib", type=float, default=64.0)
     parser.add_argument("--child", nargs=2, metavar=("BACKEND", "MODEL"))
+    common.add_output_argument(parser)
     args = parser.parse_args()
 
     if args.child:
@@ -125,6 +128,7 @@ def main():
         print("SAMPLES" + json.dumps(samples))
         return
 
+    load_before = common.load_average()
     rows = []
     for backend in args.backends:
         for model_kind in MODELS:
@@ -132,7 +136,8 @@ def main():
             completed = subprocess.run(
                 [
                     sys.executable,
-                    os.path.abspath(__file__),
+                    "-m",
+                    __spec__.name,
                     "--child",
                     backend,
                     model_kind,
@@ -146,6 +151,7 @@ def main():
                     "KERAS_BACKEND": backend,
                     "TF_CPP_MIN_LOG_LEVEL": "3",
                 },
+                cwd=common.ROOT,
                 capture_output=True,
                 text=True,
                 check=False,
@@ -167,10 +173,12 @@ def main():
             )
 
     metadata = common.environment()
+    metadata["load_average"] = load_before
+    metadata["load_average_after"] = common.load_average()
     metadata["backend"] = ", ".join(args.backends)
     metadata["threads"] = "backend default"
     common.write_json(
-        common.results_path("memory.json"),
+        common.output_path(args.output, "memory.json"),
         rows,
         metadata,
         calls=args.calls,
@@ -178,7 +186,7 @@ def main():
         bound_mib=args.bound_mib,
     )
     common.write_markdown(
-        common.results_path("memory.md"),
+        common.output_path(args.output, "memory.md"),
         rows,
         metadata,
         title=(

@@ -39,8 +39,13 @@ ARCHITECTURES = {
 }
 
 
-def hidden_layer(variant, units, index, k_ratio, rank, seed):
-    """One hidden layer: `Dense` or `MIDL` with ReLU, named `hidden_<i>`."""
+def hidden_layer(variant, units, index, k_ratio, rank, seed,
+                 midl_kwargs=None):
+    """One hidden layer: `Dense` or `MIDL` with ReLU, named `hidden_<i>`.
+
+    `midl_kwargs` (MIDL only) are more `MIDL` arguments, e.g.
+    `{"temperature": 2.0, "gate_noise": 0.1}`.
+    """
     name = f"hidden_{index}"
     if variant == "baseline":
         return keras.layers.Dense(units, activation="relu", name=name)
@@ -51,10 +56,23 @@ def hidden_layer(variant, units, index, k_ratio, rank, seed):
         activation="relu",
         seed=seed,
         name=name,
+        **(midl_kwargs or {}),
     )
 
 
-def _check(variant, hidden_units):
+def _check(variant, hidden_units, midl_kwargs=None):
+    if midl_kwargs is not None and not isinstance(midl_kwargs, dict):
+        raise ValueError(
+            "Received an invalid value for `midl_kwargs`, expected a dict of "
+            f"MIDL arguments or None. Received: midl_kwargs={midl_kwargs!r}"
+        )
+    reserved = {"units", "k_ratio", "rank", "activation", "seed", "name"}
+    if midl_kwargs and reserved & set(midl_kwargs):
+        raise ValueError(
+            "`midl_kwargs` must not repeat an argument the model sets "
+            f"itself ({sorted(reserved)}). Received: "
+            f"midl_kwargs={midl_kwargs!r}"
+        )
     if variant not in VARIANTS:
         raise ValueError(
             f"Received an invalid value for `variant`, expected one of "
@@ -70,9 +88,11 @@ def _check(variant, hidden_units):
         )
 
 
-def _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed):
+def _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed,
+          midl_kwargs=None):
     for index, units in enumerate(hidden_units):
-        layer = hidden_layer(variant, units, index, k_ratio, rank, seed)
+        layer = hidden_layer(variant, units, index, k_ratio, rank, seed,
+                             midl_kwargs)
         x = layer(x)
     return keras.layers.Dense(num_classes, activation="softmax", name="output")(
         x
@@ -87,6 +107,7 @@ def mlp(
     k_ratio=0.45,
     rank=None,
     seed=None,
+    midl_kwargs=None,
 ):
     """Multi-layer perceptron: `[Flatten] -> hidden layers -> softmax`.
 
@@ -99,14 +120,17 @@ def mlp(
         rank: MIDL only: rank of every MIDL layer; `None` uses
             the layer's `default_rank(d, n)`.
         seed: MIDL only: seed of the gate noise (unused at `gate_noise=0`).
+        midl_kwargs: MIDL only: more `MIDL` arguments (e.g.
+            `temperature`, `gate_noise`), or `None`.
 
     Returns:
         An uncompiled `keras.Model`.
     """
-    _check(variant, hidden_units)
+    _check(variant, hidden_units, midl_kwargs)
     inputs = keras.Input(input_shape, name="inputs")
     x = keras.layers.Flatten()(inputs) if len(input_shape) > 1 else inputs
-    outputs = _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed)
+    outputs = _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed,
+                    midl_kwargs)
     return keras.Model(inputs, outputs, name=f"mlp_{variant}")
 
 
@@ -119,6 +143,7 @@ def cnn(
     rank=None,
     filters=(16, 32),
     seed=None,
+    midl_kwargs=None,
 ):
     """Small CNN: `[Conv 3x3 + ReLU -> MaxPool 2x2] * 2 -> Flatten ->
     hidden layers -> softmax`. Only the hidden (dense) layers differ
@@ -133,11 +158,12 @@ def cnn(
         rank: MIDL only; `None` uses the layer's `default_rank(d, n)`.
         filters: Filters of each convolution block.
         seed: MIDL only: seed of the gate noise.
+        midl_kwargs: MIDL only: more `MIDL` arguments, or `None`.
 
     Returns:
         An uncompiled `keras.Model`.
     """
-    _check(variant, hidden_units)
+    _check(variant, hidden_units, midl_kwargs)
     inputs = keras.Input(input_shape, name="inputs")
     x = inputs
     for index, count in enumerate(filters):
@@ -146,7 +172,8 @@ def cnn(
         )(x)
         x = keras.layers.MaxPooling2D(name=f"pool_{index}")(x)
     x = keras.layers.Flatten()(x)
-    outputs = _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed)
+    outputs = _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed,
+                    midl_kwargs)
     return keras.Model(inputs, outputs, name=f"cnn_{variant}")
 
 
@@ -160,6 +187,7 @@ def text_mlp(
     rank=None,
     embedding_dim=128,
     seed=None,
+    midl_kwargs=None,
 ):
     """Bag-of-embeddings classifier: `Embedding -> GlobalAveragePooling1D
     (padding id 0 masked) -> hidden layers -> softmax`.
@@ -174,17 +202,19 @@ def text_mlp(
         rank: MIDL only; `None` uses the layer's `default_rank(d, n)`.
         embedding_dim: Size of the token embeddings.
         seed: MIDL only: seed of the gate noise.
+        midl_kwargs: MIDL only: more `MIDL` arguments, or `None`.
 
     Returns:
         An uncompiled `keras.Model`.
     """
-    _check(variant, hidden_units)
+    _check(variant, hidden_units, midl_kwargs)
     inputs = keras.Input((sequence_length,), dtype="int32", name="inputs")
     x = keras.layers.Embedding(
         vocabulary_size, embedding_dim, mask_zero=True, name="embedding"
     )(inputs)
     x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
-    outputs = _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed)
+    outputs = _head(x, variant, hidden_units, k_ratio, rank, num_classes, seed,
+                    midl_kwargs)
     return keras.Model(inputs, outputs, name=f"text_mlp_{variant}")
 
 

@@ -21,24 +21,24 @@ compared (the machine is shared).
 
 Usage:
 
-    python benchmarks/selection.py                  # every backend
-    python benchmarks/selection.py --backends torch --repeats 5
+    python -m benchmarks.selection                  # every backend
+    python -m benchmarks.selection --backends torch --repeats 5
 
-Writes `benchmarks/results/selection.json` and `selection.md`.
+Writes `selection.json` and `selection.md` to `--output` (default: a folder
+outside the repository; `--output benchmarks/results` updates the
+committed results).
 """
 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 BACKENDS = ("tensorflow", "jax", "torch")
 # (rows, input_dim, units): the MLP's first layer, a square layer at batch
@@ -71,60 +71,9 @@ def compiled(fn):
     raise NotImplementedError(backend)
 
 
-def block(value):
-    """Waits for an asynchronous result (JAX) and returns it."""
-    if hasattr(value, "block_until_ready"):
-        value.block_until_ready()
-    elif hasattr(value, "numpy") and not hasattr(value, "detach"):
-        value.numpy()
-    return value
-
-
-def interleaved_medians(candidates, warmup=2, repeats=10):
-    """Median seconds of each callable, run in turn after a warm-up.
-
-    Args:
-        candidates: Dict `name -> zero-argument callable`.
-        warmup: Rounds run first and discarded (compilation, caches).
-        repeats: Timed rounds; each round runs every candidate once, in
-            a rotating order, so slow phases of a shared machine hit all.
-
-    Returns:
-        Dict `name -> median seconds`.
-    """
-    names = list(candidates)
-    for _ in range(warmup):
-        for name in names:
-            block(candidates[name]())
-    times = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            block(candidates[name]())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def thread_environment(threads):
-    """Environment variables limiting every backend to `threads` threads."""
-    threads = str(threads)
-    return {
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-        "TF_NUM_INTRAOP_THREADS": threads,
-        "TF_NUM_INTEROP_THREADS": threads,
-        "XLA_FLAGS": (
-            "--xla_cpu_multi_thread_eigen=false "
-            f"intra_op_parallelism_threads={threads}"
-            if threads == "1"
-            else ""
-        ),
-    }
-
-
-def run_backends(script, backends, arguments, threads):
-    """Runs `script --child` once per backend; returns their JSON outputs.
+def run_backends(module, backends, arguments, threads):
+    """Runs `python -m module --child` once per backend; returns their JSON
+    outputs.
 
     Each child is limited to `threads` threads: on a small machine shared
     with other work, multi-threaded kernels wait on descheduled threads and
@@ -135,11 +84,18 @@ def run_backends(script, backends, arguments, threads):
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "out.json")
             env = dict(os.environ, KERAS_BACKEND=backend)
-            env.update(thread_environment(threads))
+            env.update(common.thread_environment(threads))
             env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-            command = [sys.executable, script, "--child", path, *arguments]
+            command = [
+                sys.executable,
+                "-m",
+                module,
+                "--child",
+                path,
+                *arguments,
+            ]
             print(f"== {backend}", flush=True)
-            subprocess.run(command, env=env, check=True)
+            subprocess.run(command, env=env, cwd=common.ROOT, check=True)
             with open(path) as file:
                 outputs[backend] = json.load(file)
     return outputs
@@ -173,7 +129,7 @@ def measure_selection(batch, input_dim, units, repeats):
     for method in SELECTION_METHODS:
         select = compiled(lambda s, m=method: topk_mask(s, k, method=m))
         candidates[method] = lambda select=select: select(scores)
-    medians = interleaved_medians(candidates, repeats=repeats)
+    medians = common.interleaved_medians(candidates, warmup=2, repeats=repeats)
     return [
         {
             "kind": "selection",
@@ -229,7 +185,9 @@ def training_rows(repeats):
         name: (lambda model=model: model.train_on_batch(x, y))
         for name, model in models.items()
     }
-    medians = interleaved_medians(candidates, warmup=3, repeats=repeats * 2)
+    medians = common.interleaved_medians(
+        candidates, warmup=3, repeats=repeats * 2
+    )
     return [
         {
             "kind": "training",
@@ -283,20 +241,23 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    common.add_output_argument(parser)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.repeats)
         return
-    script = os.path.abspath(__file__)
+    load_before = common.load_average()
     repeats = ["--repeats", str(args.repeats)]
-    outputs = run_backends(script, args.backends, repeats, args.threads)
+    outputs = run_backends(__spec__.name, args.backends, repeats, args.threads)
     rows = [row for output in outputs.values() for row in output["rows"]]
     metadata = next(iter(outputs.values()))["metadata"]
     metadata["command"] = common.command_line()
+    metadata["load_average"] = load_before
+    metadata["load_average_after"] = common.load_average()
     metadata["backend"] = ", ".join(outputs)
     choice = fastest(rows)
     common.write_json(
-        common.results_path("selection.json"),
+        common.output_path(args.output, "selection.json"),
         rows,
         metadata,
         k_ratio=K_RATIO,
@@ -305,7 +266,7 @@ def main():
     selection = [row for row in rows if row["kind"] == "selection"]
     training = [row for row in rows if row["kind"] == "training"]
     shape = lambda row: f"{row['batch']}x{row['input_dim']} @ {row['units']}"  # noqa: E731
-    path = common.results_path("selection.md")
+    path = common.output_path(args.output, "selection.md")
     common.write_markdown(
         path,
         selection,

@@ -22,9 +22,14 @@ plus the raw input pixels as a reference, and `H(Y)`, the upper bound.
 
 Usage (from the repository root):
 
-    KERAS_BACKEND=jax python benchmarks/smi.py
+    KERAS_BACKEND=jax python -m benchmarks.smi
 
-Writes benchmarks/results/smi.{json,md}.
+The SMI is estimated on `--examples` test examples stratified by class (the
+subset `benchmarks.robustness` uses for gate statistics: CIFAR-10's test
+split is sorted by class, so its first rows hold a few classes only).
+Writes `smi.json` and `smi.md` to `--output` (default: a folder outside
+the repository; `--output benchmarks/results` updates the committed
+results).
 """
 
 import argparse
@@ -96,7 +101,9 @@ def main():
     parser.add_argument("--examples", type=int, default=2000,
                         help="test examples for the SMI estimate")
     parser.add_argument("--projections", type=int, default=64)
+    common.add_output_argument(parser)
     args = parser.parse_args()
+    load_before = common.load_average()
 
     data_dir = args.data_dir
     if data_dir is None and os.path.isdir(robustness.DEFAULT_DATA_DIR):
@@ -105,8 +112,9 @@ def main():
     x_train = data.x_train.reshape(len(data.x_train), -1)
     x_test = data.x_test.reshape(len(data.x_test), -1)
     input_dim, num_classes = x_train.shape[1], data.num_classes
-    x_eval = x_test[: args.examples]
-    y_eval = data.y_test[: args.examples]
+    subset = robustness.gate_subset(data.y_test, args.examples)
+    x_eval = x_test[subset]
+    y_eval = data.y_test[subset]
     entropy = label_entropy(y_eval)
     seeds = list(range(args.seeds))
     hidden = tuple(args.hidden)
@@ -176,10 +184,13 @@ def main():
     rows = robustness.aggregate(records, ("layer", "representation"))
     pixel_mean, pixel_std = common.mean_std(pixels)
     metadata = common.environment()
+    metadata["load_average"] = load_before
+    metadata["load_average_after"] = common.load_average()
     settings = dict(vars(args))
+    del settings["output"]
     settings["data_source"] = data.source
     common.write_json(
-        common.results_path("smi.json"),
+        common.output_path(args.output, "smi.json"),
         rows,
         metadata,
         settings=settings,
@@ -198,7 +209,8 @@ def main():
         (robustness.pm("test_accuracy"), "Model test acc. (%)", None),
     ]
     notes = [
-        f"H(Y) = {entropy:.3f} nats on the {args.examples} test examples; "
+        f"H(Y) = {entropy:.3f} nats on the {len(y_eval)} test examples "
+        "(stratified by class); "
         f"SMI of the raw input pixels: {pixel_mean:.3f} ± {pixel_std:.3f} "
         "nats.",
         f"MLP {input_dim}-{'-'.join(map(str, hidden))}-{num_classes}, "
@@ -206,15 +218,16 @@ def main():
         f"mean ± std over {len(seeds)} seeds; {args.projections} random "
         "projections, kNN estimator (Ross 2014, scikit-learn, k = 3).",
     ]
+    markdown_path = common.output_path(args.output, "smi.md")
     common.write_markdown(
-        common.results_path("smi.md"),
+        markdown_path,
         rows,
         metadata,
         columns,
         title=f"Sliced Mutual Information with the label ({args.dataset})",
         notes=notes,
     )
-    with open(common.results_path("smi.md")) as file:
+    with open(markdown_path) as file:
         print(file.read())
 
 

@@ -9,27 +9,25 @@ training set,
 where `flops_fraction` is the model's inference multiply-adds (MIDL's gate
 and light path included) over those of the same model with a Dense hidden
 layer. The same Dense model is trained as the baseline. Prints one row per
-trial and writes a JSON file, a Markdown table and a plot of accuracy
-against FLOPs.
+trial and writes `tune_k_ratio.json`, a Markdown table (`.md`) and a plot
+of accuracy against FLOPs (`.png`) to `--output` (default: a folder outside
+the repository; `--output benchmarks/results` updates the committed
+results). The short version a user copies is `examples/tune_k_ratio.py`.
 
 MNIST comes from `--data-dir` (default: `../shared/datasets` beside the
 project when it exists, else `$KERAS_MIDL_DATA_DIR`, else TensorFlow
 Datasets, which downloads it).
 
-    KERAS_BACKEND=torch python examples/tune_k_ratio.py \
+    KERAS_BACKEND=torch python -m benchmarks.tune_k_ratio \
         --train-size 10000 --val-size 5000 --epochs 2 --executions 3
 """
 
 import argparse
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -37,13 +35,13 @@ import keras
 import keras_tuner
 import numpy as np
 
+from benchmarks import common
 from benchmarks import datasets
 from keras_midl import MIDL
 from keras_midl import tuning
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "datasets")
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
+SHARED_DATA = os.path.join(os.path.dirname(common.ROOT), "shared", "datasets")
+NAME = "tune_k_ratio"
 TUNERS = ("grid", "random", "bayesian", "hyperband")
 THREAD_VARIABLES = (
     "OMP_NUM_THREADS",
@@ -97,13 +95,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--replot",
         action="store_true",
-        help="Only redraw the plot from an existing --output JSON file.",
+        help="Only redraw the plot from the JSON file in --output.",
     )
-    parser.add_argument(
-        "--output",
-        default=os.path.join(RESULTS, "tune_k_ratio.json"),
-        help="JSON result file; the .md table and .png plot go beside it.",
-    )
+    common.add_output_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -356,41 +350,20 @@ def plot(rows, lam, path, title):
     plt.close(figure)
 
 
-def environment(seconds):
-    versions = {}
-    for package in (
-        "keras",
-        "keras-tuner",
-        "tensorflow-cpu",
-        "jax",
-        "torch",
-        "numpy",
-    ):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    arguments = " ".join(shlex.quote(a) for a in sys.argv[1:])
-    # Thread settings change timings a lot on a shared machine: record them.
+def environment(seconds, load_before):
+    """`common.environment()`, with the thread settings in the command
+    (they change timings a lot on a shared machine) and the run's time."""
+    metadata = common.environment()
     threads = "".join(
         f"{name}={shlex.quote(os.environ[name])} "
         for name in THREAD_VARIABLES
         if name in os.environ
     )
-    return {
-        "command": f"{threads}KERAS_BACKEND={keras.backend.backend()} python "
-        f"{os.path.relpath(sys.argv[0], ROOT)} {arguments}".strip(),
-        "backend": keras.backend.backend(),
-        "versions": versions,
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-        },
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
-        "seconds": seconds,
-    }
+    metadata["command"] = threads + metadata["command"]
+    metadata["load_average"] = load_before
+    metadata["load_average_after"] = common.load_average()
+    metadata["seconds"] = seconds
+    return metadata
 
 
 def plot_title(settings, backend):
@@ -403,9 +376,9 @@ def plot_title(settings, backend):
 
 def main(argv=None):
     args = parse_args(argv)
-    base = os.path.splitext(args.output)[0]
+    base = common.output_path(args.output, NAME)
     if args.replot:
-        with open(args.output) as file:
+        with open(base + ".json") as file:
             results = json.load(file)
         settings = results["settings"]
         title = plot_title(settings, results["metadata"]["backend"])
@@ -413,6 +386,7 @@ def main(argv=None):
         print(f"Wrote {base}.png")
         return
     start = time.perf_counter()
+    load_before = common.load_average()
 
     keras.utils.set_random_seed(args.seed)
     data = load_mnist(args.data_dir, args.train_size, args.val_size, args.seed)
@@ -482,7 +456,7 @@ def main(argv=None):
         for key, value in vars(args).items()
         if key not in ("directory", "output", "replot")
     }
-    metadata = environment(seconds)
+    metadata = environment(seconds, load_before)
     summary = {
         "best_k_ratio": round(best_hp.get("k_ratio"), 10),
         "best_test_accuracy": test["accuracy"],
@@ -490,8 +464,7 @@ def main(argv=None):
         "total_seconds": seconds,
         "data_source": source,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as file:
+    with open(base + ".json", "w") as file:
         json.dump(
             {
                 "metadata": metadata,
@@ -507,11 +480,7 @@ def main(argv=None):
         file.write(
             f"# k_ratio search on MNIST ({args.tuner}, "
             f"{metadata['backend']})\n\n"
-            f"Command: `{metadata['command']}`  \n"
-            f"{metadata['date']}, {metadata['machine']['platform']}, "
-            f"{metadata['machine']['cpu_count']} CPUs; "
-            + ", ".join(f"{k} {v}" for k, v in metadata["versions"].items())
-            + ".\n\n"
+            f"{common.metadata_markdown(metadata)}\n\n"
             f"784 -> {args.units} -> 10, {len(x)} training / "
             f"{len(validation[0])} validation images (MNIST train split), "
             f"{args.epochs} epochs, {args.executions} runs per point "
@@ -524,7 +493,7 @@ def main(argv=None):
         )
     title = plot_title(settings, metadata["backend"])
     plot(rows, args.lam, base + ".png", title)
-    print(f"Wrote {args.output}, {base}.md and {base}.png")
+    print(f"Wrote {base}.json, {base}.md and {base}.png")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """UCI Adult (income > 50K): a 105-256-128-2 MLP with MIDL hidden layers.
 
-    KERAS_BACKEND=jax python examples/adult_mlp.py --data-dir ../shared/datasets
+    KERAS_BACKEND=jax python -m examples.adult_mlp --data-dir ../shared/datasets
 
 Without `--data-dir` (or KERAS_MIDL_DATA_DIR) the two UCI files are
 downloaded once and checked by MD5. `--variant baseline` uses Dense layers.
+
+Run from the repository root (it imports `benchmarks.datasets`).
 """
 
 import argparse

@@ -1,11 +1,15 @@
 """CIFAR-10: a small CNN whose dense head is a MIDL layer.
 
-    KERAS_BACKEND=jax python examples/cifar10_cnn.py \
+    KERAS_BACKEND=jax python -m examples.cifar10_cnn \
         --data-dir ../shared/datasets
 
 Only the dense head (Flatten -> 256 -> 10) uses MIDL; the convolutions are
 the same in both variants. The same script works for `--dataset cifar100`
 and `--dataset svhn_cropped`.
+
+Run from the repository root (it imports `benchmarks.datasets`); without
+`--data-dir` the data comes from TensorFlow Datasets: `pip install -c
+requirements/constraints.txt -r requirements/benchmarks.txt`.
 """
 
 import argparse

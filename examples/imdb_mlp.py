@@ -1,13 +1,26 @@
 """IMDB sentiment: embedding + average pooling + an MLP with MIDL layers.
 
-    KERAS_BACKEND=jax python examples/imdb_mlp.py --data-dir ../shared/datasets
+    KERAS_BACKEND=jax python -m examples.imdb_mlp --data-dir ../shared/datasets
 
 Reviews are tokenized with keras.layers.TextVectorization (adapted on the
 training reviews), then Embedding -> GlobalAveragePooling1D -> 256 -> 128.
+
+Run from the repository root (it imports `benchmarks.datasets`); without
+`--data-dir` the data comes from TensorFlow Datasets: `pip install -c
+requirements/constraints.txt -r requirements/benchmarks.txt`.
+Tokenizing needs TensorFlow on every backend (`TextVectorization`): `pip
+install "keras-midl[tensorflow]"`.
 """
 
 import argparse
 
+try:
+    import tensorflow  # noqa: F401  (keras.layers.TextVectorization)
+except ImportError as error:
+    raise SystemExit(
+        "examples/imdb_mlp.py tokenizes with keras.layers.TextVectorization, "
+        'which needs TensorFlow: pip install "keras-midl[tensorflow]"'
+    ) from error
 import keras
 
 from benchmarks import datasets

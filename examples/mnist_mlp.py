@@ -1,9 +1,13 @@
 """MNIST: a 784-512-256-10 MLP whose hidden layers are MIDL layers.
 
-    KERAS_BACKEND=jax python examples/mnist_mlp.py --data-dir ../shared/datasets
+    KERAS_BACKEND=jax python -m examples.mnist_mlp --data-dir ../shared/datasets
 
 Without `--data-dir` (or KERAS_MIDL_DATA_DIR) the data comes from TensorFlow
 Datasets. `--variant baseline` trains the same model with Dense layers.
+
+Run from the repository root (it imports `benchmarks.datasets`); without
+`--data-dir` the data comes from TensorFlow Datasets: `pip install -c
+requirements/constraints.txt -r requirements/benchmarks.txt`.
 """
 
 import argparse

@@ -6,13 +6,29 @@ test accuracy (mean and std over seeds), the active-neuron fraction, the
 inference multiply-adds of the hidden layers (MIDL's gate and light path
 included) and the training-time ratio.
 
-    python examples/quickstart.py --backend jax --k-ratio 0.45 --epochs 40
+Needs scikit-learn (`pip install "keras-midl[jax,examples]"`). From the
+repository root (`bash scripts/demo.sh` runs it with the pinned versions):
+
+    python -m examples.quickstart --backend jax --k-ratio 0.45 --epochs 40
+
+Writes the printed comparison, with the command, versions, machine and load
+average, to `quickstart.md` in `--output` (default: a folder outside the
+repository; `--output benchmarks/results` updates the committed result).
 """
 
 import argparse
 import os
-import sys
 import time
+
+try:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+except ImportError as error:
+    raise SystemExit(
+        f"{error.name} is missing: pip install \"keras-midl[examples]\""
+    ) from error
+
+from benchmarks import common
 
 
 def parse_args(argv=None):
@@ -27,13 +43,11 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 128])
+    common.add_output_argument(parser)
     return parser.parse_args(argv)
 
 
 def load_digits_split(seed=0):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype("float32")
     return train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
@@ -51,6 +65,13 @@ def build_mlp(hidden_layer, input_dim, hidden_units, num_classes=10):
 def main(argv=None):
     args = parse_args(argv)
     os.environ["KERAS_BACKEND"] = args.backend
+    load_before = common.load_average()
+    lines = []
+
+    def report(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
     import keras
     import numpy as np
 
@@ -85,10 +106,9 @@ def main(argv=None):
                 model.evaluate(x_test, y_test, verbose=0)[1] * 100
             )
             models[name] = model
-            print(
+            report(
                 f"seed {seed} {name:5s} test accuracy "
-                f"{accuracy[name][-1]:.2f}%",
-                file=sys.stderr,
+                f"{accuracy[name][-1]:.2f}%"
             )
 
     def hidden_multiply_adds(model):
@@ -98,7 +118,7 @@ def main(argv=None):
 
     dense_cost = hidden_multiply_adds(models["Dense"])
     time_ratio = np.median(train_time["MIDL"]) / np.median(train_time["Dense"])
-    print(
+    report(
         f"\nsklearn digits (1,347 train / 450 test), MLP 64-"
         f"{'-'.join(map(str, args.hidden))}-10, {args.epochs} epochs, "
         f"{args.seeds} seeds, backend {keras.backend.backend()}, "
@@ -108,23 +128,34 @@ def main(argv=None):
         "| model | test accuracy (%) | active neurons | "
         "hidden multiply-adds | Dense / this | train time (s) |"
     )
-    print(header)
-    print("|" + "---|" * 6)
+    report(header)
+    report("|" + "---|" * 6)
     for name, model in models.items():
         cost = hidden_multiply_adds(model)
-        print(
+        report(
             f"| {name} | {np.mean(accuracy[name]):.2f} +- "
             f"{np.std(accuracy[name]):.2f} | "
             f"{flops.active_fraction(model):.2f} | {cost:,} | "
             f"{dense_cost / cost:.2f}x | "
             f"{np.median(train_time[name]):.1f} |"
         )
-    print(
+    report(
         f"\nMIDL / Dense training time (median over seeds): {time_ratio:.2f}x."
         "\nMultiply-adds are analytic, per example, counting the full path of "
         "the k selected\nneurons only; through keras.ops on a CPU they are "
         "not a wall-clock saving\n(README, \"Speed\")."
     )
+    metadata = common.environment()
+    metadata["load_average"] = load_before
+    metadata["load_average_after"] = common.load_average()
+    path = common.output_path(args.output, "quickstart.md")
+    with open(path, "w") as file:
+        file.write(
+            "# examples/quickstart.py output\n\n"
+            f"{common.metadata_markdown(metadata)}\n\n"
+            "```\n" + "\n".join(lines).strip() + "\n```\n"
+        )
+    print(f"\nWrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,16 @@
-"""keras_midl: the Matrix-Interpolated Dropout Layer (MID-L) for Keras 3."""
+"""keras_midl: the Matrix-Interpolated Dropout Layer (MID-L) for Keras 3.
 
+`import keras_midl` gives the layer and the modules that need only Keras
+and NumPy (`flops`, `selection`, `inspection`, `analysis`, `distribution`).
+`keras_midl.tuning` (keras-tuner) and `keras_midl.plotting` (matplotlib)
+are imported explicitly, as their dependencies are optional.
+"""
+
+from keras_midl import analysis
+from keras_midl import distribution
+from keras_midl import flops
 from keras_midl import selection
+from keras_midl.convert import convert
 from keras_midl.inspection import GateStatistics
 from keras_midl.inspection import gate_statistics
 from keras_midl.midl import MIDL
@@ -9,8 +19,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MIDL",
+    "convert",
     "GateStatistics",
     "gate_statistics",
+    "analysis",
+    "distribution",
+    "flops",
     "selection",
     "__version__",
 ]

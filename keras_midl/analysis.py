@@ -67,7 +67,7 @@ def label_entropy(labels):
 
     Example:
 
-    >>> label_entropy([0, 1, 2, 3])  # log(4)
+    >>> keras_midl.analysis.label_entropy([0, 1, 2, 3])  # log(4)
     1.3862943611198906
 
     Args:

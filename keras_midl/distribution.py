@@ -30,16 +30,27 @@ def midl_layouts(layer_name="midl[^/]*", model_axis="model"):
 
     Example:
 
-    >>> mesh = keras.distribution.DeviceMesh(
-    ...     (2, 4), ["batch", "model"], keras.distribution.list_devices()
-    ... )
-    >>> layout_map = keras.distribution.LayoutMap(mesh)
-    >>> layout_map.update(midl_layouts())
-    >>> keras.distribution.set_distribution(
-    ...     keras.distribution.ModelParallel(
-    ...         layout_map=layout_map, batch_dim_name="batch"
-    ...     )
-    ... )
+    >>> layouts = keras_midl.distribution.midl_layouts()
+    >>> layouts["(.*/)?midl[^/]*/kernel"]
+    ('model', None)
+    >>> layouts["(.*/)?midl[^/]*/gate_kernel"]
+    (None, 'model')
+
+    On a backend with `keras.distribution` (JAX, TensorFlow), with 8
+    devices:
+
+    ```python
+    mesh = keras.distribution.DeviceMesh(
+        (2, 4), ["batch", "model"], keras.distribution.list_devices()
+    )
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map.update(keras_midl.distribution.midl_layouts())
+    keras.distribution.set_distribution(
+        keras.distribution.ModelParallel(
+            layout_map=layout_map, batch_dim_name="batch"
+        )
+    )
+    ```
 
     Args:
         layer_name: Regular expression matching the names of the MIDL

@@ -30,14 +30,21 @@ Rules, per example (batch axis excluded):
 Any other layer raises a `ValueError` naming its class; add a rule with
 `register_multiply_adds` rather than letting it count as zero silently.
 
+The Dense-equivalent count (`dense_equivalent_multiply_adds`,
+`dense_multiply_adds`) counts each MIDL layer as the `Dense(units)` it
+replaces, `rows * d * n`, and every other layer as above; `flops_fraction`
+divides the two model totals.
+
 Example:
 
 >>> model = keras.Sequential([
 ...     keras.Input((784,)),
-...     MIDL(512, k_ratio=0.45, rank=32, activation="relu"),
+...     keras_midl.MIDL(512, k_ratio=0.45, rank=32, activation="relu"),
 ... ])
->>> model_multiply_adds(model)   # 784*32 + 2*32*512 + 230*784
+>>> keras_midl.flops.model_multiply_adds(model)  # 784*32 + 2*32*512 + 230*784
 238176
+>>> keras_midl.flops.dense_multiply_adds(model)  # 784*512
+401408
 """
 
 import math
@@ -134,7 +141,13 @@ def register_multiply_adds(layer_class, rule):
 
     Example:
 
-    >>> register_multiply_adds(MyLayer, lambda layer, shape: 0)
+    >>> class Scale(keras.layers.Layer):   # one multiply per feature
+    ...     def call(self, x):
+    ...         return 2.0 * x
+    >>> keras_midl.flops.register_multiply_adds(
+    ...     Scale, lambda layer, shape: shape[-1])
+    >>> keras_midl.flops.layer_multiply_adds(Scale(), input_shape=(None, 8))
+    8
 
     Args:
         layer_class: A `keras.layers.Layer` subclass.
@@ -190,6 +203,10 @@ def _dense(layer, input_shape):
 def _midl(layer, input_shape):
     rows, depth = _rows_and_depth(layer, input_shape)
     return rows * layer.inference_multiply_adds(depth)
+
+
+def _input_shape(layer, input_shape):
+    return tuple(input_shape or _layer_input_shape(layer))
 
 
 def _channels(layer, input_shape):
@@ -289,7 +306,7 @@ def layer_multiply_adds(layer, input_shape=None):
     Example:
 
     >>> dense = keras.layers.Dense(512)
-    >>> layer_multiply_adds(dense, input_shape=(None, 784))
+    >>> keras_midl.flops.layer_multiply_adds(dense, input_shape=(None, 784))
     401408
 
     Args:
@@ -309,14 +326,12 @@ def layer_multiply_adds(layer, input_shape=None):
         return model_multiply_adds(layer)
     for layer_class, rule in _CUSTOM_RULES.items():
         if isinstance(layer, layer_class):
-            shape = input_shape or _layer_input_shape(layer)
-            return int(rule(layer, tuple(shape)))
+            return int(rule(layer, _input_shape(layer, input_shape)))
     if _zero_cost(layer):
         return 0
     for layer_class, rule in _RULES:
         if isinstance(layer, layer_class):
-            shape = input_shape or _layer_input_shape(layer)
-            return int(rule(layer, tuple(shape)))
+            return int(rule(layer, _input_shape(layer, input_shape)))
     raise ValueError(
         f"No multiply-add rule for layer {layer.name!r} of class "
         f"{type(layer).__name__}. Supported: MIDL, Dense, convolutions and "
@@ -325,18 +340,35 @@ def layer_multiply_adds(layer, input_shape=None):
     )
 
 
-def layer_counts(model):
-    """Multiply-adds per example of each layer of a model, in order.
+def dense_equivalent_multiply_adds(layer, input_shape=None):
+    """Multiply-adds per example of one layer with MIDL counted as a `Dense`.
 
-    Nested models are expanded: their layers appear in place, with names
-    prefixed by the nested model's name and `/`.
+    A MIDL layer counts `rows * d * n`, the cost of the `Dense(units)` it
+    replaces; any other layer counts as in `layer_multiply_adds`. A nested
+    model counts as the sum of its layers.
+
+    Example:
+
+    >>> layer = keras_midl.MIDL(512, k_ratio=0.45, rank=32)
+    >>> keras_midl.flops.dense_equivalent_multiply_adds(
+    ...     layer, input_shape=(None, 7, 784))   # 7 * 784 * 512
+    2809856
 
     Args:
-        model: A built Sequential or Functional `keras.Model`.
+        layer: A `keras.layers.Layer` (or `keras.Model`).
+        input_shape: As for `layer_multiply_adds`.
 
     Returns:
-        List of `(name, layer, multiply_adds)` tuples.
+        Python int.
     """
+    if isinstance(layer, keras.Model):
+        return dense_multiply_adds(layer)
+    if isinstance(layer, MIDL):
+        return _dense(layer, _input_shape(layer, input_shape))
+    return layer_multiply_adds(layer, input_shape)
+
+
+def _counts(model, count):
     if not isinstance(model, keras.Model):
         raise ValueError(
             f"Expected a keras.Model for `model`. Received: model={model!r}"
@@ -349,11 +381,41 @@ def layer_counts(model):
     counts = []
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            for name, inner, count in layer_counts(layer):
-                counts.append((f"{layer.name}/{name}", inner, count))
+            for name, inner, value in _counts(layer, count):
+                counts.append((f"{layer.name}/{name}", inner, value))
         else:
-            counts.append((layer.name, layer, layer_multiply_adds(layer)))
+            counts.append((layer.name, layer, count(layer)))
     return counts
+
+
+def layer_counts(model, dense_equivalent=False):
+    """Multiply-adds per example of each layer of a model, in order.
+
+    Nested models are expanded: their layers appear in place, with names
+    prefixed by the nested model's name and `/`.
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((784,)),
+    ...     keras_midl.MIDL(512, k_ratio=0.45, rank=32, name="hidden"),
+    ...     keras.layers.Dense(10, name="head"),
+    ... ])
+    >>> [(name, count) for name, _, count in
+    ...  keras_midl.flops.layer_counts(model)]
+    [('hidden', 238176), ('head', 5120)]
+
+    Args:
+        model: A built Sequential or Functional `keras.Model`.
+        dense_equivalent: Whether to count each MIDL layer as the `Dense`
+            it replaces (`dense_equivalent_multiply_adds`).
+
+    Returns:
+        List of `(name, layer, multiply_adds)` tuples.
+    """
+    if dense_equivalent:
+        return _counts(model, dense_equivalent_multiply_adds)
+    return _counts(model, layer_multiply_adds)
 
 
 def model_multiply_adds(model):
@@ -366,6 +428,64 @@ def model_multiply_adds(model):
         Python int.
     """
     return sum(count for _, _, count in layer_counts(model))
+
+
+def dense_multiply_adds(model):
+    """Multiply-adds per example of `model` with every MIDL made a `Dense`.
+
+    The sum of `dense_equivalent_multiply_adds` over the layers: each MIDL
+    layer counts `rows * d * n` instead of `rows * (d*r + 2*r*n + k*d)`.
+
+    Args:
+        model: A built Sequential or Functional `keras.Model`.
+
+    Returns:
+        Python int.
+    """
+    return sum(
+        count for _, _, count in layer_counts(model, dense_equivalent=True)
+    )
+
+
+def flops_fraction(model):
+    """Inference cost of `model` relative to its all-Dense counterpart.
+
+    `model_multiply_adds(model) / dense_multiply_adds(model)`: below 1 when
+    the MIDL layers make the model cheaper (the gate and light path
+    included, so `k_ratio=1` gives a fraction above 1). Depends on the
+    architecture and `k_ratio` only, not on the weights.
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((784,)),
+    ...     keras_midl.MIDL(512, k_ratio=0.45, rank=32)])
+    >>> keras_midl.flops.flops_fraction(model)   # 238176 / (784 * 512)
+    0.5933...
+
+    Args:
+        model: A built Sequential or Functional `keras.Model`.
+
+    Returns:
+        Python float.
+
+    Raises:
+        ValueError: when the Dense-equivalent count is zero.
+    """
+    return _divide(
+        model_multiply_adds(model),
+        dense_multiply_adds(model),
+        model,
+        "the FLOPs fraction",
+    )
+
+
+def _divide(count, denominator, model, what):
+    if denominator == 0:
+        raise ValueError(
+            f"Model {model.name!r} has zero multiply-adds: {what} is undefined."
+        )
+    return count / denominator
 
 
 def _midl_layers(model):
@@ -410,17 +530,35 @@ def flops_ratio(baseline, candidate):
     Returns:
         Python float.
     """
-    candidate_count = model_multiply_adds(candidate)
-    if candidate_count == 0:
-        raise ValueError(
-            f"Model {candidate.name!r} has zero multiply-adds: the ratio is "
-            "undefined."
-        )
-    return model_multiply_adds(baseline) / candidate_count
+    return _divide(
+        model_multiply_adds(baseline),
+        model_multiply_adds(candidate),
+        candidate,
+        "the ratio",
+    )
 
 
 def summary(model, print_fn=None):
     """Prints (and returns) a table of multiply-adds per layer.
+
+    One row per layer (nested models expanded, as in `layer_counts`): its
+    inference multiply-adds and its Dense-equivalent count (MIDL counted as
+    the `Dense` it replaces), then the totals, the FLOPs fraction and the
+    MIDL active fraction (`active_fraction`).
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((784,)),
+    ...     keras_midl.MIDL(512, k_ratio=0.45, rank=32, name="hidden"),
+    ...     keras.layers.Dense(10, name="head"),
+    ... ])
+    >>> _ = keras_midl.flops.summary(model)
+    layer   class   multiply-adds   as Dense
+    hidden  MIDL          238,176    401,408
+    head    Dense           5,120      5,120
+    total                 243,296    406,528
+    FLOPs fraction: 0.598; MIDL active fraction: 0.449
 
     Args:
         model: A built Sequential or Functional `keras.Model`.
@@ -431,14 +569,28 @@ def summary(model, print_fn=None):
         The table as a string.
     """
     counts = layer_counts(model)
+    dense = [count for _, _, count in layer_counts(model, True)]
+    rows = [
+        (name, type(layer).__name__, f"{count:,}", f"{dense_count:,}")
+        for (name, layer, count), dense_count in zip(counts, dense)
+    ]
     total = sum(count for _, _, count in counts)
-    width = max([len(name) for name, _, _ in counts] + [5])
-    lines = [f"{'layer':<{width}}  {'class':<20} {'multiply-adds':>14}"]
-    for name, layer, count in counts:
-        kind = type(layer).__name__
-        lines.append(f"{name:<{width}}  {kind:<20} {count:>14,}")
-    lines.append(f"{'total':<{width}}  {'':<20} {total:>14,}")
-    lines.append(f"MIDL active fraction: {active_fraction(model):.3f}")
+    rows.append(("total", "", f"{total:,}", f"{sum(dense):,}"))
+    header = ("layer", "class", "multiply-adds", "as Dense")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+
+    def line(row):
+        return (
+            f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  "
+            f"{row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}"
+        ).rstrip()
+
+    lines = [line(header), *(line(row) for row in rows)]
+    fraction = f"{total / sum(dense):.3f}" if sum(dense) else "undefined"
+    lines.append(
+        f"FLOPs fraction: {fraction}; "
+        f"MIDL active fraction: {active_fraction(model):.3f}"
+    )
     text = "\n".join(lines)
     (print_fn or print)(text)
     return text

@@ -40,9 +40,29 @@ class GateStatistics:
         return np.flatnonzero(self.selection_frequency == 1)
 
 
+def _empty_batch_error(shape):
+    return ValueError(
+        "gate_statistics needs at least one input row: selection "
+        "frequencies are undefined on an empty batch. Received inputs of "
+        f"shape {shape}"
+    )
+
+
+def _check_not_empty(inputs):
+    """Rejects array inputs (or nested structures of them) with no rows."""
+    for value in keras.tree.flatten(inputs):
+        shape = getattr(value, "shape", None)
+        if shape is not None and len(shape) > 0 and shape[0] == 0:
+            raise _empty_batch_error(tuple(shape))
+
+
 def _layer_statistics(layer, layer_inputs):
     gate = layer.gate(layer_inputs, training=False)
-    mask = keras.ops.convert_to_numpy(gate["mask"])
+    mask = keras.ops.convert_to_numpy(
+        keras.ops.cast(gate["mask"], "float32")
+    )
+    if mask.size == 0:
+        raise _empty_batch_error((*mask.shape[:-1], layer.input_dim))
     return GateStatistics(
         layer_name=layer.name,
         logits=keras.ops.convert_to_numpy(gate["logits"]),
@@ -75,7 +95,13 @@ def gate_statistics(model_or_layer, inputs, batch_size=None):
 
     Returns:
         A dict mapping each MIDL layer's name to its `GateStatistics`.
+
+    Raises:
+        ValueError: If `model_or_layer` is neither a Sequential or
+            Functional model with a MIDL layer nor a built MIDL layer, or
+            if `inputs` has no rows (an empty batch).
     """
+    _check_not_empty(inputs)
     if isinstance(model_or_layer, MIDL):
         stats = _layer_statistics(model_or_layer, inputs)
         return {stats.layer_name: stats}

@@ -6,10 +6,13 @@ import math
 import keras
 from keras import activations
 from keras import constraints
+from keras import dtype_policies
 from keras import initializers
 from keras import ops
+from keras import quantizers
 from keras import regularizers
 
+from keras_midl import fast_inference
 from keras_midl._checks import is_integer
 from keras_midl._checks import is_number
 from keras_midl.selection import SELECTION_METHODS
@@ -18,12 +21,6 @@ from keras_midl.selection import topk_mask
 
 LIGHT_PATHS = ("lowrank", "zero")
 INFERENCE_PATHS = ("auto", "masked", "gathered")
-# "auto" gathers when an input has at most this many rows (static shapes).
-# 0: on the CPUs measured (benchmarks/results/latency.md) the gathered path
-# is slower than the masked one on every backend, even for a single row at
-# d = n = 4096 and k_ratio 0.45, so "auto" runs the masked path. Raise it to
-# 1 on hardware where gathering one row pays off.
-GATHERED_MAX_ROWS = 0
 
 
 def default_rank(input_dim, units, overhead=0.1, max_rank=32):
@@ -37,7 +34,7 @@ def default_rank(input_dim, units, overhead=0.1, max_rank=32):
 
     Example:
 
-    >>> default_rank(784, 512)   # 22 * (784 + 1024) <= 0.1 * 784 * 512
+    >>> keras_midl.midl.default_rank(784, 512)  # r*(d + 2n) <= 0.1*d*n
     22
 
     Args:
@@ -89,13 +86,34 @@ def _initializer_for(initializer, index):
     them identical (and those of other shapes correlated). An unseeded
     initializer is cloned from its config, which draws a fresh seed; a
     seeded one gets a seed derived from its own and `index`, so the layer
-    stays reproducible with distinct weights.
+    stays reproducible with distinct weights. An initializer seeded with a
+    `keras.random.SeedGenerator` is shared as it is: its generator advances
+    at every draw. A plain function is called as it is.
     """
+    if not isinstance(initializer, initializers.Initializer):
+        return initializer
+    if isinstance(
+        getattr(initializer, "seed", None), keras.random.SeedGenerator
+    ):
+        return initializer
     config = initializer.get_config()
     seed = config.get("seed")
     if is_integer(seed):
         config["seed"] = (seed * 1_000_003 + index) % (2**31 - 1)
     return initializer.__class__.from_config(config)
+
+
+def _is_finite(value):
+    """Whether `value` is a Python int or float other than inf and NaN."""
+    return is_number(value) and math.isfinite(value)
+
+
+def _check_k_ratio(k_ratio):
+    if not is_number(k_ratio) or not 0.0 < k_ratio <= 1.0:
+        raise ValueError(
+            "Received an invalid value for `k_ratio`, expected a float "
+            f"in the interval (0, 1]. Received: k_ratio={k_ratio!r}"
+        )
 
 
 def _static_rows(inputs):
@@ -125,7 +143,7 @@ class MIDL(keras.layers.Layer):
     m      = topk_mask(s + noise, k)   # exactly k ones per row
     a      = sigmoid(s / temperature)
     g      = m + a - stop_gradient(a)  # value m, gradient of a
-    output = activation(h_lite + g * (h_full - h_lite))
+    output = activation(g * h_full + (1 - g) * h_lite)
     ```
 
     that is `activation(M(x) x + bias)` with the per-input interpolated
@@ -151,15 +169,19 @@ class MIDL(keras.layers.Layer):
 
     >>> model = keras.Sequential([
     ...     keras.Input((784,)),
-    ...     MIDL(512, k_ratio=0.45, activation="relu"),
+    ...     keras_midl.MIDL(512, k_ratio=0.45, activation="relu"),
     ...     keras.layers.Dense(10, activation="softmax"),
     ... ])
     >>> model.compile("adam", "sparse_categorical_crossentropy")
+    >>> model.predict(np.zeros((2, 784)), verbose=0).shape
+    (2, 10)
 
     Args:
         units: Positive integer, dimensionality of the output space.
         k_ratio: Float in `(0, 1]`, fraction of the units computed by the
             full path for each input; `k = max(1, round(k_ratio * units))`.
+            `layer.k_ratio` can be set later (validated, and `layer.k`
+            follows); `layer.k` itself is read-only.
         rank: Positive integer, rank `r` of the low-rank code shared by the
             gate and the light path. `None` uses `default_rank(d, units)`:
             the largest rank <= 32 whose gate and light path cost at most
@@ -167,15 +189,20 @@ class MIDL(keras.layers.Layer):
         light_path: `"lowrank"` (default) for `h_lite = z U + b_lite`, or
             `"zero"` for `h_lite = 0`: unselected neurons output
             `activation(0)`, a learned input-dependent dropout.
-        temperature: Positive float, temperature of the sigmoid whose
-            gradient the straight-through estimator uses.
-        gate_noise: Non-negative float, standard deviation of Gaussian noise
-            added to the gate logits before selection, in training only.
+        temperature: Positive finite float, temperature of the sigmoid
+            whose gradient the straight-through estimator uses. It changes
+            the gradients, not the forward pass.
+        gate_noise: Non-negative finite float, standard deviation of
+            Gaussian noise added to the gate logits before selection, in
+            training only.
         activation: Activation function, as for `Dense`.
         use_bias: Boolean, whether the full and light paths have biases
             `b` and `b_lite`. The gate bias `c` always exists.
-        kernel_initializer: Initializer of `W`, `V`, `G` and `U`.
-        bias_initializer: Initializer of `b`, `b_lite` and `c`.
+        kernel_initializer: Initializer of `W`, `V`, `G` and `U`. Each
+            weight gets its own draw, also from a seeded initializer (a
+            seed derived per weight, so the layer stays reproducible).
+        bias_initializer: Initializer of `b`, `b_lite` and `c`, one draw
+            each as for `kernel_initializer`.
         kernel_regularizer: Regularizer applied to `W`, `V`, `G` and `U`.
         bias_regularizer: Regularizer applied to `b` and `b_lite`.
         activity_regularizer: Regularizer applied to the output.
@@ -189,14 +216,15 @@ class MIDL(keras.layers.Layer):
             (training always uses the masked path); all give the same
             outputs up to float rounding. `"masked"`: one matmul `x W` for
             all `units`, then the 0/1 mask. `"gathered"`: for each input
-            row, gathers the `k` selected rows of `W^T` and computes only
-            those `k` dot products; it materializes `rows * k * input_dim`
-            weights, so it is meant for one or a few rows. `"auto"`:
-            gathered when the input's leading axes hold at most
-            `keras_midl.midl.GATHERED_MAX_ROWS` rows (known statically),
-            else masked; that is 0 rows (always masked) because, measured
-            on CPU, gathering through `keras.ops` is slower than the
-            masked path even for one row (README, "Speed").
+            row, only the `k` selected rows of `W^T` are read and their
+            `k` dot products computed (`keras_midl.fast_inference`:
+            `torch.compile` on torch, compiled on the first call; chunked
+            gathers on TensorFlow and JAX). `"auto"`: gathered where it
+            was measured faster, by the rule
+            `keras_midl.fast_inference.use_gathered_path` (rows known
+            statically, `input_dim * units`, `k_ratio`, backend), else
+            masked (README, "Speed"). Set `KERAS_MIDL_COMPILE=0` to keep
+            torch from compiling (`"auto"` then runs masked).
         seed: Integer, seed of the gate noise.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
@@ -210,10 +238,16 @@ class MIDL(keras.layers.Layer):
     Output shape:
         N-D tensor with shape `(batch_size, ..., units)`.
 
-    Mixed precision: the gate (`G`, `c`, the logits, the selection and the
-    sigmoid) is computed in float32 whatever the compute dtype, so the
-    selection sees no float16 overflow or bfloat16 ties; the paths and the
-    output are in the compute dtype.
+    Dtypes: the gate (`G`, `c`, the logits, the selection and the sigmoid)
+    and the code `z = x V` that feeds it run in `gate_dtype`: float32
+    under 16-bit and mixed policies, so the selection sees no float16
+    overflow or bfloat16 ties, and float64 in a float64 layer. The paths
+    and the output are in the compute dtype. `call` and `gate()` share
+    one computation of the gate, so `gate(x)["mask"]` is the mask `call`
+    uses, under every policy.
+
+    An empty batch (a leading axis of size 0) gives an empty output of
+    shape `(0, ..., units)`, as `Dense` does.
 
     Non-finite inputs propagate as in `Dense`: a row containing NaN or inf
     gives non-finite outputs for that row. Its NaN gate logits rank lowest,
@@ -244,6 +278,7 @@ class MIDL(keras.layers.Layer):
         selection=None,
         inference_path="masked",
         seed=None,
+        quantization_config=None,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
@@ -252,11 +287,7 @@ class MIDL(keras.layers.Layer):
                 "Received an invalid value for `units`, expected a positive "
                 f"integer. Received: units={units!r}"
             )
-        if not is_number(k_ratio) or not 0.0 < k_ratio <= 1.0:
-            raise ValueError(
-                "Received an invalid value for `k_ratio`, expected a float "
-                f"in the interval (0, 1]. Received: k_ratio={k_ratio!r}"
-            )
+        _check_k_ratio(k_ratio)
         if rank is not None and (not is_integer(rank) or rank < 1):
             raise ValueError(
                 "Received an invalid value for `rank`, expected a positive "
@@ -267,15 +298,16 @@ class MIDL(keras.layers.Layer):
                 "Received an invalid value for `light_path`, expected one "
                 f"of {LIGHT_PATHS}. Received: light_path={light_path!r}"
             )
-        if not is_number(temperature) or not temperature > 0:
+        if not _is_finite(temperature) or not temperature > 0:
             raise ValueError(
                 "Received an invalid value for `temperature`, expected a "
-                f"positive float. Received: temperature={temperature!r}"
+                f"positive finite float. Received: temperature={temperature!r}"
             )
-        if not is_number(gate_noise) or not gate_noise >= 0:
+        if not _is_finite(gate_noise) or not gate_noise >= 0:
             raise ValueError(
                 "Received an invalid value for `gate_noise`, expected a "
-                f"non-negative float. Received: gate_noise={gate_noise!r}"
+                "non-negative finite float. "
+                f"Received: gate_noise={gate_noise!r}"
             )
         if selection is not None and selection not in SELECTION_METHODS:
             raise ValueError(
@@ -289,7 +321,7 @@ class MIDL(keras.layers.Layer):
                 f"Received: inference_path={inference_path!r}"
             )
         self.units = units
-        self.k_ratio = float(k_ratio)
+        self.k_ratio = k_ratio  # also sets `k` (see the property)
         self.rank = rank
         self.light_path = light_path
         self.temperature = float(temperature)
@@ -305,7 +337,7 @@ class MIDL(keras.layers.Layer):
         self.selection = selection
         self.inference_path = inference_path
         self.seed = seed
-        self.k = num_selected(self.k_ratio, units)
+        self.quantization_config = quantization_config
         if self.gate_noise > 0:
             self.seed_generator = keras.random.SeedGenerator(seed)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
@@ -317,6 +349,45 @@ class MIDL(keras.layers.Layer):
         if self.selection is not None:
             return self.selection
         return _FASTEST_SELECTION.get(keras.backend.backend(), "top_k")
+
+    @property
+    def k_ratio(self):
+        """Fraction of the units on the full path; settable at any time.
+
+        Setting it validates the value as the constructor does and updates
+        `k` and `get_config()` together (no weight depends on `k`). Code
+        already traced keeps the `k` it was traced with: after changing
+        `k_ratio` between `fit` calls, call `model.compile(...)` again so
+        that compiled training and prediction functions are rebuilt.
+        """
+        return self._k_ratio
+
+    @k_ratio.setter
+    def k_ratio(self, value):
+        _check_k_ratio(value)
+        self._k_ratio = float(value)
+
+    @property
+    def k(self):
+        """Neurons on the full path per row, `num_selected(k_ratio, units)`;
+        read-only (set `k_ratio` instead)."""
+        return num_selected(self._k_ratio, self.units)
+
+    @k.setter
+    def k(self, value):
+        raise AttributeError(
+            f"`k` of layer {self.name} is read-only: it is derived from "
+            f"`k_ratio` and `units`. Set `layer.k_ratio` instead (in "
+            f"(0, 1]). Received: k={value!r}"
+        )
+
+    def _require_built(self, method):
+        if not self.built:
+            raise ValueError(
+                f"Layer {self.name} is not built yet, so `{method}` has no "
+                "weights to use. Call the layer on inputs, or call "
+                "`layer.build(input_shape)`, first."
+            )
 
     def build(self, input_shape):
         if len(input_shape) < 2:
@@ -363,10 +434,16 @@ class MIDL(keras.layers.Layer):
                 autocast=autocast,
             )
 
-        self.kernel = kernel("kernel", (self.units, input_dim))
+        if self.quantization_mode is None:
+            self.kernel = kernel("kernel", (self.units, input_dim))
+        elif self.quantization_mode == "int8":
+            self._int8_build((self.units, input_dim), self.quantization_config)
+        else:
+            raise self._quantization_mode_error(self.quantization_mode)
         self.bias = bias("bias") if self.use_bias else None
-        self.projection = kernel("projection", (input_dim, rank))
-        # The gate stays in float32 under mixed precision (see docstring).
+        # The gate, from the code `x V` on, stays in float32 under mixed
+        # precision (see the docstring and `_gate_outputs`).
+        self.projection = kernel("projection", (input_dim, rank), False)
         self.gate_kernel = kernel("gate_kernel", (rank, self.units), False)
         self.gate_bias = bias("gate_bias", regularized=False, autocast=False)
         if self.light_path == "lowrank":
@@ -379,44 +456,110 @@ class MIDL(keras.layers.Layer):
             min_ndim=2, axes={-1: input_dim}
         )
 
+    @property
+    def gate_dtype(self):
+        """dtype of the gate: `"float64"` for a float64 layer, else
+        `"float32"` (also under 16-bit and mixed policies)."""
+        dtype = keras.backend.standardize_dtype(self.variable_dtype)
+        return "float64" if dtype == "float64" else "float32"
+
     def gate_logits(self, code):
-        """Gate logits `s = z G + c` in float32, from the low-rank code."""
-        code = ops.cast(code, "float32")
-        return ops.add(ops.matmul(code, self.gate_kernel), self.gate_bias)
+        """Gate logits `s = z G + c` in `gate_dtype`, from the low-rank code."""
+        dtype = self.gate_dtype
+        logits = ops.matmul(
+            ops.cast(code, dtype), ops.cast(self.gate_kernel, dtype)
+        )
+        return ops.add(logits, ops.cast(self.gate_bias, dtype))
 
     def gate(self, inputs, training=False):
         """Computes the gate for a batch, without the paths.
+
+        The same computation as in `call` (`_gate_outputs`), so `"mask"` is
+        the selection `call` makes for these inputs, under every dtype
+        policy.
+
+        Example:
+
+        >>> layer = keras_midl.MIDL(8, k_ratio=0.25)
+        >>> layer.build((None, 5))
+        >>> gate = layer.gate(np.ones((3, 5)))
+        >>> keras.ops.convert_to_numpy(gate["mask"]).sum(axis=-1)
+        array([2., 2., 2.], dtype=float32)
 
         Args:
             inputs: Tensor of shape `(..., input_dim)`.
             training: Whether to add the gate noise before selection.
 
         Returns:
-            Dict with `"logits"` (`s`, float32), `"mask"` (`m`, float32
-            0/1, exactly `k` ones per row) and `"probabilities"`
-            (`sigmoid(s / temperature)`), each of shape `(..., units)`.
+            Dict with `"logits"` (`s`), `"mask"` (`m`, 0/1, exactly `k`
+            ones per row) and `"probabilities"` (`sigmoid(s /
+            temperature)`), each of shape `(..., units)` and dtype
+            `gate_dtype`.
+
+        Raises:
+            ValueError: If the layer is not built.
         """
-        inputs = ops.cast(inputs, self.compute_dtype)
-        code = ops.matmul(inputs, self.projection)
-        logits = self.gate_logits(code)
+        self._require_built("gate()")
+        _, logits, mask = self._gate_outputs(
+            ops.convert_to_tensor(inputs), training
+        )
         return {
             "logits": logits,
-            "mask": self._select(logits, training),
-            "probabilities": ops.sigmoid(logits / self.temperature),
+            "mask": mask,
+            "probabilities": self._gate_probabilities(logits),
         }
+
+    def _gate_outputs(self, inputs, training):
+        """The gate as `call` and `gate()` both compute it.
+
+        Returns `(code, logits, mask)`: the code `z = x V` in the compute
+        dtype (for the light path), the logits `s` and the 0/1 mask (with
+        the gate noise when training) in `gate_dtype`.
+
+        The inputs are rounded to the compute dtype, as `call` receives
+        them; from there on the gate is computed in `gate_dtype`, `z`
+        included (`V` is not autocast), and `z` is rounded to the compute
+        dtype only for the light path. No 16-bit value whose rounding a
+        compiler may skip (XLA's excess precision) feeds the selection, so
+        `gate()`, run op by op, finds the mask that `call` finds eagerly or
+        compiled.
+        """
+        dtype = self.gate_dtype
+        inputs = ops.cast(inputs, self.compute_dtype)
+        gate_code = ops.matmul(
+            ops.cast(inputs, dtype), ops.cast(self.projection, dtype)
+        )
+        logits = self.gate_logits(gate_code)
+        mask = ops.cast(self._select(logits, training), dtype)
+        code = ops.cast(gate_code, self.compute_dtype)
+        return code, logits, mask
+
+    def _gate_probabilities(self, logits):
+        """`sigmoid(s / temperature)`, whose gradient the mask takes."""
+        return ops.sigmoid(logits / self.temperature)
 
     def _select(self, logits, training):
         scores = logits
         if training and self.gate_noise > 0:
             scores = scores + self.gate_noise * keras.random.normal(
-                ops.shape(logits), seed=self.seed_generator
+                ops.shape(logits), dtype=logits.dtype, seed=self.seed_generator
             )
         return topk_mask(scores, self.k, method=self.selection_method)
 
     def call(self, inputs, training=None):
-        code = ops.matmul(inputs, self.projection)
-        logits = self.gate_logits(code)
-        mask = self._select(logits, training)
+        if not training:
+            # Called eagerly on TensorFlow or JAX: compile the inference.
+            outputs = fast_inference.eager_inference(self, inputs)
+            if outputs is not None:
+                return outputs
+        if not training and self._use_gathered_path(inputs):
+            # Sparse inference (keras_midl/fast_inference.py): the full
+            # path of the k selected neurons only.
+            outputs = self._gathered_outputs(inputs)
+            if self.activation is not None:
+                outputs = self.activation(outputs)
+            return outputs
+        code, logits, mask = self._gate_outputs(inputs, training)
         if self.light_kernel is None:
             light = None
         else:
@@ -424,19 +567,19 @@ class MIDL(keras.layers.Layer):
             if self.light_bias is not None:
                 light = ops.add(light, self.light_bias)
 
-        if not training and self._use_gathered_path(inputs):
-            outputs = self._gathered_outputs(inputs, mask, light)
+        soft = self._gate_probabilities(logits)
+        gate = ops.cast(straight_through(mask, soft), self.compute_dtype)
+        if self.quantization_mode == "int8":
+            full = self._int8_full_path(inputs)
         else:
-            soft = ops.sigmoid(logits / self.temperature)
-            gate = ops.cast(straight_through(mask, soft), self.compute_dtype)
             full = _matmul_transposed(inputs, self.kernel)
-            if self.bias is not None:
-                full = ops.add(full, self.bias)
-            # g*full + (1-g)*light rather than light + g*(full - light): a
-            # 0/1 gate then returns `full` or `light` exactly.
-            outputs = gate * full
-            if light is not None:
-                outputs = outputs + (1.0 - gate) * light
+        if self.bias is not None:
+            full = ops.add(full, self.bias)
+        # g*full + (1-g)*light rather than light + g*(full - light): a
+        # 0/1 gate then returns `full` or `light` exactly.
+        outputs = gate * full
+        if light is not None:
+            outputs = outputs + (1.0 - gate) * light
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
@@ -444,48 +587,217 @@ class MIDL(keras.layers.Layer):
     def _use_gathered_path(self, inputs):
         if self.inference_path != "auto":
             return self.inference_path == "gathered"
-        rows = _static_rows(inputs)
-        return rows is not None and 1 <= rows <= GATHERED_MAX_ROWS
+        return fast_inference.use_gathered_path(
+            _static_rows(inputs), self.input_dim, self.units, self.k_ratio
+        )
 
-    def _gathered_outputs(self, inputs, mask, light):
-        """Full path for the `k` selected neurons of each row only.
+    def _gathered_outputs(self, inputs):
+        """The inference output before the activation, computing the full
+        path of the `k` selected neurons only.
 
-        Gathers the `k` selected rows of `W^T` (contiguous in memory), takes
-        their dot products with the row, and scatters the results into the
-        light path. Equal to the masked path up to float rounding.
-
-        The gathered weights are materialized: `rows * k * d` values, so
-        this path is for a few rows at a time (see `GATHERED_MAX_ROWS`).
+        `fast_inference.sparse_inference`: the backend's fast path (chunked
+        gathers under XLA or `tf.function`, `torch.compile` on torch), with
+        the `keras.ops` reference as fallback. Equal to the masked path up
+        to float rounding. An int8 layer passes its int8 kernel, its
+        per-neuron scales and its inputs quantizer.
         """
-        leading_shape = ops.shape(inputs)[:-1]
-        rows = ops.reshape(inputs, (-1, self.input_dim))
-        row_mask = ops.reshape(mask, (-1, self.units))
-        # The mask has exactly k ones per row: any top_k of it finds them.
-        _, selected = ops.top_k(row_mask, self.k, sorted=False)
-        selected = ops.cast(selected, "int32")
-        if _static_rows(inputs) == 1:
-            # One (k, d) block and one matrix-vector product in its layout.
-            weights = ops.take(self.kernel, selected[0], axis=0)
-            values = ops.transpose(ops.matmul(weights, ops.transpose(rows)))
+        weights = fast_inference.layer_weights(self)
+        quantizer = None
+        if self.quantization_mode == "int8":
+            quantizer = self.inputs_quantizer or None
         else:
-            weights = ops.take(self.kernel, selected, axis=0)  # (rows, k, d)
-            values = ops.einsum("bd,bkd->bk", rows, weights)
-        if self.bias is not None:
-            values = values + ops.take(self.bias, selected)
-        row_ids = ops.broadcast_to(
-            ops.arange(ops.shape(rows)[0], dtype="int32")[:, None],
-            ops.shape(selected),
+            weights["kernel_scale"] = None
+        return fast_inference.sparse_inference(
+            inputs,
+            weights,
+            self.k,
+            selection=self.selection_method,
+            compute_dtype=self.compute_dtype,
+            gate_dtype=self.gate_dtype,
+            inputs_quantizer=quantizer,
         )
-        indices = ops.stack([row_ids, selected], axis=-1)
-        full = ops.scatter_update(
-            ops.zeros(ops.shape(row_mask), self.compute_dtype),
-            ops.reshape(indices, (-1, 2)),
-            ops.reshape(values, (-1,)),
+
+    # --- Conversion and int8 quantization (Keras's quantization protocol) --
+
+    @classmethod
+    def from_dense(
+        cls, layer, k_ratio=0.5, rank=None, gate_init="lowrank", **kwargs
+    ):
+        """A built MIDL layer initialized from a built `Dense` layer.
+
+        The full path is the Dense layer (`W`, transposed to this layer's
+        `(units, input_dim)` layout, and `b`); `V` and `U` are the
+        truncated-SVD factors of `W` with the singular values split
+        between them (`V = P_r sqrt(S_r)`, `U = sqrt(S_r) Q_r^T`), so
+        `z U` is the best rank-`r` approximation of `x W`, and
+        `b_lite = b`. With `gate_init="lowrank"` the gate starts as
+        `G = U`, `c = b`: it picks the neurons with the largest approximate
+        pre-activation. Activation, bias use, initializers, regularizers,
+        constraints and the dtype policy are the Dense layer's.
+
+        Example:
+
+        >>> dense = keras.layers.Dense(64, activation="relu")
+        >>> dense.build((None, 32))
+        >>> layer = keras_midl.MIDL.from_dense(dense, k_ratio=1.0, rank=8)
+        >>> x = np.random.rand(2, 32).astype("float32")
+        >>> bool(np.allclose(layer(x), dense(x), atol=1e-5))
+        True
+
+        Args:
+            layer: A built `keras.layers.Dense` (not quantized, no LoRA).
+            k_ratio: The MIDL layer's `k_ratio`.
+            rank: `r`, at most `min(input_dim, units)`; `None` uses
+                `default_rank(input_dim, units)`.
+            gate_init: `"lowrank"` (`G = U`, `c = b`) or `"random"` (this
+                layer's own initializers).
+            **kwargs: Other MIDL arguments (`name`, `light_path`,
+                `inference_path`, ...), not those taken from `layer`.
+
+        Returns:
+            A built `MIDL` layer.
+        """
+        from keras_midl.convert import from_dense
+
+        return from_dense(cls, layer, k_ratio, rank, gate_init, **kwargs)
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Quantizes the full-path kernel in place; Keras's PTQ protocol.
+
+        Only `mode="int8"`: `W` is stored as int8 with one scale per neuron
+        (absmax over its `input_dim` weights); as in `Dense`, the inputs
+        of the full path are quantized per row (unless `config` says
+        otherwise). The gate, projection and light path stay in float.
+        Usually called through `model.quantize("int8")`.
+        """
+        if type_check and type(self) is not MIDL:
+            raise self._not_implemented_error(self.quantize)
+        if mode != "int8":
+            raise NotImplementedError(
+                f"Layer {self.__class__.__name__} supports the quantization "
+                f"mode 'int8' only. Received: mode={mode!r}"
+            )
+        self.quantization_config = config
+        quantizer = quantizers.QuantizationConfig.weight_quantizer_or_default(
+            config, quantizers.AbsMaxQuantizer(axis=-1)
         )
-        outputs = ops.reshape(full, (*leading_shape, self.units))
-        if light is not None:
-            outputs = outputs + (1.0 - ops.cast(mask, light.dtype)) * light
-        return outputs
+        kernel_value, kernel_scale = quantizer(self.kernel, to_numpy=True)
+        if tuple(kernel_scale.shape) != (self.units, 1):
+            raise ValueError(
+                "MIDL stores its kernel as (units, input_dim) and needs one "
+                "scale per neuron: the weight quantizer must reduce axis -1. "
+                f"Received: scale shape {tuple(kernel_scale.shape)}"
+            )
+        kernel_shape = tuple(self.kernel.shape)
+        del self.kernel
+        self._int8_build(kernel_shape, config)
+        self.kernel.assign(kernel_value)
+        self.kernel_scale.assign(ops.squeeze(kernel_scale, axis=-1))
+        # Set before the policy, so that its setter does not quantize again.
+        self._is_quantized = True
+        if self.dtype_policy.quantization_mode is None:
+            self.dtype_policy = dtype_policies.get(
+                f"{mode}_from_{self.dtype_policy.name}"
+            )
+
+    def _int8_build(self, kernel_shape, config=None):
+        self.inputs_quantizer = (
+            quantizers.QuantizationConfig.activation_quantizer_or_default(
+                config, quantizers.AbsMaxQuantizer()
+            )
+        )
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=kernel_shape,
+            initializer="zeros",
+            dtype="int8",
+            trainable=False,
+        )
+        self.kernel_scale = self.add_weight(
+            name="kernel_scale",
+            shape=(self.units,),
+            initializer="ones",
+            trainable=False,
+        )
+        self._is_quantized = True
+
+    def _int8_call(self, inputs, training=None):
+        # Same computation as `call`; its full path reads the int8 kernel
+        # (`_int8_full_path` when masked; `fast_inference` when gathered).
+        return self.call(inputs, training=training)
+
+    def _int8_full_path(self, inputs):
+        """`x W` from the int8 kernel, with Dense's custom gradient."""
+
+        @ops.custom_gradient
+        def full_path(inputs, kernel, kernel_scale):
+            def grad_fn(*args, upstream=None):
+                if upstream is None:
+                    (upstream,) = args
+                float_kernel = ops.divide(
+                    ops.cast(kernel, self.compute_dtype),
+                    ops.expand_dims(kernel_scale, -1),
+                )
+                return (ops.matmul(upstream, float_kernel), None, None)
+
+            scale = kernel_scale
+            if self.inputs_quantizer:
+                inputs, inputs_scale = self.inputs_quantizer(inputs, axis=-1)
+                scale = ops.multiply(scale, inputs_scale)
+            outputs = ops.cast(
+                _matmul_transposed(inputs, kernel), self.compute_dtype
+            )
+            return ops.divide(outputs, scale), grad_fn
+
+        return full_path(
+            inputs,
+            ops.convert_to_tensor(self.kernel),
+            ops.convert_to_tensor(self.kernel_scale),
+        )
+
+    @property
+    def variable_serialization_spec(self):
+        """Variable names saved by `save_own_variables`, in order, per
+        quantization mode (`None`: float). Absent ones (no bias, no light
+        path) are skipped. The float order is the order `build` creates
+        them, so files saved before this method existed still load."""
+        names = [
+            "kernel",
+            "bias",
+            "projection",
+            "gate_kernel",
+            "gate_bias",
+            "light_kernel",
+            "light_bias",
+        ]
+        return {None: names, "int8": names + ["kernel_scale"]}
+
+    def _serialized_variables(self):
+        mode = self.quantization_mode
+        if mode not in self.variable_serialization_spec:
+            raise self._quantization_mode_error(mode)
+        names = self.variable_serialization_spec[mode]
+        variables = [getattr(self, name, None) for name in names]
+        return [v for v in variables if v is not None]
+
+    def save_own_variables(self, store):
+        if not self.built:
+            return
+        for index, variable in enumerate(self._serialized_variables()):
+            store[str(index)] = variable
+
+    def load_own_variables(self, store):
+        if not self.built:
+            return
+        variables = self._serialized_variables()
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"Layer '{self.name}' expected {len(variables)} variables, "
+                f"but received {len(store.keys())} variables during loading. "
+                f"Expected: {[v.name for v in variables]}"
+            )
+        for index, variable in enumerate(variables):
+            variable.assign(store[str(index)])
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
@@ -497,7 +809,16 @@ class MIDL(keras.layers.Layer):
         `light_path="zero"`) and the full path of the `k` selected neurons
         (`k*d`). Bias additions and the O(n) selection are not counted, as
         for Dense's `d*n`.
+
+        Args:
+            input_dim: `d`; defaults to the built layer's input size.
+
+        Raises:
+            ValueError: If `input_dim` is not given and the layer is not
+                built.
         """
+        if input_dim is None:
+            self._require_built("inference_multiply_adds()")
         d = input_dim if input_dim is not None else self.input_dim
         r = self.rank or default_rank(d, self.units)
         light = r * self.units if self.light_path == "lowrank" else 0
@@ -530,8 +851,19 @@ class MIDL(keras.layers.Layer):
             "selection": self.selection,
             "inference_path": self.inference_path,
             "seed": self.seed,
+            "quantization_config": keras.saving.serialize_keras_object(
+                self.quantization_config
+            ),
         }
         return {**base_config, **config}
+
+    @classmethod
+    def from_config(cls, config):
+        config = config.copy()
+        config["quantization_config"] = keras.saving.deserialize_keras_object(
+            config.get("quantization_config", None)
+        )
+        return super().from_config(config)
 
 
 # The faster selection per backend (benchmarks/results/selection.md): MLP

@@ -8,8 +8,14 @@ without a display. Needs `pip install matplotlib` (part of the `dev` and
 
 Example:
 
->>> stats = keras_midl.gate_statistics(model, x_test[:2000])["midl"]
->>> save_gate_plots(stats, "gates.png", labels=y_test[:2000])
+>>> import keras_midl.plotting
+>>> model = keras.Sequential([
+...     keras.Input((8,)), keras_midl.MIDL(16, k_ratio=0.5, name="midl")])
+>>> x = np.random.default_rng(0).normal(size=(200, 8)).astype("float32")
+>>> labels = (x[:, 0] > 0).astype("int32")
+>>> stats = keras_midl.gate_statistics(model, x)["midl"]
+>>> figure = keras_midl.plotting.save_gate_plots(
+...     stats, "gates.png", labels=labels)
 """
 
 import numpy as np

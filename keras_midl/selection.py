@@ -37,6 +37,10 @@ def kth_largest(scores, k, method="top_k"):
         # The smallest of the k largest values: no need to sort them, which
         # makes this 2-5x faster than reading the k-th of a sorted top_k.
         values, _ = ops.top_k(scores, k, sorted=False)
+        if 0 in tuple(values.shape):
+            # An empty batch: `ops.min` refuses empty tensors (torch, eager
+            # TensorFlow), although only the leading axes are empty here.
+            return ops.zeros((*values.shape[:-1], 1), "float32")
         return ops.min(values, axis=-1, keepdims=True)
     if method == "bisection":
         return _kth_largest_bisection(scores, k)
@@ -163,8 +167,10 @@ def straight_through(hard, soft):
         soft: Tensor broadcastable to `hard`, a differentiable surrogate.
 
     Returns:
-        Tensor equal to `hard` whose gradient is that of `soft`.
+        Tensor equal to `hard` whose gradient is that of `soft`, in the
+        dtype of `soft` (`hard` is cast to it, so a float32 mask and a
+        float64 or float16 surrogate do not mix dtypes).
     """
-    hard = ops.convert_to_tensor(hard)
     soft = ops.convert_to_tensor(soft)
+    hard = ops.cast(hard, soft.dtype)
     return hard + (soft - ops.stop_gradient(soft))

@@ -12,10 +12,10 @@ Three pieces, usable together or alone:
   flops_fraction = multiply_adds(model) / multiply_adds(dense_model)
   ```
 
-  where `dense_model` is the same model with each MIDL layer replaced by a
-  `Dense` layer of the same units (`d*n` per row instead of MIDL's
-  `d*r + 2*r*n + k*d`). KerasTuner sums multiple objectives, so the
-  trade-off has to be one metric; use it as
+  (`keras_midl.flops.flops_fraction`), where `dense_model` is the same
+  model with each MIDL layer replaced by a `Dense` layer of the same units
+  (`d*n` per row instead of MIDL's `d*r + 2*r*n + k*d`). KerasTuner sums
+  multiple objectives, so the trade-off has to be one metric; use it as
   `objective=keras_tuner.Objective("val_efficiency", "max")`.
 * `MIDLHyperModel` wraps a model-building function: it adds the callback to
   every `fit` and, for a function without an `hp` argument, tunes the
@@ -28,23 +28,36 @@ searches for accuracy alone.
 
 Example:
 
+>>> import tempfile
+>>> import keras_tuner
+>>> import keras_midl.tuning
 >>> def build(hp):
 ...     model = keras.Sequential([
-...         keras.Input((784,)),
-...         MIDL(256, activation="relu", **midl_hyperparameters(hp)),
-...         keras.layers.Dense(10, activation="softmax"),
+...         keras.Input((8,)),
+...         keras_midl.MIDL(
+...             32, activation="relu",
+...             **keras_midl.tuning.midl_hyperparameters(
+...                 hp, k_ratio=(0.25, 1.0), k_ratio_step=0.25)),
+...         keras.layers.Dense(2, activation="softmax"),
 ...     ])
 ...     model.compile("adam", "sparse_categorical_crossentropy",
 ...                   metrics=["accuracy"])
 ...     return model
->>> hypermodel = MIDLHyperModel(build, lam=0.1)
->>> tuner = keras_tuner.RandomSearch(
-...     hypermodel, objective=hypermodel.objective, max_trials=10)
->>> tuner.search(x, y, validation_data=(x_val, y_val), epochs=2)
+>>> hypermodel = keras_midl.tuning.MIDLHyperModel(build, lam=0.1)
+>>> tuner = keras_tuner.GridSearch(
+...     hypermodel, objective=hypermodel.objective, max_trials=2,
+...     directory=tempfile.mkdtemp())
+>>> x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+>>> y = (x[:, 0] > 0).astype("int32")
+>>> tuner.search(x, y, validation_data=(x, y), epochs=1, verbose=0)
+>>> [t.hyperparameters.get("k_ratio") for t in tuner.oracle.trials.values()]
+[0.25, 0.5]
 """
 
+import decimal
 import inspect
 import math
+import warnings
 
 import keras
 import keras_tuner
@@ -120,6 +133,58 @@ def _validate_choices(argument, values, is_valid, expected):
     return values
 
 
+def _decimals(value):
+    exponent = decimal.Decimal(repr(float(value))).as_tuple().exponent
+    return max(0, -exponent)
+
+
+def k_ratio_grid(k_ratio=(0.1, 1.0), step=0.05, sampling="linear"):
+    """The `k_ratio` values a stepped search proposes, rounded.
+
+    Linear sampling gives `min_value + i * step`, rounded to the decimals
+    of `min_value` and `step`; logarithmic sampling `min_value * step**i`
+    (`"reverse_log"`: mirrored, denser near `max_value`), rounded to 10
+    decimals. Values above `max_value` are dropped; `max_value` itself is
+    kept when the steps reach it.
+
+    Example:
+
+    >>> keras_midl.tuning.k_ratio_grid((0.2, 1.0), 0.2)
+    [0.2, 0.4, 0.6, 0.8, 1.0]
+    >>> keras_midl.tuning.k_ratio_grid((0.125, 1.0), 2.0, sampling="log")
+    [0.125, 0.25, 0.5, 1.0]
+
+    Args:
+        k_ratio: Pair `(min_value, max_value)` with
+            `0 < min_value <= max_value <= 1`.
+        step: Distance between two values, or a factor `> 1` with
+            logarithmic sampling.
+        sampling: `"linear"`, `"log"` or `"reverse_log"`.
+
+    Returns:
+        List of Python floats in increasing order.
+    """
+    _validate_k_ratio_range(k_ratio, step, sampling)
+    if step is None:
+        raise ValueError(
+            "`k_ratio_grid` needs a step: a continuous range has no grid. "
+            f"Received: step={step!r}"
+        )
+    low, high = float(k_ratio[0]), float(k_ratio[1])
+    if sampling == "linear":
+        # (1.0 - 0.1) // 0.1 == 8.0 in floating point: a tolerance far
+        # below the step keeps `max_value` on the grid.
+        count = int((high - low) / step + 1e-6) + 1
+        digits = max(_decimals(low), _decimals(step))
+        return [round(low + i * step, digits) for i in range(count)]
+    count = int(math.log(high / low, step) + 1e-6) + 1
+    if sampling == "log":
+        values = [low * step**i for i in range(count)]
+    else:
+        values = [high + low - low * step**i for i in range(count)]
+    return sorted(round(value, 10) for value in values)
+
+
 def midl_hyperparameters(
     hp,
     name=None,
@@ -132,16 +197,24 @@ def midl_hyperparameters(
 ):
     """Declares the search space of one MIDL layer and returns its arguments.
 
-    `k_ratio` is searched as a float in `[min_value, max_value]`, a subset
-    of `(0, 1]`: with the defaults, `0.1, 0.15, ..., 1.0`. `rank` and
+    With a step, `k_ratio` is searched as a `Choice` among the values of
+    `k_ratio_grid` (with the defaults `0.1, 0.15, ..., 1.0`, rounded: `0.6`,
+    not `0.6000000000000001`); with `k_ratio_step=None`, as a continuous
+    `Float` in `[min_value, max_value]`, a subset of `(0, 1]`. `rank` and
     `gate_noise` are searched only when given a list of candidate values.
 
     Example:
 
+    >>> import keras_tuner
     >>> hp = keras_tuner.HyperParameters()
-    >>> midl_hyperparameters(hp, name="hidden", rank=[8, 16, 32])
-    {'k_ratio': 0.1, 'rank': 8}
-    >>> MIDL(256, **midl_hyperparameters(hp, name="hidden", rank=[8, 16, 32]))
+    >>> keras_midl.tuning.midl_hyperparameters(
+    ...     hp, name="hidden", k_ratio=(0.2, 1.0), k_ratio_step=0.2,
+    ...     k_ratio_default=0.6, rank=[8, 16, 32])
+    {'k_ratio': 0.6, 'rank': 8}
+    >>> hp.space[0].values
+    [0.2, 0.4, 0.6, 0.8, 1.0]
+    >>> layer = keras_midl.MIDL(
+    ...     256, **keras_midl.tuning.midl_hyperparameters(hp, name="hidden"))
 
     Args:
         hp: A `keras_tuner.HyperParameters`.
@@ -153,9 +226,12 @@ def midl_hyperparameters(
         k_ratio_step: Distance between two candidate values (a factor
             `> 1` with logarithmic sampling), or `None` for a continuous
             range. Values above `max_value` are never proposed.
-        k_ratio_sampling: `"linear"`, `"log"` or `"reverse_log"`.
-        k_ratio_default: Value used when the hyperparameter is not tuned;
-            `None` for `min_value`.
+        k_ratio_sampling: `"linear"`, `"log"` or `"reverse_log"`: how the
+            grid is spaced (see `k_ratio_grid`), or how a continuous range
+            is sampled.
+        k_ratio_default: Value used before the search proposes one (and
+            when the hyperparameter is not tuned); one of the grid values
+            when there is a step. `None` for `min_value`.
         rank: `None` (the layer's default rank, not searched) or a list of
             positive integers to choose from.
         gate_noise: `None` (no noise, not searched) or a list of
@@ -167,8 +243,8 @@ def midl_hyperparameters(
 
     Raises:
         ValueError: for a `k_ratio` range outside `(0, 1]`, a `min_value`
-            above `max_value`, a step that does not advance, or invalid
-            `rank` / `gate_noise` candidates.
+            above `max_value`, a step that does not advance, a default off
+            the grid, or invalid `rank` / `gate_noise` candidates.
     """
     if not isinstance(hp, keras_tuner.HyperParameters):
         raise ValueError(
@@ -202,23 +278,31 @@ def midl_hyperparameters(
 
     if low == high:
         value = hp.Fixed(_scoped(name, "k_ratio"), low)
-    else:
-        # KerasTuner counts linear steps as `(max - min) // step + 1`, and
-        # (1.0 - 0.1) // 0.1 == 8.0 in floating point: `max_value` would
-        # never be proposed. A margin far below the step restores it.
-        margin = k_ratio_step * 1e-6 if k_ratio_step is not None else 0.0
-        if k_ratio_sampling != "linear":
-            margin = 0.0
+    elif k_ratio_step is None:
         value = hp.Float(
             _scoped(name, "k_ratio"),
             min_value=low,
-            max_value=high + margin,
-            step=k_ratio_step,
+            max_value=high,
             sampling=k_ratio_sampling,
             default=k_ratio_default,
         )
-    # Float steps accumulate rounding (0.1 + 2 * 0.05 = 0.20000000000000004):
-    # round, and keep the value inside the layer's valid interval.
+    else:
+        grid = k_ratio_grid(
+            (low, high), k_ratio_step, sampling=k_ratio_sampling
+        )
+        default = grid[0] if k_ratio_default is None else k_ratio_default
+        if default not in grid:
+            raise ValueError(
+                "Received an invalid value for `k_ratio_default`, expected "
+                f"None or one of the grid values {grid}. "
+                f"Received: k_ratio_default={k_ratio_default!r}"
+            )
+        # A Choice of rounded values rather than a stepped Float, whose
+        # values KerasTuner builds as `min + i * step` and shows as
+        # 0.6000000000000001.
+        value = hp.Choice(_scoped(name, "k_ratio"), grid, default=default)
+    # A continuous range gives arbitrary floats: keep them inside the
+    # layer's valid interval, with no more digits than a config needs.
     arguments = {"k_ratio": min(1.0, max(round(float(value), 10), 1e-10))}
     if ranks is not None:
         arguments["rank"] = hp.Choice(_scoped(name, "rank"), ranks)
@@ -229,71 +313,12 @@ def midl_hyperparameters(
     return arguments
 
 
-def _midl_counts(model):
-    return [
-        (layer, count)
-        for _, layer, count in flops.layer_counts(model)
-        if isinstance(layer, MIDL)
-    ]
-
-
-def dense_multiply_adds(model):
-    """Multiply-adds per example of `model` with every MIDL made a `Dense`.
-
-    Each MIDL layer counts `rows * d * n` (the `Dense(units)` it replaces)
-    instead of `rows * (d*r + 2*r*n + k*d)`; other layers count as in
-    `keras_midl.flops.model_multiply_adds`.
-
-    Args:
-        model: A built Sequential or Functional `keras.Model`.
-
-    Returns:
-        Python int.
-    """
-    total = flops.model_multiply_adds(model)
-    for layer, count in _midl_counts(model):
-        per_row = layer.inference_multiply_adds()
-        rows = count // per_row
-        total += rows * layer.input_dim * layer.units - count
-    return total
-
-
-def flops_fraction(model):
-    """Inference cost of `model` relative to its all-Dense counterpart.
-
-    `model_multiply_adds(model) / dense_multiply_adds(model)`: below 1 when
-    the MIDL layers make the model cheaper (the gate and light path
-    included, so `k_ratio=1` gives a fraction above 1). Depends on the
-    architecture and `k_ratio` only, not on the weights.
-
-    Example:
-
-    >>> model = keras.Sequential([
-    ...     keras.Input((784,)), MIDL(512, k_ratio=0.45, rank=32)])
-    >>> flops_fraction(model)   # 238176 / (784 * 512)
-    0.5933...
-
-    Args:
-        model: A built Sequential or Functional `keras.Model`.
-
-    Returns:
-        Python float.
-    """
-    dense = dense_multiply_adds(model)
-    if dense == 0:
-        raise ValueError(
-            f"Model {model.name!r} has zero multiply-adds: the FLOPs fraction "
-            "is undefined."
-        )
-    return flops.model_multiply_adds(model) / dense
-
-
 class EfficiencyObjective(keras.callbacks.Callback):
     """Logs `accuracy - lam * flops_fraction` at the end of every epoch.
 
     ```
-    logs[name] = logs[accuracy] - lam * flops_fraction(model)
-    logs[fraction_name] = flops_fraction(model)
+    logs[name] = logs[accuracy] - lam * keras_midl.flops.flops_fraction(model)
+    logs[fraction_name] = keras_midl.flops.flops_fraction(model)
     ```
 
     Place it before the callbacks that read the objective (KerasTuner's
@@ -303,10 +328,22 @@ class EfficiencyObjective(keras.callbacks.Callback):
 
     Example:
 
-    >>> efficiency = EfficiencyObjective(lam=0.1)
-    >>> model.fit(x, y, validation_data=(x_val, y_val),
-    ...           callbacks=[efficiency])
-    >>> model.history.history["val_efficiency"]
+    >>> model = keras.Sequential([
+    ...     keras.Input((8,)),
+    ...     keras_midl.MIDL(32, k_ratio=0.25, rank=2, activation="relu"),
+    ...     keras.layers.Dense(2, activation="softmax"),
+    ... ])
+    >>> model.compile("adam", "sparse_categorical_crossentropy",
+    ...               metrics=["accuracy"])
+    >>> x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    >>> y = (x[:, 0] > 0).astype("int32")
+    >>> efficiency = keras_midl.tuning.EfficiencyObjective(lam=0.1)
+    >>> history = model.fit(x, y, validation_data=(x, y), epochs=2,
+    ...                     callbacks=[efficiency], verbose=0)
+    >>> history.history["flops_fraction"]   # (8*2 + 2*2*32 + 8*8 + 64) / 320
+    [0.85, 0.85]
+    >>> len(history.history["val_efficiency"])
+    2
 
     Args:
         lam: Non-negative float, the accuracy given up per unit of FLOPs
@@ -317,6 +354,12 @@ class EfficiencyObjective(keras.callbacks.Callback):
         name: Name of the logged objective.
         fraction_name: Name under which the FLOPs fraction is logged, or
             `None` not to log it.
+
+    Raises:
+        ValueError: for a negative or non-finite `lam`, or a `name` or
+            `fraction_name` that would overwrite another logged value:
+            `accuracy`, each other, or (at the first epoch end) any metric
+            the model logs.
     """
 
     def __init__(
@@ -343,6 +386,21 @@ class EfficiencyObjective(keras.callbacks.Callback):
                 "`name` must differ from `accuracy`, whose logged value it "
                 f"would overwrite. Received: name={name!r}"
             )
+        if fraction_name is not None and (
+            not isinstance(fraction_name, str) or not fraction_name
+        ):
+            raise ValueError(
+                "Received an invalid value for `fraction_name`, expected None "
+                "or a non-empty string. "
+                f"Received: fraction_name={fraction_name!r}"
+            )
+        if fraction_name in (accuracy, name):
+            raise ValueError(
+                "`fraction_name` must differ from `accuracy` and `name`, whose "
+                "logged values it would overwrite. Received: "
+                f"fraction_name={fraction_name!r}, accuracy={accuracy!r}, "
+                f"name={name!r}"
+            )
         self.lam = float(lam)
         self.accuracy = accuracy
         self.name = name
@@ -363,9 +421,20 @@ class EfficiencyObjective(keras.callbacks.Callback):
                 "model with metrics=['accuracy'] and fit it with validation "
                 "data, or pass the name of a logged metric as `accuracy`."
             )
-        fraction = flops_fraction(self.model)
+        # Metric names are known only once the model has logged them.
+        for argument, value in (
+            ("name", self.name),
+            ("fraction_name", self.fraction_name),
+        ):
+            if value in logs:
+                raise ValueError(
+                    f"EfficiencyObjective would overwrite the logged metric "
+                    f"{value!r}: choose another `{argument}`. The epoch logs "
+                    f"hold {sorted(logs)}. Received: {argument}={value!r}"
+                )
+        fraction = flops.flops_fraction(self.model)
         logs[self.name] = float(logs[self.accuracy]) - self.lam * fraction
-        if self.fraction_name:
+        if self.fraction_name is not None:
             logs[self.fraction_name] = fraction
 
 
@@ -385,6 +454,11 @@ def _takes_hp(build_model):
         )
     ]
     return bool(positional)
+
+
+_SEARCH_SPACE_ARGUMENTS = frozenset(
+    inspect.signature(midl_hyperparameters).parameters
+) - {"hp", "name"}
 
 
 class MIDLHyperModel(keras_tuner.HyperModel):
@@ -407,18 +481,29 @@ class MIDLHyperModel(keras_tuner.HyperModel):
 
     Example:
 
+    >>> import keras_tuner
     >>> def build():   # no hp: the k_ratio of each MIDL layer is searched
     ...     model = keras.Sequential([
     ...         keras.Input((784,)),
-    ...         MIDL(256, activation="relu"),
+    ...         keras_midl.MIDL(256, activation="relu"),
+    ...         keras_midl.MIDL(128, activation="relu"),
     ...         keras.layers.Dense(10, activation="softmax"),
     ...     ])
     ...     model.compile("adam", "sparse_categorical_crossentropy",
     ...                   metrics=["accuracy"])
     ...     return model
-    >>> hypermodel = MIDLHyperModel(build, lam=0.1)
-    >>> tuner = keras_tuner.BayesianOptimization(
-    ...     hypermodel, objective=hypermodel.objective, max_trials=10)
+    >>> hypermodel = keras_midl.tuning.MIDLHyperModel(
+    ...     build, lam=0.1,
+    ...     search_space={"k_ratio": (0.2, 1.0), "k_ratio_step": 0.2})
+    >>> hp = keras_tuner.HyperParameters()
+    >>> model = hypermodel.build(hp)
+    >>> [(p.name, p.values) for p in hp.space]
+    [('midl_0/k_ratio', [0.2, 0.4, 0.6, 0.8, 1.0]),
+     ('midl_1/k_ratio', [0.2, 0.4, 0.6, 0.8, 1.0])]
+
+    Pass `hypermodel` and `hypermodel.objective` to any KerasTuner tuner,
+    e.g. `keras_tuner.BayesianOptimization(hypermodel,
+    objective=hypermodel.objective, max_trials=10)`.
 
     Args:
         build_model: Callable, `build_model(hp)` or `build_model()`,
@@ -452,17 +537,32 @@ class MIDLHyperModel(keras_tuner.HyperModel):
                 f"Received: build_model={build_model!r}"
             )
         self.build_model = build_model
+        self._takes_hp = _takes_hp(build_model)
+        self._warned = False
         self.search_space = dict(search_space or {})
         if "name" in self.search_space:
             raise ValueError(
                 "`search_space` cannot set `name`: it is derived from the "
                 f"layer order. Received: search_space={search_space!r}"
             )
+        unknown = set(self.search_space) - _SEARCH_SPACE_ARGUMENTS
+        if unknown:
+            raise ValueError(
+                f"Unknown `search_space` keys {sorted(unknown)}: expected "
+                "arguments of `midl_hyperparameters`, among "
+                f"{sorted(_SEARCH_SPACE_ARGUMENTS)}. "
+                f"Received: search_space={search_space!r}"
+            )
+        if self.search_space and self._takes_hp:
+            raise ValueError(
+                "`search_space` applies only to a `build_model()` without "
+                "`hp`: a `build_model(hp)` declares its own search space. "
+                f"Received: search_space={search_space!r}"
+            )
         # Validates lam and the names now rather than in the first trial.
         self.efficiency = EfficiencyObjective(
             lam=lam, accuracy=accuracy, name=objective_name
         )
-        self._takes_hp = _takes_hp(build_model)
 
     @property
     def objective(self):
@@ -470,9 +570,23 @@ class MIDLHyperModel(keras_tuner.HyperModel):
         return self.efficiency.objective
 
     def build(self, hp):
-        if self._takes_hp:
-            return self.build_model(hp)
-        return self._with_tuned_k_ratios(hp, self.build_model())
+        if not self._takes_hp:
+            return self._with_tuned_k_ratios(hp, self.build_model())
+        model = self.build_model(hp)
+        if not self._warned and not any(
+            p.name == "k_ratio" or p.name.endswith("/k_ratio") for p in hp.space
+        ):
+            self._warned = True
+            warnings.warn(
+                "`build_model(hp)` declared no `k_ratio` hyperparameter "
+                f"(declared: {sorted(p.name for p in hp.space)}): the search "
+                "will not vary any MIDL layer's k_ratio. Declare it with "
+                "`keras_midl.tuning.midl_hyperparameters(hp, ...)`, or pass "
+                "a `build_model()` without `hp` to tune every MIDL layer's "
+                "k_ratio.",
+                stacklevel=2,
+            )
+        return model
 
     def _with_tuned_k_ratios(self, hp, model):
         layers = [layer for layer in model.layers if isinstance(layer, MIDL)]

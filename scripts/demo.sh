@@ -2,7 +2,9 @@
 # Installs everything into .venv, then trains a Dense MLP and the same MLP
 # with MIDL hidden layers and prints the comparison. Arguments go to
 # examples/quickstart.py (e.g. --backend jax --k-ratio 0.45 --epochs 20).
+# It writes quickstart.md outside the repository unless given
+# --output benchmarks/results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python examples/quickstart.py "$@"
+TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python -m examples.quickstart "$@"

@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-  -c requirements/constraints.txt -e ".[all]"
+  -c requirements/constraints.txt -e ".[all]" -r requirements/benchmarks.txt

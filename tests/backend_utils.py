@@ -1,7 +1,102 @@
-"""Backend-specific test helpers (the library itself uses keras.ops only)."""
+"""Test helpers: the backend in use, gradients per backend, a layer test.
+
+The library itself uses keras.ops only; the gradient helpers here are the
+backend-specific code the tests need.
+"""
+
+import os
+import tempfile
 
 import keras
 import numpy as np
+
+BACKEND = keras.backend.backend()
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def run_layer_test(
+    layer_cls,
+    init_kwargs,
+    input_shape,
+    expected_output_shape,
+    expected_num_trainable_weights=None,
+    expected_num_non_trainable_weights=0,
+    input_dtype="float32",
+):
+    """Checks what every Keras layer must do, in the spirit of Keras's
+    `testing.TestCase.run_layer_test`:
+
+    * `get_config()` holds each plain (scalar or string) constructor
+      argument unchanged, and `from_config(get_config())` gives the same
+      config;
+    * `build` creates the expected number of trainable and non-trainable
+      weights, and `compute_output_shape` gives the expected shape;
+    * an eager call on data and a symbolic call on `keras.Input` give the
+      expected shape;
+    * a model holding the layer saved as `.keras` and loaded back predicts
+      the same outputs (inference mode).
+
+    Args:
+        layer_cls: The layer class.
+        init_kwargs: Dict of constructor arguments.
+        input_shape: Concrete input shape, batch axis included.
+        expected_output_shape: Output shape for that input.
+        expected_num_trainable_weights: Checked when not `None`.
+        expected_num_non_trainable_weights: Checked when not `None`.
+        input_dtype: Dtype of the random input data.
+
+    Returns:
+        The built layer of the saved model, for further checks.
+    """
+    input_shape = tuple(input_shape)
+    expected_output_shape = tuple(expected_output_shape)
+
+    layer = layer_cls(**init_kwargs)
+    config = layer.get_config()
+    for key, value in init_kwargs.items():
+        if isinstance(value, _PLAIN):
+            assert config[key] == value, (key, config[key], value)
+    assert layer_cls.from_config(config).get_config() == config
+
+    layer.build(input_shape)
+    if expected_num_trainable_weights is not None:
+        assert len(layer.trainable_weights) == expected_num_trainable_weights
+    if expected_num_non_trainable_weights is not None:
+        assert (
+            len(layer.non_trainable_weights)
+            == expected_num_non_trainable_weights
+        )
+    assert tuple(layer.compute_output_shape(input_shape)) == (
+        expected_output_shape
+    )
+
+    x = np.random.default_rng(0).normal(size=input_shape).astype(input_dtype)
+    assert tuple(layer(x).shape) == expected_output_shape
+
+    inputs = keras.Input(input_shape[1:], batch_size=input_shape[0])
+    symbolic = layer_cls(**init_kwargs)
+    model = keras.Model(inputs, symbolic(inputs))
+    assert tuple(model.output.shape) == expected_output_shape
+
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.keras")
+        model.save(path)
+        reloaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(reloaded(x, training=False)),
+        expected,
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    (revived,) = [
+        candidate
+        for candidate in reloaded.layers
+        if isinstance(candidate, layer_cls)
+    ]
+    assert revived.get_config() == symbolic.get_config()
+    return revived
 
 
 def value_and_gradients(fn, *arrays):

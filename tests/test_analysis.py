@@ -344,12 +344,67 @@ def test_summarize_gates_on_a_midl_layer(rng):
         -(0.25 * np.log2(0.25) + 0.75 * np.log2(0.75))
     )
     assert summary.class_information_bits >= 0.0
+    # Each field against its formula, from the mask by hand.
+    mask = stats["midl_a"].mask.astype("float64")
+    frequency = mask.mean(axis=0)
+    np.testing.assert_allclose(stats["midl_a"].selection_frequency, frequency)
+    usage = frequency[frequency > 0] / frequency.sum()
+    assert summary.effective_neurons == pytest.approx(
+        np.exp(-np.sum(usage * np.log(usage)))
+    )
+    assert summary.gate_entropy_bits == pytest.approx(
+        np.mean(binary_entropy(frequency))
+    )
+    assert summary.num_dead == np.sum(frequency == 0)
+    assert summary.num_always_on == np.sum(frequency == 1)
+    per_class = np.array([mask[labels == c].mean(axis=0) for c in range(3)])
+    weights = np.bincount(labels, minlength=3) / len(labels)
+    information = binary_entropy(frequency) - weights @ binary_entropy(
+        per_class
+    )
+    assert summary.class_information_bits == pytest.approx(information.mean())
     json.dumps(summary.to_dict())
     single = summarize_gates(stats["midl_b"])
     assert single.class_information_bits is None
     assert single.units == 8
     with pytest.raises(ValueError, match="gate_statistics"):
         summarize_gates({"x": np.zeros(3)})
+
+
+def binary_entropy(p):
+    """H_b(p) in bits, 0 at p = 0 and p = 1 (a reference for the tests)."""
+    p = np.asarray(p, dtype="float64")
+    q = np.clip(p, 1e-300, 1.0)
+    r = np.clip(1.0 - p, 1e-300, 1.0)
+    return -(p * np.log2(q) + (1.0 - p) * np.log2(r))
+
+
+def test_summary_fields_by_hand():
+    """A mask whose every summary field is known in closed form.
+
+    Class 0 selects neurons {0, 1} in every row; class 1 selects {0, 2} in
+    half of its rows and {0, 3} in the other half. Frequencies (1, 1/2,
+    1/4, 1/4).
+    """
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    mask = np.array(
+        [[1, 1, 0, 0]] * 4 + [[1, 0, 1, 0], [1, 0, 0, 1]] * 2,
+        dtype="float32",
+    )
+    summary = summarize_gates(make_statistics(mask), labels)
+    h_quarter = -(0.25 * np.log2(0.25) + 0.75 * np.log2(0.75))  # 0.8113
+    assert summary.units == 4 and summary.num_rows == 8
+    assert summary.active_fraction == 0.5
+    assert summary.num_dead == 0 and summary.num_always_on == 1
+    # mean(H_b(1), H_b(1/2), H_b(1/4), H_b(1/4))
+    assert summary.gate_entropy_bits == pytest.approx((1 + 2 * h_quarter) / 4)
+    assert summary.max_gate_entropy_bits == pytest.approx(1.0)
+    # usage (1/2, 1/4, 1/8, 1/8): entropy 1.75 bits, exp -> 2 ** 1.75.
+    assert summary.effective_neurons == pytest.approx(2**1.75)
+    # I(m_j; Y): 0, 1, H_b(1/4) - 1/2, H_b(1/4) - 1/2 bits.
+    assert summary.class_information_bits == pytest.approx(
+        (1 + 2 * (h_quarter - 0.5)) / 4
+    )
 
 
 # --- Plots -------------------------------------------------------------------

@@ -18,11 +18,11 @@ import sys
 import keras
 import numpy as np
 import pytest
+from backend_utils import BACKEND
 
 from keras_midl import MIDL
 from keras_midl.distribution import midl_layouts
 
-BACKEND = keras.backend.backend()
 RTOL = 1e-4
 ATOL = 1e-5
 

@@ -16,11 +16,12 @@ import sys
 import keras
 import numpy as np
 import pytest
+from backend_utils import BACKEND
 
 from keras_midl import MIDL
 
-BACKEND = keras.backend.backend()
 ATOL = 1e-5
+
 
 def _model(input_shape=(12,), gathered=True, **midl_kwargs):
     """Two MIDL layers: the first on the masked path, the second gathered."""

@@ -207,6 +207,84 @@ def test_unbuilt_layer_without_shape_raises():
 
 
 def test_summary_lists_layers_and_total():
-    model = sequential((784,), MIDL(512, k_ratio=0.45, rank=32, name="m"))
-    text = flops.summary(model, print_fn=lambda text: None)
-    assert "m" in text and "238,176" in text and "0.449" in text
+    model = sequential(
+        (784,),
+        MIDL(512, k_ratio=0.45, rank=32, name="m"),
+        keras.layers.Dense(10, name="head"),
+    )
+    printed = []
+    text = flops.summary(model, print_fn=printed.append)
+    assert printed == [text]
+    lines = text.splitlines()
+    assert lines[1].split() == ["m", "MIDL", "238,176", "401,408"]
+    assert lines[2].split() == ["head", "Dense", "5,120", "5,120"]
+    assert lines[3].split() == ["total", "243,296", "406,528"]
+    assert lines[4] == "FLOPs fraction: 0.598; MIDL active fraction: 0.449"
+
+
+# --- Dense-equivalent count and FLOPs fraction --------------------------------
+
+
+@pytest.mark.parametrize(
+    "input_shape, rows", [((784,), 1), ((7, 784), 7), ((2, 3, 784), 6)]
+)
+def test_dense_equivalent_counts_midl_as_dense(input_shape, rows):
+    # DESIGN.md: d=784, n=512, r=32, k_ratio=0.45 -> 238,176 vs 401,408.
+    model = sequential(
+        input_shape,
+        MIDL(512, k_ratio=0.45, rank=32),
+        keras.layers.Dense(10),
+    )
+    midl, head = model.layers
+    assert flops.dense_equivalent_multiply_adds(midl) == rows * 784 * 512
+    assert flops.dense_equivalent_multiply_adds(head) == rows * 512 * 10
+    assert flops.dense_multiply_adds(model) == rows * (784 * 512 + 512 * 10)
+    assert [c for _, _, c in flops.layer_counts(model, True)] == [
+        rows * 784 * 512,
+        rows * 512 * 10,
+    ]
+    # Both counts scale with the rows; the fraction does not.
+    assert flops.flops_fraction(model) == pytest.approx(
+        (238176 + 5120) / (401408 + 5120)
+    )
+
+
+def test_dense_equivalent_with_explicit_shape_and_unbuilt_layer():
+    layer = MIDL(64, k_ratio=0.5, rank=4)
+    assert flops.dense_equivalent_multiply_adds(layer, (None, 3, 10)) == (
+        3 * 10 * 64
+    )
+    with pytest.raises(ValueError, match="input shape"):
+        flops.dense_equivalent_multiply_adds(layer)
+
+
+@pytest.mark.parametrize("k_ratio", [0.25, 0.5, 1.0])
+def test_flops_fraction_matches_formula(k_ratio):
+    d, n, r, classes = 16, 32, 4, 2
+    model = sequential(
+        (d,), MIDL(n, k_ratio=k_ratio, rank=r), keras.layers.Dense(classes)
+    )
+    k = round(k_ratio * n)
+    midl = d * r + 2 * r * n + k * d
+    assert flops.flops_fraction(model) == pytest.approx(
+        (midl + n * classes) / (d * n + n * classes)
+    )
+
+
+def test_flops_fraction_of_nested_and_midl_free_models():
+    inner = sequential((20,), MIDL(40, k_ratio=0.5, rank=2, name="m"))
+    outer = keras.Sequential([keras.Input((20,)), inner, keras.layers.Dense(5)])
+    zero_weights(*outer.layers[1:])
+    midl = 20 * 2 + 2 * 2 * 40 + 20 * 20
+    assert flops.dense_multiply_adds(outer) == 20 * 40 + 40 * 5
+    assert flops.dense_equivalent_multiply_adds(inner) == 20 * 40
+    assert flops.flops_fraction(outer) == pytest.approx(
+        (midl + 200) / (800 + 200)
+    )
+    assert flops.flops_fraction(sequential((4,), keras.layers.Dense(3))) == 1
+
+
+def test_flops_fraction_of_a_zero_cost_model_raises():
+    model = sequential((4,), keras.layers.ReLU())
+    with pytest.raises(ValueError, match="FLOPs fraction is undefined"):
+        flops.flops_fraction(model)

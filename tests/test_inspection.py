@@ -96,3 +96,41 @@ def test_subclassed_model_gets_a_clear_error(rng):
     model(x)
     with pytest.raises(ValueError, match="Sequential or Functional"):
         gate_statistics(model, x)
+
+
+def test_unbuilt_layer_gets_a_clear_error():
+    with pytest.raises(ValueError, match="not built.*build"):
+        gate_statistics(MIDL(8), np.zeros((2, 4), "float32"))
+
+
+@pytest.mark.parametrize("shape", [(0, 10), (2, 0, 10)])
+def test_empty_batch_gets_a_clear_error(shape):
+    """No UnboundLocalError from `predict` and no NaN frequencies: an empty
+    batch has no selection frequency, so it is rejected."""
+    layer = MIDL(8)
+    layer.build((None, 10))
+    with pytest.raises(ValueError, match=r"empty batch.*\(0, 10\)|empty"):
+        gate_statistics(layer, np.zeros(shape, "float32"))
+    if len(shape) == 2:
+        model = model_with_two_gates()
+        with pytest.raises(ValueError, match=r"empty batch.*\(0, 10\)"):
+            gate_statistics(model, np.zeros(shape, "float32"))
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_statistics_report_the_selection_the_layer_made(policy, rng):
+    """Under mixed precision the reported mask is the one `call` used."""
+    keras.config.set_dtype_policy(policy)
+    layer = MIDL(24, k_ratio=0.4, rank=6, bias_initializer="random_normal")
+    layer.build((None, 10))
+    keras.config.set_dtype_policy("float32")
+    # Full path 1, light path 0: the output is the mask call used.
+    layer.kernel.assign(np.zeros((24, 10), "float32"))
+    layer.bias.assign(np.ones(24, "float32"))
+    layer.light_kernel.assign(np.zeros((6, 24), "float32"))
+    layer.light_bias.assign(np.zeros(24, "float32"))
+    x = rng.normal(size=(256, 10)).astype("float32")
+    used = ops.convert_to_numpy(ops.cast(layer(x), "float32"))
+    report = gate_statistics(layer, x)[layer.name]
+    np.testing.assert_array_equal(report.mask, used)
+    np.testing.assert_allclose(report.selection_frequency, used.mean(axis=0))

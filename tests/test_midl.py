@@ -137,9 +137,9 @@ def test_forward_matches_the_equations(rng):
     )
 
 
-def test_straight_through_gradient_of_gate_bias(rng):
+@pytest.mark.parametrize("temperature", [0.3, 0.8, 3.0])
+def test_straight_through_gradient_of_gate_bias(temperature, rng):
     """dL/dc equals the sigmoid's gradient times (h_full - h_lite)."""
-    temperature = 0.8
     layer = built_layer(input_dim=12, units=20, rank=4, temperature=temperature)
     for v in layer.trainable_variables:
         v.assign(rng.normal(size=v.shape).astype("float32") * 0.5)
@@ -226,6 +226,11 @@ def test_gate_noise_is_seeded_and_training_only(rng):
         ({"units": 8, "temperature": 0}, "temperature=0"),
         ({"units": 8, "temperature": -1.0}, "temperature=-1.0"),
         ({"units": 8, "gate_noise": -0.1}, "gate_noise=-0.1"),
+        ({"units": 8, "temperature": float("inf")}, "temperature=inf"),
+        ({"units": 8, "temperature": float("-inf")}, "temperature=-inf"),
+        ({"units": 8, "temperature": float("nan")}, "temperature=nan"),
+        ({"units": 8, "gate_noise": float("inf")}, "gate_noise=inf"),
+        ({"units": 8, "gate_noise": float("nan")}, "gate_noise=nan"),
         ({"units": 8, "selection": "sort"}, "selection='sort'"),
         ({"units": 8, "inference_path": "fast"}, "inference_path='fast'"),
     ],
@@ -332,20 +337,330 @@ def test_fit_with_jit_compile(rng):
     )
 
 
-def test_learns_a_simple_task(rng):
-    x = rng.normal(size=(256, 10)).astype("float32")
-    y = (x[:, 0] + x[:, 1] > 0).astype("int32")
+XOR_OF_SIGNS = "xor_of_signs"
+
+
+@pytest.mark.parametrize(
+    "task, k_ratio",
+    [
+        # Selection at work: a quarter of the neurons on the full path.
+        ("sum_of_two", 0.25),
+        # The full path at work: y = [x0 * x1 > 0] needs two directions,
+        # and any function of one projection of x (what a rank-1 light
+        # path computes) gets about 75% of it right. With k_ratio 1 every
+        # neuron is on the full path, so this case fails (about 0.77) if
+        # the two paths are swapped.
+        (XOR_OF_SIGNS, 1.0),
+    ],
+)
+def test_learns_a_simple_task(task, k_ratio, rng):
+    x = rng.normal(size=(512, 10)).astype("float32")
+    if task == XOR_OF_SIGNS:
+        y = (x[:, 0] * x[:, 1] > 0).astype("int32")
+    else:
+        y = (x[:, 0] + x[:, 1] > 0).astype("int32")
     model = keras.Sequential(
         [
             keras.Input((10,)),
-            MIDL(32, k_ratio=0.25, activation="relu"),
+            MIDL(16, k_ratio=k_ratio, rank=1, activation="relu"),
             keras.layers.Dense(2),
         ]
     )
     model.compile(
-        keras.optimizers.Adam(0.01),
+        keras.optimizers.Adam(0.02),
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     model.fit(x, y, batch_size=32, epochs=15, verbose=0)
     assert model.evaluate(x, y, verbose=0)[1] > 0.9
+
+
+# --- Regression tests of issue 11 ---------------------------------------
+
+
+def _seed_generator_initializer():
+    return keras.initializers.RandomNormal(seed=keras.random.SeedGenerator(5))
+
+
+INITIALIZERS = {
+    "unseeded": lambda: "glorot_uniform",
+    "seeded": lambda: keras.initializers.GlorotUniform(seed=5),
+    "seeded_normal": lambda: keras.initializers.RandomNormal(seed=5),
+    "seed_generator": _seed_generator_initializer,
+}
+
+
+@pytest.mark.parametrize("initializer", list(INITIALIZERS))
+def test_every_weight_gets_its_own_draw(initializer):
+    """W, V, G, U (and b, b_lite, c) are independent draws.
+
+    Keras initializers are stateless: one instance shared by the weights
+    made `G == U` exactly and the overlapping values of W, V, G and U
+    perfectly correlated (issue 11, defect 1).
+    """
+    layer = MIDL(
+        16,
+        rank=8,
+        kernel_initializer=INITIALIZERS[initializer](),
+        bias_initializer=keras.initializers.RandomNormal(seed=9),
+    )
+    layer.build((None, 16))
+    assert not np.array_equal(
+        to_numpy(layer.gate_kernel), to_numpy(layer.light_kernel)
+    )
+    kernels = [layer.kernel, layer.projection, layer.gate_kernel]
+    kernels.append(layer.light_kernel)
+    draws = [to_numpy(v).reshape(-1)[:128] for v in kernels]
+    biases = [layer.bias, layer.gate_bias, layer.light_bias]
+    bias_draws = [to_numpy(v) for v in biases]
+    for group in (draws, bias_draws):
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                correlation = np.corrcoef(group[i], group[j])[0, 1]
+                # Independent: |r| ~ 1 / sqrt(128) = 0.09 (0.25 for 16).
+                assert abs(correlation) < 0.8, (initializer, i, j)
+
+
+@pytest.mark.parametrize("seed", [5, 2**31 - 2])
+def test_seeded_initializer_is_reproducible(seed):
+    def weights(seed):
+        layer = MIDL(
+            12,
+            rank=4,
+            kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+            bias_initializer=keras.initializers.RandomNormal(seed=seed),
+        )
+        layer.build((None, 10))
+        return [to_numpy(w) for w in layer.weights]
+
+    first, again, other = weights(seed), weights(seed), weights(seed - 1)
+    for a, b, c in zip(first, again, other):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+
+
+def test_one_sgd_step_trains_the_light_path():
+    """The audit's symptom of defect 1: on a 10 -> 16 ReLU layer (rank 1,
+    the default there) the light path got a zero gradient on TensorFlow,
+    because the gate sent to it the neurons whose light output was lowest.
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 10)).astype("float32")
+    y = rng.normal(size=(64, 1)).astype("float32")
+    layer = MIDL(16, activation="relu")
+    model = keras.Sequential([keras.Input((10,)), layer, keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    assert layer.effective_rank == 1
+    before = [to_numpy(layer.light_kernel), to_numpy(layer.light_bias)]
+    model.train_on_batch(x, y)
+    after = [to_numpy(layer.light_kernel), to_numpy(layer.light_bias)]
+    for name, old, new in zip(("light_kernel", "light_bias"), before, after):
+        assert not np.allclose(old, new), name
+
+
+def test_initializer_function_is_called_as_is(rng):
+    def ones(shape, dtype=None):
+        return ops.ones(shape, dtype=dtype)
+
+    layer = MIDL(4, rank=2, kernel_initializer=ones)
+    layer.build((None, 3))
+    for kernel in (layer.kernel, layer.gate_kernel, layer.light_kernel):
+        np.testing.assert_array_equal(to_numpy(kernel), 1.0)
+
+
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
+@pytest.mark.parametrize("inference_path", ["masked", "gathered"])
+def test_float64_layer(inference_path, rng):
+    """A float64 layer works as Dense(dtype="float64") does (defect 2).
+
+    (JAX without `jax_enable_x64` computes float64 layers in float32, for
+    Dense as well: the test compares to Dense's dtype.)
+    """
+    x = rng.normal(size=(5, 6))
+    dense_dtype = keras.layers.Dense(4, dtype="float64")(x).dtype
+    layer = MIDL(
+        4,
+        k_ratio=0.5,
+        dtype="float64",
+        inference_path=inference_path,
+        gate_noise=0.1,
+        seed=2,
+        bias_initializer="random_normal",
+    )
+    y = layer(x)
+    assert y.dtype == dense_dtype
+    assert keras.backend.standardize_dtype(
+        layer.gate(x)["mask"].dtype
+    ) == keras.backend.standardize_dtype(dense_dtype)
+    _, mask, lite, full = hand_forward(layer, x)
+    np.testing.assert_allclose(
+        to_numpy(y), mask * full + (1 - mask) * lite, rtol=1e-5, atol=1e-6
+    )
+    assert layer(x, training=True).dtype == dense_dtype
+    inputs = keras.Input((6,), dtype="float64")
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    before = [to_numpy(v).copy() for v in layer.trainable_variables]
+    loss = model.train_on_batch(x, np.ones((5, 4)))
+    assert np.isfinite(loss)
+    for old, v in zip(before, layer.trainable_variables):
+        assert not np.allclose(old, to_numpy(v)), v.name
+
+
+@pytest.mark.parametrize("selection", ["top_k", "bisection"])
+@pytest.mark.parametrize("inference_path", ["masked", "gathered", "auto"])
+@pytest.mark.parametrize("input_shape", [(0, 6), (2, 0, 6)])
+def test_empty_batch(selection, inference_path, input_shape):
+    """An empty batch gives an empty output, as Dense (defect 3)."""
+    layer = MIDL(
+        4,
+        selection=selection,
+        inference_path=inference_path,
+        gate_noise=0.5,
+        seed=1,
+    )
+    x = np.ones(input_shape, "float32")
+    for training in (False, True):
+        y = layer(x, training=training)
+        assert tuple(y.shape) == (*input_shape[:-1], 4)
+    assert tuple(layer.gate(x)["mask"].shape) == (*input_shape[:-1], 4)
+
+
+def test_k_ratio_can_be_set_and_k_follows(rng):
+    layer = MIDL(20, k_ratio=0.5)
+    x = rng.normal(size=(6, 12)).astype("float32")
+    layer(x)
+    assert layer.k == 10
+    layer.k_ratio = 0.25
+    assert layer.k_ratio == 0.25 and layer.k == 5
+    assert layer.get_config()["k_ratio"] == 0.25
+    np.testing.assert_array_equal(to_numpy(layer.gate(x)["mask"]).sum(-1), 5)
+    assert (
+        layer.inference_multiply_adds()
+        == built_layer(k_ratio=0.25).inference_multiply_adds()
+    )
+    with pytest.raises(ValueError, match="`k_ratio`.*k_ratio=1.5"):
+        layer.k_ratio = 1.5
+    assert layer.k_ratio == 0.25
+    with pytest.raises(AttributeError, match="k_ratio"):
+        layer.k = 3
+    assert layer.k == 5
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        lambda layer: layer.gate(np.ones((2, 6), "float32")),
+        lambda layer: layer.inference_multiply_adds(),
+    ],
+    ids=["gate", "inference_multiply_adds"],
+)
+def test_unbuilt_layer_gives_a_clear_error(method):
+    layer = MIDL(4)
+    with pytest.raises(ValueError, match="not built.*build"):
+        method(layer)
+    assert layer.inference_multiply_adds(input_dim=6) == 6 + 4 + 4 + 2 * 6
+
+
+@pytest.mark.parametrize("temperature", [0.25, 1.0, 4.0])
+def test_gate_outputs_match_the_equations(temperature, rng):
+    layer = built_layer(
+        input_dim=12, units=20, k_ratio=0.35, rank=4, temperature=temperature
+    )
+    for v in layer.trainable_variables:
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    x = rng.normal(size=(7, 12)).astype("float32")
+    s, mask, _, _ = hand_forward(layer, x.astype("float64"))
+    gate = {key: to_numpy(value) for key, value in layer.gate(x).items()}
+    np.testing.assert_allclose(gate["logits"], s, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(gate["mask"], mask)
+    np.testing.assert_allclose(
+        gate["probabilities"],
+        1 / (1 + np.exp(-gate["logits"].astype("float64") / temperature)),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+
+
+def test_temperature_changes_gradients_not_outputs(rng):
+    x = rng.normal(size=(6, 12)).astype("float32")
+    outputs, gradients = [], []
+    for temperature in (0.5, 2.0):
+        layer = built_layer(temperature=temperature, rank=4)
+        for v in layer.trainable_variables:
+            v.assign(np.random.default_rng(1).normal(size=v.shape) * 0.5)
+        outputs.append(to_numpy(layer(x, training=True)))
+        grads = variable_gradients(
+            layer, lambda layer=layer: ops.sum(layer(x, training=True))
+        )
+        gradients.append(grads["gate_bias"])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    assert not np.allclose(gradients[0], gradients[1])
+
+
+POLICIES = ["float32", "mixed_float16", "mixed_bfloat16"]
+
+
+def mask_revealing_layer(policy, inference_path="masked", **kwargs):
+    """A layer whose output is its mask: `W = 0, b = 1, U = 0, b_lite = 0`,
+    no activation, so each output is 1 on the full path and 0 on the light
+    path (exact in every dtype)."""
+    keras.config.set_dtype_policy(policy)
+    layer = MIDL(24, inference_path=inference_path, **kwargs)
+    layer.build((None, 10))
+    keras.config.set_dtype_policy("float32")
+    layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
+    layer.bias.assign(np.ones(24, "float32"))
+    layer.light_kernel.assign(np.zeros(layer.light_kernel.shape, "float32"))
+    layer.light_bias.assign(np.zeros(24, "float32"))
+    return layer
+
+
+@pytest.mark.parametrize("inference_path", ["masked", "gathered"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_gate_mask_is_the_mask_call_uses(policy, inference_path, rng):
+    """`gate(x)["mask"]` is the selection `call` makes, under every policy.
+
+    They were two computations, and under mixed_bfloat16 they disagreed on
+    about 3% of rows, so `gate_statistics` could report a selection the
+    layer never made.
+    """
+    layer = mask_revealing_layer(
+        policy,
+        inference_path,
+        k_ratio=0.4,
+        rank=6,
+        bias_initializer="random_normal",
+    )
+    x = rng.normal(size=(256, 10)).astype("float32")
+    used = to_numpy(ops.cast(layer(x), "float32"))
+    reported = to_numpy(layer.gate(x)["mask"])
+    assert set(np.unique(used)) == {0.0, 1.0}
+    np.testing.assert_array_equal(used, reported)
+
+
+@pytest.mark.parametrize("inference_path", ["masked", "gathered"])
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_gate_runs_in_float32_inside_call(policy, inference_path):
+    """Under mixed policies the gate logits are float32 in `call`.
+
+    The gate kernel's entries differ by 2^-14, below the resolution of
+    float16 (2^-10 at 1) and bfloat16 (2^-7): in float32 the largest
+    entries win; rounded to 16 bits they all tie, and ties go to the
+    lowest indices.
+    """
+    layer = mask_revealing_layer(policy, inference_path, k_ratio=0.25, rank=1)
+    layer.projection.assign(np.eye(10, 1, dtype="float32"))
+    steps = 1.0 + np.arange(24, dtype="float32") * 2.0**-14
+    layer.gate_kernel.assign(steps[None, :])
+    layer.gate_bias.assign(np.zeros(24, "float32"))
+    x = np.zeros((2, 10), "float32")
+    x[:, 0] = [1.0, -1.0]  # code z = +-1, exact in every dtype
+    expected = np.zeros((2, 24), "float32")
+    expected[0, -6:] = 1  # z = 1: the largest entries of G
+    expected[1, :6] = 1  # z = -1: the smallest
+    used = to_numpy(ops.cast(layer(x), "float32"))
+    np.testing.assert_array_equal(used, expected)
+    gate = layer.gate(x)
+    assert keras.backend.standardize_dtype(gate["logits"].dtype) == "float32"
+    np.testing.assert_array_equal(to_numpy(gate["mask"]), expected)

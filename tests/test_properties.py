@@ -125,3 +125,21 @@ def test_config_round_trip_preserves_behaviour(case):
         _numpy(restored.gate(x)["mask"]), _numpy(layer.gate(x)["mask"])
     )
     np.testing.assert_array_equal(_numpy(restored(x)), _numpy(layer(x)))
+
+
+@FAST
+@given(layer_cases())
+def test_gate_mask_is_the_mask_call_uses(case):
+    """`gate(x)["mask"]` is the selection `call` makes, under every policy:
+    with `W = 0, b = 1, U = 0, b_lite = 0` and no activation, the output is
+    that selection."""
+    case = {**case, "light_path": "lowrank", "activation": None}
+    layer, x = _build(case)
+    units = case["units"]
+    layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
+    layer.bias.assign(np.ones(units, "float32"))
+    layer.light_kernel.assign(np.zeros(layer.light_kernel.shape, "float32"))
+    layer.light_bias.assign(np.zeros(units, "float32"))
+    np.testing.assert_array_equal(
+        _numpy(layer(x)), _numpy(layer.gate(x)["mask"])
+    )

@@ -1,11 +1,15 @@
 """Tests of keras_midl.tuning: search space, objective and tiny searches."""
 
+import warnings
+
 import keras
 import keras_tuner
 import numpy as np
 import pytest
+from backend_utils import run_layer_test
 
 from keras_midl import MIDL
+from keras_midl import flops
 from keras_midl import tuning
 from keras_midl.midl import default_rank
 
@@ -127,6 +131,80 @@ def test_search_space_rank_noise_and_names():
     assert (layer.k_ratio, layer.rank, layer.k) == (0.5, 4, 16)
 
 
+@pytest.mark.parametrize(
+    "k_ratio, step, sampling, expected",
+    [
+        (
+            (0.1, 1.0),
+            0.1,
+            "linear",
+            [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+        ),
+        (
+            (0.15, 0.95),
+            0.1,
+            "linear",
+            [0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95],
+        ),
+        ((0.1, 1.0), 1.5, "log", [0.1, 0.15, 0.225, 0.3375, 0.50625, 0.759375]),
+        ((0.1, 1.0), 2.0, "reverse_log", [0.3, 0.7, 0.9, 1.0]),
+    ],
+)
+def test_search_space_shows_clean_grid_values(
+    k_ratio, step, sampling, expected
+):
+    # KerasTuner's stepped Float shows 0.30000000000000004 and, with the
+    # margin that kept max_value on the grid, 1.0000001.
+    assert tuning.k_ratio_grid(k_ratio, step, sampling) == expected
+    hp = keras_tuner.HyperParameters()
+    tuning.midl_hyperparameters(
+        hp, k_ratio=k_ratio, k_ratio_step=step, k_ratio_sampling=sampling
+    )
+    values = list(hp.space[0].values)
+    assert values == expected
+    assert [repr(v) for v in values] == [repr(v) for v in expected]
+    # What a tuner proposes is what the layer holds and the grid shows.
+    for value in values:
+        hp.values["k_ratio"] = value
+        arguments = tuning.midl_hyperparameters(
+            hp, k_ratio=k_ratio, k_ratio_step=step, k_ratio_sampling=sampling
+        )
+        assert arguments["k_ratio"] == value
+
+
+def test_search_space_without_step_is_continuous():
+    hp = keras_tuner.HyperParameters()
+    arguments = tuning.midl_hyperparameters(
+        hp, k_ratio=(0.2, 0.8), k_ratio_step=None, k_ratio_default=0.5
+    )
+    (space,) = hp.space
+    assert isinstance(space, keras_tuner.engine.hyperparameters.Float)
+    assert (space.min_value, space.max_value, space.step) == (0.2, 0.8, None)
+    assert arguments == {"k_ratio": 0.5}
+    with pytest.raises(ValueError, match="needs a step"):
+        tuning.k_ratio_grid((0.2, 0.8), None)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"k_ratio": (0.25, 0.75), "k_ratio_step": 0.25},
+        {"k_ratio_default": 0.5, "rank": [3, 4], "gate_noise": [0.1]},
+    ],
+)
+def test_search_space_arguments_pass_the_layer_test(kwargs):
+    hp = keras_tuner.HyperParameters()
+    arguments = tuning.midl_hyperparameters(hp, **kwargs)
+    layer = run_layer_test(
+        MIDL,
+        {"units": UNITS, **arguments},
+        input_shape=(3, INPUT_DIM),
+        expected_output_shape=(3, UNITS),
+        expected_num_trainable_weights=7,
+    )
+    assert layer.k_ratio == arguments["k_ratio"]
+
+
 def test_search_space_rounds_float_steps():
     hp = keras_tuner.HyperParameters()
     hp.values["k_ratio"] = 0.1 + 2 * 0.05  # 0.20000000000000004
@@ -159,6 +237,10 @@ def test_search_space_single_value_is_fixed():
         ),
         ({"k_ratio_sampling": "cubic"}, r"`k_ratio_sampling`.*'cubic'"),
         ({"k_ratio_default": 0.05}, r"`k_ratio_default`.*=0.05"),
+        (
+            {"k_ratio_default": 0.42},
+            r"`k_ratio_default`.*grid values \[0.1, 0.15.*=0.42",
+        ),
         ({"rank": [0, 8]}, r"`rank`.*positive integers.*rank=\[0, 8\]"),
         ({"rank": []}, r"`rank`.*non-empty.*rank=\[\]"),
         ({"rank": [8, 8]}, r"`rank`.*distinct.*rank=\[8, 8\]"),
@@ -178,28 +260,7 @@ def test_search_space_rejects_non_hyperparameters():
         tuning.midl_hyperparameters(3)
 
 
-# --- FLOPs fraction and objective ------------------------------------------
-
-
-@pytest.mark.parametrize("k_ratio", [0.25, 0.5, 1.0])
-def test_flops_fraction_matches_formula(k_ratio):
-    assert tuning.flops_fraction(_model(k_ratio)) == pytest.approx(
-        _expected_fraction(k_ratio)
-    )
-
-
-def test_flops_fraction_design_example_and_sequences():
-    model = keras.Sequential(
-        [keras.Input((784,)), MIDL(512, k_ratio=0.45, rank=32)]
-    )
-    assert tuning.dense_multiply_adds(model) == 784 * 512
-    assert tuning.flops_fraction(model) == pytest.approx(238176 / 401408)
-    # A (batch, T, d) input: both counts scale with T, the fraction does not.
-    sequence = keras.Sequential(
-        [keras.Input((7, 784)), MIDL(512, k_ratio=0.45, rank=32)]
-    )
-    assert tuning.dense_multiply_adds(sequence) == 7 * 784 * 512
-    assert tuning.flops_fraction(sequence) == pytest.approx(238176 / 401408)
+# --- objective ----------------------------------------------------------------
 
 
 def test_efficiency_objective_logs_every_epoch(rng):
@@ -248,11 +309,68 @@ def test_efficiency_objective_needs_its_metric(rng):
         ({"lam": "0.1"}, r"`lam`.*lam='0.1'"),
         ({"accuracy": ""}, r"`accuracy`.*accuracy=''"),
         ({"name": "val_accuracy"}, r"`name` must differ.*'val_accuracy'"),
+        # Would make the tuner maximise the FLOPs fraction.
+        (
+            {"fraction_name": "val_efficiency"},
+            r"`fraction_name` must differ.*fraction_name='val_efficiency'",
+        ),
+        # Would overwrite the accuracy the objective rewards.
+        (
+            {"fraction_name": "val_accuracy"},
+            r"`fraction_name` must differ.*fraction_name='val_accuracy'",
+        ),
+        (
+            {"name": "score", "fraction_name": "score"},
+            r"`fraction_name` must differ.*name='score'",
+        ),
+        ({"fraction_name": ""}, r"`fraction_name`.*fraction_name=''"),
+        ({"fraction_name": 3}, r"`fraction_name`.*fraction_name=3"),
     ],
 )
 def test_efficiency_objective_rejects_invalid_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tuning.EfficiencyObjective(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, overwritten",
+    [
+        ({"fraction_name": "val_loss"}, "val_loss"),
+        ({"fraction_name": "accuracy"}, "accuracy"),
+        ({"name": "loss"}, "loss"),
+    ],
+)
+def test_efficiency_objective_rejects_a_logged_metric_name(
+    kwargs, overwritten, rng
+):
+    x, y = _data(rng, 32)
+    argument = next(iter(kwargs))
+    with pytest.raises(
+        ValueError,
+        match=f"overwrite the logged metric '{overwritten}'.*`{argument}`",
+    ):
+        _model().fit(
+            x,
+            y,
+            validation_data=(x, y),
+            epochs=1,
+            callbacks=[tuning.EfficiencyObjective(**kwargs)],
+            verbose=0,
+        )
+
+
+def test_efficiency_objective_without_fraction_logs_only_objective(rng):
+    x, y = _data(rng, 32)
+    history = _model().fit(
+        x,
+        y,
+        validation_data=(x, y),
+        epochs=1,
+        callbacks=[tuning.EfficiencyObjective(fraction_name=None)],
+        verbose=0,
+    )
+    assert "val_efficiency" in history.history
+    assert "flops_fraction" not in history.history
 
 
 # --- hypermodel --------------------------------------------------------------
@@ -305,7 +423,37 @@ def test_hypermodel_rejects_invalid_arguments():
     with pytest.raises(ValueError, match=r"`lam`.*lam=-1"):
         tuning.MIDLHyperModel(_model, lam=-1)
     with pytest.raises(ValueError, match="cannot set `name`"):
-        tuning.MIDLHyperModel(_model, search_space={"name": "a"})
+        tuning.MIDLHyperModel(lambda: _model(), search_space={"name": "a"})
+    with pytest.raises(ValueError, match=r"Unknown `search_space` keys.*'k'"):
+        tuning.MIDLHyperModel(lambda: _model(), search_space={"k": 0.5})
+    # A build_model(hp) declares its own space: search_space would be
+    # silently ignored.
+    with pytest.raises(ValueError, match="only to a `build_model\\(\\)`"):
+        tuning.MIDLHyperModel(
+            _build_with_hp, search_space={"k_ratio": (0.5, 1.0)}
+        )
+
+
+def test_hypermodel_warns_when_build_declares_no_k_ratio():
+    def build(hp):  # tunes the learning rate, never k_ratio
+        model = _model()
+        model.optimizer.learning_rate = hp.Choice("lr", [1e-3, 1e-2])
+        return model
+
+    hypermodel = tuning.MIDLHyperModel(build)
+    with pytest.warns(UserWarning, match=r"no `k_ratio` hyperparameter.*'lr'"):
+        hypermodel.build(keras_tuner.HyperParameters())
+
+
+@pytest.mark.parametrize("name", [None, "hidden"])
+def test_hypermodel_does_not_warn_when_build_declares_k_ratio(name):
+    def build(hp):
+        return _model(**tuning.midl_hyperparameters(hp, name=name))
+
+    hypermodel = tuning.MIDLHyperModel(build)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hypermodel.build(keras_tuner.HyperParameters())
 
 
 def _build_with_hp(hp):
@@ -397,7 +545,7 @@ def test_search_finds_and_reloads_the_logged_best(kind, rng, tmp_path):
     metrics = best_model.evaluate(
         x_val, y_val, batch_size=32, return_dict=True, verbose=0
     )
-    fraction = tuning.flops_fraction(best_model)
+    fraction = flops.flops_fraction(best_model)
     assert metrics["accuracy"] - LAM * fraction == pytest.approx(
         best_trial.score
     )

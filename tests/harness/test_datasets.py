@@ -326,3 +326,201 @@ def test_tfds_source_ignores_data_dir(tfds, tmp_path, rng):
             "mnist", data_dir=tmp_path, source="tfds", download=False
         )
     assert data.source == "tfds" and data.x_train.shape[0] == 3
+
+
+# --- unreadable files, pixel scale, labels (audit defect 7) ---------------
+
+
+def _corrupt(path, how):
+    """Truncates a file, or overwrites its middle or all of it."""
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        path.write_bytes(b"not a zip or gzip file\n" * 20)
+    else:  # "flipped": damage the compressed bytes in the middle.
+        middle = len(data) // 2
+        damaged = bytes(b ^ 0xFF for b in data[middle: middle + 64])
+        path.write_bytes(data[:middle] + damaged + data[middle + 64:])
+
+
+def _write_compressed_npz(folder, rng):
+    os.makedirs(folder / "mnist", exist_ok=True)
+    path = folder / "mnist" / "mnist.npz"
+    np.savez_compressed(
+        path,
+        x_train=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 64),
+        x_test=rng.integers(0, 256, (32, 28, 28), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 32),
+    )
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "flipped"])
+def test_corrupt_npz_is_a_value_error_naming_the_file(tmp_path, rng, how):
+    path = _write_compressed_npz(tmp_path, rng)
+    _corrupt(path, how)
+    with pytest.raises(ValueError, match="mnist.npz") as info:
+        datasets.load("mnist", data_dir=tmp_path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["adult", "imdb"])
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_corrupt_gzip_is_a_value_error_naming_the_file(tmp_path, name, how):
+    if name == "adult":
+        # Large enough that half of the compressed file is a real prefix.
+        write_text(tmp_path / "adult" / "adult.data", ADULT_TRAIN * 200, True)
+        write_text(tmp_path / "adult" / "adult.test", ADULT_TEST, True)
+        path = tmp_path / "adult" / "adult.data.gz"
+    else:
+        write_imdb(tmp_path, compress=True)
+        path = tmp_path / "imdb" / "imdb_reviews.jsonl.gz"
+    _corrupt(path, how)
+    with pytest.raises(ValueError) as info:
+        datasets.load(name, data_dir=tmp_path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_non_utf8_adult_file_is_a_value_error_naming_the_file(
+    tmp_path, compress
+):
+    latin1 = ADULT_TRAIN.replace("State-gov", "État").encode("latin-1")
+    folder = tmp_path / "adult"
+    os.makedirs(folder)
+    path = folder / ("adult.data.gz" if compress else "adult.data")
+    if compress:
+        with gzip.open(path, "wb") as file:
+            file.write(latin1)
+    else:
+        path.write_bytes(latin1)
+    write_text(folder / "adult.test", ADULT_TEST, False)
+    with pytest.raises(ValueError, match="adult.data") as info:
+        datasets.load("adult", data_dir=tmp_path)
+    assert str(path) in str(info.value)
+
+
+def _write_images(folder, x_train, y_train, x_test, y_test):
+    os.makedirs(folder / "mnist", exist_ok=True)
+    np.savez(folder / "mnist" / "mnist.npz", x_train=x_train,
+             y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_float_pixels_in_unit_range_are_not_divided_again(
+    tmp_path, rng, dtype
+):
+    x_train = rng.uniform(0.0, 1.0, (6, 28, 28)).astype(dtype)
+    x_test = rng.uniform(0.0, 1.0, (4, 28, 28)).astype(dtype)
+    _write_images(tmp_path, x_train, np.arange(6), x_test, np.arange(4))
+    data = datasets.load("mnist", data_dir=tmp_path)
+    assert data.x_train.dtype == np.float32
+    np.testing.assert_allclose(data.x_train[..., 0], x_train, rtol=1e-6)
+    np.testing.assert_allclose(data.x_test[..., 0], x_test, rtol=1e-6)
+    assert data.x_train.max() > 0.9  # not scaled down to [0, 1/255]
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int64", "float32"])
+def test_pixels_in_0_255_are_divided_by_255(tmp_path, rng, dtype):
+    x_train = rng.integers(0, 256, (6, 28, 28)).astype(dtype)
+    x_train[0, 0, 0] = 255
+    # A test split whose largest pixel is 1 still uses the train scale.
+    x_test = np.ones((4, 28, 28), dtype)
+    _write_images(tmp_path, x_train, np.arange(6), x_test, np.arange(4))
+    data = datasets.load("mnist", data_dir=tmp_path)
+    np.testing.assert_allclose(data.x_train[..., 0], x_train / 255.0,
+                               rtol=1e-6)
+    np.testing.assert_allclose(data.x_test, 1 / 255.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("low, high", [(-0.5, 1.0), (0.0, 300.0)])
+def test_pixels_out_of_range_are_rejected(tmp_path, low, high):
+    x = np.full((6, 28, 28), 0.5, "float32")
+    x[0, 0, 0], x[0, 0, 1] = low, high
+    _write_images(tmp_path, x, np.arange(6), x[:4], np.arange(4))
+    with pytest.raises(ValueError, match=r"pixels must lie in \[0, 255\]"):
+        datasets.load("mnist", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (0.7, "whole numbers"),
+        (1.9, "whole numbers"),
+        (np.nan, "whole numbers"),
+        (-1, r"must lie in \[0, 9\]"),
+        (300, r"must lie in \[0, 9\]"),
+        (10, r"must lie in \[0, 9\]"),
+    ],
+)
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_image_labels_must_be_class_indices(tmp_path, rng, bad, message,
+                                            split):
+    x = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    labels = {"train": np.arange(6.0), "test": np.arange(4.0)}
+    labels[split][1] = bad
+    _write_images(tmp_path, x, labels["train"], x[:4], labels["test"])
+    with pytest.raises(ValueError, match=message) as info:
+        datasets.load("mnist", data_dir=tmp_path)
+    assert f"mnist {split}" in str(info.value)
+
+
+def test_whole_float_labels_are_accepted(tmp_path, rng):
+    x = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    _write_images(tmp_path, x, np.arange(6.0), x[:4], np.array([9.0] * 4))
+    data = datasets.load("mnist", data_dir=tmp_path)
+    assert data.y_train.dtype == np.int32
+    np.testing.assert_array_equal(data.y_train, np.arange(6))
+    np.testing.assert_array_equal(data.y_test, [9, 9, 9, 9])
+
+
+@pytest.mark.parametrize("bad", [0.7, 1.9, -1, 2, 300, "1", True])
+def test_imdb_labels_must_be_0_or_1(tmp_path, bad):
+    records = [
+        {"split": "train", "label": 1, "text": "great"},
+        {"split": "train", "label": bad, "text": "bad"},
+        {"split": "test", "label": 0, "text": "bad"},
+    ]
+    text = "\n".join(json.dumps(record) for record in records) + "\n"
+    write_text(tmp_path / "imdb" / "imdb_reviews.jsonl", text, False)
+    with pytest.raises(ValueError, match="line 2") as info:
+        datasets.load("imdb", data_dir=tmp_path)
+    assert "label" in str(info.value)
+
+
+def test_check_labels_returns_int32():
+    labels = datasets.check_labels([[0.0], [2.0], [1.0]], 3, "x")
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, [0, 2, 1])
+    with pytest.raises(ValueError, match="must be numbers"):
+        datasets.check_labels(np.array(["a", "b"]), 3, "x")
+
+
+# --- stratified subsets ---------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 7, 50, 100])
+def test_stratified_indices_keep_class_shares(size):
+    labels = np.repeat(np.arange(4), [40, 30, 20, 10])
+    index = datasets.stratified_indices(labels, size, seed=3)
+    assert index.shape == (size,) and len(np.unique(index)) == size
+    counts = np.bincount(labels[index], minlength=4)
+    expected = size * np.array([0.4, 0.3, 0.2, 0.1])
+    assert np.all(np.abs(counts - expected) < 1)
+    np.testing.assert_array_equal(
+        index, datasets.stratified_indices(labels, size, seed=3)
+    )
+
+
+def test_stratified_indices_of_sorted_labels_are_shuffled():
+    labels = np.repeat(np.arange(10), 50)
+    index = datasets.stratified_indices(labels, 100, seed=0)
+    assert len(np.unique(labels[index[:30]])) > 3
+
+
+@pytest.mark.parametrize("size", [0, -1, 12, 2.5])
+def test_stratified_indices_invalid_size(size):
+    with pytest.raises(ValueError, match="size"):
+        datasets.stratified_indices(np.arange(11) % 2, size, seed=0)

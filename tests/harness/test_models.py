@@ -140,3 +140,29 @@ def test_unknown_benchmark_and_missing_vocabulary():
         models.build("imdb", "baseline", (9,), 2)
     with pytest.raises(ValueError, match="overhead"):
         default_rank(10, 10, overhead=1.5)
+
+
+@pytest.mark.parametrize("name", ["adult", "cifar10", "imdb"])
+def test_midl_kwargs_reach_every_midl_layer(name):
+    model = build_small(name, "midl", k_ratio=0.5,
+                        midl_kwargs={"temperature": 2.5, "gate_noise": 0.3})
+    for layer in models.hidden_layers(model):
+        assert layer.temperature == 2.5 and layer.gate_noise == 0.3
+    # The baseline ignores them: its hidden layers are plain Dense.
+    baseline = build_small(name, "baseline", midl_kwargs={"temperature": 2})
+    assert all(type(layer) is keras.layers.Dense
+               for layer in models.hidden_layers(baseline))
+
+
+@pytest.mark.parametrize(
+    "midl_kwargs, match",
+    [
+        ([("temperature", 2.0)], "midl_kwargs"),
+        ({"k_ratio": 0.3}, "must not repeat"),
+        ({"units": 4}, "must not repeat"),
+    ],
+)
+def test_invalid_midl_kwargs(midl_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        models.mlp((4,), 2, "midl", hidden_units=(8,),
+                   midl_kwargs=midl_kwargs)

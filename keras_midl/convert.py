@@ -1,0 +1,387 @@
+"""From a trained Dense model to a MIDL one: `convert` and its helpers.
+
+A trained `Dense` layer maps onto MID-L's parts: the full path is the Dense
+layer itself (`W`, `b`); the light path is its best rank-`r` approximation,
+from the truncated SVD `W ~ P_r S_r Q_r^T` with the singular values split
+between the two factors,
+
+```
+V = P_r sqrt(S_r)        (d, r)   projection
+U = sqrt(S_r) Q_r^T      (r, n)   light kernel, b_lite = b
+```
+
+so that `z U = x V U` is the best rank-`r` approximation of `x W`
+(Eckart-Young). The gate starts as `G = U`, `c = b` (`gate_init="lowrank"`):
+its logits are the light path's approximate pre-activations, so it first
+picks the neurons whose pre-activation is largest. Under ReLU those are the
+ones most likely to be non-zero, the observation behind the
+contextual-sparsity systems (Deja Vu, TEAL, CATS).
+`benchmarks/convert.py` compares it with a random gate.
+
+With `k_ratio=1` every neuron takes the full path and the converted model
+predicts what the original does, up to float rounding.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_midl._checks import is_integer
+from keras_midl.midl import MIDL
+from keras_midl.midl import default_rank
+
+GATE_INITS = ("lowrank", "random")
+TRAINABLE = ("all", "gate_and_light")
+# Arguments `from_dense` takes from the Dense layer and does not accept.
+_FROM_DENSE = (
+    "units",
+    "activation",
+    "use_bias",
+    "kernel_regularizer",
+    "bias_regularizer",
+    "activity_regularizer",
+    "kernel_constraint",
+    "bias_constraint",
+)
+
+
+def lowrank_factors(kernel, rank):
+    """Truncated-SVD factors `V (d, r)`, `U (r, n)` of a kernel `W (d, n)`.
+
+    `V U` is the best rank-`rank` approximation of `W` in the Frobenius and
+    spectral norms; each factor carries the square root of the singular
+    values, so both have the same scale.
+
+    Example:
+
+    >>> from keras_midl.convert import lowrank_factors
+    >>> w = np.arange(12.0).reshape(4, 3)
+    >>> v, u = lowrank_factors(w, 2)
+    >>> v.shape, u.shape
+    ((4, 2), (2, 3))
+    >>> bool(np.allclose(v @ u, w))   # w has rank 2
+    True
+
+    Args:
+        kernel: Array of shape `(d, n)`, as a Dense layer's kernel.
+        rank: Integer in `[1, min(d, n)]`.
+
+    Returns:
+        `(V, U)`, float64 NumPy arrays.
+    """
+    kernel = np.asarray(kernel, dtype="float64")
+    if kernel.ndim != 2:
+        raise ValueError(
+            "Expected a 2D kernel of shape (input_dim, units). "
+            f"Received: kernel.shape={kernel.shape}"
+        )
+    if not is_integer(rank) or not 1 <= rank <= min(kernel.shape):
+        raise ValueError(
+            "Received an invalid value for `rank`, expected an integer in "
+            f"[1, min(input_dim, units)] = [1, {min(kernel.shape)}]. "
+            f"Received: rank={rank!r}"
+        )
+    left, singular, right = np.linalg.svd(kernel, full_matrices=False)
+    root = np.sqrt(singular[:rank])
+    return left[:, :rank] * root, root[:, None] * right[:rank]
+
+
+def _check_dense(layer):
+    if type(layer) is not keras.layers.Dense:
+        raise ValueError(
+            "Expected a `keras.layers.Dense` layer (subclasses are not "
+            f"supported). Received: layer={layer!r} of type "
+            f"{type(layer).__name__}"
+        )
+    if not layer.built:
+        raise ValueError(
+            f"The Dense layer '{layer.name}' is not built: build it (or call "
+            "the model on data) before converting it."
+        )
+    if layer.quantization_mode is not None:
+        raise ValueError(
+            f"The Dense layer '{layer.name}' is quantized "
+            f"(quantization_mode={layer.quantization_mode!r}). Convert the "
+            "float model, then quantize the converted one with "
+            "`model.quantize('int8')`."
+        )
+    if getattr(layer, "lora_enabled", False):
+        raise ValueError(
+            f"The Dense layer '{layer.name}' has LoRA enabled. Merge or "
+            "drop the LoRA weights before converting it."
+        )
+
+
+def _assign(variable, value):
+    variable.assign(ops.cast(np.asarray(value), variable.dtype))
+
+
+def from_dense(
+    cls, layer, k_ratio=0.5, rank=None, gate_init="lowrank", **kwargs
+):
+    """Implementation of `MIDL.from_dense` (see its docstring)."""
+    _check_dense(layer)
+    if gate_init not in GATE_INITS:
+        raise ValueError(
+            "Received an invalid value for `gate_init`, expected one of "
+            f"{GATE_INITS}. Received: gate_init={gate_init!r}"
+        )
+    taken = sorted(set(kwargs) & set(_FROM_DENSE))
+    if taken:
+        raise ValueError(
+            f"`from_dense` takes {taken} from the Dense layer; do not pass "
+            f"them. Received: {', '.join(f'{k}={kwargs[k]!r}' for k in taken)}"
+        )
+    kernel = keras.ops.convert_to_numpy(layer.kernel).astype("float64")
+    input_dim, units = kernel.shape
+    if rank is None:
+        rank = default_rank(input_dim, units)
+    if not is_integer(rank) or not 1 <= rank <= min(input_dim, units):
+        raise ValueError(
+            "Received an invalid value for `rank`, expected None or an "
+            "integer in [1, min(input_dim, units)] = "
+            f"[1, {min(input_dim, units)}] for Dense layer '{layer.name}'. "
+            f"Received: rank={rank!r}"
+        )
+    kwargs.setdefault("dtype", layer.dtype_policy)
+    midl = cls(
+        units,
+        k_ratio=k_ratio,
+        rank=rank,
+        activation=layer.activation,
+        use_bias=layer.use_bias,
+        kernel_initializer=layer.kernel_initializer,
+        bias_initializer=layer.bias_initializer,
+        kernel_regularizer=layer.kernel_regularizer,
+        bias_regularizer=layer.bias_regularizer,
+        activity_regularizer=layer.activity_regularizer,
+        kernel_constraint=layer.kernel_constraint,
+        bias_constraint=layer.bias_constraint,
+        **kwargs,
+    )
+    midl.build((None, input_dim))
+    projection, light = lowrank_factors(kernel, rank)
+    bias = None
+    if layer.use_bias:
+        bias = keras.ops.convert_to_numpy(layer.bias)
+        _assign(midl.bias, bias)
+    _assign(midl.kernel, kernel.T)
+    _assign(midl.projection, projection)
+    if midl.light_kernel is not None:
+        _assign(midl.light_kernel, light)
+        if midl.light_bias is not None:
+            _assign(midl.light_bias, bias)
+    if gate_init == "lowrank":
+        _assign(midl.gate_kernel, light)
+        _assign(midl.gate_bias, bias if bias is not None else np.zeros(units))
+    return midl
+
+
+def _submodels(model):
+    """Yields `model` and every Sequential or Functional model inside it."""
+    yield model
+    for layer in model.layers:
+        if isinstance(layer, keras.Model) and _clonable(layer):
+            yield from _submodels(layer)
+
+
+def _clonable(model):
+    return isinstance(model, keras.Sequential) or (
+        model.__class__.__name__ == "Functional"
+    )
+
+
+def _output_layers(model):
+    """The layers whose outputs are `model`'s outputs, through nested
+    models."""
+    found = []
+    for tensor in model.outputs:
+        history = tensor._keras_history
+        operation = history.operation
+        while isinstance(operation, keras.Model) and _clonable(operation):
+            history = operation.outputs[history.tensor_index]._keras_history
+            operation = history.operation
+        found.append(operation)
+    return found
+
+
+def set_calibration_trainable(model, trainable="gate_and_light"):
+    """Chooses what a calibration `fit` of a converted model trains.
+
+    `"gate_and_light"`: only the MIDL layers' gate (`G`, `c`), projection
+    (`V`) and light path (`U`, `b_lite`); the full path (`W`, `b`, the
+    original Dense weights) and every other layer are frozen. `"all"`:
+    everything trainable (undoes `"gate_and_light"`). Call it before
+    `compile`. It sets `trainable` on layers and variables, which is not
+    saved with the model.
+
+    Example:
+
+    >>> from keras_midl.convert import set_calibration_trainable
+    >>> dense = keras.Sequential([keras.Input((8,)),
+    ...     keras.layers.Dense(16, activation="relu"), keras.layers.Dense(2)])
+    >>> midl = keras_midl.convert(dense, k_ratio=0.5)
+    >>> set_calibration_trainable(midl)
+    >>> sorted(v.name for v in midl.trainable_variables)
+    ['gate_bias', 'gate_kernel', 'light_bias', 'light_kernel', 'projection']
+
+    Args:
+        model: A model containing MIDL layers.
+        trainable: `"gate_and_light"` or `"all"`.
+    """
+    if trainable not in TRAINABLE:
+        raise ValueError(
+            "Received an invalid value for `trainable`, expected one of "
+            f"{TRAINABLE}. Received: trainable={trainable!r}"
+        )
+    everything = trainable == "all"
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, MIDL):
+            layer.trainable = True
+            for variable in (layer.kernel, layer.bias):
+                if variable is not None and variable.dtype != "int8":
+                    variable.trainable = everything
+        elif not list(layer._flatten_layers(include_self=False)):
+            layer.trainable = everything
+
+
+def convert(
+    model,
+    k_ratio=0.5,
+    layers=None,
+    rank=None,
+    gate_init="lowrank",
+    trainable="all",
+    **kwargs,
+):
+    """Returns a copy of a trained model with Dense layers turned into MIDL.
+
+    Each chosen `Dense` layer becomes `MIDL.from_dense(layer, ...)`: same
+    `W` and `b` for the full path, the truncated SVD of `W` as the light
+    path, and a gate that starts by picking the neurons whose approximate
+    pre-activation is largest. Every other layer is cloned with its weights;
+    `model` and its weights are left untouched. With `k_ratio=1` the copy
+    predicts what `model` does (up to float rounding).
+
+    The copy is not compiled. A short `fit` on the training data
+    ("calibration", one epoch is usually enough) recovers most of the
+    accuracy lost at small `k_ratio`; `trainable="gate_and_light"` trains
+    only the gate and the light path (see `set_calibration_trainable`).
+
+    Example:
+
+    >>> dense = keras.Sequential([keras.Input((20,)),
+    ...     keras.layers.Dense(64, activation="relu", name="hidden"),
+    ...     keras.layers.Dense(3, activation="softmax", name="output")])
+    >>> midl = keras_midl.convert(dense, k_ratio=0.5)
+    >>> [type(layer).__name__ for layer in midl.layers]
+    ['MIDL', 'Dense']
+    >>> x = np.random.rand(4, 20).astype("float32")
+    >>> same = keras_midl.convert(dense, k_ratio=1.0)
+    >>> bool(np.allclose(same.predict(x, verbose=0),
+    ...                  dense.predict(x, verbose=0), atol=1e-6))
+    True
+
+    Args:
+        model: A built Sequential or Functional model (nested Sequential
+            and Functional models are searched and converted too).
+        k_ratio: `k_ratio` of every MIDL layer.
+        layers: Names of the Dense layers to convert. `None`: every
+            Dense layer except those that produce the model's outputs.
+        rank: Rank of every MIDL layer; `None` uses `default_rank(d, n)`
+            for each.
+        gate_init: `"lowrank"` (`G = U`, `c = b`) or `"random"` (the MIDL
+            layer's own initializers).
+        trainable: `"all"` or `"gate_and_light"`, passed to
+            `set_calibration_trainable`.
+        **kwargs: Other `MIDL` arguments (`light_path`, `temperature`,
+            `gate_noise`, `selection`, `inference_path`, `seed`).
+
+    Returns:
+        A new, uncompiled `keras.Model`.
+    """
+    if not isinstance(model, keras.Model) or not _clonable(model):
+        raise ValueError(
+            "`convert` supports Sequential and Functional models. Received: "
+            f"model={model!r} of type {type(model).__name__}"
+        )
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"The model '{model.name}' is not built: give it an `Input` or "
+            "call it on data before converting it."
+        )
+    if trainable not in TRAINABLE:
+        raise ValueError(
+            "Received an invalid value for `trainable`, expected one of "
+            f"{TRAINABLE}. Received: trainable={trainable!r}"
+        )
+    every_layer = [layer for sub in _submodels(model) for layer in sub.layers]
+    denses = [
+        layer for layer in every_layer if type(layer) is keras.layers.Dense
+    ]
+    if layers is None:
+        outputs = {id(layer) for layer in _output_layers(model)}
+        chosen = [layer for layer in denses if id(layer) not in outputs]
+        if not chosen:
+            raise ValueError(
+                f"The model '{model.name}' has no Dense layer to convert "
+                "besides its output layers; name the layers to convert with "
+                "`layers=`."
+            )
+    else:
+        if isinstance(layers, str):
+            layers = [layers]
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise ValueError(
+                "Received an invalid value for `layers`, expected None or a "
+                f"non-empty list of layer names. Received: layers={layers!r}"
+            )
+        by_name = {}
+        for layer in every_layer:
+            by_name.setdefault(layer.name, []).append(layer)
+        dense_names = sorted({layer.name for layer in denses})
+        missing = [name for name in layers if name not in by_name]
+        if missing:
+            raise ValueError(
+                f"Layers {missing} not found in model '{model.name}'. Its "
+                f"Dense layers are {dense_names}. Received: layers={layers!r}"
+            )
+        chosen = []
+        for name in layers:
+            for layer in by_name[name]:
+                if type(layer) is not keras.layers.Dense:
+                    raise ValueError(
+                        f"Layer '{name}' is a {type(layer).__name__}; "
+                        "`convert` turns `keras.layers.Dense` layers (not "
+                        f"subclasses) into MIDL. Its Dense layers are "
+                        f"{dense_names}. Received: layers={layers!r}"
+                    )
+                chosen.append(layer)
+    chosen_ids = {id(layer) for layer in chosen}
+    for layer in chosen:
+        _check_dense(layer)
+
+    copied = []
+
+    def clone(layer):
+        if id(layer) in chosen_ids:
+            return MIDL.from_dense(
+                layer,
+                k_ratio=k_ratio,
+                rank=rank,
+                gate_init=gate_init,
+                name=layer.name,
+                **kwargs,
+            )
+        new = layer.__class__.from_config(layer.get_config())
+        copied.append((layer, new))
+        return new
+
+    converted = keras.models.clone_model(
+        model, clone_function=clone, recursive=True
+    )
+    for old, new in copied:
+        if old.weights:
+            new.set_weights(old.get_weights())
+    set_calibration_trainable(converted, trainable)
+    return converted

@@ -1,0 +1,629 @@
+"""Sparse inference for MIDL: the full path of the `k` selected neurons only.
+
+The masked path computes `x W` for all `n` neurons and then masks it, so it
+saves no time. The functions here compute, for each input row, the full path
+of its `k` selected neurons only, by gathering those `k` rows of the kernel
+(stored as `W^T`, `(units, input_dim)`, so each neuron is one contiguous
+row), and scatter the `k` results into the light path:
+
+```
+z = x V;  s = float32(z) G + c;  m = topk_mask(s, k);  h_lite = z U + b_lite
+J = the k indices with m = 1 (increasing)
+y[J] = x . W^T[J] + b[J];  y[not J] = h_lite[not J]      (before activation)
+```
+
+which equals the masked path's `m * h_full + (1 - m) * h_lite` up to float
+rounding. `MIDL(inference_path="gathered")` (or `"auto"`, see
+`keras_midl.midl.use_gathered_path`) calls `sparse_inference`.
+
+Per backend:
+
+* **reference** (`sparse_outputs`, `keras.ops` only, every backend): the
+  indices come from the mask by a cumulative sum and a scatter, without
+  `ops.top_k` (so a model exported from JAX or TensorFlow with
+  `selection="bisection"` contains no `top_k`). With `chunk=None` the
+  `rows * k * d` selected weights are gathered at once; with `chunk=C` they
+  are gathered `C` rows at a time (`ops.map` over chunks), so a chunk stays
+  in cache while it is read.
+* **TensorFlow**: the reference, chunked (`CHUNK_ROWS`), in a `tf.function`
+  when called eagerly (inlined in the caller's graph otherwise).
+* **JAX**: the reference, chunked (`CHUNK_ROWS`), under `jax.jit`.
+* **PyTorch**: the whole forward written in torch and compiled by
+  `torch.compile` (inductor), lazily on the first call, one compiled
+  function per layer shape (graphs cached per input shape and dtype by
+  `torch.compile`, a batch of one row specialized, other row counts sharing
+  one dynamic graph after the second). Inductor fuses the gather of the
+  selected rows into the multiply-and-sum, so no weight is copied. If
+  compiling fails (no C++ compiler, no inductor), one warning is emitted
+  and the reference runs instead. Set the environment variable
+  `KERAS_MIDL_COMPILE=0` to skip compiling (the reference then runs).
+
+Weights are passed as arguments (never captured), so compiled functions are
+reused across calls and weight updates. `kernel` may be int8 with
+`kernel_scale` (one scale per neuron, Keras's convention: float value =
+int value / scale) and an `inputs_quantizer` (Keras's
+`AbsMaxQuantizer`-like callable, `(x, axis) -> (q, scale)`): the selected
+rows are then read as int8, a quarter of the bytes.
+
+Example:
+
+>>> layer = keras_midl.MIDL(8, k_ratio=0.5)
+>>> x = np.random.rand(2, 6).astype("float32")
+>>> masked = layer(x, training=False)
+>>> weights = keras_midl.fast_inference.layer_weights(layer)
+>>> sparse = keras_midl.fast_inference.sparse_outputs(
+...     x, weights, layer.k, selection="top_k", compute_dtype="float32")
+>>> bool(np.allclose(sparse, masked, atol=1e-5))
+True
+"""
+
+import os
+import types
+import typing
+import warnings
+import weakref
+
+import keras
+from keras import ops
+
+from keras_midl.selection import topk_mask
+
+COMPILE_ENV = "KERAS_MIDL_COMPILE"
+# Rows of `W^T` gathered per step by the chunked path (TensorFlow, JAX):
+# 256 rows of 4096 float32 are 4 MiB, about one L2/L3 slice.
+CHUNK_ROWS = 256
+WEIGHT_NAMES = (
+    "kernel",
+    "bias",
+    "projection",
+    "gate_kernel",
+    "gate_bias",
+    "light_kernel",
+    "light_bias",
+    "kernel_scale",
+)
+
+_TINY = 1.1754944e-38  # smallest normal float32, as in keras_midl.selection
+_warned = set()
+_jax_cache = {}
+_tf_cache = {}
+_torch_cache = {}
+_failed = set()  # backends whose compiled path failed
+_eager_cache = weakref.WeakKeyDictionary()
+
+
+class AutoRule(typing.NamedTuple):
+    """Where `inference_path="auto"` gathers, for one backend.
+
+    Gathered when the input has `1 <= rows <= max_rows` rows (known
+    statically), the layer at least `min_weights` weights (`d * n`) and
+    `k_ratio <= max_k_ratio`; masked otherwise.
+    """
+
+    max_rows: int
+    min_weights: int
+    max_k_ratio: float
+
+
+# Measured crossovers (benchmarks/results/latency.md, one thread, quiet
+# machine); see README "Speed". PROVISIONAL until the quiet run.
+AUTO_RULES = {
+    "torch": AutoRule(max_rows=1, min_weights=2048 * 2048, max_k_ratio=0.5),
+    "tensorflow": AutoRule(max_rows=0, min_weights=0, max_k_ratio=0.0),
+    "jax": AutoRule(max_rows=0, min_weights=0, max_k_ratio=0.0),
+}
+
+
+def use_gathered_path(rows, input_dim, units, k_ratio, backend=None):
+    """The `inference_path="auto"` rule: whether to run the sparse path.
+
+    Example:
+
+    >>> keras_midl.fast_inference.use_gathered_path(
+    ...     256, 4096, 4096, 0.45)    # a large batch: always masked
+    False
+
+    Args:
+        rows: Number of input rows (product of the leading axes), `None`
+            when not known statically (then masked).
+        input_dim: `d`.
+        units: `n`.
+        k_ratio: The layer's `k_ratio`.
+        backend: Backend name; default the current one.
+
+    Returns:
+        Python bool: `True` where `AUTO_RULES[backend]` says the sparse
+        path is faster. On torch, also requires that compiling is enabled
+        (`KERAS_MIDL_COMPILE`) and has not failed: the uncompiled sparse
+        path is slower than the masked one.
+    """
+    backend = backend or keras.backend.backend()
+    rule = AUTO_RULES.get(backend)
+    if rule is None or rows is None:
+        return False
+    if backend == "torch" and (not compile_enabled() or "torch" in _failed):
+        return False
+    return (
+        1 <= rows <= rule.max_rows
+        and input_dim * units >= rule.min_weights
+        and k_ratio <= rule.max_k_ratio
+    )
+
+
+def compile_enabled():
+    """Whether the torch fast path may compile (`KERAS_MIDL_COMPILE`)."""
+    value = os.environ.get(COMPILE_ENV, "1").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
+def layer_weights(layer):
+    """The tensors `sparse_inference` needs, from a built MIDL layer.
+
+    Returns:
+        Dict `name -> tensor or None` over `WEIGHT_NAMES`; `kernel_scale`
+        is set for an int8-quantized layer only.
+    """
+    weights = {}
+    for name in WEIGHT_NAMES:
+        variable = getattr(layer, name, None)
+        weights[name] = (
+            None if variable is None else ops.convert_to_tensor(variable)
+        )
+    return weights
+
+
+def selected_indices(mask, k):
+    """Indices of the `k` ones of each row of a 0/1 mask, without `top_k`.
+
+    A neuron's slot is the running count of ones up to it (a cumulative
+    sum); each selected neuron writes its index into its slot, the others
+    into a spare slot `k` that is dropped.
+
+    Example:
+
+    >>> keras_midl.fast_inference.selected_indices(
+    ...     np.array([[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0]]), 2)
+    array([[1, 2],
+           [0, 3]], dtype=int32)
+
+    Args:
+        mask: Tensor `(rows, n)` of 0s and 1s, exactly `k` ones per row.
+        k: Python int.
+
+    Returns:
+        int32 tensor `(rows, k)`, increasing along each row.
+    """
+    mask = ops.convert_to_tensor(mask)
+    ones = ops.cast(ops.greater(mask, 0.5), "int32")
+    slots = ops.where(ones > 0, ops.cumsum(ones, axis=-1) - 1, k)
+    shape = ops.shape(ones)
+    positions = ops.broadcast_to(ops.arange(shape[1], dtype="int32"), shape)
+    row_ids = ops.broadcast_to(
+        ops.arange(shape[0], dtype="int32")[:, None], shape
+    )
+    pairs = ops.reshape(ops.stack([row_ids, slots], axis=-1), (-1, 2))
+    table = ops.scatter_update(
+        ops.zeros((shape[0], k + 1), "int32"),
+        pairs,
+        ops.reshape(positions, (-1,)),
+    )
+    return table[:, :k]
+
+
+def gathered_full_path(
+    rows,
+    kernel,
+    selected,
+    compute_dtype="float32",
+    chunk=None,
+    kernel_scale=None,
+    rows_scale=None,
+    bias=None,
+):
+    """`rows . kernel[selected]` for each row: the `k` selected dot products.
+
+    `values[i, j] = sum_d rows[i, d] * kernel[selected[i, j], d]`, divided
+    by `kernel_scale[selected[i, j]] * rows_scale[i]` when given
+    (dequantization), plus `bias[selected[i, j]]`.
+
+    Args:
+        rows: Tensor `(rows, d)` in `compute_dtype`.
+        kernel: Tensor `(units, d)`, float or int8 (cast after the gather).
+        selected: int32 tensor `(rows, k)`.
+        compute_dtype: dtype of the dot products.
+        chunk: `None` gathers all `rows * k * d` weights at once; an int
+            gathers `chunk` rows of `kernel` per step.
+        kernel_scale: Optional `(units,)` per-neuron scale.
+        rows_scale: Optional `(rows, 1)` per-row scale of `rows`.
+        bias: Optional `(units,)`.
+
+    Returns:
+        Tensor `(rows, k)`.
+    """
+    k = selected.shape[-1]
+    if chunk is None or chunk >= k:
+        weights = ops.cast(ops.take(kernel, selected, axis=0), compute_dtype)
+        values = ops.einsum("bd,bkd->bk", rows, weights)
+    else:
+        pad = (-k) % chunk
+        count = (k + pad) // chunk
+        # Padding indices are 0 (a valid row); their values are dropped.
+        padded = ops.pad(selected, [[0, 0], [0, pad]])
+        chunks = ops.transpose(
+            ops.reshape(padded, (-1, count, chunk)), (1, 0, 2)
+        )
+
+        def one_chunk(indices):
+            weights = ops.take(kernel, indices, axis=0)  # (rows, chunk, d)
+            weights = ops.cast(weights, compute_dtype)
+            return ops.einsum("bcd,bd->bc", weights, rows)
+
+        values = ops.map(one_chunk, chunks)  # (count, rows, chunk)
+        values = ops.reshape(
+            ops.transpose(values, (1, 0, 2)), (-1, count * chunk)
+        )[:, :k]
+    if kernel_scale is not None:
+        scale = ops.take(kernel_scale, selected)
+        if rows_scale is not None:
+            scale = scale * ops.cast(rows_scale, scale.dtype)
+        values = ops.divide(values, ops.cast(scale, compute_dtype))
+    if bias is not None:
+        values = values + ops.cast(ops.take(bias, selected), compute_dtype)
+    return values
+
+
+def sparse_outputs(
+    inputs,
+    weights,
+    k,
+    selection="top_k",
+    compute_dtype="float32",
+    chunk=None,
+    inputs_quantizer=None,
+    gate_dtype="float32",
+):
+    """The MIDL inference forward, full path of the selected neurons only.
+
+    The `keras.ops` reference of the fast paths (see the module
+    docstring). Returns the output before the activation.
+
+    Args:
+        inputs: Tensor `(..., input_dim)`, any numeric or bool dtype (cast
+            to `compute_dtype`).
+        weights: Dict over `WEIGHT_NAMES` (see `layer_weights`).
+        k: Python int, neurons selected per row.
+        selection: `"top_k"` or `"bisection"` (`topk_mask`'s `method`).
+        compute_dtype: dtype of the paths; the gate runs in float32.
+        chunk: See `gathered_full_path`.
+        inputs_quantizer: Optional callable `(x, axis) -> (q, scale)`
+            applied to the full path's inputs (int8 layers).
+        gate_dtype: dtype of the gate logits (the layer's `gate_dtype`).
+
+    Returns:
+        Tensor `(..., units)` in `compute_dtype`.
+    """
+    kernel = weights["kernel"]
+    units, input_dim = kernel.shape
+    inputs = ops.cast(inputs, compute_dtype)
+    leading_shape = ops.shape(inputs)[:-1]
+    rows = ops.reshape(inputs, (-1, input_dim))
+    code = ops.matmul(rows, ops.cast(weights["projection"], compute_dtype))
+    logits = ops.add(
+        ops.matmul(
+            ops.cast(code, gate_dtype),
+            ops.cast(weights["gate_kernel"], gate_dtype),
+        ),
+        ops.cast(weights["gate_bias"], gate_dtype),
+    )
+    mask = topk_mask(logits, k, method=selection)
+    selected = selected_indices(mask, k)
+    full_rows, rows_scale = rows, None
+    if inputs_quantizer is not None:
+        full_rows, rows_scale = inputs_quantizer(rows, axis=-1)
+        full_rows = ops.cast(full_rows, compute_dtype)
+    values = gathered_full_path(
+        full_rows,
+        kernel,
+        selected,
+        compute_dtype=compute_dtype,
+        chunk=chunk,
+        kernel_scale=weights.get("kernel_scale"),
+        rows_scale=rows_scale,
+        bias=weights.get("bias"),
+    )
+    if weights.get("light_kernel") is None:
+        base = ops.zeros(ops.shape(mask), compute_dtype)
+    else:
+        base = ops.matmul(code, ops.cast(weights["light_kernel"], code.dtype))
+        if weights.get("light_bias") is not None:
+            base = ops.add(base, ops.cast(weights["light_bias"], code.dtype))
+    shape = ops.shape(selected)
+    row_ids = ops.broadcast_to(
+        ops.arange(shape[0], dtype="int32")[:, None], shape
+    )
+    pairs = ops.reshape(ops.stack([row_ids, selected], axis=-1), (-1, 2))
+    outputs = ops.scatter_update(base, pairs, ops.reshape(values, (-1,)))
+    return ops.reshape(outputs, (*leading_shape, units))
+
+
+def sparse_inference(
+    inputs,
+    weights,
+    k,
+    selection="top_k",
+    compute_dtype="float32",
+    gate_dtype="float32",
+    inputs_quantizer=None,
+):
+    """`sparse_outputs` through the current backend's fast path.
+
+    Same arguments and result as `sparse_outputs` (output before the
+    activation); the backend-specific formulations are described in the
+    module docstring. Outputs equal the masked path's up to float rounding.
+    """
+    backend = keras.backend.backend()
+    options = (k, selection, compute_dtype, gate_dtype, inputs_quantizer)
+    if backend == "torch":
+        outputs = _torch_sparse(inputs, weights, *options)
+        if outputs is not None:
+            return outputs
+    elif backend == "jax":
+        return _jax_sparse(inputs, weights, *options)
+    elif backend == "tensorflow":
+        return _tf_sparse(inputs, weights, *options)
+    return _reference(inputs, weights, *options)
+
+
+def _reference(
+    inputs,
+    weights,
+    k,
+    selection,
+    compute_dtype,
+    gate_dtype,
+    quantizer,
+    chunk=None,
+):
+    return sparse_outputs(
+        inputs,
+        weights,
+        k,
+        selection=selection,
+        compute_dtype=compute_dtype,
+        chunk=chunk,
+        inputs_quantizer=quantizer,
+        gate_dtype=gate_dtype,
+    )
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# --- Eager calls on TensorFlow and JAX: the whole layer, compiled ---------
+
+
+def eager_inference(layer, inputs):
+    """The layer's inference call, compiled, when called eagerly.
+
+    `model(x)` outside `predict` runs each op on its own on TensorFlow and
+    JAX; MIDL's gate (a `fori_loop` for the bisection) then costs 10-50x
+    a Dense layer. Called eagerly, the layer's inference call runs as one
+    compiled function instead: a `tf.function` (without XLA, as Keras's
+    `predict`), or `jax.jit` over the layer's `stateless_call`, cached per
+    layer. Inside a graph or a trace (`predict`, `jit_compile`, an
+    export) this returns `None` and the caller runs the ops inline.
+
+    Returns:
+        The layer's output, or `None` where nothing is to be compiled.
+    """
+    backend = keras.backend.backend()
+    # The cached functions hold the layer weakly, so it can be freed.
+    layer_ref = weakref.ref(layer)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            return None
+        function = _eager_cache.get(layer)
+        if function is None:
+            # One trace per input shape (no `reduce_retracing`): the
+            # "auto" rule needs the static number of rows.
+            function = tf.function(
+                lambda x: layer_ref().call(x, training=False)
+            )
+            _eager_cache[layer] = function
+        return function(inputs)
+    if backend == "jax":
+        import jax
+
+        if isinstance(inputs, jax.core.Tracer) or _in_stateless_scope():
+            return None
+        function = _eager_cache.get(layer)
+        if function is None:
+
+            def stateless(trainable, non_trainable, x):
+                outputs, _ = layer_ref().stateless_call(
+                    trainable, non_trainable, x, training=False
+                )
+                return outputs
+
+            function = _eager_cache[layer] = jax.jit(stateless)
+        return function(
+            [v.value for v in layer.trainable_variables],
+            [v.value for v in layer.non_trainable_variables],
+            inputs,
+        )
+    return None
+
+
+def _in_stateless_scope():
+    from keras.src.backend import in_stateless_scope
+
+    return in_stateless_scope()
+
+
+# --- JAX and TensorFlow: the reference, chunked, compiled as a whole -----
+
+
+def _jax_sparse(inputs, weights, *options):
+    import jax
+
+    key = options[:4] + (id(options[4]),)
+    function = _jax_cache.get(key)
+    if function is None:
+
+        def forward(inputs, weights):
+            return _reference(inputs, weights, *options, chunk=CHUNK_ROWS)
+
+        function = _jax_cache[key] = jax.jit(forward)
+    return function(inputs, weights)
+
+
+def _tf_sparse(inputs, weights, *options):
+    import tensorflow as tf
+
+    if not tf.executing_eagerly():  # inlined in the caller's graph
+        return _reference(inputs, weights, *options, chunk=CHUNK_ROWS)
+    key = options[:4] + (id(options[4]),)
+    function = _tf_cache.get(key)
+    if function is None:
+
+        def forward(inputs, weights):
+            return _reference(inputs, weights, *options, chunk=CHUNK_ROWS)
+
+        function = _tf_cache[key] = tf.function(forward, reduce_retracing=True)
+    return function(inputs, weights)
+
+
+# --- PyTorch: the whole forward, compiled by torch.compile (inductor) ----
+
+
+def _torch_forward(
+    inputs,
+    kernel,
+    bias,
+    projection,
+    gate_kernel,
+    gate_bias,
+    light_kernel,
+    light_bias,
+    kernel_scale,
+    k,
+):
+    """The inference forward in torch, for `torch.compile`.
+
+    Selection as `keras_midl.selection.topk_mask` (NaN lowest, subnormals
+    as zero, ties to the lowest index), then the indices of the mask by a
+    second `topk` over `mask * (n - position)`.
+    """
+    import torch
+
+    code = inputs @ projection
+    logits = code.float() @ gate_kernel + gate_bias
+    logits = torch.where(torch.isnan(logits), float("-inf"), logits)
+    logits = torch.where(logits.abs() < _TINY, 0.0, logits)
+    units = logits.shape[-1]
+    threshold = torch.topk(logits, k, sorted=False).values.amin(
+        -1, keepdim=True
+    )
+    above = logits > threshold
+    tied = (logits == threshold).to(torch.int32)
+    needed = k - above.to(torch.int32).sum(-1, keepdim=True)
+    mask = above | ((tied > 0) & (torch.cumsum(tied, -1) <= needed))
+    order = units - torch.arange(units, device=logits.device)
+    selected = torch.topk(
+        mask.to(logits.dtype) * order.to(logits.dtype), k, sorted=False
+    ).indices
+    weights = kernel[selected].to(inputs.dtype)  # fused, never materialized
+    values = (weights * inputs[:, None, :]).sum(-1)
+    if kernel_scale is not None:
+        values = values / kernel_scale[selected].to(inputs.dtype)
+    if bias is not None:
+        values = values + bias[selected]
+    if light_kernel is None:
+        base = torch.zeros_like(logits, dtype=inputs.dtype)
+    else:
+        base = code @ light_kernel
+        if light_bias is not None:
+            base = base + light_bias
+    return base.scatter(1, selected, values)
+
+
+def _compile(function):
+    """`torch.compile(function)`; a seam for tests."""
+    import torch
+
+    return torch.compile(function)
+
+
+def _torch_function(key):
+    """A compiled `_torch_forward` of its own code object per layer shape.
+
+    `torch.compile` keeps its graphs (and its recompile limit) per code
+    object: one copy per `key` keeps layers of different shapes from
+    evicting each other's graphs.
+    """
+    function = _torch_cache.get(key)
+    if function is None:
+        code = _torch_forward.__code__
+        name = "midl_sparse_" + "_".join(str(part) for part in key)
+        name = "".join(c if c.isalnum() else "_" for c in name)
+        copy = types.FunctionType(
+            code.replace(co_name=name), _torch_forward.__globals__, name
+        )
+        function = _torch_cache[key] = _compile(copy)
+    return function
+
+
+def _torch_sparse(
+    inputs, weights, k, selection, compute_dtype, gate_dtype, quantizer
+):
+    """The compiled torch path; `None` where the reference must run."""
+    import torch
+
+    if (
+        not compile_enabled()
+        or quantizer is not None
+        or compute_dtype != "float32"
+        or gate_dtype != "float32"
+        or "torch" in _failed
+    ):
+        return None
+    kernel = weights["kernel"]
+    units, input_dim = kernel.shape
+    inputs = ops.cast(inputs, compute_dtype)
+    leading_shape = tuple(inputs.shape[:-1])
+    rows = inputs.reshape(-1, input_dim)
+    if rows.shape[0] == 0:
+        return None
+    arguments = [
+        rows,
+        *(weights.get(name) for name in WEIGHT_NAMES),
+    ]
+    if torch.compiler.is_compiling():  # inside a caller's torch.compile
+        outputs = _torch_forward(*arguments, k)
+        return outputs.reshape(*leading_shape, units)
+    if rows.shape[0] > 1:
+        # One graph for every batch of 2 rows or more (a batch of one row
+        # gets its own, static graph): fewer compilations in `predict`,
+        # whose last batch is usually smaller.
+        torch._dynamo.mark_dynamic(rows, 0)
+    key = (k, units, input_dim, compute_dtype) + tuple(
+        weights.get(name) is None for name in WEIGHT_NAMES
+    )
+    try:
+        outputs = _torch_function(key)(*arguments, k)
+    except Exception as error:  # no compiler, no inductor, ...
+        _failed.add("torch")
+        _warn_once(
+            "torch",
+            "keras_midl: torch.compile failed for the sparse inference "
+            f"path ({type(error).__name__}: {error}); falling back to the "
+            "keras.ops path, which is slower than Dense. Set "
+            f"{COMPILE_ENV}=0 to skip compiling.",
+        )
+        return None
+    return outputs.reshape(*leading_shape, units)

@@ -1,0 +1,107 @@
+"""Tests of benchmarks.common: output folder, metadata, result files."""
+
+import argparse
+import json
+import os
+import sys
+
+import pytest
+
+from benchmarks import common
+
+
+def test_output_defaults_outside_the_repository():
+    parser = argparse.ArgumentParser()
+    common.add_output_argument(parser)
+    default = parser.parse_args([]).output
+    assert default == common.DEFAULT_OUTPUT
+    root = os.path.realpath(common.ROOT)
+    assert not os.path.realpath(default).startswith(root + os.sep)
+    explicit = parser.parse_args(["--output", "benchmarks/results"]).output
+    assert explicit == "benchmarks/results"
+    assert os.path.samefile(
+        os.path.join(common.ROOT, "benchmarks", "results"), common.RESULTS_DIR
+    )
+
+
+def test_output_path_creates_the_folder(tmp_path):
+    folder = tmp_path / "a" / "b"
+    path = common.output_path(str(folder), "x.json")
+    assert path == os.path.join(str(folder), "x.json")
+    assert folder.is_dir()
+
+
+@pytest.mark.parametrize(
+    "spec_name, argv, expected",
+    [
+        ("benchmarks.smi", ["smi.py", "--seeds", "3"], "-m benchmarks.smi"),
+        (None, ["benchmarks/smi.py", "a b"], "benchmarks/smi.py 'a b'"),
+    ],
+)
+def test_command_line(spec_name, argv, expected, monkeypatch):
+    main = type(sys)("__main__")
+    main.__spec__ = (
+        None if spec_name is None else type("Spec", (), {"name": spec_name})
+    )
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    command = common.command_line()
+    assert command.startswith(f"KERAS_BACKEND=jax python {expected}")
+
+
+def test_results_record_how_they_were_made(tmp_path):
+    metadata = common.environment()
+    for key in ("command", "backend", "versions", "machine", "load_average"):
+        assert key in metadata
+    metadata["load_average_after"] = 0.5
+    rows = [{"dataset": "mnist", "acc": 0.98123}]
+    json_path = common.output_path(str(tmp_path), "x.json")
+    common.write_json(json_path, rows, metadata, settings={"seeds": 3})
+    with open(json_path) as file:
+        payload = json.load(file)
+    assert payload["rows"] == rows and payload["settings"] == {"seeds": 3}
+    md_path = common.output_path(str(tmp_path), "x.md")
+    common.write_markdown(
+        md_path,
+        rows,
+        metadata,
+        columns=[("dataset", "Dataset", None), ("acc", "Accuracy", ".3f")],
+        title="X",
+    )
+    with open(md_path) as file:
+        text = file.read()
+    assert "| mnist | 0.981 |" in text
+    assert ", 0.5 after" in text
+    assert f"Command: `{metadata['command']}`" in text
+
+
+def test_interleaved_medians_runs_every_candidate():
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def run():
+            calls[name] += 1
+            return name
+
+        return run
+
+    medians = common.interleaved_medians(
+        {"a": make("a"), "b": make("b")}, warmup=2, repeats=3
+    )
+    assert set(medians) == {"a", "b"}
+    assert calls == {"a": 5, "b": 5}
+    assert all(value >= 0 for value in medians.values())
+
+
+@pytest.mark.parametrize("threads", [0, 1, 4])
+def test_thread_environment(threads):
+    environment = common.thread_environment(threads)
+    if not threads:
+        assert environment == {}
+    else:
+        assert environment["OMP_NUM_THREADS"] == str(threads)
+        assert (
+            f"intra_op_parallelism_threads={threads}"
+            in (environment["XLA_FLAGS"])
+        )

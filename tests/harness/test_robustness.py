@@ -1,0 +1,76 @@
+"""Tests of benchmarks.robustness on tiny synthetic data (no shared data)."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import robustness
+
+
+def write_sorted_mnist(folder, rng, test_per_class=8):
+    """A tiny MNIST-like folder whose test split is sorted by class."""
+    os.makedirs(folder / "mnist")
+    y_test = np.repeat(np.arange(10), test_per_class)
+    np.savez(
+        folder / "mnist" / "mnist.npz",
+        x_train=rng.integers(0, 256, (60, 4, 4), dtype=np.uint8),
+        y_train=np.arange(60) % 10,
+        x_test=rng.integers(0, 256, (len(y_test), 4, 4), dtype=np.uint8),
+        y_test=y_test,
+    )
+
+
+def test_gate_statistics_use_every_class_of_a_sorted_test_split(
+    tmp_path, rng, monkeypatch
+):
+    # Audit defect 8: the first 2,000 rows of the (class-sorted) CIFAR-10
+    # test split hold classes 0-3 only. The gate statistics must see every
+    # class, in proportion.
+    write_sorted_mnist(tmp_path / "data", rng)
+    seen = []
+    summarize = robustness.summarize_gates
+
+    def spy(statistics, labels=None):
+        seen.append(np.asarray(labels))
+        return summarize(statistics, labels)
+
+    monkeypatch.setattr(robustness, "summarize_gates", spy)
+    monkeypatch.setattr(robustness, "save_gate_plots", lambda *a, **k: None)
+    # Only the MIDL model has gates: skip the others to keep the test fast.
+    monkeypatch.setattr(robustness, "MODEL_KINDS", ("midl",))
+    output = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [
+        "robustness", "--data-dir", str(tmp_path / "data"), "--seeds", "1",
+        "--hidden", "8", "4", "--train-size", "30", "--epochs", "1",
+        "--label-noise", "0", "--sigmas", "0", "--small-size", "20",
+        "--small-epochs", "1", "--batch-size", "10", "--gate-examples", "40",
+        "--output", str(output),
+    ])
+    robustness.main()
+    assert len(seen) == 1
+    np.testing.assert_array_equal(np.bincount(seen[0], minlength=10),
+                                  [4] * 10)
+    # Results go to --output only.
+    payload = json.loads((output / "robustness.json").read_text())
+    assert payload["settings"]["gate_class_counts"] == [4] * 10
+    assert (output / "robustness.md").exists()
+
+
+@pytest.mark.parametrize("size", [10, 40, 80])
+def test_gate_subset_is_stratified_and_fixed(size):
+    labels = np.repeat(np.arange(10), 8)
+    index = robustness.gate_subset(labels, size)
+    assert len(np.unique(index)) == size
+    np.testing.assert_array_equal(
+        np.bincount(labels[index], minlength=10), [size // 10] * 10
+    )
+    np.testing.assert_array_equal(index, robustness.gate_subset(labels, size))
+
+
+def test_gate_subset_larger_than_the_split_takes_all():
+    labels = np.repeat(np.arange(3), 2)
+    index = robustness.gate_subset(labels, 100)
+    np.testing.assert_array_equal(np.sort(index), np.arange(6))
