@@ -55,6 +55,7 @@ _PACKAGES = (
     "torch",
     "tensorflow-datasets",
     "keras-tuner",
+    "scikit-learn",
 )
 
 

@@ -317,8 +317,12 @@ def aggregate_health(per_seed):
     return layers
 
 
-def run_dataset(name, data, args, progress):
-    """Trains Dense and every MIDL recipe on each seed; one row per recipe."""
+def run_dataset(name, data, args, progress, on_seed=None):
+    """Trains Dense and every MIDL recipe on each seed; one row per recipe.
+
+    `on_seed(rows)`, if given, receives the rows of the seeds done so far
+    after each seed (so that a long run leaves partial results).
+    """
     epochs = args.epochs or DEFAULT_EPOCHS[name]
     x_train, y_train, x_eval, y_eval, evaluated_on = splits(data, args)
     split = (x_train, y_train, x_eval, y_eval)
@@ -349,17 +353,21 @@ def run_dataset(name, data, args, progress):
             progress.step(f"{name} seed {seed} {label}",
                           f"{evaluated_on} acc {accuracy:.4f}, "
                           f"epoch {epoch_times[key][-1]:.1f}s{detail}")
-    busy = not loads or max(loads) >= BUSY_LOAD
-    return [
-        make_row(name, args, epochs, evaluated_on, split, recipe, settings,
-                 built, accuracies, epoch_times, health[recipe], loads, busy)
-        for recipe, settings in args.recipe_list
-    ]
+        rows = [
+            make_row(name, args, epochs, evaluated_on, split, recipe,
+                     settings, built, accuracies, epoch_times,
+                     health[recipe], loads)
+            for recipe, settings in args.recipe_list
+        ]
+        if on_seed is not None and seed != args.seeds[-1]:
+            on_seed(rows)
+    return rows
 
 
 def make_row(name, args, epochs, evaluated_on, split, recipe, settings,
-             built, accuracies, epoch_times, health, loads, busy):
+             built, accuracies, epoch_times, health, loads):
     x_train, _, x_eval, _ = split
+    busy = not loads or max(loads) >= BUSY_LOAD
     baseline, midl = built["baseline"], built[recipe]
     base_mean, base_std = common.mean_std(accuracies["baseline"])
     midl_mean, midl_std = common.mean_std(accuracies[recipe])
@@ -374,7 +382,7 @@ def make_row(name, args, epochs, evaluated_on, split, recipe, settings,
         "backend": keras.backend.backend(),
         "recipe": recipe,
         "evaluated_on": evaluated_on,
-        "seeds": list(args.seeds),
+        "seeds": list(args.seeds[: len(accuracies["baseline"])]),
         "epochs": epochs,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
@@ -640,7 +648,13 @@ def main(argv=None):
     for name, data in loaded.items():
         progress.note(f"{name}: train {data.x_train.shape}, "
                       f"test {data.x_test.shape}")
-        for row in run_dataset(name, data, args, progress):
+        def partial(seed_rows):
+            for row in seed_rows:
+                row["command"] = metadata["command"]
+                row["date"] = metadata["date"]
+            write(rows + seed_rows, metadata, args)
+
+        for row in run_dataset(name, data, args, progress, on_seed=partial):
             row["command"] = metadata["command"]
             row["date"] = metadata["date"]
             rows.append(row)
