@@ -421,7 +421,8 @@ def main(argv=None):
         "MIDL\n",
         f"MLP {input_dim}-{hidden}-{num_classes}, Adam lr {args.lr}, batch "
         f"{args.batch_size}; mean ± std over {len(seeds)} seeds. MIDL: "
-        "library defaults (k_ratio 0.5, default rank).\n",
+        "library defaults (k_ratio 0.5), ranks "
+        f"{', '.join(str(r) for r in MIDL_RANKS[: len(args.hidden)])}.\n",
         f"## Symmetric label noise ({args.train_size} training examples, "
         f"{args.epochs} epochs)\n",
         label_table + "\n",

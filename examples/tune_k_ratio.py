@@ -19,7 +19,7 @@ try:
     from sklearn.datasets import load_digits
 except ImportError as error:
     raise SystemExit(
-        f"{error.name} is missing: pip install \"keras-midl[tuner,examples]\""
+        f'{error.name} is missing: pip install "keras-midl[tuner,examples]"'
     ) from error
 import keras
 
@@ -39,13 +39,16 @@ x_train, y_train, x_val, y_val = x[:1400], y[:1400], x[1400:], y[1400:]
 
 
 def build():  # An ordinary model: MIDLHyperModel searches its k_ratio.
-    model = keras.Sequential([
-        keras.Input((64,)),
-        keras_midl.MIDL(128, activation="relu"),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
-    model.compile("adam", "sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras_midl.MIDL(128, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(
+        "adam", "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     return model
 
 
@@ -56,21 +59,39 @@ class PrintTrial(keras.callbacks.Callback):
         self.logs = dict(logs)
 
     def on_train_end(self, logs=None):
-        (midl,) = [layer for layer in self.model.layers
-                   if isinstance(layer, keras_midl.MIDL)]
-        print(f"k_ratio {midl.k_ratio:.1f}: val_accuracy "
-              f"{self.logs['val_accuracy']:.3f}, FLOPs fraction "
-              f"{self.logs['flops_fraction']:.3f}, objective "
-              f"{self.logs['val_efficiency']:.3f}", flush=True)
+        (midl,) = [
+            layer
+            for layer in self.model.layers
+            if isinstance(layer, keras_midl.MIDL)
+        ]
+        print(
+            f"k_ratio {midl.k_ratio:.1f}: val_accuracy "
+            f"{self.logs['val_accuracy']:.3f}, FLOPs fraction "
+            f"{self.logs['flops_fraction']:.3f}, objective "
+            f"{self.logs['val_efficiency']:.3f}",
+            flush=True,
+        )
 
 
 hypermodel = keras_midl.tuning.MIDLHyperModel(
-    build, lam=args.lam,
-    search_space={"k_ratio": (0.2, 1.0), "k_ratio_step": 0.2})
+    build,
+    lam=args.lam,
+    search_space={"k_ratio": (0.2, 1.0), "k_ratio_step": 0.2},
+)
 tuner = keras_tuner.GridSearch(
-    hypermodel, objective=hypermodel.objective, overwrite=True,
-    directory=args.output, project_name="tune_k_ratio_example")
-tuner.search(x_train, y_train, validation_data=(x_val, y_val),
-             epochs=args.epochs, callbacks=[PrintTrial()], verbose=0)
+    hypermodel,
+    objective=hypermodel.objective,
+    overwrite=True,
+    directory=args.output,
+    project_name="tune_k_ratio_example",
+)
+tuner.search(
+    x_train,
+    y_train,
+    validation_data=(x_val, y_val),
+    epochs=args.epochs,
+    callbacks=[PrintTrial()],
+    verbose=0,
+)
 best = tuner.get_best_hyperparameters()[0]
 print(f"best k_ratio: {best.get('k_ratio')} (lam {args.lam})")

@@ -96,22 +96,43 @@ class AutoRule(typing.NamedTuple):
     """Where `inference_path="auto"` gathers, for one backend.
 
     Gathered when the input has `1 <= rows <= max_rows` rows (known
-    statically), the layer at least `min_weights` weights (`d * n`) and
-    `k_ratio <= max_k_ratio`; masked otherwise.
+    statically), the layer at least `min_weights` weights (`d * n`),
+    `k_ratio <= max_k_ratio` and, if `single_thread`, the backend runs
+    its kernels on one thread; masked otherwise.
     """
 
     max_rows: int
     min_weights: int
     max_k_ratio: float
+    single_thread: bool = False
 
 
-# Measured crossovers (benchmarks/results/latency.md, one thread, quiet
-# machine); see README "Speed". PROVISIONAL until the quiet run.
+# Crossovers measured by benchmarks/latency.py (benchmarks/results/
+# latency.md; README "Speed"), gathered against masked:
+# * torch, one thread: gathered faster than masked at batch 1-2 for
+#   d = n >= 1024 at k_ratio 0.45 (batch 4: only at d = 1024); at
+#   k_ratio 0.75 slower from d = 4096 on. With two threads the compiled
+#   kernel was 2.2x slower than masked: one thread only.
+# * tensorflow, jax: the chunked gathers were slower than the masked path
+#   at every measured size and batch: never.
 AUTO_RULES = {
-    "torch": AutoRule(max_rows=1, min_weights=2048 * 2048, max_k_ratio=0.5),
+    "torch": AutoRule(
+        max_rows=2,
+        min_weights=1024 * 1024,
+        max_k_ratio=0.5,
+        single_thread=True,
+    ),
     "tensorflow": AutoRule(max_rows=0, min_weights=0, max_k_ratio=0.0),
     "jax": AutoRule(max_rows=0, min_weights=0, max_k_ratio=0.0),
 }
+
+
+def _backend_threads(backend):
+    if backend == "torch":
+        import torch
+
+        return torch.get_num_threads()
+    return None
 
 
 def use_gathered_path(rows, input_dim, units, k_ratio, backend=None):
@@ -142,6 +163,8 @@ def use_gathered_path(rows, input_dim, units, k_ratio, backend=None):
     if rule is None or rows is None:
         return False
     if backend == "torch" and (not compile_enabled() or "torch" in _failed):
+        return False
+    if rule.single_thread and _backend_threads(backend) != 1:
         return False
     return (
         1 <= rows <= rule.max_rows

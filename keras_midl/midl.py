@@ -693,6 +693,8 @@ class MIDL(keras.layers.Layer):
         self._int8_build(kernel_shape, config)
         self.kernel.assign(kernel_value)
         self.kernel_scale.assign(ops.squeeze(kernel_scale, axis=-1))
+        # A compiled eager call (fast_inference) holds the float kernel.
+        fast_inference._eager_cache.pop(self, None)
         # Set before the policy, so that its setter does not quantize again.
         self._is_quantized = True
         if self.dtype_policy.quantization_mode is None:
