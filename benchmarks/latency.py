@@ -586,6 +586,7 @@ def plot(rows, path):
 
 LATENCY_COLUMNS = [
     ("backend", "Backend", None),
+    (lambda r: str(r["threads"] or "default"), "Threads", None),
     ("d", "d = n", None),
     ("k_ratio", "k_ratio", None),
     ("batch", "Batch", None),
@@ -610,6 +611,7 @@ LATENCY_COLUMNS = [
 
 E2E_COLUMNS = [
     ("backend", "Backend", None),
+    (lambda r: str(r["threads"] or "default"), "Threads", None),
     ("model", "Model", None),
     ("call", "Call", None),
     ("auto_path", "auto runs", None),
@@ -639,6 +641,7 @@ def apply_auto_rule(rows):
             row["d"],
             row["k_ratio"],
             backend=row["backend"],
+            threads=row["threads"] or os.cpu_count(),
         )
         auto_ms = row["gathered_ms"] if gathers else row["masked_ms"]
         row["auto_path"] = "gathered" if gathers else "masked"

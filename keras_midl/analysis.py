@@ -134,9 +134,13 @@ def sliced_mutual_information(
 
     Example:
 
-    >>> hidden = keras.Model(model.inputs, model.layers[0].output)
-    >>> features = hidden.predict(x_test[:2000])
-    >>> sliced_mutual_information(features, y_test[:2000], seed=0)
+    >>> rng = np.random.default_rng(0)
+    >>> labels = rng.integers(0, 2, size=500)
+    >>> informative = labels[:, None] + 0.1 * rng.normal(size=(500, 4))
+    >>> noise = rng.normal(size=(500, 4))
+    >>> smi = keras_midl.analysis.sliced_mutual_information
+    >>> bool(smi(informative, labels, seed=0) > smi(noise, labels, seed=0))
+    True
 
     Args:
         features: Array or backend tensor of shape `(num_examples, ...)`;
@@ -268,8 +272,10 @@ def selection_by_class(statistics_or_mask, labels, num_classes=None):
 
     Example:
 
-    >>> stats = gate_statistics(model, x_test[:2000])["midl"]
-    >>> pattern = selection_by_class(stats, y_test[:2000])  # (10, units)
+    >>> mask = np.array([[1, 0, 1], [1, 1, 0], [0, 1, 1]])
+    >>> keras_midl.analysis.selection_by_class(mask, np.array([0, 0, 1]))
+    array([[1. , 0.5, 0.5],
+           [0. , 1. , 1. ]])
 
     Args:
         statistics_or_mask: A `GateStatistics` (from
@@ -433,9 +439,13 @@ def summarize_gates(statistics, labels=None):
 
     Example:
 
-    >>> stats = gate_statistics(model, x_test[:2000])
-    >>> summaries = summarize_gates(stats, y_test[:2000])
-    >>> summaries["midl"].num_dead, summaries["midl"].gate_entropy_bits
+    >>> layer = keras_midl.MIDL(16, k_ratio=0.25, name="midl")
+    >>> x = np.random.default_rng(0).normal(size=(64, 8))
+    >>> _ = layer(x)
+    >>> stats = keras_midl.gate_statistics(layer, x)
+    >>> summary = keras_midl.analysis.summarize_gates(stats)["midl"]
+    >>> summary.num_dead <= 16, summary.active_fraction
+    (True, 0.25)
 
     Args:
         statistics: A dict `{layer_name: GateStatistics}` as returned by

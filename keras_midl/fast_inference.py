@@ -53,7 +53,8 @@ Example:
 >>> weights = keras_midl.fast_inference.layer_weights(layer)
 >>> sparse = keras_midl.fast_inference.sparse_outputs(
 ...     x, weights, layer.k, selection="top_k", compute_dtype="float32")
->>> bool(np.allclose(sparse, masked, atol=1e-5))
+>>> to_numpy = keras.ops.convert_to_numpy
+>>> bool(np.allclose(to_numpy(sparse), to_numpy(masked), atol=1e-5))
 True
 """
 
@@ -107,14 +108,12 @@ class AutoRule(typing.NamedTuple):
     single_thread: bool = False
 
 
-# Crossovers measured by benchmarks/latency.py (benchmarks/results/
-# latency.md; README "Speed"), gathered against masked:
-# * torch, one thread: gathered faster than masked at batch 1-2 for
-#   d = n >= 1024 at k_ratio 0.45 (batch 4: only at d = 1024); at
-#   k_ratio 0.75 slower from d = 4096 on. With two threads the compiled
-#   kernel was 2.2x slower than masked: one thread only.
-# * tensorflow, jax: the chunked gathers were slower than the masked path
-#   at every measured size and batch: never.
+# Where benchmarks/latency.py found the gathered path faster than the
+# masked one (the crossovers are in its results):
+# * torch, one thread: batch 1-2, d * n >= 1024 * 1024, k_ratio <= 0.5.
+#   With more threads the compiled kernel lost to the masked path.
+# * tensorflow, jax: nowhere; the chunked gathers were slower than the
+#   masked path at every measured size and batch, so "auto" never gathers.
 AUTO_RULES = {
     "torch": AutoRule(
         max_rows=2,
@@ -135,7 +134,9 @@ def _backend_threads(backend):
     return None
 
 
-def use_gathered_path(rows, input_dim, units, k_ratio, backend=None):
+def use_gathered_path(
+    rows, input_dim, units, k_ratio, backend=None, threads=None
+):
     """The `inference_path="auto"` rule: whether to run the sparse path.
 
     Example:
@@ -151,6 +152,8 @@ def use_gathered_path(rows, input_dim, units, k_ratio, backend=None):
         units: `n`.
         k_ratio: The layer's `k_ratio`.
         backend: Backend name; default the current one.
+        threads: Threads the backend runs its kernels on; default the
+            current setting (`torch.get_num_threads()` on torch).
 
     Returns:
         Python bool: `True` where `AUTO_RULES[backend]` says the sparse
@@ -164,7 +167,9 @@ def use_gathered_path(rows, input_dim, units, k_ratio, backend=None):
         return False
     if backend == "torch" and (not compile_enabled() or "torch" in _failed):
         return False
-    if rule.single_thread and _backend_threads(backend) != 1:
+    if threads is None and rule.single_thread:
+        threads = _backend_threads(backend)
+    if rule.single_thread and threads != 1:
         return False
     return (
         1 <= rows <= rule.max_rows
@@ -204,8 +209,9 @@ def selected_indices(mask, k):
 
     Example:
 
-    >>> keras_midl.fast_inference.selected_indices(
+    >>> indices = keras_midl.fast_inference.selected_indices(
     ...     np.array([[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0]]), 2)
+    >>> keras.ops.convert_to_numpy(indices)
     array([[1, 2],
            [0, 3]], dtype=int32)
 
@@ -330,14 +336,18 @@ def sparse_outputs(
     inputs = ops.cast(inputs, compute_dtype)
     leading_shape = ops.shape(inputs)[:-1]
     rows = ops.reshape(inputs, (-1, input_dim))
-    code = ops.matmul(rows, ops.cast(weights["projection"], compute_dtype))
+    # As `MIDL._gate_outputs`: the code feeding the gate is computed in
+    # `gate_dtype` and rounded to `compute_dtype` only for the light path,
+    # so the mask is the one `MIDL.gate()` reports.
+    gate_code = ops.matmul(
+        ops.cast(rows, gate_dtype),
+        ops.cast(weights["projection"], gate_dtype),
+    )
     logits = ops.add(
-        ops.matmul(
-            ops.cast(code, gate_dtype),
-            ops.cast(weights["gate_kernel"], gate_dtype),
-        ),
+        ops.matmul(gate_code, ops.cast(weights["gate_kernel"], gate_dtype)),
         ops.cast(weights["gate_bias"], gate_dtype),
     )
+    code = ops.cast(gate_code, compute_dtype)
     mask = topk_mask(logits, k, method=selection)
     selected = selected_indices(mask, k)
     full_rows, rows_scale = rows, None

@@ -82,9 +82,17 @@ def gate_statistics(model_or_layer, inputs, batch_size=None):
 
     Example:
 
-    >>> stats = gate_statistics(model, x_test[:512])
-    >>> stats["midl"].selection_frequency   # (units,)
-    >>> stats["midl"].dead_neurons
+    >>> model = keras.Sequential([
+    ...     keras.Input((8,)),
+    ...     keras_midl.MIDL(16, k_ratio=0.25, name="midl"),
+    ...     keras.layers.Dense(2),
+    ... ])
+    >>> x = np.random.default_rng(0).normal(size=(32, 8))
+    >>> stats = keras_midl.gate_statistics(model, x)
+    >>> stats["midl"].selection_frequency.shape
+    (16,)
+    >>> float(stats["midl"].selection_frequency.sum())  # k = 4 per row
+    4.0
 
     Args:
         model_or_layer: A built Sequential or Functional `keras.Model`, or a

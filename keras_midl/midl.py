@@ -65,9 +65,8 @@ def _matmul_transposed(inputs, kernel):
 
     Computed as `(kernel @ rows^T)^T`: TensorFlow's CPU matmul with a
     transposed right operand (what `matmul(x, transpose(kernel))` and
-    `einsum` lower to) runs about 1.7x slower than `x @ W`, while
-    transposing the activations instead costs no more than Dense on any
-    backend (see the README, "Speed").
+    `einsum` lower to) is slower than `x @ W`, while transposing the
+    activations instead costs no more than Dense on any backend.
     """
     units, input_dim = kernel.shape
     if len(inputs.shape) == 2:
@@ -223,7 +222,7 @@ class MIDL(keras.layers.Layer):
             was measured faster, by the rule
             `keras_midl.fast_inference.use_gathered_path` (rows known
             statically, `input_dim * units`, `k_ratio`, backend), else
-            masked (README, "Speed"). Set `KERAS_MIDL_COMPILE=0` to keep
+            masked. Set `KERAS_MIDL_COMPILE=0` to keep
             torch from compiling (`"auto"` then runs masked).
         seed: Integer, seed of the gate noise.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
@@ -641,7 +640,11 @@ class MIDL(keras.layers.Layer):
         >>> dense.build((None, 32))
         >>> layer = keras_midl.MIDL.from_dense(dense, k_ratio=1.0, rank=8)
         >>> x = np.random.rand(2, 32).astype("float32")
-        >>> bool(np.allclose(layer(x), dense(x), atol=1e-5))
+        >>> np.allclose(
+        ...     keras.ops.convert_to_numpy(layer(x)),
+        ...     keras.ops.convert_to_numpy(dense(x)),
+        ...     atol=1e-5,
+        ... )
         True
 
         Args:
@@ -868,10 +871,9 @@ class MIDL(keras.layers.Layer):
         return super().from_config(config)
 
 
-# The faster selection per backend (benchmarks/results/selection.md): MLP
-# 784-512-256-10 training step MIDL/Dense, top_k vs bisection: TensorFlow
-# 1.89x vs 1.81x, JAX 2.13x vs 1.57x, PyTorch 1.69x vs 2.75x. Bisection is
-# 32 fused passes under XLA but ~200 separate kernels in PyTorch's eager mode.
+# The faster selection per backend for a training step, as measured by
+# benchmarks/selection.py. Bisection is 32 fused passes under XLA but
+# hundreds of separate kernels in PyTorch's eager mode.
 _FASTEST_SELECTION = {
     "jax": "bisection",
     "tensorflow": "bisection",

@@ -35,7 +35,7 @@ def kth_largest(scores, k, method="top_k"):
     scores = ops.cast(scores, "float32")
     if method == "top_k":
         # The smallest of the k largest values: no need to sort them, which
-        # makes this 2-5x faster than reading the k-th of a sorted top_k.
+        # is faster than reading the k-th of a sorted top_k.
         values, _ = ops.top_k(scores, k, sorted=False)
         if 0 in tuple(values.shape):
             # An empty batch: `ops.min` refuses empty tensors (torch, eager
@@ -108,10 +108,12 @@ def topk_mask(scores, k, method="top_k"):
 
     Example:
 
-    >>> topk_mask(np.array([[0.1, 0.9, 0.5, 0.9]]), k=2)
-    array([[0., 1., 0., 1.]])
-    >>> topk_mask(np.array([[1.0, 1.0, 1.0]]), k=2)
-    array([[1., 1., 0.]])
+    >>> from keras_midl.selection import topk_mask
+    >>> mask = topk_mask(np.array([[0.1, 0.9, 0.5, 0.9]]), k=2)
+    >>> keras.ops.convert_to_numpy(mask)
+    array([[0., 1., 0., 1.]], dtype=float32)
+    >>> keras.ops.convert_to_numpy(topk_mask(np.array([[1.0, 1.0, 1.0]]), 2))
+    array([[1., 1., 0.]], dtype=float32)
 
     Args:
         scores: Float tensor of shape `(..., n)`, any rank >= 1.
@@ -159,8 +161,12 @@ def straight_through(hard, soft):
 
     Example:
 
-    >>> mask = topk_mask(logits, k)
-    >>> gate = straight_through(mask, ops.sigmoid(logits))
+    >>> from keras_midl.selection import straight_through, topk_mask
+    >>> logits = np.array([[2.0, -1.0, 0.5]], dtype="float32")
+    >>> mask = topk_mask(logits, k=1)
+    >>> gate = straight_through(mask, keras.ops.sigmoid(logits))
+    >>> keras.ops.convert_to_numpy(gate)  # the value of the mask
+    array([[1., 0., 0.]], dtype=float32)
 
     Args:
         hard: Tensor, typically a 0/1 mask with no gradient.

@@ -489,17 +489,7 @@ def test_initializer_function_is_called_as_is(rng):
 @pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
 @pytest.mark.parametrize(
     "inference_path",
-    [
-        "masked",
-        pytest.param(
-            "gathered",
-            marks=pytest.mark.xfail(
-                BACKEND == "torch",
-                reason="fast_inference's torch path returns float32",
-                strict=True,
-            ),
-        ),
-    ],
+    ["masked", "gathered"],
 )
 def test_float64_layer(inference_path, rng):
     """A float64 layer works as Dense(dtype="float64") does (defect 2).
@@ -647,15 +637,6 @@ def mask_revealing_layer(policy, inference_path="masked", **kwargs):
     return layer
 
 
-# keras_midl.fast_inference computes the gathered path's code `x V` in the
-# compute dtype, not in the gate dtype as `MIDL._gate_outputs` does: under
-# mixed policies its mask can differ from `gate()` (TensorFlow, JAX).
-GATHERED_MIXED = pytest.mark.xfail(
-    reason="fast_inference: gathered gate code in the compute dtype",
-    strict=False,
-)
-
-
 @pytest.mark.parametrize(
     "policy, inference_path",
     [
@@ -663,8 +644,8 @@ GATHERED_MIXED = pytest.mark.xfail(
         ("mixed_float16", "masked"),
         ("mixed_bfloat16", "masked"),
         ("float32", "gathered"),
-        pytest.param("mixed_float16", "gathered", marks=GATHERED_MIXED),
-        pytest.param("mixed_bfloat16", "gathered", marks=GATHERED_MIXED),
+        ("mixed_float16", "gathered"),
+        ("mixed_bfloat16", "gathered"),
     ],
 )
 def test_gate_mask_is_the_mask_call_uses(policy, inference_path, rng):
