@@ -409,10 +409,10 @@ def child_latency(args):
             function = latency.forward_function(model)
             tensor = keras.ops.convert_to_tensor(x)
             for _ in range(10):
-                latency.block(function(tensor))
+                common.block(function(tensor))
             functions[key] = (lambda f, t: lambda: f(t))(function, tensor)
         load_before = common.load_average()
-        medians = latency.interleaved_medians(functions, args.repeats)
+        medians = common.interleaved_medians(functions, repeats=args.repeats)
         load_after = common.load_average()
         busy = max(load_before or 0, load_after or 0) > 2.0
         for key, seconds in medians.items():
@@ -434,14 +434,13 @@ def child_latency(args):
 
 
 def run_latency(args):
-    from benchmarks import latency
 
     metadata = common.environment()
     rows = []
     for backend in BACKENDS:
         with tempfile.NamedTemporaryFile(suffix=".json") as handle:
             env = dict(os.environ, KERAS_BACKEND=backend,
-                       **latency.thread_environment(1))
+                       **common.thread_environment(1))
             command = [sys.executable, "-m", "benchmarks.convert",
                        "--part", "latency", "--child-latency", handle.name,
                        "--repeats", str(args.repeats), "--datasets",

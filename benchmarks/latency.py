@@ -53,7 +53,6 @@ Writes `latency.json`, `latency.md` and `latency.png` under `--output`
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +61,10 @@ import time
 import numpy as np
 
 from benchmarks import common
+from benchmarks.common import block
+from benchmarks.common import interleaved_medians
+from benchmarks.common import load_average
+from benchmarks.common import thread_environment
 
 BACKENDS = ("tensorflow", "jax", "torch")
 DIMS = (1024, 2048, 4096, 8192)
@@ -74,33 +77,6 @@ GATHERED_MAX_MIB = 256.0
 DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "keras_midl_latency")
 
 
-def load_average():
-    """The 1-minute load average (`/proc/loadavg`), `None` if unknown."""
-    try:
-        with open("/proc/loadavg") as file:
-            return float(file.read().split()[0])
-    except OSError:
-        return None
-
-
-def thread_environment(threads):
-    """Environment variables limiting every backend to `threads` threads;
-    none for `threads=0` (the backends' defaults)."""
-    if not threads:
-        return {}
-    threads = str(threads)
-    return {
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-        "TF_NUM_INTRAOP_THREADS": threads,
-        "TF_NUM_INTEROP_THREADS": threads,
-        "XLA_FLAGS": (
-            "--xla_cpu_multi_thread_eigen=false "
-            f"intra_op_parallelism_threads={threads}"
-        ),
-    }
-
-
 def set_threads(threads):
     import keras
 
@@ -108,31 +84,6 @@ def set_threads(threads):
         import torch
 
         torch.set_num_threads(threads)
-
-
-def block(value):
-    """Waits for an asynchronous result and returns it."""
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            block(item)
-    elif hasattr(value, "block_until_ready"):
-        value.block_until_ready()
-    elif hasattr(value, "numpy") and not hasattr(value, "detach"):
-        value.numpy()
-    return value
-
-
-def interleaved_medians(candidates, repeats):
-    """Median seconds per callable, run in a rotating round robin."""
-    names = list(candidates)
-    times = {name: [] for name in names}
-    for round_index in range(repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            block(candidates[name]())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def forward_function(layer_or_model):
@@ -283,7 +234,7 @@ def measure_group(group, repeats, threads):
     for call in group["calls"].values():  # one more warm round
         block(call())
     load_before = load_average()
-    medians = interleaved_medians(group["calls"], repeats)
+    medians = interleaved_medians(group["calls"], repeats=repeats)
     load_after = load_average()
     valid = all(
         load is not None and load <= 1 + max(threads, 1)
@@ -395,7 +346,7 @@ def measure_e2e(e2e, repeats, threads, width):
     for call in e2e["calls"].values():
         block(call())
     load_before = load_average()
-    medians = interleaved_medians(e2e["calls"], repeats)
+    medians = interleaved_medians(e2e["calls"], repeats=repeats)
     load_after = load_average()
     rows = []
     for how in ("model(x)", "predict_on_batch", "model(x) no_grad"):

@@ -767,13 +767,9 @@ class MIDL(keras.layers.Layer):
         path) are skipped. The float order is the order `build` creates
         them, so files saved before this method existed still load."""
         names = [
-            "kernel",
-            "bias",
-            "projection",
-            "gate_kernel",
-            "gate_bias",
-            "light_kernel",
-            "light_bias",
+            name
+            for name in fast_inference.WEIGHT_NAMES
+            if name != "kernel_scale"
         ]
         return {None: names, "int8": names + ["kernel_scale"]}
 
