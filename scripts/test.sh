@@ -9,6 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL=3
 status=0
 for backend in tensorflow jax torch; do
   echo "=== pytest, KERAS_BACKEND=$backend"
-  KERAS_BACKEND=$backend .venv/bin/python -m pytest "$@" || status=1
+  # Two workers (pytest-xdist), one per core.
+  KERAS_BACKEND=$backend .venv/bin/python -m pytest -n 2 "$@" || status=1
 done
 exit $status
