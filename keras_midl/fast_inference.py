@@ -67,6 +67,7 @@ import weakref
 import keras
 from keras import ops
 
+from keras_midl.selection import FLOAT32_TINY
 from keras_midl.selection import topk_mask
 
 COMPILE_ENV = "KERAS_MIDL_COMPILE"
@@ -84,7 +85,6 @@ WEIGHT_NAMES = (
     "kernel_scale",
 )
 
-_TINY = 1.1754944e-38  # smallest normal float32, as in keras_midl.selection
 _warned = set()
 _jax_cache = {}
 _tf_cache = {}
@@ -557,7 +557,7 @@ def _torch_forward(
     code = inputs @ projection
     logits = code.float() @ gate_kernel + gate_bias
     logits = torch.where(torch.isnan(logits), float("-inf"), logits)
-    logits = torch.where(logits.abs() < _TINY, 0.0, logits)
+    logits = torch.where(logits.abs() < FLOAT32_TINY, 0.0, logits)
     units = logits.shape[-1]
     threshold = torch.topk(logits, k, sorted=False).values.amin(
         -1, keepdim=True

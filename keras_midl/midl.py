@@ -13,6 +13,7 @@ from keras import quantizers
 from keras import regularizers
 
 from keras_midl import fast_inference
+from keras_midl._checks import is_finite_number
 from keras_midl._checks import is_integer
 from keras_midl._checks import is_number
 from keras_midl.selection import SELECTION_METHODS
@@ -100,11 +101,6 @@ def _initializer_for(initializer, index):
     if is_integer(seed):
         config["seed"] = (seed * 1_000_003 + index) % (2**31 - 1)
     return initializer.__class__.from_config(config)
-
-
-def _is_finite(value):
-    """Whether `value` is a Python int or float other than inf and NaN."""
-    return is_number(value) and math.isfinite(value)
 
 
 def _check_k_ratio(k_ratio):
@@ -297,12 +293,12 @@ class MIDL(keras.layers.Layer):
                 "Received an invalid value for `light_path`, expected one "
                 f"of {LIGHT_PATHS}. Received: light_path={light_path!r}"
             )
-        if not _is_finite(temperature) or not temperature > 0:
+        if not is_finite_number(temperature) or not temperature > 0:
             raise ValueError(
                 "Received an invalid value for `temperature`, expected a "
                 f"positive finite float. Received: temperature={temperature!r}"
             )
-        if not _is_finite(gate_noise) or not gate_noise >= 0:
+        if not is_finite_number(gate_noise) or not gate_noise >= 0:
             raise ValueError(
                 "Received an invalid value for `gate_noise`, expected a "
                 "non-negative finite float. "

@@ -11,7 +11,7 @@ from keras import ops
 from keras_midl._checks import is_integer
 
 SELECTION_METHODS = ("top_k", "bisection")
-_FLOAT32_TINY = 1.1754944e-38  # smallest normal float32
+FLOAT32_TINY = 1.1754944e-38  # smallest normal float32
 
 
 def kth_largest(scores, k, method="top_k"):
@@ -139,7 +139,7 @@ def topk_mask(scores, k, method="top_k"):
     scores = ops.where(ops.isnan(scores), -math.inf, scores)
     # XLA on CPU flushes subnormals to zero and other runtimes do not: flush
     # them here so that every backend sees the same ties.
-    scores = ops.where(ops.abs(scores) < _FLOAT32_TINY, 0.0, scores)
+    scores = ops.where(ops.abs(scores) < FLOAT32_TINY, 0.0, scores)
     if n is not None and k == n:
         return ops.ones_like(scores)
     threshold = kth_largest(scores, k, method=method)

@@ -63,6 +63,7 @@ import keras
 import keras_tuner
 
 from keras_midl import flops
+from keras_midl._checks import is_finite_number
 from keras_midl._checks import is_integer
 from keras_midl._checks import is_number
 from keras_midl.midl import MIDL
@@ -105,7 +106,7 @@ def _validate_k_ratio_range(k_ratio, step, sampling):
     # A linear step adds, a log step multiplies: a step of 0 (or <= 1 on a
     # log scale) never advances, a non-finite one yields nothing usable.
     smallest = 1.0 if sampling != "linear" else 0.0
-    if not is_number(step) or not math.isfinite(step) or step <= smallest:
+    if not is_finite_number(step) or step <= smallest:
         expected = "> 1 (a factor)" if smallest else "> 0"
         raise ValueError(
             f"Received an invalid value for `k_ratio_step`, expected None or "
@@ -272,7 +273,7 @@ def midl_hyperparameters(
     noises = _validate_choices(
         "gate_noise",
         gate_noise,
-        lambda v: is_number(v) and math.isfinite(v) and v >= 0,
+        lambda v: is_finite_number(v) and v >= 0,
         "non-negative numbers",
     )
 
@@ -370,7 +371,7 @@ class EfficiencyObjective(keras.callbacks.Callback):
         fraction_name="flops_fraction",
     ):
         super().__init__()
-        if not is_number(lam) or not math.isfinite(lam) or lam < 0:
+        if not is_finite_number(lam) or lam < 0:
             raise ValueError(
                 "Received an invalid value for `lam`, expected a finite "
                 f"non-negative number. Received: lam={lam!r}"
