@@ -39,6 +39,7 @@ is reported only when every sample of the dataset's runs was below 1
 import argparse
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import statistics
@@ -54,6 +55,7 @@ if os.environ.get("KERAS_BACKEND") == "jax":
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import keras_midl  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import datasets  # noqa: E402
 from benchmarks import models  # noqa: E402
@@ -117,6 +119,10 @@ def parse_args(argv=None):
                         help="MIDL gate temperature")
     parser.add_argument("--gate-noise", type=float, default=0.0,
                         help="MIDL gate noise (std, training only)")
+    parser.add_argument("--balance-weight", type=float,
+                        default=layer_default("balance_weight"),
+                        help="MIDL load-balancing loss weight (default: "
+                        "the layer's)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs for every dataset (default: per dataset)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -164,14 +170,20 @@ def parse_args(argv=None):
     return args
 
 
+def layer_default(argument):
+    """The default of a `keras_midl.MIDL` constructor argument."""
+    return inspect.signature(keras_midl.MIDL).parameters[argument].default
+
+
 RECIPE_KEYS = {"k_ratio": float, "rank": int, "temperature": float,
-               "gate_noise": float}
+               "gate_noise": float, "balance_weight": float}
 
 
 def recipes(args):
     """The MIDL configurations to run: a list of `(name, settings)`."""
     base = {"k_ratio": args.k_ratio, "rank": args.rank,
-            "temperature": args.temperature, "gate_noise": args.gate_noise}
+            "temperature": args.temperature, "gate_noise": args.gate_noise,
+            "balance_weight": args.balance_weight}
     if not args.recipes:
         return [(args.recipe, base)]
     result = []
@@ -234,7 +246,9 @@ def build_model(name, data, variant, settings, args):
     if variant == "midl":
         kwargs = {"k_ratio": settings["k_ratio"], "rank": settings["rank"],
                   "midl_kwargs": {"temperature": settings["temperature"],
-                                  "gate_noise": settings["gate_noise"]}}
+                                  "gate_noise": settings["gate_noise"],
+                                  "balance_weight": settings["balance_weight"],
+                                  }}
     if name == "imdb":
         kwargs["vocabulary_size"] = args.vocabulary_size
     return models.build(name, variant, data.x_train.shape[1:],
@@ -391,6 +405,7 @@ def make_row(name, args, epochs, evaluated_on, split, recipe, settings,
         "k_ratio": settings["k_ratio"],
         "temperature": settings["temperature"],
         "gate_noise": settings["gate_noise"],
+        "balance_weight": settings["balance_weight"],
         "midl_ranks": [layer.effective_rank
                        for layer in models.hidden_layers(midl)],
         "hidden_units": [layer.units for layer in models.hidden_layers(midl)],

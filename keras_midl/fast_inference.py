@@ -492,6 +492,16 @@ def eager_inference(layer, inputs):
     return None
 
 
+def torch_tracing():
+    """Whether torch is tracing the call (`torch.jit.trace`, as the ONNX
+    exporter does), which records no custom autograd function."""
+    if keras.backend.backend() != "torch":
+        return False
+    import torch
+
+    return torch.jit.is_tracing()
+
+
 def _in_stateless_scope():
     from keras.src.backend import in_stateless_scope
 

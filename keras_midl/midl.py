@@ -18,6 +18,7 @@ from keras_midl._checks import is_integer
 from keras_midl._checks import is_number
 from keras_midl.selection import SELECTION_METHODS
 from keras_midl.selection import straight_through
+from keras_midl.selection import straight_through_mix
 from keras_midl.selection import topk_mask
 
 LIGHT_PATHS = ("lowrank", "zero")
@@ -190,6 +191,16 @@ class MIDL(keras.layers.Layer):
         gate_noise: Non-negative finite float, standard deviation of
             Gaussian noise added to the gate logits before selection, in
             training only.
+        balance_weight: Non-negative finite float, weight of the load
+            balancing loss added in training (`layer.losses`): the squared
+            coefficient of variation of the neurons' selection
+            frequencies over the batch, `var_j(f_j) / (k/n)^2` with
+            `f_j` the fraction of rows that select neuron `j` (its
+            gradient is the straight-through one). It pulls neurons that
+            are never or always selected back towards `k/n`: without it,
+            10-20% of the neurons of a layer were never selected after
+            training on CIFAR-10 and IMDB (`benchmarks/results/
+            paper_table_remedies.md`). `0` adds no loss.
         activation: Activation function, as for `Dense`.
         use_bias: Boolean, whether the full and light paths have biases
             `b` and `b_lite`. The gate bias `c` always exists.
@@ -261,6 +272,7 @@ class MIDL(keras.layers.Layer):
         light_path="lowrank",
         temperature=1.0,
         gate_noise=0.0,
+        balance_weight=0.1,
         activation=None,
         use_bias=True,
         kernel_initializer="glorot_uniform",
@@ -304,6 +316,12 @@ class MIDL(keras.layers.Layer):
                 "non-negative finite float. "
                 f"Received: gate_noise={gate_noise!r}"
             )
+        if not is_finite_number(balance_weight) or not balance_weight >= 0:
+            raise ValueError(
+                "Received an invalid value for `balance_weight`, expected a "
+                "non-negative finite float. "
+                f"Received: balance_weight={balance_weight!r}"
+            )
         if selection is not None and selection not in SELECTION_METHODS:
             raise ValueError(
                 "Received an invalid value for `selection`, expected None or "
@@ -321,6 +339,7 @@ class MIDL(keras.layers.Layer):
         self.light_path = light_path
         self.temperature = float(temperature)
         self.gate_noise = float(gate_noise)
+        self.balance_weight = float(balance_weight)
         self.activation = activations.get(activation)
         self.use_bias = use_bias
         self.kernel_initializer = initializers.get(kernel_initializer)
@@ -539,7 +558,12 @@ class MIDL(keras.layers.Layer):
             scores = scores + self.gate_noise * keras.random.normal(
                 ops.shape(logits), dtype=logits.dtype, seed=self.seed_generator
             )
-        return topk_mask(scores, self.k, method=self.selection_method)
+        return topk_mask(
+            scores,
+            self.k,
+            method=self.selection_method,
+            check_ties_first=bool(training),
+        )
 
     def call(self, inputs, training=None):
         if not training:
@@ -555,29 +579,70 @@ class MIDL(keras.layers.Layer):
                 outputs = self.activation(outputs)
             return outputs
         code, logits, mask = self._gate_outputs(inputs, training)
-        if self.light_kernel is None:
-            light = None
-        else:
-            light = ops.matmul(code, self.light_kernel)
-            if self.light_bias is not None:
-                light = ops.add(light, self.light_bias)
+        if training and self.balance_weight > 0:
+            self.add_loss(self._balance_loss(mask, logits))
+        outputs = self._interpolate(
+            mask,
+            logits,
+            self._full_path(inputs),
+            self._light_path(code),
+        )
+        if self.activation is not None:
+            outputs = self.activation(outputs)
+        return outputs
 
-        soft = self._gate_probabilities(logits)
-        gate = ops.cast(straight_through(mask, soft), self.compute_dtype)
+    def _full_path(self, inputs):
+        """`x W + b` for every neuron, in the compute dtype."""
         if self.quantization_mode == "int8":
             full = self._int8_full_path(inputs)
         else:
             full = _matmul_transposed(inputs, self.kernel)
         if self.bias is not None:
             full = ops.add(full, self.bias)
-        # g*full + (1-g)*light rather than light + g*(full - light): a
-        # 0/1 gate then returns `full` or `light` exactly.
-        outputs = gate * full
-        if light is not None:
-            outputs = outputs + (1.0 - gate) * light
-        if self.activation is not None:
-            outputs = self.activation(outputs)
-        return outputs
+        return full
+
+    def _light_path(self, code):
+        """`z U + b_lite`, or `None` with `light_path="zero"`."""
+        if self.light_kernel is None:
+            return None
+        light = ops.matmul(code, self.light_kernel)
+        if self.light_bias is not None:
+            light = ops.add(light, self.light_bias)
+        return light
+
+    def _interpolate(self, mask, logits, full, light):
+        """`g * full + (1 - g) * light`, `g` the straight-through gate.
+
+        Its value is `where(mask, full, light)`, computed as one select
+        with a custom gradient (`straight_through_mix`). The gate gets its
+        gradient whenever one is taken, in training or not (a subclassed
+        model that does not pass `training` on still trains its gates).
+        """
+        if fast_inference.torch_tracing():
+            # The tracing exporters record no custom gradient: the same
+            # values with plain ops.
+            soft = self._gate_probabilities(logits)
+            gate = ops.cast(straight_through(mask, soft), self.compute_dtype)
+            outputs = gate * full
+            return outputs if light is None else outputs + (1 - gate) * light
+        return straight_through_mix(
+            mask, logits, full, light, temperature=self.temperature
+        )
+
+    def _balance_loss(self, mask, logits):
+        """`balance_weight * var_j(f_j) / (k/n)^2`, `f_j` the fraction of
+        rows selecting neuron `j`, with the straight-through gradient of
+        the mean sigmoid (taken after the mean: the same gradient, fewer
+        elementwise ops)."""
+        rows = (-1, self.units)
+        soft = ops.mean(
+            ops.reshape(self._gate_probabilities(logits), rows), axis=0
+        )
+        hard = ops.mean(ops.reshape(mask, rows), axis=0)
+        frequencies = straight_through(hard, soft)
+        share = self.k / self.units
+        variance = ops.mean(ops.square(frequencies - share))
+        return self.balance_weight * variance / (share * share)
 
     def _use_gathered_path(self, inputs):
         if self.inference_path != "auto":
@@ -830,6 +895,7 @@ class MIDL(keras.layers.Layer):
             "light_path": self.light_path,
             "temperature": self.temperature,
             "gate_noise": self.gate_noise,
+            "balance_weight": self.balance_weight,
             "activation": activations.serialize(self.activation),
             "use_bias": self.use_bias,
             "kernel_initializer": initializers.serialize(

@@ -32,6 +32,14 @@ def kth_largest(scores, k, method="top_k"):
     Returns:
         Tensor of shape `(..., 1)` in float32.
     """
+    threshold, _ = _kth_largest_and_count(scores, k, method)
+    return threshold
+
+
+def _kth_largest_and_count(scores, k, method):
+    """`(threshold, count)`: the k-th largest value of each row and the
+    number of the row's values at least as large (`>= k`; above `k` when
+    the threshold is tied), both of shape `(..., 1)`."""
     scores = ops.cast(scores, "float32")
     if method == "top_k":
         # The smallest of the k largest values: no need to sort them, which
@@ -40,8 +48,13 @@ def kth_largest(scores, k, method="top_k"):
         if 0 in tuple(values.shape):
             # An empty batch: `ops.min` refuses empty tensors (torch, eager
             # TensorFlow), although only the leading axes are empty here.
-            return ops.zeros((*values.shape[:-1], 1), "float32")
-        return ops.min(values, axis=-1, keepdims=True)
+            empty = ops.zeros((*values.shape[:-1], 1), "float32")
+            return empty, ops.cast(empty, "int32")
+        threshold = ops.min(values, axis=-1, keepdims=True)
+        count = ops.sum(
+            ops.cast(scores >= threshold, "int32"), axis=-1, keepdims=True
+        )
+        return threshold, count
     if method == "bisection":
         return _kth_largest_bisection(scores, k)
     raise ValueError(
@@ -70,27 +83,41 @@ def _keys_to_floats(keys):
 def _kth_largest_bisection(scores, k):
     keys = _sortable_keys(scores)
 
-    def count_at_least(threshold):
-        return ops.sum(ops.cast(keys >= threshold[..., None], "int32"), -1)
+    # Counts summed in float32, exact up to 2**24 per row, are about twice
+    # as fast as int32 sums under XLA on CPU.
+    count_dtype = "float32" if keys.shape[-1] <= 2**24 else "int32"
 
-    # Sign bit first: is the k-th largest key non-negative?
+    def count_at_least(threshold):
+        at_least = ops.cast(keys >= threshold[..., None], count_dtype)
+        return ops.cast(ops.sum(at_least, -1), "int32")
+
+    # Sign bit first: is the k-th largest key non-negative? The count of
+    # keys at or above the answer is carried along, for the tie check.
     zero = ops.zeros_like(keys[..., 0])
     int_min = ops.full_like(zero, -(2**31))
-    answer = ops.where(count_at_least(zero) >= k, zero, int_min)
+    non_negative = count_at_least(zero)
+    answer = ops.where(non_negative >= k, zero, int_min)
+    count = ops.where(non_negative >= k, non_negative, keys.shape[-1])
 
     # Then set each lower bit, from bit 30 down, when at least k keys stay
     # at or above it. A loop rather than 31 unrolled steps: the same run
     # time, half the XLA compile time.
-    def set_bit_if_room(step, answer):
+    def set_bit_if_room(step, state):
+        answer, count = state
         bit = ops.left_shift(ops.ones_like(answer), 30 - step)
         candidate = ops.bitwise_or(answer, bit)
-        return ops.where(count_at_least(candidate) >= k, candidate, answer)
+        candidate_count = count_at_least(candidate)
+        room = candidate_count >= k
+        return (
+            ops.where(room, candidate, answer),
+            ops.where(room, candidate_count, count),
+        )
 
-    answer = ops.fori_loop(0, 31, set_bit_if_room, answer)
-    return _keys_to_floats(answer[..., None])
+    answer, count = ops.fori_loop(0, 31, set_bit_if_room, (answer, count))
+    return _keys_to_floats(answer[..., None]), count[..., None]
 
 
-def topk_mask(scores, k, method="top_k"):
+def topk_mask(scores, k, method="top_k", check_ties_first=False):
     """Marks the `k` largest scores of each row.
 
     `mask[..., i] = 1` if `scores[..., i]` is among the `k` largest values of
@@ -120,6 +147,14 @@ def topk_mask(scores, k, method="top_k"):
         k: Python int, `1 <= k <= n`.
         method: How the row's k-th largest value is found, `"top_k"` or
             `"bisection"` (see `kth_largest`). Both give the same mask.
+        check_ties_first: If `True`, the pass that breaks ties (a
+            cumulative sum over the rows) runs only when some row of the
+            batch has more than `k` scores at or above its k-th largest
+            (`ops.cond`). The mask is the same; it is faster when ties
+            are rare, as for trained float logits. It is a data-dependent
+            branch, which tracing exporters (`torch.jit.trace`, ONNX from
+            torch) would freeze to the branch seen while tracing: `MIDL`
+            uses it in training only.
 
     Returns:
         Float32 tensor of the shape of `scores` holding 0s and 1s.
@@ -142,14 +177,30 @@ def topk_mask(scores, k, method="top_k"):
     scores = ops.where(ops.abs(scores) < FLOAT32_TINY, 0.0, scores)
     if n is not None and k == n:
         return ops.ones_like(scores)
-    threshold = kth_largest(scores, k, method=method)
-    above = scores > threshold
-    tied = ops.cast(scores == threshold, "int32")
-    still_needed = k - ops.sum(ops.cast(above, "int32"), axis=-1, keepdims=True)
-    first_tied = ops.logical_and(
-        tied > 0, ops.cumsum(tied, axis=-1) <= still_needed
-    )
-    return ops.cast(ops.logical_or(above, first_tied), "float32")
+    threshold, count = _kth_largest_and_count(scores, k, method)
+
+    def lowest_tied_indices_first():
+        above = scores > threshold
+        tied = ops.cast(scores == threshold, "int32")
+        still_needed = k - ops.sum(
+            ops.cast(above, "int32"), axis=-1, keepdims=True
+        )
+        first_tied = ops.logical_and(
+            tied > 0, ops.cumsum(tied, axis=-1) <= still_needed
+        )
+        return ops.logical_or(above, first_tied)
+
+    if check_ties_first:
+        at_least = scores >= threshold
+        # Rows with more than k scores at or above their threshold have
+        # ties to break; the cumulative sum that breaks them runs only if
+        # a row of the batch needs it.
+        mask = ops.cond(
+            ops.any(count > k), lowest_tied_indices_first, lambda: at_least
+        )
+    else:
+        mask = lowest_tied_indices_first()
+    return ops.cast(mask, "float32")
 
 
 def straight_through(hard, soft):
@@ -180,3 +231,73 @@ def straight_through(hard, soft):
     soft = ops.convert_to_tensor(soft)
     hard = ops.cast(hard, soft.dtype)
     return hard + (soft - ops.stop_gradient(soft))
+
+
+def straight_through_mix(mask, logits, full, light=None, temperature=1.0):
+    """Mixes two paths with a hard mask and a straight-through gradient.
+
+    The value is `where(mask, full, light)`: `full` where the 0/1 `mask`
+    is 1, `light` where it is 0 (`light=None` is zero). The gradients are
+    those of `g * full + (1 - g) * light` with
+    `g = straight_through(mask, sigmoid(logits / temperature))`:
+
+    ```
+    d full   = upstream * mask
+    d light  = upstream * (1 - mask)
+    d logits = upstream * (full - light) * a * (1 - a) / temperature
+    a        = sigmoid(logits / temperature)
+    ```
+
+    One custom gradient instead of that chain of elementwise ops: the
+    forward pass is a single select and computes no sigmoid, and the
+    backward pass a few fused products.
+
+    Example:
+
+    >>> from keras_midl.selection import straight_through_mix
+    >>> mask = np.array([[1.0, 0.0]], dtype="float32")
+    >>> logits = np.array([[0.5, -0.5]], dtype="float32")
+    >>> full = np.array([[3.0, 4.0]], dtype="float32")
+    >>> light = np.array([[1.0, 2.0]], dtype="float32")
+    >>> out = straight_through_mix(mask, logits, full, light)
+    >>> keras.ops.convert_to_numpy(out)
+    array([[3., 2.]], dtype=float32)
+
+    Args:
+        mask: 0/1 tensor broadcastable to `full`; it gets no gradient.
+        logits: Float tensor of the gate logits, of the shape of `mask`.
+        full: Tensor, the value where `mask` is 1.
+        light: Tensor of the shape and dtype of `full`, the value where
+            `mask` is 0, or `None` for zero.
+        temperature: Positive float, the sigmoid's temperature.
+
+    Returns:
+        Tensor of the shape and dtype of `full`.
+    """
+    full = ops.convert_to_tensor(full)
+    if light is None:
+        light = ops.zeros_like(full)
+
+    # Every tensor is an argument, none is closed over: JAX's exporters
+    # (shape-polymorphic `jax2tf`) reject closed-over arrays.
+    @ops.custom_gradient
+    def mix(mask, logits, full, light):
+        selected = mask > 0
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            d_full = ops.where(selected, upstream, 0.0)
+            d_light = ops.where(selected, 0.0, upstream)
+            scaled = logits if temperature == 1.0 else logits / temperature
+            soft = ops.sigmoid(scaled)
+            slope = soft * (1.0 - soft)
+            if temperature != 1.0:
+                slope = slope / temperature
+            d_soft = ops.cast(upstream * (full - light), soft.dtype)
+            return None, d_soft * slope, d_full, d_light
+
+        return ops.where(selected, full, light), grad
+
+    return mix(ops.convert_to_tensor(mask), ops.convert_to_tensor(logits),
+               full, light)

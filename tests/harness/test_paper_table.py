@@ -14,20 +14,19 @@ from benchmarks import paper_table
 def test_recipes_parse_settings_over_the_defaults():
     args = paper_table.parse_args([
         "--k-ratio", "0.4", "--recipes", "default",
-        "t2:temperature=2", "mix:gate_noise=0.5,rank=7",
+        "t2:temperature=2", "mix:gate_noise=0.5,rank=7,balance_weight=0.1",
     ])
+    defaults = {"rank": None, "temperature": 1.0, "gate_noise": 0.0,
+                "balance_weight": 0.0}
     assert args.recipe_list == [
-        ("default", {"k_ratio": 0.4, "rank": None, "temperature": 1.0,
-                     "gate_noise": 0.0}),
-        ("t2", {"k_ratio": 0.4, "rank": None, "temperature": 2.0,
-                "gate_noise": 0.0}),
-        ("mix", {"k_ratio": 0.4, "rank": 7, "temperature": 1.0,
-                 "gate_noise": 0.5}),
+        ("default", {**defaults, "k_ratio": 0.4}),
+        ("t2", {**defaults, "k_ratio": 0.4, "temperature": 2.0}),
+        ("mix", {**defaults, "k_ratio": 0.4, "rank": 7, "gate_noise": 0.5,
+                 "balance_weight": 0.1}),
     ]
     single = paper_table.parse_args(["--recipe", "x", "--temperature", "3"])
     assert single.recipe_list == [
-        ("x", {"k_ratio": 0.45, "rank": None, "temperature": 3.0,
-               "gate_noise": 0.0}),
+        ("x", {**defaults, "k_ratio": 0.45, "temperature": 3.0}),
     ]
 
 

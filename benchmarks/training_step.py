@@ -1,0 +1,344 @@
+"""Training-step and large-batch inference cost of MIDL against Dense.
+
+Per backend (one child process each, `KERAS_BACKEND` being fixed per
+process), one thread by default (`--threads`), Dense and MIDL interleaved
+in one round robin after a warm-up, `--repeats` rounds, medians:
+
+* `train_on_batch` of the MLPs 784-1024-1024-10 at batch 256 and
+  784-512-256-10 at batch 128 (ReLU hidden layers, Adam, sparse
+  categorical cross-entropy). MIDL replaces both hidden layers, with its
+  defaults and `k_ratio=0.45`. Keras compiles the step as it does by
+  default on a CPU: `jax.jit` on JAX, `tf.function` without XLA on
+  TensorFlow, eager on PyTorch.
+* inference of one 4096 -> 4096 layer at batch 256, `layer(x)` inside the
+  backend's compiled function as `predict` runs it (`jax.jit`,
+  `tf.function`, eager under `torch.no_grad()`); MIDL on its masked
+  path, the one that runs at this batch size.
+
+`--profile` adds, to the 784-1024-1024-10 step, MIDL variants with parts
+of the layer replaced, to attribute the cost (an ablation profile that
+means the same on every backend):
+
+* `fixed mask`: a constant mask with `k` ones per row instead of the
+  gate's selection (the gate logits, the light path and the
+  straight-through mix still run); its difference to MIDL is the cost of
+  the selection;
+* `fixed mask, plain mix`: also `mask * full + (1 - mask) * light` with
+  no gradient to the gate; its difference to `fixed mask` is the
+  straight-through estimator and the mix, forward and backward. What
+  remains over Dense is the gate and light-path matmuls, their gradients
+  and the optimizer's updates of their weights.
+
+The 1-minute load average is read before and after each backend's
+timings. A timing is evidence only if both readings are below 1 plus the
+benchmark's own threads (its busy thread counts in the load average);
+the result files flag the others as not valid.
+
+Usage:
+
+    python -m benchmarks.training_step --profile
+    python -m benchmarks.training_step --backends jax --repeats 5
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from benchmarks import common
+
+BACKENDS = ("torch", "tensorflow", "jax")
+MLPS = (((1024, 1024), 256), ((512, 256), 128))
+INFERENCE = (4096, 256)
+K_RATIO = 0.45
+INPUT_DIM = 784
+CLASSES = 10
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS),
+                        choices=BACKENDS)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads per backend (0: the backends' "
+                        "defaults)")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="add the ablation variants of the MIDL step")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--name", default="training_step",
+                        help="stem of the result files")
+    common.add_output_argument(parser)
+    return parser.parse_args(argv)
+
+
+# --- Child: one backend ---------------------------------------------------
+
+
+def profile_layers():
+    """MIDL subclasses with parts replaced (see the module docstring)."""
+    from keras import ops
+
+    from keras_midl import MIDL
+
+    class FixedMask(MIDL):
+        def _select(self, logits, training):
+            first_k = ops.cast(ops.arange(self.units) < self.k, logits.dtype)
+            return ops.zeros_like(logits) + first_k
+
+    class FixedMaskPlainMix(FixedMask):
+        def _interpolate(self, mask, logits, full, light):
+            mask = ops.cast(mask, full.dtype)
+            return mask * full + (1.0 - mask) * light
+
+    return {"fixed mask": FixedMask,
+            "fixed mask, plain mix": FixedMaskPlainMix}
+
+
+def mlp(hidden, layer_class=None):
+    """An MLP 784-hidden-10; `layer_class=None` is Dense."""
+    import keras
+
+    layers = [keras.Input((INPUT_DIM,))]
+    for units in hidden:
+        if layer_class is None:
+            layers.append(keras.layers.Dense(units, activation="relu"))
+        else:
+            layers.append(
+                layer_class(units, k_ratio=K_RATIO, activation="relu")
+            )
+    layers.append(keras.layers.Dense(CLASSES))
+    model = keras.Sequential(layers)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def training_rows(args):
+    import keras
+    import numpy as np
+
+    from keras_midl import MIDL
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for hidden, batch in MLPS:
+        keras.utils.set_random_seed(0)
+        x = rng.random((batch, INPUT_DIM), dtype="float32")
+        y = rng.integers(0, CLASSES, size=(batch,))
+        variants = {"Dense": None, "MIDL": MIDL}
+        if args.profile and hidden == MLPS[0][0]:
+            variants.update(profile_layers())
+        models = {name: mlp(hidden, cls) for name, cls in variants.items()}
+        calls = {
+            name: (lambda m=model, x=x, y=y: m.train_on_batch(x, y))
+            for name, model in models.items()
+        }
+        before = common.load_average()
+        medians = common.interleaved_medians(
+            calls, warmup=args.warmup, repeats=args.repeats
+        )
+        after = common.load_average()
+        for name, seconds in medians.items():
+            rows.append({
+                "case": "train_on_batch",
+                "model": "MLP 784-" + "-".join(map(str, hidden)) + "-10",
+                "batch": batch,
+                "variant": name,
+                "ms": 1e3 * seconds,
+                "ratio_to_dense": seconds / medians["Dense"],
+                "load_before": before,
+                "load_after": after,
+            })
+    return rows
+
+
+def compiled_forward(layer):
+    """`layer(x)` as `predict` runs it on the current backend."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        def forward(trainable, non_trainable, x):
+            outputs, _ = layer.stateless_call(trainable, non_trainable, x)
+            return outputs
+
+        jitted = jax.jit(forward)
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+        return lambda x: jitted(trainable, non_trainable, x)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda x: layer(x, training=False))
+    import torch
+
+    def forward(x):
+        with torch.no_grad():
+            return layer(x, training=False)
+
+    return forward
+
+
+def inference_rows(args):
+    import keras
+    import numpy as np
+
+    from keras_midl import MIDL
+
+    units, batch = INFERENCE
+    keras.utils.set_random_seed(0)
+    x = keras.ops.convert_to_tensor(
+        np.random.default_rng(0).random((batch, units), dtype="float32")
+    )
+    layers = {
+        "Dense": keras.layers.Dense(units),
+        "MIDL": MIDL(units, k_ratio=K_RATIO, inference_path="masked"),
+    }
+    calls = {}
+    for name, layer in layers.items():
+        layer.build((batch, units))
+        forward = compiled_forward(layer)
+        calls[name] = lambda f=forward: f(x)
+    before = common.load_average()
+    medians = common.interleaved_medians(
+        calls, warmup=args.warmup, repeats=args.repeats
+    )
+    after = common.load_average()
+    return [
+        {
+            "case": "inference (masked)",
+            "model": f"one {units} -> {units} layer",
+            "batch": batch,
+            "variant": name,
+            "ms": 1e3 * seconds,
+            "ratio_to_dense": seconds / medians["Dense"],
+            "load_before": before,
+            "load_after": after,
+        }
+        for name, seconds in medians.items()
+    ]
+
+
+def child(args):
+    rows = training_rows(args) + inference_rows(args)
+    metadata = common.environment()
+    with open(args.child, "w") as file:
+        json.dump({"metadata": metadata, "rows": rows}, file)
+
+
+# --- Parent: one child per backend, then the result files -----------------
+
+
+def run_children(args):
+    outputs = {}
+    settings = ["--threads", str(args.threads), "--repeats",
+                str(args.repeats), "--warmup", str(args.warmup)]
+    if args.profile:
+        settings.append("--profile")
+    for backend in args.backends:
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "out.json")
+            env = dict(os.environ, KERAS_BACKEND=backend)
+            env.update(common.thread_environment(args.threads))
+            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            print(f"== {backend}", flush=True)
+            subprocess.run(
+                [sys.executable, "-m", "benchmarks.training_step",
+                 "--child", path, *settings],
+                env=env, check=True,
+            )
+            with open(path) as file:
+                outputs[backend] = json.load(file)
+    return outputs
+
+
+TARGETS = {
+    ("train_on_batch", "MLP 784-1024-1024-10"): 1.3,
+    ("train_on_batch", "MLP 784-512-256-10"): 1.5,
+    ("inference (masked)", "one 4096 -> 4096 layer"): 1.15,
+}
+
+
+def finish_rows(outputs, threads):
+    rows = []
+    limit = 1 + max(threads, 1)
+    for backend, output in outputs.items():
+        for row in output["rows"]:
+            loads = [row["load_before"], row["load_after"]]
+            valid = all(load is not None and load <= limit for load in loads)
+            target = TARGETS.get((row["case"], row["model"]))
+            met = None
+            if row["variant"] == "MIDL" and target is not None:
+                met = "yes" if row["ratio_to_dense"] <= target else "no"
+            rows.append({
+                "backend": backend,
+                **row,
+                "target": target if row["variant"] == "MIDL" else None,
+                "target_met": met,
+                "valid": "yes" if valid else "no (load)",
+            })
+    return rows
+
+
+COLUMNS = [
+    ("backend", "Backend", None),
+    ("case", "Case", None),
+    ("model", "Model", None),
+    ("batch", "Batch", None),
+    ("variant", "Variant", None),
+    ("ms", "Median ms", ".2f"),
+    ("ratio_to_dense", "/ Dense", ".2f"),
+    ("target", "Target", ".2f"),
+    ("target_met", "Met", None),
+    ("load_before", "Load before", ".2f"),
+    ("load_after", "Load after", ".2f"),
+    ("valid", "Valid", None),
+]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return
+    metadata = common.environment()
+    outputs = run_children(args)
+    metadata["load_average_after"] = common.load_average()
+    metadata["children"] = {
+        backend: output["metadata"] for backend, output in outputs.items()
+    }
+    rows = finish_rows(outputs, args.threads)
+    stem = common.output_path(args.output, args.name)
+    common.write_json(stem + ".json", rows, metadata,
+                      settings={"threads": args.threads,
+                                "repeats": args.repeats,
+                                "warmup": args.warmup,
+                                "k_ratio": K_RATIO})
+    notes = [
+        f"{args.repeats} interleaved rounds after {args.warmup} warm-up "
+        f"rounds, medians; {args.threads or 'default'} thread(s) per "
+        "backend. `/ Dense`: the variant's median over Dense's, measured "
+        "in the same rounds. Valid: both load readings at most "
+        f"{1 + max(args.threads, 1)} (the benchmark's own busy thread "
+        "counts).",
+        "Profile variants (`--profile`): `fixed mask` replaces the "
+        "selection by a constant mask; `fixed mask, plain mix` also "
+        "replaces the straight-through mix by a plain one with no "
+        "gradient to the gate (see the module docstring).",
+    ]
+    common.write_markdown(stem + ".md", rows, metadata, COLUMNS,
+                          title="Training step and large-batch inference: "
+                          "MIDL / Dense", notes=notes)
+    print(open(stem + ".md").read())
+
+
+if __name__ == "__main__":
+    main()
