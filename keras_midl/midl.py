@@ -65,11 +65,16 @@ def num_selected(k_ratio, units):
 def _matmul_transposed(inputs, kernel):
     """`inputs @ kernel^T` for a kernel stored as `(units, input_dim)`.
 
-    Computed as `(kernel @ rows^T)^T`: TensorFlow's CPU matmul with a
-    transposed right operand (what `matmul(x, transpose(kernel))` and
-    `einsum` lower to) is slower than `x @ W`, while transposing the
-    activations instead costs no more than Dense on any backend.
+    On TensorFlow, computed as `(kernel @ rows^T)^T`: its CPU matmul with
+    a transposed right operand (what `matmul(x, transpose(kernel))` and
+    `einsum` lower to) is about twice as slow as `x @ W`, while
+    transposing the activations costs no more than Dense. On JAX and
+    torch, `x @ kernel^T` directly: the transposed product there leaves a
+    non-contiguous output that the following elementwise ops read slowly
+    (`benchmarks/results/training_step.md`).
     """
+    if keras.backend.backend() != "tensorflow":
+        return ops.matmul(inputs, ops.transpose(kernel))
     units, input_dim = kernel.shape
     if len(inputs.shape) == 2:
         return ops.transpose(ops.matmul(kernel, ops.transpose(inputs)))
@@ -562,7 +567,9 @@ class MIDL(keras.layers.Layer):
             scores,
             self.k,
             method=self.selection_method,
-            check_ties_first=bool(training),
+            # Not while torch traces: `torch.jit.trace` would freeze the
+            # branch it sees.
+            check_ties_first=not fast_inference.torch_tracing(),
         )
 
     def call(self, inputs, training=None):
