@@ -179,7 +179,8 @@ def use_gathered_path(
 
 
 def compile_enabled():
-    """Whether the torch fast path may compile (`KERAS_MIDL_COMPILE`)."""
+    """Whether keras_midl may compile its own kernels (`KERAS_MIDL_COMPILE`):
+    the torch fast inference path, the TensorFlow training selection."""
     value = os.environ.get(COMPILE_ENV, "1").strip().lower()
     return value not in ("0", "false", "no", "off")
 

@@ -12,6 +12,7 @@ from keras import ops
 from keras import quantizers
 from keras import regularizers
 
+from keras_midl import compiled_selection
 from keras_midl import fast_inference
 from keras_midl._checks import is_finite_number
 from keras_midl._checks import is_integer
@@ -562,6 +563,11 @@ class MIDL(keras.layers.Layer):
         if training and self.gate_noise > 0:
             scores = scores + self.gate_noise * keras.random.normal(
                 ops.shape(logits), dtype=logits.dtype, seed=self.seed_generator
+            )
+        if training:
+            # XLA-compiled on TensorFlow (keras_midl/compiled_selection.py).
+            return compiled_selection.training_topk_mask(
+                scores, self.k, self.selection_method
             )
         return topk_mask(
             scores,

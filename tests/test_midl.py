@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+from backend_utils import value_and_gradients
 from backend_utils import variable_gradients
 from conftest import BACKEND
 from keras import ops
@@ -231,6 +232,10 @@ def test_gate_noise_is_seeded_and_training_only(rng):
         ({"units": 8, "temperature": float("nan")}, "temperature=nan"),
         ({"units": 8, "gate_noise": float("inf")}, "gate_noise=inf"),
         ({"units": 8, "gate_noise": float("nan")}, "gate_noise=nan"),
+        ({"units": 8, "balance_weight": -0.1}, "balance_weight=-0.1"),
+        ({"units": 8, "balance_weight": float("inf")}, "balance_weight=inf"),
+        ({"units": 8, "balance_weight": float("nan")}, "balance_weight=nan"),
+        ({"units": 8, "balance_weight": "0.1"}, "balance_weight='0.1'"),
         ({"units": 8, "selection": "sort"}, "selection='sort'"),
         ({"units": 8, "inference_path": "fast"}, "inference_path='fast'"),
     ],
@@ -694,3 +699,120 @@ def test_gate_runs_in_float32_inside_call(policy, inference_path):
     gate = layer.gate(x)
     assert keras.backend.standardize_dtype(gate["logits"].dtype) == "float32"
     np.testing.assert_array_equal(to_numpy(gate["mask"]), expected)
+
+
+def _balance_setup(rng, temperature=1.0, balance_weight=0.3):
+    layer = built_layer(
+        input_dim=12,
+        units=10,
+        rank=3,
+        k_ratio=0.3,
+        temperature=temperature,
+        balance_weight=balance_weight,
+    )
+    for v in layer.trainable_variables:
+        v.assign(rng.normal(size=v.shape).astype("float32") * 0.5)
+    # Neuron 0 is never selected, neuron 1 always.
+    bias = to_numpy(layer.gate_bias).copy()
+    bias[0], bias[1] = -50.0, 50.0
+    layer.gate_bias.assign(bias)
+    return layer, rng.normal(size=(16, 12)).astype("float32")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_balance_loss_value_and_gradient(temperature, rng):
+    """`w * var_j(f_j) / (k/n)^2`, straight-through gradient."""
+    layer, x = _balance_setup(rng, temperature)
+    layer(x, training=True)
+    (loss,) = layer.losses
+    logits = to_numpy(layer.gate(x)["logits"]).astype("float64")
+    mask = to_numpy(layer.gate(x)["mask"])
+    assert mask[:, 0].sum() == 0 and mask[:, 1].all()
+    share = layer.k / layer.units
+    frequencies = mask.mean(axis=0)
+    expected = 0.3 * np.mean((frequencies - share) ** 2) / share**2
+    np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
+
+    def gradient_of_the_logits(gate):
+        def balance_loss(logits):
+            return layer._balance_loss(gate["mask"], logits)
+
+        value, (grad,) = value_and_gradients(
+            balance_loss, to_numpy(gate["logits"])
+        )
+        return value, grad
+
+    value, grad = gradient_of_the_logits(layer.gate(x))
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    sigmoid = 1 / (1 + np.exp(-logits / temperature))
+    slope = sigmoid * (1 - sigmoid) / temperature
+    d_frequency = 0.3 * 2 * (frequencies - share) / (layer.units * share**2)
+    np.testing.assert_allclose(
+        grad, d_frequency * slope / len(x), rtol=1e-4, atol=1e-9
+    )
+    # Descent raises the logits of the neurons selected less often than
+    # k/n, and lowers the others'.
+    layer.gate_bias.assign(np.zeros(10, "float32"))
+    gate = layer.gate(x)
+    _, grad = gradient_of_the_logits(gate)
+    frequencies = to_numpy(gate["mask"]).mean(axis=0)
+    np.testing.assert_array_equal(
+        np.sign(grad.sum(axis=0)),
+        np.sign(frequencies - share),
+        err_msg=str(frequencies),
+    )
+
+
+def test_balance_loss_only_in_training_and_when_weighted(rng):
+    layer, x = _balance_setup(rng)
+    layer(x)
+    assert not layer.losses
+    unweighted, _ = _balance_setup(rng, balance_weight=0.0)
+    unweighted(x, training=True)
+    assert not unweighted.losses
+    layer(x, training=True)
+    assert len(layer.losses) == 1
+
+
+def test_balance_loss_enters_the_training_loss(rng):
+    x = rng.normal(size=(32, 12)).astype("float32")
+    y = rng.normal(size=(32, 4)).astype("float32")
+    losses = []
+    for weight in (0.0, 5.0):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([
+            keras.Input((12,)),
+            MIDL(16, k_ratio=0.25, balance_weight=weight),
+            keras.layers.Dense(4),
+        ])
+        model.compile(keras.optimizers.SGD(0.0), "mse")
+        losses.append(model.evaluate(x, y, verbose=0))
+        losses.append(model.train_on_batch(x, y))
+    # Evaluation adds no balance loss; a training step with weight 5 does.
+    assert losses[0] == pytest.approx(losses[2], rel=1e-6)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert losses[3] > losses[1] + 1e-3
+
+
+def test_gates_train_when_a_subclassed_model_passes_no_training(rng):
+    """The gate gets its straight-through gradient whatever `training` is:
+    a subclassed model whose `call` takes no `training` calls its layers
+    with `training=None` in `fit`."""
+
+    class NoTrainingArgument(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = MIDL(16, k_ratio=0.4, activation="relu")
+            self.head = keras.layers.Dense(3)
+
+        def call(self, inputs):
+            return self.head(self.hidden(inputs))
+
+    model = NoTrainingArgument()
+    x = rng.normal(size=(32, 10)).astype("float32")
+    y = rng.integers(0, 3, size=(32,))
+    model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+    model(x)
+    gate_kernel = to_numpy(model.hidden.gate_kernel).copy()
+    model.fit(x, y, epochs=2, verbose=0)
+    assert not np.allclose(to_numpy(model.hidden.gate_kernel), gate_kernel)

@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_midl.selection import kth_largest
 from keras_midl.selection import straight_through
+from keras_midl.selection import straight_through_mix
 from keras_midl.selection import topk_mask
 
 METHODS = ["top_k", "bisection"]
@@ -155,3 +156,66 @@ def test_straight_through_returns_the_dtype_of_soft(soft_dtype, rng):
     expected_dtype = ops.convert_to_tensor(soft).dtype
     assert out.dtype == expected_dtype
     np.testing.assert_array_equal(ops.convert_to_numpy(out), hard)
+
+
+def _chain_mix(mask, logits, full, light, temperature):
+    """The straight-through mix as a chain of ops, the reference."""
+    gate = straight_through(mask, ops.sigmoid(logits / temperature))
+    return gate * full + (1.0 - gate) * light
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 2.5])
+def test_straight_through_mix_matches_the_chain(temperature, rng):
+    mask = (rng.random((4, 9)) > 0.5).astype("float32")
+    logits, full, light, upstream = (
+        rng.normal(size=(4, 9)).astype("float32") for _ in range(4)
+    )
+    weights = ops.convert_to_tensor(upstream)
+
+    def loss(mix):
+        return lambda s, f, h: ops.sum(
+            weights * mix(mask, s, f, h, temperature)
+        )
+
+    def fused(mask, s, f, h, t):
+        return straight_through_mix(mask, s, f, h, temperature=t)
+
+    value, grads = value_and_gradients(loss(fused), logits, full, light)
+    expected, expected_grads = value_and_gradients(
+        loss(_chain_mix), logits, full, light
+    )
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    # `upstream * (full - light)` against the chain's difference of two
+    # products: float32 rounding apart.
+    for grad, expected_grad in zip(grads, expected_grads):
+        np.testing.assert_allclose(grad, expected_grad, rtol=2e-4, atol=1e-6)
+    # And against the formula, not only the chain.
+    soft = 1 / (1 + np.exp(-logits.astype("float64") / temperature))
+    np.testing.assert_allclose(
+        grads[0],
+        upstream * (full - light) * soft * (1 - soft) / temperature,
+        rtol=2e-4,
+        atol=1e-6,
+    )
+    np.testing.assert_array_equal(grads[1], upstream * mask)
+    np.testing.assert_array_equal(grads[2], upstream * (1 - mask))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_straight_through_mix_value_is_exactly_full_or_light(dtype, rng):
+    mask = (rng.random((5, 7)) > 0.5).astype("float32")
+    logits = rng.normal(size=(5, 7)).astype("float32")
+    full = ops.cast(rng.normal(size=(5, 7)) * 1e3, dtype)
+    light = ops.cast(rng.normal(size=(5, 7)), dtype)
+    out = straight_through_mix(mask, logits, full, light)
+    assert ops.dtype(out) == dtype
+
+    def as_float32(x):
+        return ops.convert_to_numpy(ops.cast(x, "float32"))
+
+    expected = np.where(mask > 0, as_float32(full), as_float32(light))
+    np.testing.assert_array_equal(as_float32(out), expected)
+    zero_light = straight_through_mix(mask, logits, full)
+    np.testing.assert_array_equal(
+        as_float32(zero_light), np.where(mask > 0, as_float32(full), 0.0)
+    )

@@ -1,4 +1,5 @@
-"""Every selection method gives the same mask, on every backend."""
+"""Every selection method gives the same mask, on every backend, with and
+without the tie check first (`check_ties_first`)."""
 
 import numpy as np
 import pytest
@@ -11,6 +12,18 @@ from keras_midl.selection import topk_mask
 
 N = 33
 F32 = np.finfo("float32")
+# (method, check_ties_first): every way `topk_mask` can find the mask.
+VARIANTS = [
+    (method, check) for method in SELECTION_METHODS for check in (False, True)
+]
+
+
+def variant_mask(k, variant):
+    """The compiled `topk_mask` of one variant, for rows of scores."""
+    method, check = variant
+    return compiled(
+        lambda s: topk_mask(s, k, method=method, check_ties_first=check)
+    )
 
 
 def compiled(fn):
@@ -67,8 +80,8 @@ def special_rows(rng):
 def test_methods_give_the_reference_mask(k, rng):
     names, scores = special_rows(rng)
     expected = reference_mask(scores, k)
-    for method in SELECTION_METHODS:
-        mask = compiled(lambda s, m=method: topk_mask(s, k, method=m))
+    for method in VARIANTS:
+        mask = variant_mask(k, method)
         mask = ops.convert_to_numpy(mask(scores))
         for row, name in enumerate(names):
             np.testing.assert_array_equal(
@@ -92,10 +105,10 @@ def test_methods_find_the_same_kth_largest_value(k, rng):
 def test_methods_agree_on_rank_3_scores(rng):
     scores = rng.integers(-3, 3, size=(2, 5, 64)).astype("float32")
     expected = reference_mask(scores, 20)
-    for method in SELECTION_METHODS:
-        mask = compiled(lambda s, m=method: topk_mask(s, 20, method=m))
+    for method in VARIANTS:
+        mask = variant_mask(20, method)
         np.testing.assert_array_equal(
-            ops.convert_to_numpy(mask(scores)), expected, err_msg=method
+            ops.convert_to_numpy(mask(scores)), expected, err_msg=str(method)
         )
 
 
@@ -106,10 +119,10 @@ def test_methods_agree_on_half_precision_scores(dtype, rng):
     expected = reference_mask(
         ops.convert_to_numpy(ops.cast(scores, "float32")), 20
     )
-    for method in SELECTION_METHODS:
-        mask = compiled(lambda s, m=method: topk_mask(s, 20, method=m))
+    for method in VARIANTS:
+        mask = variant_mask(20, method)
         np.testing.assert_array_equal(
-            ops.convert_to_numpy(mask(scores)), expected, err_msg=method
+            ops.convert_to_numpy(mask(scores)), expected, err_msg=str(method)
         )
 
 
@@ -118,9 +131,9 @@ def test_methods_agree_on_wide_random_rows(rng):
     scores = rng.normal(size=(16, 1024)).astype("float32")
     scores[:, 0:512:2] = scores[:, 1:512:2]  # and some exact ties
     expected = reference_mask(scores, 461)
-    for method in SELECTION_METHODS:
-        mask = compiled(lambda s, m=method: topk_mask(s, 461, method=m))
+    for method in VARIANTS:
+        mask = variant_mask(461, method)
         np.testing.assert_array_equal(
-            ops.convert_to_numpy(mask(scores)), expected, err_msg=method
+            ops.convert_to_numpy(mask(scores)), expected, err_msg=str(method)
         )
 
