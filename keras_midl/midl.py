@@ -66,15 +66,16 @@ def num_selected(k_ratio, units):
 def _matmul_transposed(inputs, kernel):
     """`inputs @ kernel^T` for a kernel stored as `(units, input_dim)`.
 
-    On TensorFlow, computed as `(kernel @ rows^T)^T`: its CPU matmul with
-    a transposed right operand (what `matmul(x, transpose(kernel))` and
-    `einsum` lower to) is about twice as slow as `x @ W`, while
-    transposing the activations costs no more than Dense. On JAX and
-    torch, `x @ kernel^T` directly: the transposed product there leaves a
-    non-contiguous output that the following elementwise ops read slowly
-    (`benchmarks/results/training_step.md`).
+    Computed as `(kernel @ rows^T)^T` on TensorFlow and JAX: their CPU
+    matmuls with a transposed right operand (what `matmul(x,
+    transpose(kernel))` and `einsum` lower to) are slower than `x @ W`
+    (TensorFlow about 2x; XLA up to 13x at batch 1, where it copies the
+    transposed kernel), while transposing the activations costs no more
+    than Dense. On torch `x @ kernel^T` directly (BLAS reads the
+    transposed operand in place): the other form leaves a non-contiguous
+    output that the elementwise ops after it read more slowly.
     """
-    if keras.backend.backend() != "tensorflow":
+    if keras.backend.backend() == "torch":
         return ops.matmul(inputs, ops.transpose(kernel))
     units, input_dim = kernel.shape
     if len(inputs.shape) == 2:

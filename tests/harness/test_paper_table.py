@@ -17,7 +17,7 @@ def test_recipes_parse_settings_over_the_defaults():
         "t2:temperature=2", "mix:gate_noise=0.5,rank=7,balance_weight=0.1",
     ])
     defaults = {"rank": None, "temperature": 1.0, "gate_noise": 0.0,
-                "balance_weight": 0.0}
+                "balance_weight": 0.1}
     assert args.recipe_list == [
         ("default", {**defaults, "k_ratio": 0.4}),
         ("t2", {**defaults, "k_ratio": 0.4, "temperature": 2.0}),
