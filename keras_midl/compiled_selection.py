@@ -42,11 +42,19 @@ def training_topk_mask(scores, k, method):
         return topk_mask(scores, k, method=method, check_ties_first=True)
     import tensorflow as tf
 
-    key = (k, method)
+    # One function per selection and score signature; the leading axes
+    # stay free (XLA compiles each concrete shape once, tracing happens
+    # once per key).
+    scores = ops.convert_to_tensor(scores)
+    key = (k, method, len(scores.shape), scores.shape[-1], scores.dtype)
     if key not in _functions:
+        signature = tf.TensorSpec(
+            [None] * (len(scores.shape) - 1) + [scores.shape[-1]],
+            scores.dtype,
+        )
         _functions[key] = tf.function(
             lambda s: topk_mask(s, k, method=method, check_ties_first=True),
+            input_signature=[signature],
             jit_compile=True,
-            reduce_retracing=True,
         )
     return ops.stop_gradient(_functions[key](scores))

@@ -656,7 +656,9 @@ class MIDL(keras.layers.Layer):
         frequencies = straight_through(hard, soft)
         share = self.k / self.units
         variance = ops.mean(ops.square(frequencies - share))
-        return self.balance_weight * variance / (share * share)
+        # In float32, as Keras sums the losses (a float64 layer included).
+        loss = self.balance_weight * variance / (share * share)
+        return ops.cast(loss, "float32")
 
     def _use_gathered_path(self, inputs):
         if self.inference_path != "auto":

@@ -54,12 +54,28 @@ def test_compilation_can_be_turned_off(monkeypatch, rng):
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="XLA on TensorFlow only")
-def test_tensorflow_compiles_one_function_per_k_and_method(rng):
+def test_tensorflow_compiles_one_function_per_selection_and_signature(rng):
     compiled_selection._functions.clear()
     scores = _scores(rng)
     for k in (3, 3, 5):
         compiled_selection.training_topk_mask(scores, k, "top_k")
-    assert sorted(compiled_selection._functions) == [
-        (3, "top_k"),
-        (5, "top_k"),
+    compiled_selection.training_topk_mask(scores[:5], 3, "top_k")
+    compiled_selection.training_topk_mask(scores[None], 3, "top_k")
+    assert sorted(key[:3] for key in compiled_selection._functions) == [
+        (3, "top_k", 2),
+        (3, "top_k", 3),
+        (5, "top_k", 2),
     ]
+
+
+@pytest.mark.parametrize("shape", [(0, 40), (2, 0, 40), (3, 4, 40)])
+def test_training_mask_of_any_rank_and_empty_batches(shape, rng):
+    """Ranks and batch sizes in any order (a relaxed signature once lost
+    the rank after seeing two)."""
+    for rows in (shape, (5, 40), shape):
+        scores = rng.normal(size=rows).astype("float32")
+        mask = compiled_selection.training_topk_mask(scores, 7, "bisection")
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(mask),
+            ops.convert_to_numpy(topk_mask(scores, 7, method="bisection")),
+        )
