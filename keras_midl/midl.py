@@ -149,6 +149,10 @@ class MIDL(keras.layers.Layer):
     output = activation(g * h_full + (1 - g) * h_lite)
     ```
 
+    and, in training, a load-balancing loss in `layer.losses`,
+    `balance_weight * var_j(f_j) / (k/n)^2` with `f_j` the fraction of the
+    batch's rows whose mask selects neuron `j`.
+
     that is `activation(M(x) x + bias)` with the per-input interpolated
     matrix `M(x) = diag(g) W + (I - diag(g)) U V`. The gradient of the mask
     is the straight-through estimate through `sigmoid(s / temperature)`, so
@@ -207,7 +211,8 @@ class MIDL(keras.layers.Layer):
             are never or always selected back towards `k/n`: without it,
             10-20% of the neurons of a layer were never selected after
             training on CIFAR-10 and IMDB (`benchmarks/results/
-            paper_table_remedies.md`). `0` adds no loss.
+            paper_table_remedies_cifar10.md`, `..._imdb.md`). `0` adds
+            no loss.
         activation: Activation function, as for `Dense`.
         use_bias: Boolean, whether the full and light paths have biases
             `b` and `b_lite`. The gate bias `c` always exists.

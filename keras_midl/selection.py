@@ -154,7 +154,7 @@ def topk_mask(scores, k, method="top_k", check_ties_first=False):
             are rare, as for trained float logits. It is a data-dependent
             branch, which tracing exporters (`torch.jit.trace`, ONNX from
             torch) would freeze to the branch seen while tracing: `MIDL`
-            uses it in training only.
+            uses it except while torch traces.
 
     Returns:
         Float32 tensor of the shape of `scores` holding 0s and 1s.
