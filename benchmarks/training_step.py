@@ -48,6 +48,7 @@ import sys
 import tempfile
 
 from benchmarks import common
+from benchmarks import latency
 
 BACKENDS = ("torch", "tensorflow", "jax")
 MLPS = (((1024, 1024), 256), ((512, 256), 128))
@@ -98,6 +99,28 @@ def profile_layers():
             "fixed mask, plain mix": FixedMaskPlainMix}
 
 
+def timed_rows(calls, args, **labels):
+    """Times `calls` interleaved (Dense among them); one row per call,
+    with `labels`, its median, its ratio to Dense and the load average
+    read before and after."""
+    before = common.load_average()
+    medians = common.interleaved_medians(
+        calls, warmup=args.warmup, repeats=args.repeats
+    )
+    after = common.load_average()
+    return [
+        {
+            **labels,
+            "variant": name,
+            "ms": 1e3 * seconds,
+            "ratio_to_dense": seconds / medians["Dense"],
+            "load_before": before,
+            "load_after": after,
+        }
+        for name, seconds in medians.items()
+    ]
+
+
 def mlp(hidden, layer_class=None):
     """An MLP 784-hidden-10; `layer_class=None` is Dense."""
     import keras
@@ -139,52 +162,14 @@ def training_rows(args):
             name: (lambda m=model, x=x, y=y: m.train_on_batch(x, y))
             for name, model in models.items()
         }
-        before = common.load_average()
-        medians = common.interleaved_medians(
-            calls, warmup=args.warmup, repeats=args.repeats
+        rows += timed_rows(
+            calls,
+            args,
+            case="train_on_batch",
+            model="MLP 784-" + "-".join(map(str, hidden)) + "-10",
+            batch=batch,
         )
-        after = common.load_average()
-        for name, seconds in medians.items():
-            rows.append({
-                "case": "train_on_batch",
-                "model": "MLP 784-" + "-".join(map(str, hidden)) + "-10",
-                "batch": batch,
-                "variant": name,
-                "ms": 1e3 * seconds,
-                "ratio_to_dense": seconds / medians["Dense"],
-                "load_before": before,
-                "load_after": after,
-            })
     return rows
-
-
-def compiled_forward(layer):
-    """`layer(x)` as `predict` runs it on the current backend."""
-    import keras
-
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        def forward(trainable, non_trainable, x):
-            outputs, _ = layer.stateless_call(trainable, non_trainable, x)
-            return outputs
-
-        jitted = jax.jit(forward)
-        trainable = [v.value for v in layer.trainable_variables]
-        non_trainable = [v.value for v in layer.non_trainable_variables]
-        return lambda x: jitted(trainable, non_trainable, x)
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(lambda x: layer(x, training=False))
-    import torch
-
-    def forward(x):
-        with torch.no_grad():
-            return layer(x, training=False)
-
-    return forward
 
 
 def inference_rows(args):
@@ -205,26 +190,15 @@ def inference_rows(args):
     calls = {}
     for name, layer in layers.items():
         layer.build((batch, units))
-        forward = compiled_forward(layer)
+        forward = latency.forward_function(layer)
         calls[name] = lambda f=forward: f(x)
-    before = common.load_average()
-    medians = common.interleaved_medians(
-        calls, warmup=args.warmup, repeats=args.repeats
+    return timed_rows(
+        calls,
+        args,
+        case="inference (masked)",
+        model=f"one {units} -> {units} layer",
+        batch=batch,
     )
-    after = common.load_average()
-    return [
-        {
-            "case": "inference (masked)",
-            "model": f"one {units} -> {units} layer",
-            "batch": batch,
-            "variant": name,
-            "ms": 1e3 * seconds,
-            "ratio_to_dense": seconds / medians["Dense"],
-            "load_before": before,
-            "load_after": after,
-        }
-        for name, seconds in medians.items()
-    ]
 
 
 def child(args):

@@ -1,0 +1,55 @@
+"""Tests of benchmarks.training_step's helpers (tiny models, no timing)."""
+
+import argparse
+
+import numpy as np
+from keras import ops
+
+from benchmarks import training_step
+
+
+def test_timed_rows_give_ratios_to_dense():
+    args = argparse.Namespace(warmup=0, repeats=3)
+    rows = training_step.timed_rows(
+        {"Dense": lambda: None, "MIDL": lambda: sum(range(10_000))},
+        args,
+        case="c",
+        model="m",
+        batch=2,
+    )
+    by_variant = {row["variant"]: row for row in rows}
+    assert by_variant["Dense"]["ratio_to_dense"] == 1.0
+    assert by_variant["MIDL"]["ratio_to_dense"] > 1.0
+    assert {row["case"] for row in rows} == {"c"}
+
+
+def test_finish_rows_flag_targets_and_load():
+    row = {"case": "train_on_batch", "model": "MLP 784-1024-1024-10",
+           "batch": 256, "ms": 1.0, "load_before": 0.5, "load_after": 0.7}
+    outputs = {"jax": {"rows": [
+        {**row, "variant": "Dense", "ratio_to_dense": 1.0},
+        {**row, "variant": "MIDL", "ratio_to_dense": 1.25},
+        {**row, "variant": "MIDL", "ratio_to_dense": 1.35,
+         "load_after": 2.5},
+    ]}}
+    dense, met, missed = training_step.finish_rows(outputs, threads=1)
+    assert dense["target_met"] is None and dense["valid"] == "yes"
+    assert met["target"] == 1.3 and met["target_met"] == "yes"
+    assert missed["target_met"] == "no" and missed["valid"] == "no (load)"
+
+
+def test_profile_layers_replace_the_selection_and_the_mix(rng):
+    layers = training_step.profile_layers()
+    x = rng.normal(size=(4, 12)).astype("float32")
+    fixed = layers["fixed mask"](10, k_ratio=0.3)
+    fixed(x)
+    mask = ops.convert_to_numpy(fixed.gate(x)["mask"])
+    np.testing.assert_array_equal(mask, np.tile([1.0] * 3 + [0.0] * 7, (4, 1)))
+    plain = layers["fixed mask, plain mix"](10, k_ratio=0.3)
+    plain(x)
+    plain.set_weights(fixed.get_weights())
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(plain(x, training=True)),
+        ops.convert_to_numpy(fixed(x, training=True)),
+        rtol=1e-6,
+    )
