@@ -299,6 +299,36 @@ def thread_environment(threads):
     }
 
 
+def run_backends(module, backends, arguments, threads):
+    """Runs `python -m module --child` once per backend; returns their JSON
+    outputs.
+
+    Each child is limited to `threads` threads: on a small machine shared
+    with other work, multi-threaded kernels wait on descheduled threads and
+    their timings become meaningless.
+    """
+    outputs = {}
+    for backend in backends:
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "out.json")
+            env = dict(os.environ, KERAS_BACKEND=backend)
+            env.update(thread_environment(threads))
+            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+            command = [
+                sys.executable,
+                "-m",
+                module,
+                "--child",
+                path,
+                *arguments,
+            ]
+            print(f"== {backend}", flush=True)
+            subprocess.run(command, env=env, cwd=ROOT, check=True)
+            with open(path) as file:
+                outputs[backend] = json.load(file)
+    return outputs
+
+
 def block(value):
     """Waits for an asynchronous result (JAX, TensorFlow) and returns it."""
     if isinstance(value, (list, tuple)):

@@ -32,9 +32,6 @@ committed results).
 import argparse
 import json
 import os
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 
@@ -69,36 +66,6 @@ def compiled(fn):
 
         return no_grad
     raise NotImplementedError(backend)
-
-
-def run_backends(module, backends, arguments, threads):
-    """Runs `python -m module --child` once per backend; returns their JSON
-    outputs.
-
-    Each child is limited to `threads` threads: on a small machine shared
-    with other work, multi-threaded kernels wait on descheduled threads and
-    their timings become meaningless.
-    """
-    outputs = {}
-    for backend in backends:
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, "out.json")
-            env = dict(os.environ, KERAS_BACKEND=backend)
-            env.update(common.thread_environment(threads))
-            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-            command = [
-                sys.executable,
-                "-m",
-                module,
-                "--child",
-                path,
-                *arguments,
-            ]
-            print(f"== {backend}", flush=True)
-            subprocess.run(command, env=env, cwd=common.ROOT, check=True)
-            with open(path) as file:
-                outputs[backend] = json.load(file)
-    return outputs
 
 
 def selection_rows(repeats):
@@ -248,7 +215,9 @@ def main():
         return
     load_before = common.load_average()
     repeats = ["--repeats", str(args.repeats)]
-    outputs = run_backends(__spec__.name, args.backends, repeats, args.threads)
+    outputs = common.run_backends(
+        __spec__.name, args.backends, repeats, args.threads
+    )
     rows = [row for output in outputs.values() for row in output["rows"]]
     metadata = next(iter(outputs.values()))["metadata"]
     metadata["command"] = common.command_line()

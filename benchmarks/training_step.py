@@ -42,10 +42,6 @@ Usage:
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 
 from benchmarks import common
 from benchmarks import latency
@@ -212,26 +208,13 @@ def child(args):
 
 
 def run_children(args):
-    outputs = {}
     settings = ["--threads", str(args.threads), "--repeats",
                 str(args.repeats), "--warmup", str(args.warmup)]
     if args.profile:
         settings.append("--profile")
-    for backend in args.backends:
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, "out.json")
-            env = dict(os.environ, KERAS_BACKEND=backend)
-            env.update(common.thread_environment(args.threads))
-            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-            print(f"== {backend}", flush=True)
-            subprocess.run(
-                [sys.executable, "-m", "benchmarks.training_step",
-                 "--child", path, *settings],
-                env=env, check=True,
-            )
-            with open(path) as file:
-                outputs[backend] = json.load(file)
-    return outputs
+    return common.run_backends(
+        "benchmarks.training_step", args.backends, settings, args.threads
+    )
 
 
 TARGETS = {
