@@ -149,15 +149,15 @@ class MIDL(keras.layers.Layer):
     output = activation(g * h_full + (1 - g) * h_lite)
     ```
 
-    and, in training, a load-balancing loss in `layer.losses`,
-    `balance_weight * var_j(f_j) / (k/n)^2` with `f_j` the fraction of the
-    batch's rows whose mask selects neuron `j`.
-
     that is `activation(M(x) x + bias)` with the per-input interpolated
     matrix `M(x) = diag(g) W + (I - diag(g)) U V`. The gradient of the mask
     is the straight-through estimate through `sigmoid(s / temperature)`, so
     `V`, `G`, `c`, `U` and `W` all train end to end. With `k_ratio=1` the
     layer computes exactly `activation(x W + b)`, a Dense layer.
+
+    In training the layer also adds a load-balancing loss to
+    `layer.losses`, `balance_weight * var_j(f_j) / (k/n)^2` with `f_j` the
+    fraction of the batch's rows whose mask selects neuron `j`.
 
     These equations are this project's reading of the paper, whose authors
     published no code.

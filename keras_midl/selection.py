@@ -39,7 +39,8 @@ def kth_largest(scores, k, method="top_k"):
 def _kth_largest_and_count(scores, k, method):
     """`(threshold, count)`: the k-th largest value of each row and the
     number of the row's values at least as large (`>= k`; above `k` when
-    the threshold is tied), both of shape `(..., 1)`."""
+    the threshold is tied), both of shape `(..., 1)`. `count` is `None`
+    where the method does not find it on the way (`"top_k"`)."""
     scores = ops.cast(scores, "float32")
     if method == "top_k":
         # The smallest of the k largest values: no need to sort them, which
@@ -48,13 +49,8 @@ def _kth_largest_and_count(scores, k, method):
         if 0 in tuple(values.shape):
             # An empty batch: `ops.min` refuses empty tensors (torch, eager
             # TensorFlow), although only the leading axes are empty here.
-            empty = ops.zeros((*values.shape[:-1], 1), "float32")
-            return empty, ops.cast(empty, "int32")
-        threshold = ops.min(values, axis=-1, keepdims=True)
-        count = ops.sum(
-            ops.cast(scores >= threshold, "int32"), axis=-1, keepdims=True
-        )
-        return threshold, count
+            return ops.zeros((*values.shape[:-1], 1), "float32"), None
+        return ops.min(values, axis=-1, keepdims=True), None
     if method == "bisection":
         return _kth_largest_bisection(scores, k)
     raise ValueError(
@@ -192,6 +188,10 @@ def topk_mask(scores, k, method="top_k", check_ties_first=False):
 
     if check_ties_first:
         at_least = scores >= threshold
+        if count is None:
+            count = ops.sum(
+                ops.cast(at_least, "int32"), axis=-1, keepdims=True
+            )
         # Rows with more than k scores at or above their threshold have
         # ties to break; the cumulative sum that breaks them runs only if
         # a row of the batch needs it.
