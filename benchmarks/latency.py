@@ -20,16 +20,19 @@ process), for square layers `d = n` in {1024, 2048, 4096, 8192}, batch in
 
 Forward passes run as Keras runs `predict` on a CPU-only machine:
 `tf.function` without XLA on TensorFlow, `jax.jit` on JAX, eager on
-PyTorch under `torch.no_grad()` (MIDL's gathered path compiles itself with
-`torch.compile`). `--threads 1` (default) limits each backend to one
-thread; `--threads 0` leaves the backends' default threading.
+PyTorch under `torch.no_grad()`. The gathered MIDL layers on TensorFlow
+are called eagerly instead (as `model(x)` calls them): they then run their
+own `tf.function`, in which their native kernel may run (not in Keras's
+`predict` graph; the end-to-end rows measure both). `--threads 1`
+(default) limits each backend to one thread; `--threads 0` leaves the
+backends' default threading.
 
 The 1-minute load average is read before and after each group of
 measurements (one `d` and batch); a group is flagged not valid when either
 reading exceeds `1 + threads` (the benchmark's own threads count in the
 load average; a reading above that means another job ran).
-Compilation (`torch.compile` takes 10-60 s per layer shape here) happens
-during the warm-up, before any timing: with `--wait-for FILE` each child
+Compilation (the native kernel once, about 1 s; `jax.jit`, `tf.function`)
+happens during the warm-up, before any timing: with `--wait-for FILE` each child
 compiles everything, creates `FILE.ready`, and starts timing only once
 `FILE` exists (so that a quiet window need not include compilation), and
 creates `FILE.done` when its timings are over.
@@ -86,8 +89,14 @@ def set_threads(threads):
         torch.set_num_threads(threads)
 
 
-def forward_function(layer_or_model):
-    """A compiled inference function `x -> layer(x, training=False)`."""
+def forward_function(layer_or_model, eager=False):
+    """A compiled inference function `x -> layer(x, training=False)`.
+
+    With `eager=True` on TensorFlow the layer is called eagerly, as
+    `model(x)` calls it: a MIDL layer then runs its own `tf.function`
+    (`keras_midl.fast_inference.eager_inference`), where its native kernel
+    may run; inside Keras's own graphs (`predict`, an export) it may not.
+    """
     import keras
 
     backend = keras.backend.backend()
@@ -108,6 +117,8 @@ def forward_function(layer_or_model):
     if backend == "tensorflow":
         import tensorflow as tf
 
+        if eager:
+            return lambda x: layer(x, training=False)
         # Keras's default on a CPU-only machine: a graph, without XLA.
         return tf.function(lambda x: layer(x, training=False))
     if backend == "torch":
@@ -173,7 +184,7 @@ def gathered_fits(backend, batch, k, d, max_mib):
     """Whether the gathered path is measured (see `GATHERED_MAX_MIB`)."""
     from keras_midl import fast_inference
 
-    if backend == "torch":  # fused: nothing materialized, but slow
+    if backend in ("torch", "tensorflow"):  # native kernel: in place
         return batch <= 16 or d <= 2048
     per_step = batch * min(k, fast_inference.CHUNK_ROWS) * d * 4 / 2**20
     return per_step <= max_mib
@@ -200,7 +211,9 @@ def prepare_layers(d):
         gathered.set_weights(masked.get_weights())
         layers[k_ratio] = masked
         functions[f"masked {k_ratio}"] = forward_function(masked)
-        functions[f"gathered {k_ratio}"] = forward_function(gathered)
+        functions[f"gathered {k_ratio}"] = forward_function(
+            gathered, eager=True
+        )
     return functions, layers
 
 
@@ -247,7 +260,9 @@ def measure_group(group, repeats, threads):
         best_s = min(medians["x @ W"], medians["W^T layout"])
         masked_s = medians[f"masked {k_ratio}"]
         gathered_s = medians.get(f"gathered {k_ratio}")
-        auto_gathers = fast_inference.use_gathered_path(batch, d, d, k_ratio)
+        auto_gathers = fast_inference.use_gathered_path(
+            batch, d, d, k_ratio, native_scope=True
+        )
         auto_s = gathered_s if auto_gathers else masked_s
 
         def ratio(numerator, denominator):
@@ -338,10 +353,21 @@ def prepare_e2e(width):
     return {"calls": calls, "models": models}
 
 
+def e2e_auto_path(backend, call, width):
+    """The path `"auto"` runs in the end-to-end model: on TensorFlow the
+    native kernel runs in eager calls (`model(x)`), not in Keras's
+    `predict` graph."""
+    from keras_midl import fast_inference
+
+    gathers = fast_inference.use_gathered_path(
+        1, width, width, 0.45, backend, native_scope=call != "predict_on_batch"
+    )
+    return "gathered" if gathers else "masked"
+
+
 def measure_e2e(e2e, repeats, threads, width):
     import keras
 
-    from keras_midl import fast_inference
 
     for call in e2e["calls"].values():
         block(call())
@@ -360,10 +386,8 @@ def measure_e2e(e2e, repeats, threads, width):
                 "threads": threads,
                 "model": f"MLP {width}-{width}-{width}-10, batch 1",
                 "call": how,
-                "auto_path": (
-                    "gathered"
-                    if fast_inference.use_gathered_path(1, width, width, 0.45)
-                    else "masked"
+                "auto_path": e2e_auto_path(
+                    keras.backend.backend(), how, width
                 ),
                 "dense_ms": dense_s * 1e3,
                 "midl_ms": midl_s * 1e3,
@@ -584,6 +608,10 @@ def apply_auto_rule(rows):
     from keras_midl import fast_inference
 
     for row in rows:
+        if row["kind"] == "e2e":
+            row["auto_path"] = e2e_auto_path(
+                row["backend"], row["call"], int(row["model"].split("-")[1])
+            )
         if row["kind"] != "latency":
             continue
         gathers = fast_inference.use_gathered_path(
@@ -592,7 +620,7 @@ def apply_auto_rule(rows):
             row["d"],
             row["k_ratio"],
             backend=row["backend"],
-            threads=row["threads"] or os.cpu_count(),
+            native_scope=True,  # TensorFlow: as called eagerly
         )
         auto_ms = row["gathered_ms"] if gathers else row["masked_ms"]
         row["auto_path"] = "gathered" if gathers else "masked"

@@ -25,18 +25,31 @@ Per backend:
   `rows * k * d` selected weights are gathered at once; with `chunk=C` they
   are gathered `C` rows at a time (`ops.map` over chunks), so a chunk stays
   in cache while it is read.
-* **TensorFlow**: the reference, chunked (`CHUNK_ROWS`), in a `tf.function`
-  when called eagerly (inlined in the caller's graph otherwise).
+* **native kernel** (`keras_midl.native`, C, built on first use): the
+  gate logits and the light path come from the backend's matmuls (as in
+  the masked path); one C call selects the `k` neurons from the logits
+  (`topk_mask`'s rule) and computes their dot products, reading the
+  selected rows of the kernel in place, four rows at a time.
+  * **PyTorch** (float32 CPU tensors): always, as an autograd function
+    (its backward in torch ops).
+  * **TensorFlow** (float32): as a `tf.numpy_function`, only inside the
+    functions keras_midl compiles itself for eager calls
+    (`eager_inference`, `native_allowed`): a SavedModel cannot serve a
+    Python function, and a graph traced by Keras (`predict`) may be
+    exported, so there the reference runs.
+* **TensorFlow, elsewhere**: the reference, chunked (`CHUNK_ROWS`), in a
+  `tf.function` when called eagerly (inlined in the caller's graph
+  otherwise).
 * **JAX**: the reference, chunked (`CHUNK_ROWS`), under `jax.jit`.
-* **PyTorch**: the whole forward written in torch and compiled by
-  `torch.compile` (inductor), lazily on the first call, one compiled
-  function per layer shape (graphs cached per input shape and dtype by
-  `torch.compile`, a batch of one row specialized, other row counts sharing
-  one dynamic graph after the second). Inductor fuses the gather of the
-  selected rows into the multiply-and-sum, so no weight is copied. If
-  compiling fails (no C++ compiler, no inductor), one warning is emitted
-  and the reference runs instead. Set the environment variable
-  `KERAS_MIDL_COMPILE=0` to skip compiling (the reference then runs).
+* **PyTorch where the native kernel cannot run** (no C compiler, GPU
+  tensors, inside `torch.compile`): the whole forward written in torch and
+  compiled by `torch.compile` (inductor), lazily on the first call, one
+  compiled function per layer shape (graphs cached per input shape and
+  dtype by `torch.compile`, a batch of one row specialized, other row
+  counts sharing one dynamic graph after the second). If compiling fails,
+  one warning is emitted and the reference runs instead. Set the
+  environment variable `KERAS_MIDL_COMPILE=0` to build and compile
+  nothing (the reference then runs).
 
 Weights are passed as arguments (never captured), so compiled functions are
 reused across calls and weight updates. `kernel` may be int8 with
@@ -58,7 +71,8 @@ Example:
 True
 """
 
-import os
+import contextlib
+import threading
 import types
 import typing
 import warnings
@@ -67,10 +81,11 @@ import weakref
 import keras
 from keras import ops
 
+from keras_midl import native
+from keras_midl.native import COMPILE_ENV
 from keras_midl.selection import FLOAT32_TINY
 from keras_midl.selection import topk_mask
 
-COMPILE_ENV = "KERAS_MIDL_COMPILE"
 # Rows of `W^T` gathered per step by the chunked path (TensorFlow, JAX):
 # 256 rows of 4096 float32 are 4 MiB, about one L2/L3 slice.
 CHUNK_ROWS = 256
@@ -91,51 +106,67 @@ _tf_cache = {}
 _torch_cache = {}
 _failed = set()  # backends whose compiled path failed
 _eager_cache = weakref.WeakKeyDictionary()
+_owned = threading.local()  # inside a function keras_midl compiles itself
 
 
 class AutoRule(typing.NamedTuple):
     """Where `inference_path="auto"` gathers, for one backend.
 
-    Gathered when the input has `1 <= rows <= max_rows` rows (known
-    statically), the layer at least `min_weights` weights (`d * n`),
-    `k_ratio <= max_k_ratio` and, if `single_thread`, the backend runs
-    its kernels on one thread; masked otherwise.
+    Gathered when the native kernel can run (see `use_gathered_path`), the
+    input has `1 <= rows <= max_rows` rows (known statically), the layer
+    at least `min_weights` weights (`d * n`) and `k_ratio <= max_k_ratio`;
+    masked otherwise.
     """
 
     max_rows: int
     min_weights: int
     max_k_ratio: float
-    single_thread: bool = False
 
 
-# Where benchmarks/latency.py found the gathered path faster than the
-# masked one (the crossovers are in its results):
-# * torch, one thread: batch 1-2, d * n >= 1024 * 1024, k_ratio <= 0.5.
-#   With more threads the compiled kernel lost to the masked path.
-# * tensorflow, jax: nowhere; the chunked gathers were slower than the
-#   masked path at every measured size and batch, so "auto" never gathers.
+# Where benchmarks/latency.py measured the native gathered path faster
+# than the masked path (benchmarks/results/latency.md, one thread; the
+# gathered path ran for every measured k_ratio up to 0.75):
+# * torch: 1-4 rows at every measured size (d = n from 1024);
+# * tensorflow: 1-4 rows from d = n = 4096 (at 1024-2048 the two paths
+#   were within noise of each other), in eager calls only (see
+#   `native_path_available`);
+# * jax: no native path; the chunked gathers lost to the masked path at
+#   most sizes, so "auto" never gathers there.
 AUTO_RULES = {
-    "torch": AutoRule(
-        max_rows=2,
-        min_weights=1024 * 1024,
-        max_k_ratio=0.5,
-        single_thread=True,
+    "torch": AutoRule(max_rows=4, min_weights=1024 * 1024, max_k_ratio=0.75),
+    "tensorflow": AutoRule(
+        max_rows=4, min_weights=4096 * 4096, max_k_ratio=0.75
     ),
-    "tensorflow": AutoRule(max_rows=0, min_weights=0, max_k_ratio=0.0),
     "jax": AutoRule(max_rows=0, min_weights=0, max_k_ratio=0.0),
 }
 
 
-def _backend_threads(backend):
-    if backend == "torch":
-        import torch
+def native_path_available(backend=None, native_scope=None):
+    """Whether the layer's native sparse kernel can run here.
 
-        return torch.get_num_threads()
-    return None
+    torch: whenever the kernel is built (`keras_midl.native.library()`);
+    TensorFlow: moreover only inside keras_midl's own functions
+    (`native_allowed`, the eager calls of `eager_inference`), never in a
+    graph Keras or an export traces; JAX: never.
+
+    Args:
+        backend: Backend name; default the current one.
+        native_scope: For TensorFlow, whether the call is inside
+            `native_allowed()`; default: whether it is now.
+    """
+    backend = backend or keras.backend.backend()
+    if backend == "tensorflow":
+        if native_scope is None:
+            native_scope = in_native_scope()
+        if not native_scope:
+            return False
+    elif backend != "torch":
+        return False
+    return native.library() is not None
 
 
 def use_gathered_path(
-    rows, input_dim, units, k_ratio, backend=None, threads=None
+    rows, input_dim, units, k_ratio, backend=None, native_scope=None
 ):
     """The `inference_path="auto"` rule: whether to run the sparse path.
 
@@ -152,24 +183,18 @@ def use_gathered_path(
         units: `n`.
         k_ratio: The layer's `k_ratio`.
         backend: Backend name; default the current one.
-        threads: Threads the backend runs its kernels on; default the
-            current setting (`torch.get_num_threads()` on torch).
+        native_scope: See `native_path_available`.
 
     Returns:
-        Python bool: `True` where `AUTO_RULES[backend]` says the sparse
-        path is faster. On torch, also requires that compiling is enabled
-        (`KERAS_MIDL_COMPILE`) and has not failed: the uncompiled sparse
-        path is slower than the masked one.
+        Python bool: `True` where the native kernel can run
+        (`native_path_available`) and `AUTO_RULES[backend]` says the
+        sparse path is faster.
     """
     backend = backend or keras.backend.backend()
     rule = AUTO_RULES.get(backend)
     if rule is None or rows is None:
         return False
-    if backend == "torch" and (not compile_enabled() or "torch" in _failed):
-        return False
-    if threads is None and rule.single_thread:
-        threads = _backend_threads(backend)
-    if rule.single_thread and threads != 1:
+    if not native_path_available(backend, native_scope):
         return False
     return (
         1 <= rows <= rule.max_rows
@@ -180,9 +205,9 @@ def use_gathered_path(
 
 def compile_enabled():
     """Whether keras_midl may compile its own kernels (`KERAS_MIDL_COMPILE`):
-    the torch fast inference path, the TensorFlow training selection."""
-    value = os.environ.get(COMPILE_ENV, "1").strip().lower()
-    return value not in ("0", "false", "no", "off")
+    the native and torch fast inference paths, the TensorFlow training
+    selection."""
+    return native.enabled()
 
 
 def layer_weights(layer):
@@ -192,12 +217,17 @@ def layer_weights(layer):
         Dict `name -> tensor or None` over `WEIGHT_NAMES`; `kernel_scale`
         is set for an int8-quantized layer only.
     """
+    # On torch a variable's value is its tensor (converting it through
+    # `ops` costs more than a small layer's matmul).
+    convert = (
+        (lambda variable: variable.value)
+        if keras.backend.backend() == "torch"
+        else ops.convert_to_tensor
+    )
     weights = {}
     for name in WEIGHT_NAMES:
         variable = getattr(layer, name, None)
-        weights[name] = (
-            None if variable is None else ops.convert_to_tensor(variable)
-        )
+        weights[name] = None if variable is None else convert(variable)
     return weights
 
 
@@ -465,9 +495,12 @@ def eager_inference(layer, inputs):
         if function is None:
             # One trace per input shape (no `reduce_retracing`): the
             # "auto" rule needs the static number of rows.
-            function = tf.function(
-                lambda x: layer_ref().call(x, training=False)
-            )
+
+            def owned_call(x):
+                with native_allowed():
+                    return layer_ref().call(x, training=False)
+
+            function = tf.function(owned_call)
             _eager_cache[layer] = function
         return function(inputs)
     if backend == "jax":
@@ -491,6 +524,25 @@ def eager_inference(layer, inputs):
             inputs,
         )
     return None
+
+
+@contextlib.contextmanager
+def native_allowed():
+    """Marks a trace as keras_midl's own (the eager-call functions of
+    `eager_inference`), never exported: on TensorFlow the native kernel,
+    a `tf.numpy_function` that a SavedModel cannot serve, may run there.
+    Graphs traced elsewhere (`predict`, an export) run `keras.ops`."""
+    depth = getattr(_owned, "depth", 0)
+    _owned.depth = depth + 1
+    try:
+        yield
+    finally:
+        _owned.depth = depth
+
+
+def in_native_scope():
+    """Whether the current trace is inside `native_allowed()`."""
+    return getattr(_owned, "depth", 0) > 0
 
 
 def torch_tracing():
@@ -529,6 +581,8 @@ def _jax_sparse(inputs, weights, *options):
 def _tf_sparse(inputs, weights, *options):
     import tensorflow as tf
 
+    if _tf_native_applies(weights, *options):
+        return _tf_native_outputs(inputs, weights, options[0])
     if not tf.executing_eagerly():  # inlined in the caller's graph
         return _reference(inputs, weights, *options, chunk=CHUNK_ROWS)
     key = options[:4] + (id(options[4]),)
@@ -567,16 +621,8 @@ def _torch_forward(
 
     code = inputs @ projection
     logits = code.float() @ gate_kernel + gate_bias
-    logits = torch.where(torch.isnan(logits), float("-inf"), logits)
-    logits = torch.where(logits.abs() < FLOAT32_TINY, 0.0, logits)
+    mask = _torch_topk_mask(logits, k)
     units = logits.shape[-1]
-    threshold = torch.topk(logits, k, sorted=False).values.amin(
-        -1, keepdim=True
-    )
-    above = logits > threshold
-    tied = (logits == threshold).to(torch.int32)
-    needed = k - above.to(torch.int32).sum(-1, keepdim=True)
-    mask = above | ((tied > 0) & (torch.cumsum(tied, -1) <= needed))
     order = units - torch.arange(units, device=logits.device)
     selected = torch.topk(
         mask.to(logits.dtype) * order.to(logits.dtype), k, sorted=False
@@ -594,6 +640,23 @@ def _torch_forward(
         if light_bias is not None:
             base = base + light_bias
     return base.scatter(1, selected, values)
+
+
+def _torch_topk_mask(logits, k):
+    """`keras_midl.selection.topk_mask` in torch, as a bool tensor: NaN
+    lowest, subnormals as zero, ties at the threshold to the lowest
+    indices."""
+    import torch
+
+    logits = torch.where(torch.isnan(logits), float("-inf"), logits)
+    logits = torch.where(logits.abs() < FLOAT32_TINY, 0.0, logits)
+    threshold = torch.topk(logits, k, sorted=False).values.amin(
+        -1, keepdim=True
+    )
+    above = logits > threshold
+    tied = (logits == threshold).to(torch.int32)
+    needed = k - above.to(torch.int32).sum(-1, keepdim=True)
+    return above | ((tied > 0) & (torch.cumsum(tied, -1) <= needed))
 
 
 def _compile(function):
@@ -625,7 +688,8 @@ def _torch_function(key):
 def _torch_sparse(
     inputs, weights, k, selection, compute_dtype, gate_dtype, quantizer
 ):
-    """The compiled torch path; `None` where the reference must run."""
+    """The native kernel, else the compiled torch path; `None` where the
+    reference must run."""
     import torch
 
     if (
@@ -633,7 +697,6 @@ def _torch_sparse(
         or quantizer is not None
         or compute_dtype != "float32"
         or gate_dtype != "float32"
-        or "torch" in _failed
     ):
         return None
     kernel = weights["kernel"]
@@ -642,6 +705,11 @@ def _torch_sparse(
     leading_shape = tuple(inputs.shape[:-1])
     rows = inputs.reshape(-1, input_dim)
     if rows.shape[0] == 0:
+        return None
+    if _native_applies(rows, weights):
+        outputs = _torch_native(rows, weights, k)
+        return outputs.reshape(*leading_shape, units)
+    if "torch" in _failed:
         return None
     arguments = [
         rows,
@@ -671,3 +739,160 @@ def _torch_sparse(
         )
         return None
     return outputs.reshape(*leading_shape, units)
+
+
+# --- PyTorch on CPU: the native kernel (keras_midl/native) ----------------
+
+
+def _native_applies(rows, weights):
+    """Whether the native kernel can run: float32 CPU tensors, not while
+    `torch.compile` or `torch.jit.trace` records the call, and the kernel
+    built."""
+    import torch
+
+    tensors = [rows] + [
+        weights[name] for name in WEIGHT_NAMES if weights[name] is not None
+    ]
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and all(
+            t.device.type == "cpu" and t.dtype == torch.float32
+            for t in tensors
+        )
+        and native.library() is not None
+    )
+
+
+def _torch_native(rows, weights, k):
+    """The sparse forward with the selection and the selected dot products
+    in the native kernel (`midl_select_gather`); the gate logits and the
+    light path come from torch's matmuls, as in the masked path, so the
+    selection is the masked path's."""
+    import torch
+
+    code = rows @ weights["projection"]
+    logits = code @ weights["gate_kernel"] + weights["gate_bias"]
+    if weights["light_kernel"] is None:
+        base = torch.zeros_like(logits)
+    else:
+        base = code @ weights["light_kernel"]
+        if weights["light_bias"] is not None:
+            base = base + weights["light_bias"]
+    return _native_select_gather().apply(
+        logits, rows, weights["kernel"], weights["bias"], base, k
+    )
+
+
+def _native_select_gather():
+    """The native kernel as a `torch.autograd.Function` (built once).
+
+    Forward: the light path `base`, with the `k` neurons `topk_mask` picks
+    from `logits` replaced by `rows . kernel[j] + bias[j]`. Backward, in
+    torch ops: that of this selection held fixed (no gradient to the
+    logits, as the hard mask has none).
+    """
+    function = _torch_cache.get("native")
+    if function is not None:
+        return function
+    import torch
+
+    class SelectGather(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, rows, kernel, bias, base, k):
+            logits = logits.detach().contiguous()
+            rows, kernel = rows.contiguous(), kernel.contiguous()
+            units, dim = kernel.shape
+            outputs = base.detach().clone(memory_format=torch.contiguous_format)
+            selected = torch.empty((rows.shape[0], k), dtype=torch.int64)
+            native.select_gather_pointers(
+                logits.data_ptr(),
+                units,
+                kernel.data_ptr(),
+                dim,
+                rows.data_ptr(),
+                rows.shape[0],
+                k,
+                0 if bias is None else bias.contiguous().data_ptr(),
+                outputs.data_ptr(),
+                selected.data_ptr(),
+            )
+            ctx.save_for_backward(rows, kernel, selected)
+            ctx.has_bias = bias is not None
+            return outputs
+
+        @staticmethod
+        def backward(ctx, grad):
+            rows, kernel, selected = ctx.saved_tensors
+            grad_values = grad.gather(1, selected)
+            flat = selected.reshape(-1)
+            grad_rows = grad_kernel = grad_bias = grad_base = None
+            if ctx.needs_input_grad[1]:
+                grad_rows = torch.einsum(
+                    "bk,bkd->bd", grad_values, kernel[selected]
+                )
+            if ctx.needs_input_grad[2]:
+                outer = grad_values[:, :, None] * rows[:, None, :]
+                grad_kernel = torch.zeros_like(kernel).index_add_(
+                    0, flat, outer.reshape(-1, kernel.shape[1])
+                )
+            if ctx.has_bias and ctx.needs_input_grad[3]:
+                grad_bias = torch.zeros(
+                    kernel.shape[0], dtype=grad.dtype
+                ).index_add_(0, flat, grad_values.reshape(-1))
+            if ctx.needs_input_grad[4]:
+                grad_base = grad.scatter(1, selected, 0.0)
+            return None, grad_rows, grad_kernel, grad_bias, grad_base, None
+
+    _torch_cache["native"] = SelectGather
+    return SelectGather
+
+
+# --- TensorFlow: the native kernel, in keras_midl's own functions ---------
+
+
+def _tf_native_applies(
+    weights, k, selection, compute_dtype, gate_dtype, quantizer
+):
+    return (
+        in_native_scope()
+        and quantizer is None
+        and compute_dtype == "float32"
+        and gate_dtype == "float32"
+        and weights["kernel"].dtype == "float32"
+        and native.library() is not None
+    )
+
+
+def _tf_native_outputs(inputs, weights, k):
+    """The sparse forward with the selection and the selected dot products
+    in the native kernel (`midl_select_gather`, a `tf.numpy_function`, no
+    gradient: inference only); the gate logits and the light path come
+    from TensorFlow's matmuls, as in the masked path."""
+    import tensorflow as tf
+
+    kernel = weights["kernel"]
+    units, input_dim = kernel.shape
+    inputs = tf.cast(inputs, "float32")
+    leading_shape = tf.shape(inputs)[:-1]
+    rows = tf.reshape(inputs, (-1, input_dim))
+    code = tf.matmul(rows, weights["projection"])
+    logits = tf.matmul(code, weights["gate_kernel"]) + weights["gate_bias"]
+    if weights["light_kernel"] is None:
+        base = tf.zeros_like(logits)
+    else:
+        base = tf.matmul(code, weights["light_kernel"])
+        if weights["light_bias"] is not None:
+            base = base + weights["light_bias"]
+    bias = weights["bias"]
+
+    def select_gather(logits, kernel, rows, base, *bias):
+        outputs, _ = native.select_gather(logits, kernel, rows, k, base, *bias)
+        return outputs
+
+    arguments = [logits, kernel, rows, base] + ([] if bias is None else [bias])
+    outputs = tf.numpy_function(
+        select_gather, arguments, tf.float32, stateful=False
+    )
+    outputs = tf.ensure_shape(outputs, base.shape)
+    return tf.reshape(outputs, tf.concat([leading_shape, [units]], 0))

@@ -235,14 +235,14 @@ class MIDL(keras.layers.Layer):
             outputs up to float rounding. `"masked"`: one matmul `x W` for
             all `units`, then the 0/1 mask. `"gathered"`: for each input
             row, only the `k` selected rows of `W^T` are read and their
-            `k` dot products computed (`keras_midl.fast_inference`:
-            `torch.compile` on torch, compiled on the first call; chunked
-            gathers on TensorFlow and JAX). `"auto"`: gathered where it
-            was measured faster, by the rule
-            `keras_midl.fast_inference.use_gathered_path` (rows known
-            statically, `input_dim * units`, `k_ratio`, backend), else
-            masked. Set `KERAS_MIDL_COMPILE=0` to keep
-            torch from compiling (`"auto"` then runs masked).
+            `k` dot products computed (`keras_midl.fast_inference`: a C
+            kernel built on first use, on torch and in eager calls on
+            TensorFlow; chunked gathers elsewhere). `"auto"`: gathered
+            where it was measured faster, by the rule
+            `keras_midl.fast_inference.use_gathered_path` (the native
+            kernel available, rows known statically, `input_dim * units`,
+            `k_ratio`, backend), else masked. Set `KERAS_MIDL_COMPILE=0`
+            to build and compile nothing (`"auto"` then runs masked).
         seed: Integer, seed of the gate noise.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
@@ -676,11 +676,12 @@ class MIDL(keras.layers.Layer):
         """The inference output before the activation, computing the full
         path of the `k` selected neurons only.
 
-        `fast_inference.sparse_inference`: the backend's fast path (chunked
-        gathers under XLA or `tf.function`, `torch.compile` on torch), with
-        the `keras.ops` reference as fallback. Equal to the masked path up
-        to float rounding. An int8 layer passes its int8 kernel, its
-        per-neuron scales and its inputs quantizer.
+        `fast_inference.sparse_inference`: the backend's fast path (the
+        native kernel on torch and in eager TensorFlow calls, chunked
+        gathers elsewhere), with the `keras.ops` reference as fallback.
+        Equal to the masked path up to float rounding. An int8 layer
+        passes its int8 kernel, its per-neuron scales and its inputs
+        quantizer.
         """
         weights = fast_inference.layer_weights(self)
         quantizer = None

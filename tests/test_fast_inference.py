@@ -213,19 +213,20 @@ def test_eager_calls_compile_the_inference(rng):
 
 
 @pytest.mark.parametrize("backend", sorted(fast_inference.AUTO_RULES))
-@pytest.mark.parametrize("threads", [1, 2])
-def test_auto_rule_follows_its_table(backend, threads, monkeypatch):
-    monkeypatch.delenv(fast_inference.COMPILE_ENV, raising=False)
-    monkeypatch.setattr(fast_inference, "_failed", set())
-    monkeypatch.setattr(fast_inference, "_backend_threads", lambda b: threads)
+@pytest.mark.parametrize("native_ready", [True, False])
+def test_auto_rule_follows_its_table(backend, native_ready, monkeypatch):
+    monkeypatch.setattr(
+        fast_inference,
+        "native_path_available",
+        lambda backend=None, native_scope=None: native_ready,
+    )
     rule = fast_inference.AUTO_RULES[backend]
-    if rule.single_thread and threads != 1:
-        rule = rule._replace(max_rows=0)
     for rows in (None, 0, 1, 2, 3, 4, 8, 16, 256):
         for d in (512, 1024, 2048, 4096, 8192):
             for k_ratio in (0.1, 0.25, 0.45, 0.75, 1.0):
                 expected = (
-                    rows is not None
+                    native_ready
+                    and rows is not None
                     and 1 <= rows <= rule.max_rows
                     and d * d >= rule.min_weights
                     and k_ratio <= rule.max_k_ratio
@@ -236,9 +237,28 @@ def test_auto_rule_follows_its_table(backend, threads, monkeypatch):
                 assert got == expected, (rows, d, k_ratio)
 
 
+def test_native_path_availability(monkeypatch):
+    """torch: wherever the kernel builds; TensorFlow: only inside
+    keras_midl's own functions; JAX: never."""
+    available = fast_inference.native.library() is not None
+    assert fast_inference.native_path_available("torch") == available
+    assert not fast_inference.native_path_available("jax")
+    assert not fast_inference.native_path_available(
+        "tensorflow", native_scope=False
+    )
+    assert not fast_inference.native_path_available("tensorflow")
+    with fast_inference.native_allowed():
+        assert fast_inference.native_path_available("tensorflow") == available
+    monkeypatch.setenv(fast_inference.COMPILE_ENV, "0")
+    assert not fast_inference.native_path_available("torch")
+
+
 @pytest.mark.parametrize("backend", sorted(fast_inference.AUTO_RULES))
-def test_auto_is_masked_at_batch_16_and_above(backend):
+def test_auto_is_masked_at_batch_16_and_above(backend, monkeypatch):
     """Measured: at 16 rows or more the masked path is faster everywhere."""
+    monkeypatch.setattr(
+        fast_inference, "native_path_available", lambda *a, **k: True
+    )
     for rows in (16, 32, 256, 4096):
         for d in (1024, 4096, 16384):
             assert not fast_inference.use_gathered_path(
@@ -250,8 +270,9 @@ def test_auto_rule_values_measured():
     """The table as measured (benchmarks/results/latency.md)."""
     rules = fast_inference.AUTO_RULES
     assert set(rules) == {"tensorflow", "jax", "torch"}
-    assert rules["torch"] == fast_inference.AutoRule(2, 1024**2, 0.5, True)
-    assert rules["tensorflow"].max_rows == rules["jax"].max_rows == 0
+    assert rules["torch"] == fast_inference.AutoRule(4, 1024**2, 0.75)
+    assert rules["tensorflow"] == fast_inference.AutoRule(4, 4096**2, 0.75)
+    assert rules["jax"].max_rows == 0
 
 
 @pytest.fixture
@@ -327,11 +348,14 @@ def test_masked_path_never_gathers(gathered_calls):
 
 @pytest.fixture
 def fresh_torch_state(monkeypatch):
+    """torch with the native kernel off (as where it cannot be built), so
+    that the `torch.compile` path runs."""
     if BACKEND != "torch":
         pytest.skip("the compiled path exists on torch only")
     monkeypatch.setattr(fast_inference, "_torch_cache", {})
     monkeypatch.setattr(fast_inference, "_failed", set())
     monkeypatch.setattr(fast_inference, "_warned", set())
+    monkeypatch.setattr(fast_inference.native, "_state", {"library": None})
     monkeypatch.delenv(fast_inference.COMPILE_ENV, raising=False)
 
 
@@ -359,8 +383,6 @@ def test_compile_failure_falls_back_with_one_warning(
         outputs = as_numpy(gathered(x, training=False))
     np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
     assert len(attempts) == 1  # not retried
-    # "auto" no longer picks the (now uncompiled, slower) gathered path.
-    assert not fast_inference.use_gathered_path(1, 8192, 8192, 0.25)
 
 
 def test_compile_opt_out(fresh_torch_state, monkeypatch, rng):
@@ -462,3 +484,88 @@ def test_savedmodel_export_of_the_gathered_path(path, tmp_path, rng):
     np.testing.assert_allclose(
         np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5
     )
+
+
+# --- The native kernel (torch; TensorFlow in keras_midl's own functions) --
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the native kernel's calls (skips where it is not built)."""
+    if fast_inference.native.library() is None:
+        pytest.skip("the native kernel could not be built here")
+    calls = []
+    for name in ("select_gather_pointers", "select_gather"):
+        original = getattr(fast_inference.native, name)
+
+        def spy(*args, original=original, name=name):
+            calls.append(name)
+            return original(*args)
+
+        monkeypatch.setattr(fast_inference.native, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("config", ["k_half", "k_half_noise", "k_one"])
+def test_native_kernel_runs_and_equals_masked(config, native_calls, rng):
+    """torch and TensorFlow called eagerly run the native kernel; JAX
+    never does."""
+    masked, gathered = make_pair((3, INPUT_DIM), **CONFIGS[config])
+    x = rng.normal(size=(3, INPUT_DIM)).astype("float32")
+    np.testing.assert_allclose(
+        as_numpy(gathered(x, training=False)),
+        as_numpy(masked(x, training=False)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert bool(native_calls) == (BACKEND in ("torch", "tensorflow"))
+
+
+def test_keras_graphs_do_not_run_the_native_kernel(native_calls, rng):
+    """`predict` traces its own graph (which an export could also be): on
+    TensorFlow the native `tf.numpy_function` stays out of it."""
+    masked, gathered = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
+    model = keras.Sequential([keras.Input((INPUT_DIM,)), gathered])
+    x = rng.normal(size=(2, INPUT_DIM)).astype("float32")
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0),
+        as_numpy(masked(x, training=False)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert bool(native_calls) == (BACKEND == "torch")
+
+
+def test_native_gradient_equals_the_reference(native_calls, rng):
+    """On torch the kernel is an autograd function: gradients through the
+    gathered path (inputs, kernel, bias) equal the `keras.ops` path's."""
+    if BACKEND != "torch":
+        pytest.skip("the native kernel is differentiable on torch only")
+    import torch
+
+    _, gathered = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
+    weights = fast_inference.layer_weights(gathered)
+    x = rng.normal(size=(2, INPUT_DIM)).astype("float32")
+    seed = torch.tensor(rng.normal(size=(2, UNITS)).astype("float32"))
+    gradients = []
+    for run in (fast_inference._torch_native, None):
+        inputs = torch.tensor(x, requires_grad=True)
+        for name in ("kernel", "bias"):
+            weights[name].grad = None
+        if run is None:
+            outputs = fast_inference.sparse_outputs(inputs, weights, gathered.k)
+        else:
+            outputs = run(inputs, weights, gathered.k)
+        (outputs * seed).sum().backward()
+        gradients.append(
+            [
+                inputs.grad.numpy(),
+                weights["kernel"].grad.numpy().copy(),
+                weights["bias"].grad.numpy().copy(),
+            ]
+        )
+    assert native_calls
+    for native_gradient, reference in zip(*gradients):
+        np.testing.assert_allclose(
+            native_gradient, reference, rtol=1e-5, atol=1e-5
+        )

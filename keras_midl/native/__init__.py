@@ -1,0 +1,254 @@
+"""Native kernels of keras_midl, built on first use with the C compiler.
+
+One kernel, `select_gather.c` (`midl_select_gather`): from the gate
+logits, the `k` neurons `keras_midl.selection.topk_mask` selects, and
+their full-path dot products, reading the selected rows of the kernel in
+place, written over the light path (see that file). It is compiled once
+per machine by the system C compiler (`$CC`, else `cc`, `gcc` or
+`clang`), with AVX2 and FMA where the CPU reports them, into a cache
+folder (`$KERAS_MIDL_CACHE`, else `$XDG_CACHE_HOME/keras_midl` or
+`~/.cache/keras_midl`), and loaded with `ctypes`. Where no compiler is
+found or the build fails, `library()` returns `None` after one warning and
+callers use their `keras.ops` path. `KERAS_MIDL_COMPILE=0` turns native
+kernels off.
+
+Example:
+
+>>> logits = np.array([[0.5, 2.0, -1.0, 2.0]], "float32")
+>>> kernel = np.arange(12, dtype="float32").reshape(4, 3)
+>>> rows = np.ones((1, 3), "float32")
+>>> light = np.zeros((1, 4), "float32")
+>>> outputs, selected = keras_midl.native.select_gather(
+...     logits, kernel, rows, 2, light)
+>>> outputs.tolist(), selected.tolist()
+([[0.0, 12.0, 0.0, 30.0]], [[1, 3]])
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(__file__), "select_gather.c")
+CACHE_ENV = "KERAS_MIDL_CACHE"
+COMPILE_ENV = "KERAS_MIDL_COMPILE"
+
+_state = {}
+
+
+def enabled():
+    """Whether keras_midl may compile its own kernels (`KERAS_MIDL_COMPILE`,
+    default on)."""
+    value = os.environ.get(COMPILE_ENV, "1").strip().lower()
+    return value not in ("0", "false", "no", "off")
+
+
+def _compiler():
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags():
+    """The CPU's feature flags (Linux); empty where not readable."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def compile_flags():
+    """The compiler flags for this machine."""
+    flags = ["-O3", "-std=c99", "-shared", "-fPIC"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        if {"avx2", "fma"} <= _cpu_flags():
+            flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _cache_folder():
+    folder = os.environ.get(CACHE_ENV)
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".cache"
+        )
+        folder = os.path.join(base, "keras_midl")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        folder = os.path.join(tempfile.gettempdir(), "keras_midl")
+        os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def _build():
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
+    with open(SOURCE, "rb") as source:
+        code = source.read()
+    flags = compile_flags()
+    key = hashlib.sha256(
+        b"\0".join(
+            [code, compiler.encode(), " ".join(flags).encode()]
+            + [platform.machine().encode(), sys.platform.encode()]
+        )
+    ).hexdigest()[:16]
+    path = os.path.join(_cache_folder(), f"select_gather-{key}.so")
+    if not os.path.exists(path):
+        # Built under a temporary name and renamed: concurrent processes
+        # (test workers) never load a half-written file.
+        handle, partial = tempfile.mkstemp(
+            suffix=".so", dir=os.path.dirname(path)
+        )
+        os.close(handle)
+        try:
+            subprocess.run(
+                [compiler, *flags, SOURCE, "-o", partial],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            os.replace(partial, path)
+        except subprocess.CalledProcessError as error:
+            raise RuntimeError(
+                f"{compiler} failed: {error.stderr.strip()}"
+            ) from error
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    lib = ctypes.CDLL(path)
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.midl_select_gather.argtypes = [pointer, size, pointer, size]
+    lib.midl_select_gather.argtypes += [pointer, size, size, pointer]
+    lib.midl_select_gather.argtypes += [pointer, pointer, pointer]
+    lib.midl_select_gather.restype = None
+    return lib
+
+
+def library():
+    """The loaded native library (`ctypes.CDLL`), built on first call;
+    `None` where native kernels are off or could not be built (one
+    warning)."""
+    if not enabled():
+        return None
+    if "library" not in _state:
+        try:
+            _state["library"] = _build()
+        except Exception as error:  # no compiler, build or load failure
+            _state["library"] = None
+            warnings.warn(
+                "keras_midl: could not build the native sparse inference "
+                f"kernel ({type(error).__name__}: {error}); using the "
+                f"slower fallback. Set {COMPILE_ENV}=0 to skip building.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _state["library"]
+
+
+def select_gather_pointers(
+    logits, units, kernel, dim, rows, count, k, bias, outputs, selected
+):
+    """`midl_select_gather` on raw addresses (ints; `bias` may be 0).
+
+    The caller guarantees C-contiguous float32 `logits (count, units)`,
+    `kernel (units, dim)`, `rows (count, dim)`, `bias (units,)`,
+    `outputs (count, units)` (the light path, overwritten at the selected
+    neurons) and int64 `selected (count, k)`, `1 <= k <= units`.
+    """
+    scratch = np.empty(2 * units, np.float32)
+    library().midl_select_gather(
+        logits,
+        units,
+        kernel,
+        dim,
+        rows,
+        count,
+        k,
+        bias or None,
+        outputs,
+        selected,
+        scratch.ctypes.data,
+    )
+
+
+def select_gather(logits, kernel, rows, k, light, bias=None):
+    """The NumPy entry point of `midl_select_gather`.
+
+    Args:
+        logits: Array `(count, units)`, the gate logits.
+        kernel: Array `(units, dim)`.
+        rows: Array `(count, dim)`.
+        k: Int in `[1, units]`, neurons selected per row.
+        light: Array `(count, units)`, the light path.
+        bias: Optional array `(units,)`.
+
+    Returns:
+        `(outputs, selected)`: float32 `(count, units)`, the light path
+        with the selected neurons' full path, and int64 `(count, k)`,
+        their indices, increasing.
+    """
+    logits = np.ascontiguousarray(logits, np.float32)
+    kernel = np.ascontiguousarray(kernel, np.float32)
+    rows = np.ascontiguousarray(rows, np.float32)
+    count, units = logits.shape
+    dim = kernel.shape[1]
+    if kernel.shape[0] != units or rows.shape != (count, dim):
+        raise ValueError(
+            f"Expected `kernel` of shape ({units}, d) and `rows` of shape "
+            f"({count}, d); received {kernel.shape} and {rows.shape}"
+        )
+    if not 1 <= k <= units:
+        raise ValueError(f"`k` must be in [1, {units}]; received k={k}")
+    outputs = np.array(light, np.float32, order="C", copy=True)
+    if outputs.shape != (count, units):
+        raise ValueError(
+            f"`light` must have shape {(count, units)}; received "
+            f"{outputs.shape}"
+        )
+    if bias is not None:
+        bias = np.ascontiguousarray(bias, np.float32)
+    if library() is None:
+        return _select_gather_numpy(logits, kernel, rows, k, outputs, bias)
+    selected = np.empty((count, k), np.int64)
+    select_gather_pointers(
+        logits.ctypes.data,
+        units,
+        kernel.ctypes.data,
+        dim,
+        rows.ctypes.data,
+        count,
+        k,
+        0 if bias is None else bias.ctypes.data,
+        outputs.ctypes.data,
+        selected.ctypes.data,
+    )
+    return outputs, selected
+
+
+def _select_gather_numpy(logits, kernel, rows, k, outputs, bias):
+    """`select_gather` in NumPy, where the library is not available."""
+    clean = np.where(np.isnan(logits), -np.inf, logits)
+    clean = np.where(np.abs(clean) < np.finfo(np.float32).tiny, 0, clean)
+    positions = np.arange(clean.shape[1])
+    selected = np.stack(
+        [np.sort(np.lexsort((positions, -row))[:k]) for row in clean]
+    ).astype(np.int64)
+    values = np.einsum("bd,bkd->bk", rows, kernel[selected])
+    if bias is not None:
+        values = values + bias[selected]
+    np.put_along_axis(outputs, selected, values, axis=1)
+    return outputs, selected

@@ -1,0 +1,145 @@
+"""The native kernel (keras_midl/native): built on first use, the same
+selection as `topk_mask` and the same values as NumPy, clear errors, and a
+clean fallback where it cannot be built. Backend-independent (NumPy in and
+out; `topk_mask` runs on the current backend)."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_midl import native
+from keras_midl.selection import topk_mask
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A build into an empty cache folder, as on a new machine."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(native.COMPILE_ENV, raising=False)
+    return tmp_path
+
+
+def random_case(rng, units, dim, count, k, logits_kind):
+    logits = rng.normal(size=(count, units)).astype("float32")
+    if logits_kind == "ties":
+        logits = np.round(logits).astype("float32")
+    elif logits_kind == "nan_and_subnormal":
+        logits[:, 0] = np.nan
+        logits[:, -1] = 1e-40
+        logits[:, units // 2] = -0.0
+    kernel = rng.normal(size=(units, dim)).astype("float32")
+    rows = rng.normal(size=(count, dim)).astype("float32")
+    light = rng.normal(size=(count, units)).astype("float32")
+    bias = rng.normal(size=units).astype("float32")
+    return logits, kernel, rows, light, bias
+
+
+def expected(logits, kernel, rows, k, light, bias):
+    mask = keras.ops.convert_to_numpy(topk_mask(logits, k)) > 0.5
+    full = rows.astype("float64") @ kernel.T.astype("float64")
+    if bias is not None:
+        full = full + bias
+    return np.where(mask, full, light), mask
+
+
+# dim not a multiple of the 8-wide blocks, k not of the 4-row groups.
+@pytest.mark.parametrize(
+    "units, dim, count, k",
+    [(7, 5, 1, 3), (64, 37, 3, 9), (40, 64, 2, 40), (10, 16, 2, 1)],
+)
+@pytest.mark.parametrize("logits_kind", ["normal", "ties", "nan_and_subnormal"])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_selects_as_topk_mask_and_computes_the_full_path(
+    units, dim, count, k, logits_kind, use_bias, rng
+):
+    logits, kernel, rows, light, bias = random_case(
+        rng, units, dim, count, k, logits_kind
+    )
+    bias = bias if use_bias else None
+    outputs, selected = native.select_gather(
+        logits, kernel, rows, k, light, bias
+    )
+    want, mask = expected(logits, kernel, rows, k, light, bias)
+    assert selected.shape == (count, k) and selected.dtype == np.int64
+    assert (np.diff(selected, axis=1) > 0).all()  # increasing
+    # Exactly the neurons of the mask (k of them per row).
+    assert np.take_along_axis(mask, selected, axis=1).all()
+    assert outputs.dtype == np.float32
+    np.testing.assert_allclose(outputs, want, rtol=1e-5, atol=1e-5)
+
+
+def test_builds_once_into_the_cache(fresh_build):
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    library = native.library()
+    assert library is not None and native.library() is library
+    assert len(list(fresh_build.glob("select_gather-*.so"))) == 1
+
+
+def test_no_compiler_warns_once_and_falls_back(fresh_build, monkeypatch, rng):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+        assert native.library() is None
+    assert native.library() is None  # no second warning, no retry
+    case = random_case(rng, 9, 5, 2, 4, "ties")
+    logits, kernel, rows, light, bias = case
+    outputs, selected = native.select_gather(
+        logits, kernel, rows, 4, light, bias
+    )
+    want, _ = expected(logits, kernel, rows, 4, light, bias)
+    np.testing.assert_allclose(outputs, want, rtol=1e-5, atol=1e-5)
+    assert (np.diff(selected, axis=1) > 0).all()
+
+
+def test_opt_out(fresh_build, monkeypatch):
+    monkeypatch.setenv(native.COMPILE_ENV, "0")
+    assert not native.enabled()
+    assert native.library() is None
+    assert not list(fresh_build.iterdir())
+
+
+def test_compile_flags_match_the_cpu(monkeypatch):
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert {"-mavx2", "-mfma"} <= set(native.compile_flags())
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"sse4_2"})
+    assert "-mavx2" not in native.compile_flags()
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert "-mavx2" not in native.compile_flags()
+
+
+def test_portable_build_equals_numpy(fresh_build, monkeypatch, rng):
+    """The C fallback for CPUs without AVX2 and FMA (and other
+    architectures) computes the same outputs."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(
+        native, "compile_flags", lambda: ["-O3", "-std=c99", "-shared", "-fPIC"]
+    )
+    assert native.library() is not None
+    logits, kernel, rows, light, bias = random_case(rng, 30, 21, 2, 7, "ties")
+    outputs, _ = native.select_gather(logits, kernel, rows, 7, light, bias)
+    want, _ = expected(logits, kernel, rows, 7, light, bias)
+    np.testing.assert_allclose(outputs, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rows_shape, k, light_shape, match",
+    [
+        ((2, 5), 2, (1, 6), "`rows` of shape"),
+        ((1, 5), 0, (1, 6), r"`k` must be in \[1, 6\]; received k=0"),
+        ((1, 5), 7, (1, 6), r"`k` must be in \[1, 6\]; received k=7"),
+        ((1, 5), 2, (1, 5), "`light` must have shape"),
+    ],
+)
+def test_bad_arguments_raise(rows_shape, k, light_shape, match):
+    with pytest.raises(ValueError, match=match):
+        native.select_gather(
+            np.zeros((1, 6)),
+            np.zeros((6, 5)),
+            np.zeros(rows_shape),
+            k,
+            np.zeros(light_shape),
+        )
