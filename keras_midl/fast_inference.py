@@ -25,18 +25,24 @@ Per backend:
   `rows * k * d` selected weights are gathered at once; with `chunk=C` they
   are gathered `C` rows at a time (`ops.map` over chunks), so a chunk stays
   in cache while it is read.
-* **native kernel** (`keras_midl.native`, C, built on first use): the
-  gate logits and the light path come from the backend's matmuls (as in
-  the masked path); one C call selects the `k` neurons from the logits
-  (`topk_mask`'s rule) and computes their dot products, reading the
-  selected rows of the kernel in place, four rows at a time.
-  * **PyTorch** (float32 CPU tensors): always, as an autograd function
-    (its backward in torch ops).
-  * **TensorFlow** (float32): as a `tf.numpy_function`, only inside the
-    functions keras_midl compiles itself for eager calls
-    (`eager_inference`, `native_allowed`): a SavedModel cannot serve a
-    Python function, and a graph traced by Keras (`predict`) may be
-    exported, so there the reference runs.
+* **native kernel** (`keras_midl.native`, C, built on first use): one C
+  call selects the `k` neurons from the gate logits (`topk_mask`'s rule)
+  and computes their dot products, reading the selected rows of the
+  kernel in place, four rows at a time.
+  * **PyTorch** (float32 CPU tensors): where no gradient is recorded
+    (`torch.no_grad()`, `predict`), the whole forward, gate and light path
+    included, is one C call (`native.sparse_forward`); otherwise the gate
+    logits and the light path come from torch's matmuls and the rest is
+    an autograd function (`native.select_gather`, its backward in torch
+    ops).
+  * **TensorFlow** (float32): the whole forward as one
+    `tf.numpy_function`, only inside the functions keras_midl compiles
+    itself for eager calls (`eager_inference`, `native_allowed`): a
+    SavedModel cannot serve a Python function, and a graph traced by Keras
+    (`predict`) may be exported, so there the reference runs.
+  * Where the gate runs in C its sums are ordered differently from
+    BLAS's: two logits within float rounding of each other at the
+    threshold may then be selected differently from the masked path.
 * **TensorFlow, elsewhere**: the reference, chunked (`CHUNK_ROWS`), in a
   `tf.function` when called eagerly (inlined in the caller's graph
   otherwise).
@@ -765,12 +771,21 @@ def _native_applies(rows, weights):
 
 
 def _torch_native(rows, weights, k):
-    """The sparse forward with the selection and the selected dot products
-    in the native kernel (`midl_select_gather`); the gate logits and the
-    light path come from torch's matmuls, as in the masked path, so the
-    selection is the masked path's."""
+    """The sparse forward in the native kernel.
+
+    Where no gradient is recorded (`torch.no_grad()`, `predict`): the
+    whole forward in one C call (`midl_sparse_forward`). Otherwise the
+    gate logits and the light path come from torch's matmuls, and the
+    selection and the selected dot products from `midl_select_gather`, an
+    autograd function.
+    """
     import torch
 
+    recording = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in [rows, *weights.values()]
+    )
+    if not recording:
+        return _torch_native_forward(rows, weights, k)
     code = rows @ weights["projection"]
     logits = code @ weights["gate_kernel"] + weights["gate_bias"]
     if weights["light_kernel"] is None:
@@ -782,6 +797,38 @@ def _torch_native(rows, weights, k):
     return _native_select_gather().apply(
         logits, rows, weights["kernel"], weights["bias"], base, k
     )
+
+
+def _torch_native_forward(rows, weights, k):
+    """`native.sparse_forward` on torch tensors, without a copy."""
+    import torch
+
+    rows = rows.contiguous()
+    kernel = weights["kernel"]
+    units, dim = kernel.shape
+    addresses = {}
+    for name in native.FORWARD_WEIGHTS:
+        tensor = weights[name]
+        if tensor is None:
+            addresses[name] = 0
+            continue
+        tensor = tensor.detach().contiguous()
+        weights = {**weights, name: tensor}  # kept alive through the call
+        addresses[name] = tensor.data_ptr()
+    outputs = torch.empty((rows.shape[0], units), dtype=torch.float32)
+    selected = torch.empty((rows.shape[0], k), dtype=torch.int64)
+    native.sparse_forward_pointers(
+        rows.data_ptr(),
+        rows.shape[0],
+        dim,
+        addresses,
+        weights["projection"].shape[1],
+        units,
+        k,
+        outputs.data_ptr(),
+        selected.data_ptr(),
+    )
+    return outputs
 
 
 def _native_select_gather():
@@ -865,10 +912,9 @@ def _tf_native_applies(
 
 
 def _tf_native_outputs(inputs, weights, k):
-    """The sparse forward with the selection and the selected dot products
-    in the native kernel (`midl_select_gather`, a `tf.numpy_function`, no
-    gradient: inference only); the gate logits and the light path come
-    from TensorFlow's matmuls, as in the masked path."""
+    """The whole sparse forward in the native kernel
+    (`native.sparse_forward`), as one `tf.numpy_function` (no gradient:
+    inference only)."""
     import tensorflow as tf
 
     kernel = weights["kernel"]
@@ -876,23 +922,17 @@ def _tf_native_outputs(inputs, weights, k):
     inputs = tf.cast(inputs, "float32")
     leading_shape = tf.shape(inputs)[:-1]
     rows = tf.reshape(inputs, (-1, input_dim))
-    code = tf.matmul(rows, weights["projection"])
-    logits = tf.matmul(code, weights["gate_kernel"]) + weights["gate_bias"]
-    if weights["light_kernel"] is None:
-        base = tf.zeros_like(logits)
-    else:
-        base = tf.matmul(code, weights["light_kernel"])
-        if weights["light_bias"] is not None:
-            base = base + weights["light_bias"]
-    bias = weights["bias"]
+    names = [n for n in native.FORWARD_WEIGHTS if weights[n] is not None]
 
-    def select_gather(logits, kernel, rows, base, *bias):
-        outputs, _ = native.select_gather(logits, kernel, rows, k, base, *bias)
+    def forward(rows, *arrays):
+        outputs, _ = native.sparse_forward(rows, dict(zip(names, arrays)), k)
         return outputs
 
-    arguments = [logits, kernel, rows, base] + ([] if bias is None else [bias])
     outputs = tf.numpy_function(
-        select_gather, arguments, tf.float32, stateful=False
+        forward,
+        [rows] + [weights[name] for name in names],
+        tf.float32,
+        stateful=False,
     )
-    outputs = tf.ensure_shape(outputs, base.shape)
+    outputs = tf.ensure_shape(outputs, (rows.shape[0], units))
     return tf.reshape(outputs, tf.concat([leading_shape, [units]], 0))

@@ -495,7 +495,12 @@ def native_calls(monkeypatch):
     if fast_inference.native.library() is None:
         pytest.skip("the native kernel could not be built here")
     calls = []
-    for name in ("select_gather_pointers", "select_gather"):
+    for name in (
+        "select_gather_pointers",
+        "select_gather",
+        "sparse_forward_pointers",
+        "sparse_forward",
+    ):
         original = getattr(fast_inference.native, name)
 
         def spy(*args, original=original, name=name):

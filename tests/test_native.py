@@ -143,3 +143,48 @@ def test_bad_arguments_raise(rows_shape, k, light_shape, match):
             k,
             np.zeros(light_shape),
         )
+
+
+@pytest.mark.parametrize("light", ["lowrank", "zero"])
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize(
+    "units, dim, rank, count, k", [(24, 16, 4, 3, 12), (9, 37, 5, 1, 9)]
+)
+def test_sparse_forward_equals_the_masked_formula(
+    light, use_bias, units, dim, rank, count, k, rng
+):
+    """The whole forward in C: `where(topk_mask(z G + c), x W^T + b,
+    z U + b_lite)`."""
+
+    def normal(*shape):
+        return rng.normal(size=shape).astype("float32")
+
+    weights = {
+        "projection": normal(dim, rank),
+        "gate_kernel": normal(rank, units),
+        "gate_bias": normal(units) if use_bias else None,
+        "light_kernel": normal(rank, units) if light == "lowrank" else None,
+        "light_bias": normal(units) if use_bias else None,
+        "kernel": normal(units, dim),
+        "bias": normal(units) if use_bias else None,
+    }
+    rows = normal(count, dim)
+    code = rows.astype("float64") @ weights["projection"]
+    logits = code @ weights["gate_kernel"]
+    light_path = np.zeros((count, units))
+    if weights["light_kernel"] is not None:
+        light_path = code @ weights["light_kernel"]
+    if use_bias:
+        logits = logits + weights["gate_bias"]
+        light_path = light_path + weights["light_bias"] * (light == "lowrank")
+    want, mask = expected(
+        logits.astype("float32"),
+        weights["kernel"],
+        rows,
+        k,
+        light_path,
+        weights["bias"],
+    )
+    outputs, selected = native.sparse_forward(rows, weights, k)
+    assert np.take_along_axis(mask, selected, axis=1).all()
+    np.testing.assert_allclose(outputs, want, rtol=1e-4, atol=1e-4)

@@ -135,6 +135,10 @@ def _build():
     lib.midl_select_gather.argtypes += [pointer, size, size, pointer]
     lib.midl_select_gather.argtypes += [pointer, pointer, pointer]
     lib.midl_select_gather.restype = None
+    lib.midl_sparse_forward.argtypes = [pointer, size, size, pointer, size]
+    lib.midl_sparse_forward.argtypes += [pointer] * 6 + [size, size]
+    lib.midl_sparse_forward.argtypes += [pointer] * 3
+    lib.midl_sparse_forward.restype = None
     return lib
 
 
@@ -251,4 +255,116 @@ def _select_gather_numpy(logits, kernel, rows, k, outputs, bias):
     if bias is not None:
         values = values + bias[selected]
     np.put_along_axis(outputs, selected, values, axis=1)
+    return outputs, selected
+
+
+def sparse_forward_pointers(
+    rows, count, dim, weights, rank, units, k, outputs, selected
+):
+    """`midl_sparse_forward` on raw addresses.
+
+    `weights` maps the names of `midl_sparse_forward`'s weight arguments
+    (`projection`, `gate_kernel`, `gate_bias`, `light_kernel`,
+    `light_bias`, `kernel`, `bias`) to addresses (0 or missing: none).
+    The caller guarantees C-contiguous float32 arrays of the documented
+    shapes, int64 `selected (count, k)`, `1 <= k <= units`.
+    """
+    scratch = np.empty(rank + 3 * units, np.float32)
+    library().midl_sparse_forward(
+        rows,
+        count,
+        dim,
+        weights["projection"],
+        rank,
+        weights["gate_kernel"],
+        weights.get("gate_bias") or None,
+        weights.get("light_kernel") or None,
+        weights.get("light_bias") or None,
+        weights["kernel"],
+        weights.get("bias") or None,
+        units,
+        k,
+        outputs,
+        selected,
+        scratch.ctypes.data,
+    )
+
+
+FORWARD_WEIGHTS = (
+    "projection",
+    "gate_kernel",
+    "gate_bias",
+    "light_kernel",
+    "light_bias",
+    "kernel",
+    "bias",
+)
+
+
+def sparse_forward(rows, weights, k):
+    """A MIDL layer's inference forward (before the activation), in C.
+
+    `z = x V`, logits `z G + c`, light path `z U + b_lite`; the `k`
+    neurons `topk_mask` selects from the logits get `x . W^T[j] + b[j]`
+    (see `midl_sparse_forward`). The gate's sums run in C's order: where
+    two logits are within float rounding of each other at the threshold,
+    the selection can differ from that of a gate computed by BLAS.
+
+    Args:
+        rows: Array `(count, dim)`.
+        weights: Dict of arrays over `FORWARD_WEIGHTS` (MIDL's names:
+            `kernel` is `(units, dim)`); the biases and `light_kernel` may
+            be `None`.
+        k: Int in `[1, units]`.
+
+    Returns:
+        `(outputs, selected)`: float32 `(count, units)` and int64
+        `(count, k)` (increasing).
+    """
+    rows = np.ascontiguousarray(rows, np.float32)
+    arrays = {
+        name: None
+        if weights.get(name) is None
+        else np.ascontiguousarray(weights[name], np.float32)
+        for name in FORWARD_WEIGHTS
+    }
+    units, dim = arrays["kernel"].shape
+    rank = arrays["projection"].shape[1]
+    if rows.ndim != 2 or rows.shape[1] != dim:
+        raise ValueError(
+            f"`rows` must have shape (count, {dim}); received {rows.shape}"
+        )
+    if not 1 <= k <= units:
+        raise ValueError(f"`k` must be in [1, {units}]; received k={k}")
+    count = rows.shape[0]
+    outputs = np.empty((count, units), np.float32)
+    selected = np.empty((count, k), np.int64)
+    if library() is None:
+        code = rows @ arrays["projection"]
+        logits = code @ arrays["gate_kernel"]
+        if arrays["gate_bias"] is not None:
+            logits = logits + arrays["gate_bias"]
+        light = np.zeros((count, units), np.float32)
+        if arrays["light_kernel"] is not None:
+            light = code @ arrays["light_kernel"]
+            if arrays["light_bias"] is not None:
+                light = light + arrays["light_bias"]
+        return _select_gather_numpy(
+            logits, arrays["kernel"], rows, k, light, arrays["bias"]
+        )
+    addresses = {
+        name: 0 if array is None else array.ctypes.data
+        for name, array in arrays.items()
+    }
+    sparse_forward_pointers(
+        rows.ctypes.data,
+        count,
+        dim,
+        addresses,
+        rank,
+        units,
+        k,
+        outputs.ctypes.data,
+        selected.ctypes.data,
+    )
     return outputs, selected

@@ -185,3 +185,50 @@ void midl_select_gather(const float *logits, int64_t units,
     for (int64_t j = 0; j < k; ++j) row_outputs[row_selected[j]] = values[j];
   }
 }
+
+/* The whole inference forward of one MIDL layer (before the activation):
+ *
+ *     z = x V;  s = z G + c;  h = z U + b_lite  (or 0);
+ *     y = h, with y[j] = x . kernel[j] + b[j] for the k neurons of s.
+ *
+ * `projection` V: (dim, rank); `gate_kernel` G, `light_kernel` U:
+ * (rank, units); `gate_bias` c, `light_bias`, `bias`: (units,) or NULL
+ * (`light_kernel` NULL: h = 0). `outputs`: (count, units); `selected`:
+ * (count, k); `scratch`: rank + 3 * units floats. The gate's sums run in
+ * this order, not BLAS's: where two logits are within rounding of each
+ * other at the threshold, the selection may differ from a BLAS gate's. */
+void midl_sparse_forward(const float *rows, int64_t count, int64_t dim,
+                         const float *projection, int64_t rank,
+                         const float *gate_kernel, const float *gate_bias,
+                         const float *light_kernel, const float *light_bias,
+                         const float *kernel, const float *bias,
+                         int64_t units, int64_t k, float *outputs,
+                         int64_t *selected, float *scratch) {
+  float *code = scratch, *logits = scratch + rank;
+  float *select_scratch = logits + units;
+  for (int64_t b = 0; b < count; ++b) {
+    const float *x = rows + b * dim;
+    float *y = outputs + b * units;
+    for (int64_t r = 0; r < rank; ++r) code[r] = 0.0f;
+    for (int64_t i = 0; i < dim; ++i) {
+      const float xi = x[i];
+      const float *v = projection + i * rank;
+      for (int64_t r = 0; r < rank; ++r) code[r] += xi * v[r];
+    }
+    for (int64_t j = 0; j < units; ++j) {
+      logits[j] = gate_bias ? gate_bias[j] : 0.0f;
+      y[j] = light_bias && light_kernel ? light_bias[j] : 0.0f;
+    }
+    for (int64_t r = 0; r < rank; ++r) {
+      const float zr = code[r];
+      const float *g = gate_kernel + r * units;
+      for (int64_t j = 0; j < units; ++j) logits[j] += zr * g[j];
+      if (light_kernel) {
+        const float *u = light_kernel + r * units;
+        for (int64_t j = 0; j < units; ++j) y[j] += zr * u[j];
+      }
+    }
+    midl_select_gather(logits, units, kernel, dim, x, 1, k, bias, y,
+                       selected + b * k, select_scratch);
+  }
+}
