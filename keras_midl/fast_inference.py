@@ -804,25 +804,20 @@ def _torch_native_forward(rows, weights, k):
     import torch
 
     rows = rows.contiguous()
-    kernel = weights["kernel"]
-    units, dim = kernel.shape
-    addresses = {}
-    for name in native.FORWARD_WEIGHTS:
-        tensor = weights[name]
-        if tensor is None:
-            addresses[name] = 0
-            continue
-        tensor = tensor.detach().contiguous()
-        weights = {**weights, name: tensor}  # kept alive through the call
-        addresses[name] = tensor.data_ptr()
+    tensors = {
+        name: weights[name].detach().contiguous()
+        for name in native.FORWARD_WEIGHTS
+        if weights[name] is not None
+    }
+    units, dim = tensors["kernel"].shape
     outputs = torch.empty((rows.shape[0], units), dtype=torch.float32)
     selected = torch.empty((rows.shape[0], k), dtype=torch.int64)
     native.sparse_forward_pointers(
         rows.data_ptr(),
         rows.shape[0],
         dim,
-        addresses,
-        weights["projection"].shape[1],
+        {name: tensor.data_ptr() for name, tensor in tensors.items()},
+        tensors["projection"].shape[1],
         units,
         k,
         outputs.data_ptr(),

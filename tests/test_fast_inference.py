@@ -511,19 +511,32 @@ def native_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("no_grad", [False, True])
 @pytest.mark.parametrize("config", ["k_half", "k_half_noise", "k_one"])
-def test_native_kernel_runs_and_equals_masked(config, native_calls, rng):
+def test_native_kernel_runs_and_equals_masked(
+    config, no_grad, native_calls, rng
+):
     """torch and TensorFlow called eagerly run the native kernel; JAX
-    never does."""
+    never does. On torch under `no_grad` the whole forward is one C call
+    (`sparse_forward`), otherwise the gate runs in torch and the selection
+    and dot products in C (`select_gather`)."""
+    if no_grad and BACKEND != "torch":
+        pytest.skip("torch's no_grad")
     masked, gathered = make_pair((3, INPUT_DIM), **CONFIGS[config])
     x = rng.normal(size=(3, INPUT_DIM)).astype("float32")
-    np.testing.assert_allclose(
-        as_numpy(gathered(x, training=False)),
-        as_numpy(masked(x, training=False)),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    expected = as_numpy(masked(x, training=False))
+    if no_grad:
+        import torch
+
+        with torch.no_grad():
+            outputs = as_numpy(gathered(x, training=False))
+    else:
+        outputs = as_numpy(gathered(x, training=False))
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
     assert bool(native_calls) == (BACKEND in ("torch", "tensorflow"))
+    if BACKEND == "torch":
+        entry = "sparse_forward_pointers" if no_grad else "select_gather"
+        assert entry in "".join(native_calls)
 
 
 def test_keras_graphs_do_not_run_the_native_kernel(native_calls, rng):

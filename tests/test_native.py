@@ -132,6 +132,7 @@ def test_portable_build_equals_numpy(fresh_build, monkeypatch, rng):
         ((1, 5), 0, (1, 6), r"`k` must be in \[1, 6\]; received k=0"),
         ((1, 5), 7, (1, 6), r"`k` must be in \[1, 6\]; received k=7"),
         ((1, 5), 2, (1, 5), "`light` must have shape"),
+
     ],
 )
 def test_bad_arguments_raise(rows_shape, k, light_shape, match):
@@ -188,3 +189,26 @@ def test_sparse_forward_equals_the_masked_formula(
     outputs, selected = native.sparse_forward(rows, weights, k)
     assert np.take_along_axis(mask, selected, axis=1).all()
     np.testing.assert_allclose(outputs, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("projection", (15, 4)),
+        ("gate_kernel", (4, 11)),
+        ("light_kernel", (3, 12)),
+        ("gate_bias", (13,)),
+        ("bias", (1,)),
+    ],
+)
+def test_sparse_forward_rejects_mismatched_weights(name, shape):
+    """A wrong shape raises instead of reading outside an array in C."""
+    weights = {
+        "projection": np.zeros((16, 4)),
+        "gate_kernel": np.zeros((4, 12)),
+        "light_kernel": np.zeros((4, 12)),
+        "kernel": np.zeros((12, 16)),
+        name: np.zeros(shape),
+    }
+    with pytest.raises(ValueError, match=f"`{name}` must have shape"):
+        native.sparse_forward(np.zeros((1, 16)), weights, 3)

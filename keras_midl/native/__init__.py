@@ -1,9 +1,11 @@
 """Native kernels of keras_midl, built on first use with the C compiler.
 
-One kernel, `select_gather.c` (`midl_select_gather`): from the gate
-logits, the `k` neurons `keras_midl.selection.topk_mask` selects, and
-their full-path dot products, reading the selected rows of the kernel in
-place, written over the light path (see that file). It is compiled once
+One C file, `select_gather.c`: `midl_select_gather` takes the gate
+logits, selects the `k` neurons `keras_midl.selection.topk_mask` selects,
+and writes their full-path dot products, read from the selected rows of
+the kernel in place, over the light path; `midl_sparse_forward` computes
+the gate and the light path too (`select_gather` and `sparse_forward`
+here are their NumPy entry points). It is compiled once
 per machine by the system C compiler (`$CC`, else `cc`, `gcc` or
 `clang`), with AVX2 and FMA where the CPU reports them, into a cache
 folder (`$KERAS_MIDL_CACHE`, else `$XDG_CACHE_HOME/keras_midl` or
@@ -225,6 +227,7 @@ def select_gather(logits, kernel, rows, k, light, bias=None):
         )
     if bias is not None:
         bias = np.ascontiguousarray(bias, np.float32)
+        _check_shape("bias", bias, (units,))
     if library() is None:
         return _select_gather_numpy(logits, kernel, rows, k, outputs, bias)
     selected = np.empty((count, k), np.int64)
@@ -241,6 +244,13 @@ def select_gather(logits, kernel, rows, k, light, bias=None):
         selected.ctypes.data,
     )
     return outputs, selected
+
+
+def _check_shape(name, array, shape):
+    if array.shape != shape:
+        raise ValueError(
+            f"`{name}` must have shape {shape}; received {array.shape}"
+        )
 
 
 def _select_gather_numpy(logits, kernel, rows, k, outputs, bias):
@@ -334,6 +344,17 @@ def sparse_forward(rows, weights, k):
         raise ValueError(
             f"`rows` must have shape (count, {dim}); received {rows.shape}"
         )
+    shapes = {
+        "projection": (dim, rank),
+        "gate_kernel": (rank, units),
+        "gate_bias": (units,),
+        "light_kernel": (rank, units),
+        "light_bias": (units,),
+        "bias": (units,),
+    }
+    for name, shape in shapes.items():
+        if arrays[name] is not None:
+            _check_shape(name, arrays[name], shape)
     if not 1 <= k <= units:
         raise ValueError(f"`k` must be in [1, {units}]; received k={k}")
     count = rows.shape[0]
