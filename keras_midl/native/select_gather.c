@@ -1,7 +1,7 @@
-/* The selected dot products of MIDL's sparse inference, in C.
+/* MIDL's sparse inference, in C.
  *
- * `midl_gather_matvec`: for each input row b and each of its k selected
- * neurons j:
+ * `gather_matvec` (internal): for each input row b and each of its k
+ * selected neurons j:
  *
  *     values[b, j] = sum_i rows[b, i] * kernel[selected[b, j], i]
  *                    (+ bias[selected[b, j]])
@@ -13,6 +13,9 @@
  * which holds the light path on entry. One call replaces the dozen small
  * tensor operations of the selection, the index computation and the
  * scatter.
+ *
+ * `midl_sparse_forward`: the whole forward of one layer, the gate and the
+ * light path included (see its comment).
  *
  * `kernel` is MIDL's `(units, dim)` layout, so each selected neuron is one
  * contiguous row that is read in place (nothing is copied). Four neurons
@@ -88,9 +91,10 @@ static void dot_four(const float *const r[GROUP], const float *x,
 /* `rows`: (count, dim); `kernel`: (units, dim); `selected`: (count, k),
  * each in [0, units); `bias`: (units,) or NULL; `values`: (count, k).
  * Every array is C-contiguous float32 (int64 for `selected`). */
-void midl_gather_matvec(const float *kernel, int64_t dim, const float *rows,
-                        int64_t count, const int64_t *selected, int64_t k,
-                        const float *bias, float *values) {
+static void gather_matvec(const float *kernel, int64_t dim,
+                          const float *rows, int64_t count,
+                          const int64_t *selected, int64_t k,
+                          const float *bias, float *values) {
   const int64_t blocked = dim - dim % BLOCK;
   for (int64_t b = 0; b < count; ++b) {
     const float *x = rows + b * dim;
@@ -179,8 +183,8 @@ void midl_select_gather(const float *logits, int64_t units,
       }
     }
     float *values = order; /* the copy is no longer needed */
-    midl_gather_matvec(kernel, dim, rows + b * dim, 1, row_selected, k,
-                       bias, values);
+    gather_matvec(kernel, dim, rows + b * dim, 1, row_selected, k, bias,
+                  values);
     float *row_outputs = outputs + b * units;
     for (int64_t j = 0; j < k; ++j) row_outputs[row_selected[j]] = values[j];
   }
