@@ -21,11 +21,11 @@ process), for square layers `d = n` in {1024, 2048, 4096, 8192}, batch in
 Forward passes run as Keras runs `predict` on a CPU-only machine:
 `tf.function` without XLA on TensorFlow, `jax.jit` on JAX, eager on
 PyTorch under `torch.no_grad()`. The gathered MIDL layers on TensorFlow
-are called eagerly instead (as `model(x)` calls them): they then run their
-own `tf.function`, in which their native kernel may run (not in Keras's
-`predict` graph; the end-to-end rows measure both). `--threads 1`
-(default) limits each backend to one thread; `--threads 0` leaves the
-backends' default threading.
+and JAX are called eagerly instead (as `model(x)` calls them): they then
+run their own `tf.function` or `jax.jit`, in which their native kernel
+may run (not in Keras's `predict`; the end-to-end rows measure both).
+`--threads 1` (default) limits each backend to one thread; `--threads 0`
+leaves the backends' default threading.
 
 The 1-minute load average is read before and after each group of
 measurements (one `d` and batch); a group is flagged not valid when either
@@ -74,8 +74,9 @@ DIMS = (1024, 2048, 4096, 8192)
 BATCHES = (1, 2, 4, 8, 16, 256)
 K_RATIOS = (0.25, 0.45, 0.75)
 E2E_WIDTH = 4096
-# The gathered path materializes `batch * min(k, chunk) * d` weights per
-# step on TensorFlow and JAX; skipped (null) above this many MiB.
+# Without the native kernel the gathered path materializes
+# `batch * min(k, chunk) * d` weights per step; skipped (null) above this
+# many MiB.
 GATHERED_MAX_MIB = 256.0
 DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "keras_midl_latency")
 
@@ -92,15 +93,18 @@ def set_threads(threads):
 def forward_function(layer_or_model, eager=False):
     """A compiled inference function `x -> layer(x, training=False)`.
 
-    With `eager=True` on TensorFlow the layer is called eagerly, as
-    `model(x)` calls it: a MIDL layer then runs its own `tf.function`
-    (`keras_midl.fast_inference.eager_inference`), where its native kernel
-    may run; inside Keras's own graphs (`predict`, an export) it may not.
+    With `eager=True` on TensorFlow and JAX the layer is called eagerly,
+    as `model(x)` calls it: a MIDL layer then runs its own `tf.function`
+    or `jax.jit` (`keras_midl.fast_inference.eager_inference`), where its
+    native kernel may run; inside Keras's own graphs and jitted functions
+    (`predict`, an export) it may not.
     """
     import keras
 
     backend = keras.backend.backend()
     layer = layer_or_model
+    if eager and backend in ("tensorflow", "jax"):
+        return lambda x: layer(x, training=False)
     if backend == "jax":
         import jax
 
@@ -117,8 +121,6 @@ def forward_function(layer_or_model, eager=False):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        if eager:
-            return lambda x: layer(x, training=False)
         # Keras's default on a CPU-only machine: a graph, without XLA.
         return tf.function(lambda x: layer(x, training=False))
     if backend == "torch":
@@ -184,7 +186,8 @@ def gathered_fits(backend, batch, k, d, max_mib):
     """Whether the gathered path is measured (see `GATHERED_MAX_MIB`)."""
     from keras_midl import fast_inference
 
-    if backend in ("torch", "tensorflow"):  # native kernel: in place
+    native = fast_inference.native_path_available(backend, native_scope=True)
+    if native:  # the native kernel reads the selected rows in place
         return batch <= 16 or d <= 2048
     per_step = batch * min(k, fast_inference.CHUNK_ROWS) * d * 4 / 2**20
     return per_step <= max_mib
@@ -354,9 +357,9 @@ def prepare_e2e(width):
 
 
 def e2e_auto_path(backend, call, width):
-    """The path `"auto"` runs in the end-to-end model: on TensorFlow the
-    native kernel runs in eager calls (`model(x)`), not in Keras's
-    `predict` graph."""
+    """The path `"auto"` runs in the end-to-end model: on TensorFlow and
+    JAX the native kernel runs in eager calls (`model(x)`), not in Keras's
+    `predict`."""
     from keras_midl import fast_inference
 
     gathers = fast_inference.use_gathered_path(

@@ -40,13 +40,18 @@ Per backend:
     itself for eager calls (`eager_inference`, `native_allowed`): a
     SavedModel cannot serve a Python function, and a graph traced by Keras
     (`predict`) may be exported, so there the reference runs.
+  * **JAX** (float32, CPU): the whole forward as an XLA FFI custom call
+    (`native.JAX_TARGET`, built against jaxlib's FFI headers), only inside
+    the `jax.jit` keras_midl compiles for eager calls, for the same
+    reason: an export (jax2tf) cannot carry a custom call.
   * Where the gate runs in C its sums are ordered differently from
     BLAS's: two logits within float rounding of each other at the
     threshold may then be selected differently from the masked path.
 * **TensorFlow, elsewhere**: the reference, chunked (`CHUNK_ROWS`), in a
   `tf.function` when called eagerly (inlined in the caller's graph
   otherwise).
-* **JAX**: the reference, chunked (`CHUNK_ROWS`), under `jax.jit`.
+* **JAX, elsewhere**: the reference, chunked (`CHUNK_ROWS`), under
+  `jax.jit`.
 * **PyTorch where the native kernel cannot run** (no C compiler, GPU
   tensors, inside `torch.compile`): the whole forward written in torch and
   compiled by `torch.compile` (inductor), lazily on the first call, one
@@ -151,23 +156,26 @@ def native_path_available(backend=None, native_scope=None):
     """Whether the layer's native sparse kernel can run here.
 
     torch: whenever the kernel is built (`keras_midl.native.library()`);
-    TensorFlow: moreover only inside keras_midl's own functions
+    TensorFlow and JAX: moreover only inside keras_midl's own functions
     (`native_allowed`, the eager calls of `eager_inference`), never in a
-    graph Keras or an export traces; JAX: never.
+    graph or a jitted function Keras or an export traces (on JAX, as an
+    XLA FFI custom call, `keras_midl.native.jax_ffi_available()`).
 
     Args:
         backend: Backend name; default the current one.
-        native_scope: For TensorFlow, whether the call is inside
+        native_scope: For TensorFlow and JAX, whether the call is inside
             `native_allowed()`; default: whether it is now.
     """
     backend = backend or keras.backend.backend()
-    if backend == "tensorflow":
+    if backend not in ("torch", "tensorflow", "jax"):
+        return False
+    if backend != "torch":
         if native_scope is None:
             native_scope = in_native_scope()
         if not native_scope:
             return False
-    elif backend != "torch":
-        return False
+    if backend == "jax":
+        return native.jax_ffi_available()
     return native.library() is not None
 
 
@@ -518,9 +526,10 @@ def eager_inference(layer, inputs):
         if function is None:
 
             def stateless(trainable, non_trainable, x):
-                outputs, _ = layer_ref().stateless_call(
-                    trainable, non_trainable, x, training=False
-                )
+                with native_allowed():
+                    outputs, _ = layer_ref().stateless_call(
+                        trainable, non_trainable, x, training=False
+                    )
                 return outputs
 
             function = _eager_cache[layer] = jax.jit(stateless)
@@ -572,6 +581,9 @@ def _in_stateless_scope():
 
 def _jax_sparse(inputs, weights, *options):
     import jax
+
+    if _jax_native_applies(weights, *options):
+        return _jax_native_outputs(inputs, weights, options[0])
 
     key = options[:4] + (id(options[4]),)
     function = _jax_cache.get(key)
@@ -931,3 +943,44 @@ def _tf_native_outputs(inputs, weights, k):
     )
     outputs = tf.ensure_shape(outputs, (rows.shape[0], units))
     return tf.reshape(outputs, tf.concat([leading_shape, [units]], 0))
+
+
+# --- JAX: the native kernel as an XLA FFI call, in keras_midl's own jit ---
+
+
+def _jax_native_applies(
+    weights, k, selection, compute_dtype, gate_dtype, quantizer
+):
+    return (
+        in_native_scope()
+        and quantizer is None
+        and compute_dtype == "float32"
+        and gate_dtype == "float32"
+        and weights["kernel"].dtype == "float32"
+        and native.jax_ffi_available()
+    )
+
+
+def _jax_native_outputs(inputs, weights, k):
+    """The whole sparse forward as the custom call `native.JAX_TARGET`
+    (`midl_sparse_forward` on XLA's buffers; no gradient: inference
+    only). A missing weight is passed as an empty array."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    kernel = weights["kernel"]
+    units, input_dim = kernel.shape
+    inputs = jnp.asarray(inputs, "float32")
+    leading_shape = inputs.shape[:-1]
+    rows = inputs.reshape(-1, input_dim)
+    empty = jnp.zeros((0,), "float32")
+    arguments = [rows] + [
+        empty if weights[name] is None else weights[name]
+        for name in native.FORWARD_WEIGHTS
+    ]
+    outputs = jax.ffi.ffi_call(
+        native.JAX_TARGET,
+        jax.ShapeDtypeStruct((rows.shape[0], units), jnp.float32),
+    )(*arguments, k=np.int64(k))
+    return outputs.reshape(*leading_shape, units)

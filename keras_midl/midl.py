@@ -237,7 +237,7 @@ class MIDL(keras.layers.Layer):
             row, only the `k` selected rows of `W^T` are read and their
             `k` dot products computed (`keras_midl.fast_inference`: a C
             kernel built on first use, on torch and in eager calls on
-            TensorFlow; chunked gathers elsewhere). `"auto"`: gathered
+            TensorFlow and JAX; chunked gathers elsewhere). `"auto"`: gathered
             where it was measured faster, by the rule
             `keras_midl.fast_inference.use_gathered_path` (the native
             kernel available, rows known statically, `input_dim * units`,
@@ -677,8 +677,9 @@ class MIDL(keras.layers.Layer):
         path of the `k` selected neurons only.
 
         `fast_inference.sparse_inference`: the backend's fast path (the
-        native kernel on torch and in eager TensorFlow calls, chunked
-        gathers elsewhere), with the `keras.ops` reference as fallback.
+        native kernel on torch and in eager TensorFlow and JAX calls,
+        chunked gathers elsewhere), with the `keras.ops` reference as
+        fallback.
         Equal to the masked path up to float rounding. An int8 layer
         passes its int8 kernel, its per-neuron scales and its inputs
         quantizer.

@@ -238,17 +238,21 @@ def test_auto_rule_follows_its_table(backend, native_ready, monkeypatch):
 
 
 def test_native_path_availability(monkeypatch):
-    """torch: wherever the kernel builds; TensorFlow: only inside
-    keras_midl's own functions; JAX: never."""
+    """torch: wherever the kernel builds; TensorFlow and JAX: only inside
+    keras_midl's own functions."""
     available = fast_inference.native.library() is not None
     assert fast_inference.native_path_available("torch") == available
-    assert not fast_inference.native_path_available("jax")
-    assert not fast_inference.native_path_available(
-        "tensorflow", native_scope=False
-    )
-    assert not fast_inference.native_path_available("tensorflow")
+    for backend in ("tensorflow", "jax"):
+        assert not fast_inference.native_path_available(
+            backend, native_scope=False
+        )
+        assert not fast_inference.native_path_available(backend)
     with fast_inference.native_allowed():
         assert fast_inference.native_path_available("tensorflow") == available
+        if BACKEND == "jax":
+            assert fast_inference.native_path_available("jax") == (
+                fast_inference.native.jax_ffi_available()
+            )
     monkeypatch.setenv(fast_inference.COMPILE_ENV, "0")
     assert not fast_inference.native_path_available("torch")
 
@@ -492,9 +496,16 @@ def test_savedmodel_export_of_the_gathered_path(path, tmp_path, rng):
 @pytest.fixture
 def native_calls(monkeypatch):
     """Counts the native kernel's calls (skips where it is not built)."""
-    if fast_inference.native.library() is None:
+    if not fast_inference.native_path_available(BACKEND, native_scope=True):
         pytest.skip("the native kernel could not be built here")
     calls = []
+    jax_outputs = fast_inference._jax_native_outputs
+
+    def spy_jax(*args):  # traced once per shape, inside the jitted call
+        calls.append("jax_ffi")
+        return jax_outputs(*args)
+
+    monkeypatch.setattr(fast_inference, "_jax_native_outputs", spy_jax)
     for name in (
         "select_gather_pointers",
         "select_gather",
@@ -516,8 +527,8 @@ def native_calls(monkeypatch):
 def test_native_kernel_runs_and_equals_masked(
     config, no_grad, native_calls, rng
 ):
-    """torch and TensorFlow called eagerly run the native kernel; JAX
-    never does. On torch under `no_grad` the whole forward is one C call
+    """torch, and TensorFlow and JAX called eagerly, run the native kernel.
+    On torch under `no_grad` the whole forward is one C call
     (`sparse_forward`), otherwise the gate runs in torch and the selection
     and dot products in C (`select_gather`)."""
     if no_grad and BACKEND != "torch":
@@ -533,7 +544,7 @@ def test_native_kernel_runs_and_equals_masked(
     else:
         outputs = as_numpy(gathered(x, training=False))
     np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
-    assert bool(native_calls) == (BACKEND in ("torch", "tensorflow"))
+    assert native_calls
     if BACKEND == "torch":
         entry = "sparse_forward_pointers" if no_grad else "select_gather"
         assert entry in "".join(native_calls)
@@ -541,7 +552,7 @@ def test_native_kernel_runs_and_equals_masked(
 
 def test_keras_graphs_do_not_run_the_native_kernel(native_calls, rng):
     """`predict` traces its own graph (which an export could also be): on
-    TensorFlow the native `tf.numpy_function` stays out of it."""
+    TensorFlow and JAX the native call stays out of it."""
     masked, gathered = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
     model = keras.Sequential([keras.Input((INPUT_DIM,)), gathered])
     x = rng.normal(size=(2, INPUT_DIM)).astype("float32")

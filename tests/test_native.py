@@ -212,3 +212,10 @@ def test_sparse_forward_rejects_mismatched_weights(name, shape):
     }
     with pytest.raises(ValueError, match=f"`{name}` must have shape"):
         native.sparse_forward(np.zeros((1, 16)), weights, 3)
+
+
+def test_jax_ffi_without_cxx_compiler_warns_once(fresh_build, monkeypatch):
+    monkeypatch.setattr(native, "_cxx_compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="for JAX .*no C and C\\+\\+"):
+        assert not native.jax_ffi_available()
+    assert not native.jax_ffi_available()  # no second warning, no retry

@@ -5,7 +5,10 @@ logits, selects the `k` neurons `keras_midl.selection.topk_mask` selects,
 and writes their full-path dot products, read from the selected rows of
 the kernel in place, over the light path; `midl_sparse_forward` computes
 the gate and the light path too (`select_gather` and `sparse_forward`
-here are their NumPy entry points). It is compiled once
+here are their NumPy entry points); `jax_ffi.cc` wraps
+`midl_sparse_forward` as an XLA FFI custom call for JAX
+(`jax_ffi_available`, built with a C++ compiler against jaxlib's
+headers). It is compiled once
 per machine by the system C compiler (`$CC`, else `cc`, `gcc` or
 `clang`), with AVX2 and FMA where the CPU reports them, into a cache
 folder (`$KERAS_MIDL_CACHE`, else `$XDG_CACHE_HOME/keras_midl` or
@@ -39,6 +42,8 @@ import warnings
 import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(__file__), "select_gather.c")
+FFI_SOURCE = os.path.join(os.path.dirname(__file__), "jax_ffi.cc")
+JAX_TARGET = "keras_midl_sparse_forward"
 CACHE_ENV = "KERAS_MIDL_CACHE"
 COMPILE_ENV = "KERAS_MIDL_COMPILE"
 
@@ -142,6 +147,82 @@ def _build():
     lib.midl_sparse_forward.argtypes += [pointer] * 3
     lib.midl_sparse_forward.restype = None
     return lib
+
+
+def _cxx_compiler():
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _run(command):
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as error:
+        raise RuntimeError(
+            f"{command[0]} failed: {error.stderr.strip()[-2000:]}"
+        ) from error
+
+
+def _build_jax_ffi():
+    """Builds `select_gather.c` and `jax_ffi.cc` against jaxlib's FFI
+    headers into one library and registers its handler with XLA."""
+    import jax
+    import jaxlib
+
+    compiler, cxx = _compiler(), _cxx_compiler()
+    if compiler is None or cxx is None:
+        raise RuntimeError("no C and C++ compilers found ($CC, $CXX, ...)")
+    sources = [SOURCE, FFI_SOURCE]
+    flags = compile_flags()
+    parts = [open(path, "rb").read() for path in sources]
+    parts += [cxx.encode(), " ".join(flags).encode()]
+    parts += [jaxlib.__version__.encode(), platform.machine().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    folder = _cache_folder()
+    path = os.path.join(folder, f"jax_ffi-{key}.so")
+    if not os.path.exists(path):
+        with tempfile.TemporaryDirectory(dir=folder) as work:
+            c_object = os.path.join(work, "select_gather.o")
+            cxx_object = os.path.join(work, "jax_ffi.o")
+            partial = os.path.join(work, "jax_ffi.so")
+            object_flags = [f for f in flags if f != "-shared"]
+            _run([compiler, *object_flags, "-c", SOURCE, "-o", c_object])
+            cxx_flags = [f for f in object_flags if f != "-std=c99"]
+            _run(
+                [cxx, *cxx_flags, "-std=c++17", "-w"]
+                + ["-I", jax.ffi.include_dir(), "-c", FFI_SOURCE]
+                + ["-o", cxx_object]
+            )
+            _run([cxx, "-shared", c_object, cxx_object, "-o", partial])
+            os.replace(partial, path)
+    lib = ctypes.CDLL(path)
+    jax.ffi.register_ffi_target(
+        JAX_TARGET, jax.ffi.pycapsule(lib.MidlSparseForward), platform="cpu"
+    )
+    return lib
+
+
+def jax_ffi_available():
+    """Whether the XLA FFI custom call `JAX_TARGET` is registered (built
+    and registered on the first call; `False` after one warning where it
+    cannot be built, or where native kernels are off)."""
+    if not enabled():
+        return False
+    if "jax_ffi" not in _state:
+        try:
+            _state["jax_ffi"] = _build_jax_ffi()
+        except Exception as error:  # no compiler, build or load failure
+            _state["jax_ffi"] = None
+            warnings.warn(
+                "keras_midl: could not build the native sparse inference "
+                f"kernel for JAX ({type(error).__name__}: {error}); using "
+                f"the slower fallback. Set {COMPILE_ENV}=0 to skip building.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _state["jax_ffi"] is not None
 
 
 def library():
