@@ -141,14 +141,15 @@ class AutoRule(typing.NamedTuple):
 # * tensorflow: 1-4 rows from d = n = 4096 (at 1024-2048 the two paths
 #   were within noise of each other), in eager calls only (see
 #   `native_path_available`);
-# * jax: no native path; the chunked gathers lost to the masked path at
-#   most sizes, so "auto" never gathers there.
+# * jax: 1-2 rows from d = n = 4096 at k_ratio 0.25, in eager calls only;
+#   at k_ratio 0.45 XLA's matmul in MIDL's layout (the masked path) was
+#   as fast or faster.
 AUTO_RULES = {
     "torch": AutoRule(max_rows=4, min_weights=1024 * 1024, max_k_ratio=0.75),
     "tensorflow": AutoRule(
         max_rows=4, min_weights=4096 * 4096, max_k_ratio=0.75
     ),
-    "jax": AutoRule(max_rows=0, min_weights=0, max_k_ratio=0.0),
+    "jax": AutoRule(max_rows=2, min_weights=4096 * 4096, max_k_ratio=0.25),
 }
 
 

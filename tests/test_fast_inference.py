@@ -276,7 +276,7 @@ def test_auto_rule_values_measured():
     assert set(rules) == {"tensorflow", "jax", "torch"}
     assert rules["torch"] == fast_inference.AutoRule(4, 1024**2, 0.75)
     assert rules["tensorflow"] == fast_inference.AutoRule(4, 4096**2, 0.75)
-    assert rules["jax"].max_rows == 0
+    assert rules["jax"] == fast_inference.AutoRule(2, 4096**2, 0.25)
 
 
 @pytest.fixture
