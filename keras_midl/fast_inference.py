@@ -583,7 +583,7 @@ def _in_stateless_scope():
 def _jax_sparse(inputs, weights, *options):
     import jax
 
-    if _jax_native_applies(weights, *options):
+    if _owned_native_applies(weights, options, native.jax_ffi_available):
         return _jax_native_outputs(inputs, weights, options[0])
 
     key = options[:4] + (id(options[4]),)
@@ -600,7 +600,7 @@ def _jax_sparse(inputs, weights, *options):
 def _tf_sparse(inputs, weights, *options):
     import tensorflow as tf
 
-    if _tf_native_applies(weights, *options):
+    if _owned_native_applies(weights, options, _library_built):
         return _tf_native_outputs(inputs, weights, options[0])
     if not tf.executing_eagerly():  # inlined in the caller's graph
         return _reference(inputs, weights, *options, chunk=CHUNK_ROWS)
@@ -906,17 +906,23 @@ def _native_select_gather():
 # --- TensorFlow: the native kernel, in keras_midl's own functions ---------
 
 
-def _tf_native_applies(
-    weights, k, selection, compute_dtype, gate_dtype, quantizer
-):
+def _owned_native_applies(weights, options, available):
+    """Whether the native kernel runs in a TensorFlow or JAX trace: a
+    float32 layer (`options` as `sparse_inference` passes them) inside
+    keras_midl's own function (`native_allowed`), and `available()`."""
+    _, _, compute_dtype, gate_dtype, quantizer = options
     return (
         in_native_scope()
         and quantizer is None
         and compute_dtype == "float32"
         and gate_dtype == "float32"
         and weights["kernel"].dtype == "float32"
-        and native.library() is not None
+        and available()
     )
+
+
+def _library_built():
+    return native.library() is not None
 
 
 def _tf_native_outputs(inputs, weights, k):
@@ -947,19 +953,6 @@ def _tf_native_outputs(inputs, weights, k):
 
 
 # --- JAX: the native kernel as an XLA FFI call, in keras_midl's own jit ---
-
-
-def _jax_native_applies(
-    weights, k, selection, compute_dtype, gate_dtype, quantizer
-):
-    return (
-        in_native_scope()
-        and quantizer is None
-        and compute_dtype == "float32"
-        and gate_dtype == "float32"
-        and weights["kernel"].dtype == "float32"
-        and native.jax_ffi_available()
-    )
 
 
 def _jax_native_outputs(inputs, weights, k):

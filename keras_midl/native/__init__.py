@@ -204,46 +204,38 @@ def _build_jax_ffi():
     return lib
 
 
+def _built_once(name, build, what):
+    """`build()`'s result, cached in `_state[name]`; `None` after one
+    warning where it fails, or where native kernels are off."""
+    if not enabled():
+        return None
+    if name not in _state:
+        try:
+            _state[name] = build()
+        except Exception as error:  # no compiler, build or load failure
+            _state[name] = None
+            warnings.warn(
+                f"keras_midl: could not build the native sparse inference "
+                f"kernel{what} ({type(error).__name__}: {error}); using "
+                f"the slower fallback. Set {COMPILE_ENV}=0 to skip building.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _state[name]
+
+
 def jax_ffi_available():
     """Whether the XLA FFI custom call `JAX_TARGET` is registered (built
     and registered on the first call; `False` after one warning where it
     cannot be built, or where native kernels are off)."""
-    if not enabled():
-        return False
-    if "jax_ffi" not in _state:
-        try:
-            _state["jax_ffi"] = _build_jax_ffi()
-        except Exception as error:  # no compiler, build or load failure
-            _state["jax_ffi"] = None
-            warnings.warn(
-                "keras_midl: could not build the native sparse inference "
-                f"kernel for JAX ({type(error).__name__}: {error}); using "
-                f"the slower fallback. Set {COMPILE_ENV}=0 to skip building.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return _state["jax_ffi"] is not None
+    return _built_once("jax_ffi", _build_jax_ffi, " for JAX") is not None
 
 
 def library():
     """The loaded native library (`ctypes.CDLL`), built on first call;
     `None` where native kernels are off or could not be built (one
     warning)."""
-    if not enabled():
-        return None
-    if "library" not in _state:
-        try:
-            _state["library"] = _build()
-        except Exception as error:  # no compiler, build or load failure
-            _state["library"] = None
-            warnings.warn(
-                "keras_midl: could not build the native sparse inference "
-                f"kernel ({type(error).__name__}: {error}); using the "
-                f"slower fallback. Set {COMPILE_ENV}=0 to skip building.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return _state["library"]
+    return _built_once("library", _build, "")
 
 
 def select_gather_pointers(
