@@ -545,9 +545,10 @@ def eager_inference(layer, inputs):
 @contextlib.contextmanager
 def native_allowed():
     """Marks a trace as keras_midl's own (the eager-call functions of
-    `eager_inference`), never exported: on TensorFlow the native kernel,
-    a `tf.numpy_function` that a SavedModel cannot serve, may run there.
-    Graphs traced elsewhere (`predict`, an export) run `keras.ops`."""
+    `eager_inference`), never exported: the native kernel, a
+    `tf.numpy_function` on TensorFlow and an XLA FFI custom call on JAX,
+    which a SavedModel cannot carry, may run there. Graphs and jitted
+    functions traced elsewhere (`predict`, an export) run `keras.ops`."""
     depth = getattr(_owned, "depth", 0)
     _owned.depth = depth + 1
     try:
@@ -903,7 +904,7 @@ def _native_select_gather():
     return SelectGather
 
 
-# --- TensorFlow: the native kernel, in keras_midl's own functions ---------
+# --- TensorFlow and JAX: the native kernel, in keras_midl's own functions -
 
 
 def _owned_native_applies(weights, options, available):
