@@ -584,7 +584,7 @@ def _in_stateless_scope():
 def _jax_sparse(inputs, weights, *options):
     import jax
 
-    if _owned_native_applies(weights, options, native.jax_ffi_available):
+    if _owned_native_applies(weights, options):
         return _jax_native_outputs(inputs, weights, options[0])
 
     key = options[:4] + (id(options[4]),)
@@ -601,7 +601,7 @@ def _jax_sparse(inputs, weights, *options):
 def _tf_sparse(inputs, weights, *options):
     import tensorflow as tf
 
-    if _owned_native_applies(weights, options, _library_built):
+    if _owned_native_applies(weights, options):
         return _tf_native_outputs(inputs, weights, options[0])
     if not tf.executing_eagerly():  # inlined in the caller's graph
         return _reference(inputs, weights, *options, chunk=CHUNK_ROWS)
@@ -641,8 +641,16 @@ def _torch_forward(
 
     code = inputs @ projection
     logits = code.float() @ gate_kernel + gate_bias
-    mask = _torch_topk_mask(logits, k)
+    logits = torch.where(torch.isnan(logits), float("-inf"), logits)
+    logits = torch.where(logits.abs() < FLOAT32_TINY, 0.0, logits)
     units = logits.shape[-1]
+    threshold = torch.topk(logits, k, sorted=False).values.amin(
+        -1, keepdim=True
+    )
+    above = logits > threshold
+    tied = (logits == threshold).to(torch.int32)
+    needed = k - above.to(torch.int32).sum(-1, keepdim=True)
+    mask = above | ((tied > 0) & (torch.cumsum(tied, -1) <= needed))
     order = units - torch.arange(units, device=logits.device)
     selected = torch.topk(
         mask.to(logits.dtype) * order.to(logits.dtype), k, sorted=False
@@ -660,23 +668,6 @@ def _torch_forward(
         if light_bias is not None:
             base = base + light_bias
     return base.scatter(1, selected, values)
-
-
-def _torch_topk_mask(logits, k):
-    """`keras_midl.selection.topk_mask` in torch, as a bool tensor: NaN
-    lowest, subnormals as zero, ties at the threshold to the lowest
-    indices."""
-    import torch
-
-    logits = torch.where(torch.isnan(logits), float("-inf"), logits)
-    logits = torch.where(logits.abs() < FLOAT32_TINY, 0.0, logits)
-    threshold = torch.topk(logits, k, sorted=False).values.amin(
-        -1, keepdim=True
-    )
-    above = logits > threshold
-    tied = (logits == threshold).to(torch.int32)
-    needed = k - above.to(torch.int32).sum(-1, keepdim=True)
-    return above | ((tied > 0) & (torch.cumsum(tied, -1) <= needed))
 
 
 def _compile(function):
@@ -907,23 +898,19 @@ def _native_select_gather():
 # --- TensorFlow and JAX: the native kernel, in keras_midl's own functions -
 
 
-def _owned_native_applies(weights, options, available):
+def _owned_native_applies(weights, options):
     """Whether the native kernel runs in a TensorFlow or JAX trace: a
-    float32 layer (`options` as `sparse_inference` passes them) inside
-    keras_midl's own function (`native_allowed`), and `available()`."""
+    float32 layer (`options` as `sparse_inference` passes them) where
+    `native_path_available()` (inside keras_midl's own function, the
+    kernel built)."""
     _, _, compute_dtype, gate_dtype, quantizer = options
     return (
-        in_native_scope()
-        and quantizer is None
+        quantizer is None
         and compute_dtype == "float32"
         and gate_dtype == "float32"
         and weights["kernel"].dtype == "float32"
-        and available()
+        and native_path_available()
     )
-
-
-def _library_built():
-    return native.library() is not None
 
 
 def _tf_native_outputs(inputs, weights, k):

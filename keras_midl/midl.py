@@ -679,9 +679,8 @@ class MIDL(keras.layers.Layer):
         `fast_inference.sparse_inference`: the backend's fast path (the
         native kernel on torch and in eager TensorFlow and JAX calls,
         chunked gathers elsewhere), with the `keras.ops` reference as
-        fallback.
-        Equal to the masked path up to float rounding. An int8 layer
-        passes its int8 kernel, its per-neuron scales and its inputs
+        fallback. Equal to the masked path up to float rounding. An int8
+        layer passes its int8 kernel, its per-neuron scales and its inputs
         quantizer.
         """
         weights = fast_inference.layer_weights(self)

@@ -57,11 +57,20 @@ def enabled():
     return value not in ("0", "false", "no", "off")
 
 
-def _compiler():
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+def _first_program(variable, *names):
+    """The path of `$variable`, else of the first of `names` on PATH."""
+    for name in (os.environ.get(variable), *names):
         if name and shutil.which(name):
             return shutil.which(name)
     return None
+
+
+def _compiler():
+    return _first_program("CC", "cc", "gcc", "clang")
+
+
+def _cxx_compiler():
+    return _first_program("CXX", "c++", "g++", "clang++")
 
 
 def _cpu_flags():
@@ -100,43 +109,55 @@ def _cache_folder():
     return folder
 
 
+def _run(command):
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as error:
+        raise RuntimeError(
+            f"{command[0]} failed: {error.stderr.strip()[-2000:]}"
+        ) from error
+
+
+def _cached_library(stem, key_parts, build):
+    """The library `build(work, output)` writes, compiled once per
+    `key_parts` (sources, compilers, flags) and machine into the cache
+    folder, then loaded. It is built in a temporary folder and renamed:
+    concurrent processes (test workers) never load a half-written file."""
+    key_parts = [*key_parts, platform.machine(), sys.platform]
+    key = hashlib.sha256(
+        b"\0".join(
+            part if isinstance(part, bytes) else part.encode()
+            for part in key_parts
+        )
+    ).hexdigest()[:16]
+    folder = _cache_folder()
+    path = os.path.join(folder, f"{stem}-{key}.so")
+    if not os.path.exists(path):
+        with tempfile.TemporaryDirectory(dir=folder) as work:
+            partial = os.path.join(work, f"{stem}.so")
+            build(work, partial)
+            os.replace(partial, path)
+    return ctypes.CDLL(path)
+
+
+def _sources(*paths):
+    contents = []
+    for path in paths:
+        with open(path, "rb") as source:
+            contents.append(source.read())
+    return contents
+
+
 def _build():
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
-    with open(SOURCE, "rb") as source:
-        code = source.read()
     flags = compile_flags()
-    key = hashlib.sha256(
-        b"\0".join(
-            [code, compiler.encode(), " ".join(flags).encode()]
-            + [platform.machine().encode(), sys.platform.encode()]
-        )
-    ).hexdigest()[:16]
-    path = os.path.join(_cache_folder(), f"select_gather-{key}.so")
-    if not os.path.exists(path):
-        # Built under a temporary name and renamed: concurrent processes
-        # (test workers) never load a half-written file.
-        handle, partial = tempfile.mkstemp(
-            suffix=".so", dir=os.path.dirname(path)
-        )
-        os.close(handle)
-        try:
-            subprocess.run(
-                [compiler, *flags, SOURCE, "-o", partial],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            os.replace(partial, path)
-        except subprocess.CalledProcessError as error:
-            raise RuntimeError(
-                f"{compiler} failed: {error.stderr.strip()}"
-            ) from error
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-    lib = ctypes.CDLL(path)
+    lib = _cached_library(
+        "select_gather",
+        [*_sources(SOURCE), compiler, " ".join(flags)],
+        lambda work, output: _run([compiler, *flags, SOURCE, "-o", output]),
+    )
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.midl_select_gather.argtypes = [pointer, size, pointer, size]
     lib.midl_select_gather.argtypes += [pointer, size, size, pointer]
@@ -149,22 +170,6 @@ def _build():
     return lib
 
 
-def _cxx_compiler():
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _run(command):
-    try:
-        subprocess.run(command, check=True, capture_output=True, text=True)
-    except subprocess.CalledProcessError as error:
-        raise RuntimeError(
-            f"{command[0]} failed: {error.stderr.strip()[-2000:]}"
-        ) from error
-
-
 def _build_jax_ffi():
     """Builds `select_gather.c` and `jax_ffi.cc` against jaxlib's FFI
     headers into one library and registers its handler with XLA."""
@@ -174,30 +179,20 @@ def _build_jax_ffi():
     compiler, cxx = _compiler(), _cxx_compiler()
     if compiler is None or cxx is None:
         raise RuntimeError("no C and C++ compilers found ($CC, $CXX, ...)")
-    sources = [SOURCE, FFI_SOURCE]
-    flags = compile_flags()
-    parts = [open(path, "rb").read() for path in sources]
-    parts += [cxx.encode(), " ".join(flags).encode()]
-    parts += [jaxlib.__version__.encode(), platform.machine().encode()]
-    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    folder = _cache_folder()
-    path = os.path.join(folder, f"jax_ffi-{key}.so")
-    if not os.path.exists(path):
-        with tempfile.TemporaryDirectory(dir=folder) as work:
-            c_object = os.path.join(work, "select_gather.o")
-            cxx_object = os.path.join(work, "jax_ffi.o")
-            partial = os.path.join(work, "jax_ffi.so")
-            object_flags = [f for f in flags if f != "-shared"]
-            _run([compiler, *object_flags, "-c", SOURCE, "-o", c_object])
-            cxx_flags = [f for f in object_flags if f != "-std=c99"]
-            _run(
-                [cxx, *cxx_flags, "-std=c++17", "-w"]
-                + ["-I", jax.ffi.include_dir(), "-c", FFI_SOURCE]
-                + ["-o", cxx_object]
-            )
-            _run([cxx, "-shared", c_object, cxx_object, "-o", partial])
-            os.replace(partial, path)
-    lib = ctypes.CDLL(path)
+    object_flags = [f for f in compile_flags() if f != "-shared"]
+    cxx_flags = [f for f in object_flags if f != "-std=c99"]
+    cxx_flags += ["-std=c++17", "-w", "-I", jax.ffi.include_dir()]
+
+    def build(work, output):
+        c_object = os.path.join(work, "select_gather.o")
+        cxx_object = os.path.join(work, "jax_ffi.o")
+        _run([compiler, *object_flags, "-c", SOURCE, "-o", c_object])
+        _run([cxx, *cxx_flags, "-c", FFI_SOURCE, "-o", cxx_object])
+        _run([cxx, "-shared", c_object, cxx_object, "-o", output])
+
+    key_parts = [*_sources(SOURCE, FFI_SOURCE), compiler, cxx]
+    key_parts += [" ".join(cxx_flags), jaxlib.__version__]
+    lib = _cached_library("jax_ffi", key_parts, build)
     jax.ffi.register_ffi_target(
         JAX_TARGET, jax.ffi.pycapsule(lib.MidlSparseForward), platform="cpu"
     )
