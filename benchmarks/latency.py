@@ -623,7 +623,7 @@ def apply_auto_rule(rows):
             row["d"],
             row["k_ratio"],
             backend=row["backend"],
-            native_scope=True,  # TensorFlow: as called eagerly
+            native_scope=True,  # TensorFlow, JAX: as called eagerly
         )
         auto_ms = row["gathered_ms"] if gathers else row["masked_ms"]
         row["auto_path"] = "gathered" if gathers else "masked"

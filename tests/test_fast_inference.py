@@ -387,6 +387,8 @@ def test_compile_failure_falls_back_with_one_warning(
         outputs = as_numpy(gathered(x, training=False))
     np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
     assert len(attempts) == 1  # not retried
+    # Without the native kernel "auto" never picks the gathered path.
+    assert not fast_inference.use_gathered_path(1, 8192, 8192, 0.25)
 
 
 def test_compile_opt_out(fresh_torch_state, monkeypatch, rng):
@@ -490,7 +492,7 @@ def test_savedmodel_export_of_the_gathered_path(path, tmp_path, rng):
     )
 
 
-# --- The native kernel (torch; TensorFlow in keras_midl's own functions) --
+# --- The native kernel (torch; TensorFlow, JAX in keras_midl's functions) -
 
 
 @pytest.fixture
