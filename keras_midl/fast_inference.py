@@ -712,7 +712,8 @@ def _torch_sparse(
         return None
     kernel = weights["kernel"]
     units, input_dim = kernel.shape
-    inputs = ops.cast(inputs, compute_dtype)
+    if inputs.dtype != torch.float32:
+        inputs = ops.cast(inputs, compute_dtype)
     leading_shape = tuple(inputs.shape[:-1])
     rows = inputs.reshape(-1, input_dim)
     if rows.shape[0] == 0:
@@ -761,18 +762,15 @@ def _native_applies(rows, weights):
     built."""
     import torch
 
-    tensors = [rows] + [
-        weights[name] for name in WEIGHT_NAMES if weights[name] is not None
-    ]
-    return (
-        not torch.compiler.is_compiling()
-        and not torch.jit.is_tracing()
-        and all(
-            t.device.type == "cpu" and t.dtype == torch.float32
-            for t in tensors
-        )
-        and native.library() is not None
-    )
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    cpu = torch.device("cpu")
+    for tensor in (rows, *weights.values()):
+        if tensor is not None and (
+            tensor.dtype != torch.float32 or tensor.device != cpu
+        ):
+            return False
+    return native.library() is not None
 
 
 def _torch_native(rows, weights, k):
@@ -809,8 +807,8 @@ def _torch_native_forward(rows, weights, k):
     import torch
 
     rows = rows.contiguous()
-    tensors = {
-        name: weights[name].detach().contiguous()
+    tensors = {  # `data_ptr` needs no `detach`
+        name: weights[name].contiguous()
         for name in native.FORWARD_WEIGHTS
         if weights[name] is not None
     }

@@ -43,10 +43,17 @@ def expected(logits, kernel, rows, k, light, bias):
     return np.where(mask, full, light), mask
 
 
-# dim not a multiple of the 8-wide blocks, k not of the 4-row groups.
+# dim not a multiple of the 8-wide blocks, k not of the 8-row groups;
+# 70 rows: two blocks of the batched gather (64 rows, then 6).
 @pytest.mark.parametrize(
     "units, dim, count, k",
-    [(7, 5, 1, 3), (64, 37, 3, 9), (40, 64, 2, 40), (10, 16, 2, 1)],
+    [
+        (7, 5, 1, 3),
+        (64, 37, 3, 9),
+        (40, 64, 2, 40),
+        (10, 16, 2, 1),
+        (50, 19, 70, 13),
+    ],
 )
 @pytest.mark.parametrize("logits_kind", ["normal", "ties", "nan_and_subnormal"])
 @pytest.mark.parametrize("use_bias", [True, False])
