@@ -23,7 +23,9 @@ Forward passes run as Keras runs `predict` on a CPU-only machine:
 PyTorch under `torch.no_grad()`. The gathered MIDL layers on TensorFlow
 and JAX are called eagerly instead (as `model(x)` calls them): they then
 run their own `tf.function` or `jax.jit`, in which their native kernel
-may run (not in Keras's `predict`; the end-to-end rows measure both).
+may run (as in Keras's `predict`, but not in another caller's
+`tf.function` or `jax.jit`, which could be exported; the end-to-end rows
+measure `model(x)` and `predict_on_batch`).
 `--threads 1` (default) limits each backend to one thread; `--threads 0`
 leaves the backends' default threading.
 
@@ -96,8 +98,8 @@ def forward_function(layer_or_model, eager=False):
     With `eager=True` on TensorFlow and JAX the layer is called eagerly,
     as `model(x)` calls it: a MIDL layer then runs its own `tf.function`
     or `jax.jit` (`keras_midl.fast_inference.eager_inference`), where its
-    native kernel may run; inside Keras's own graphs and jitted functions
-    (`predict`, an export) it may not.
+    native kernel may run; inside the function compiled here (which could
+    be exported) it may not.
     """
     import keras
 
@@ -356,14 +358,14 @@ def prepare_e2e(width):
     return {"calls": calls, "models": models}
 
 
-def e2e_auto_path(backend, call, width):
-    """The path `"auto"` runs in the end-to-end model: on TensorFlow and
-    JAX the native kernel runs in eager calls (`model(x)`), not in Keras's
-    `predict`."""
+def e2e_auto_path(backend, width):
+    """The path `"auto"` runs in the end-to-end model (on TensorFlow and
+    JAX the native kernel may run in eager calls, `model(x)`, and in
+    Keras's `predict`, so the same in both)."""
     from keras_midl import fast_inference
 
     gathers = fast_inference.use_gathered_path(
-        1, width, width, 0.45, backend, native_scope=call != "predict_on_batch"
+        1, width, width, 0.45, backend, native_scope=True
     )
     return "gathered" if gathers else "masked"
 
@@ -389,9 +391,7 @@ def measure_e2e(e2e, repeats, threads, width):
                 "threads": threads,
                 "model": f"MLP {width}-{width}-{width}-10, batch 1",
                 "call": how,
-                "auto_path": e2e_auto_path(
-                    keras.backend.backend(), how, width
-                ),
+                "auto_path": e2e_auto_path(keras.backend.backend(), width),
                 "dense_ms": dense_s * 1e3,
                 "midl_ms": midl_s * 1e3,
                 "dense_over_midl": dense_s / midl_s,
@@ -613,7 +613,7 @@ def apply_auto_rule(rows):
     for row in rows:
         if row["kind"] == "e2e":
             row["auto_path"] = e2e_auto_path(
-                row["backend"], row["call"], int(row["model"].split("-")[1])
+                row["backend"], int(row["model"].split("-")[1])
             )
         if row["kind"] != "latency":
             continue

@@ -28,22 +28,26 @@ Per backend:
 * **native kernel** (`keras_midl.native`, C, built on first use): one C
   call selects the `k` neurons from the gate logits (`topk_mask`'s rule)
   and computes their dot products, reading the selected rows of the
-  kernel in place, four rows at a time.
+  kernel in place, eight rows at a time (with several input rows, each
+  selected row once for all of them).
   * **PyTorch** (float32 CPU tensors): where no gradient is recorded
     (`torch.no_grad()`, `predict`), the whole forward, gate and light path
     included, is one C call (`native.sparse_forward`); otherwise the gate
     logits and the light path come from torch's matmuls and the rest is
     an autograd function (`native.select_gather`, its backward in torch
     ops).
-  * **TensorFlow** (float32): the whole forward as one
-    `tf.numpy_function`, only inside the functions keras_midl compiles
-    itself for eager calls (`eager_inference`, `native_allowed`): a
-    SavedModel cannot serve a Python function, and a graph traced by Keras
-    (`predict`) may be exported, so there the reference runs.
-  * **JAX** (float32, CPU): the whole forward as an XLA FFI custom call
-    (`native.JAX_TARGET`, built against jaxlib's FFI headers), only inside
-    the `jax.jit` keras_midl compiles for eager calls, for the same
-    reason: an export (jax2tf) cannot carry a custom call.
+  * **TensorFlow** (float32, no GPU visible): the whole forward as one
+    `tf.numpy_function`, only in traces nothing exports
+    (`in_native_scope`): the functions keras_midl compiles itself for
+    eager calls (`eager_inference`, `native_allowed`) and a Keras model's
+    `predict` without XLA. A SavedModel cannot serve a Python function,
+    and any other graph (a caller's `tf.function`, an export) may be
+    exported, so there the reference runs.
+  * **JAX** (float32, CPU backend): the whole forward as an XLA FFI custom
+    call (`native.JAX_TARGET`, built against jaxlib's FFI headers), in
+    the same traces (the `jax.jit` keras_midl compiles for eager calls, a
+    Keras model's `predict`), for the same reason: an export (jax2tf)
+    cannot carry a custom call.
   * Where the gate runs in C its sums are ordered differently from
     BLAS's: two logits within float rounding of each other at the
     threshold may then be selected differently from the masked path.
@@ -83,6 +87,7 @@ True
 """
 
 import contextlib
+import sys
 import threading
 import types
 import typing
@@ -137,17 +142,19 @@ class AutoRule(typing.NamedTuple):
 # Where benchmarks/latency.py measured the native gathered path faster
 # than the masked path (benchmarks/results/latency.md, one thread; the
 # gathered path ran for every measured k_ratio up to 0.75):
-# * torch: 1-4 rows at every measured size (d = n from 1024);
-# * tensorflow: 1-4 rows from d = n = 4096 (at 1024-2048 the two paths
-#   were within noise of each other), in eager calls only (see
-#   `native_path_available`);
-# * jax: 1-2 rows from d = n = 4096 at k_ratio 0.25, in eager calls only;
-#   at k_ratio 0.45 XLA's matmul in MIDL's layout (the masked path) was
-#   as fast or faster.
+# * torch: 1-8 rows at every measured size (d = n from 1024), by
+#   1.48-3.9x; at 16 rows still by 1.13-2.0x, but there both are slower
+#   than Dense up to d = n = 4096;
+# * tensorflow: 1-8 rows from d = n = 4096 (1.07-4.5x; at 1024-2048 the
+#   masked path won at some batch sizes), where the native kernel may run
+#   (see `native_path_available`);
+# * jax: 1-2 rows from d = n = 4096 at k_ratio 0.25 (1.25-2.15x); at
+#   k_ratio 0.45 XLA's matmul in MIDL's layout (the masked path) was as
+#   fast at d = n = 4096 (0.96-1.11x).
 AUTO_RULES = {
-    "torch": AutoRule(max_rows=4, min_weights=1024 * 1024, max_k_ratio=0.75),
+    "torch": AutoRule(max_rows=8, min_weights=1024 * 1024, max_k_ratio=0.75),
     "tensorflow": AutoRule(
-        max_rows=4, min_weights=4096 * 4096, max_k_ratio=0.75
+        max_rows=8, min_weights=4096 * 4096, max_k_ratio=0.75
     ),
     "jax": AutoRule(max_rows=2, min_weights=4096 * 4096, max_k_ratio=0.25),
 }
@@ -156,16 +163,19 @@ AUTO_RULES = {
 def native_path_available(backend=None, native_scope=None):
     """Whether the layer's native sparse kernel can run here.
 
-    torch: whenever the kernel is built (`keras_midl.native.library()`);
-    TensorFlow and JAX: moreover only inside keras_midl's own functions
-    (`native_allowed`, the eager calls of `eager_inference`), never in a
-    graph or a jitted function Keras or an export traces (on JAX, as an
-    XLA FFI custom call, `keras_midl.native.jax_ffi_available()`).
+    torch: whenever the kernel is built (`keras_midl.native.library()`;
+    the layer checks that its tensors are float32 on the CPU). TensorFlow
+    and JAX: moreover only on a machine computing on its CPU (no GPU
+    visible to TensorFlow, JAX's default backend the CPU), and only where
+    nothing can export the trace (`in_native_scope`): in keras_midl's own
+    eager-call functions and in a Keras model's `predict`, never in an
+    export (on JAX, as an XLA FFI custom call,
+    `keras_midl.native.jax_ffi_available()`).
 
     Args:
         backend: Backend name; default the current one.
-        native_scope: For TensorFlow and JAX, whether the call is inside
-            `native_allowed()`; default: whether it is now.
+        native_scope: For TensorFlow and JAX, whether the call is in such
+            a trace; default: `in_native_scope()`.
     """
     backend = backend or keras.backend.backend()
     if backend not in ("torch", "tensorflow", "jax"):
@@ -173,11 +183,24 @@ def native_path_available(backend=None, native_scope=None):
     if backend != "torch":
         if native_scope is None:
             native_scope = in_native_scope()
-        if not native_scope:
+        if not native_scope or not _computes_on_cpu(backend):
             return False
     if backend == "jax":
         return native.jax_ffi_available()
     return native.library() is not None
+
+
+def _computes_on_cpu(backend):
+    """TensorFlow: no GPU visible (the kernel would copy the weights to the
+    host at every call); JAX: the default backend is the CPU (the custom
+    call is registered for the CPU only)."""
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    import tensorflow as tf
+
+    return not tf.config.list_logical_devices("GPU")
 
 
 def use_gathered_path(
@@ -547,8 +570,9 @@ def native_allowed():
     """Marks a trace as keras_midl's own (the eager-call functions of
     `eager_inference`), never exported: the native kernel, a
     `tf.numpy_function` on TensorFlow and an XLA FFI custom call on JAX,
-    which a SavedModel cannot carry, may run there. Graphs and jitted
-    functions traced elsewhere (`predict`, an export) run `keras.ops`."""
+    which a SavedModel cannot carry, may run there (as in Keras's
+    `predict`, see `in_native_scope`). Graphs and jitted functions traced
+    elsewhere (a caller's own, an export) run `keras.ops`."""
     depth = getattr(_owned, "depth", 0)
     _owned.depth = depth + 1
     try:
@@ -558,8 +582,42 @@ def native_allowed():
 
 
 def in_native_scope():
-    """Whether the current trace is inside `native_allowed()`."""
-    return getattr(_owned, "depth", 0) > 0
+    """Whether the current TensorFlow or JAX call may run the native kernel:
+    inside `native_allowed()` (keras_midl's eager-call functions), or
+    traced by a Keras model's `predict` or `predict_on_batch`, which runs
+    the trace it compiles and never exports it (on TensorFlow not where
+    the model compiles `predict` with XLA, `jit_compile=True`, which
+    cannot run a `tf.numpy_function`). An export (`model.export`,
+    `tf.saved_model.save`, jax2tf) traces the model's call elsewhere, so
+    it gets the `keras.ops` path."""
+    return getattr(_owned, "depth", 0) > 0 or _in_keras_predict()
+
+
+def _in_keras_predict():
+    """Whether `predict_step` of Keras's TensorFlow or JAX trainer is on
+    the call stack (found by its code object), with XLA off on
+    TensorFlow."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+        code = TensorFlowTrainer.predict_step.__code__
+    elif backend == "jax":
+        from keras.src.backend.jax.trainer import JAXTrainer
+
+        code = JAXTrainer.predict_step.__code__
+    else:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is code:
+            model = frame.f_locals.get("self")
+            return backend == "jax" or not (
+                getattr(model, "jit_compile", False)
+                and not getattr(model, "run_eagerly", False)
+            )
+        frame = frame.f_back
+    return False
 
 
 def torch_tracing():

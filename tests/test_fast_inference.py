@@ -257,6 +257,25 @@ def test_native_path_availability(monkeypatch):
     assert not fast_inference.native_path_available("torch")
 
 
+def test_native_path_needs_a_cpu_backend(monkeypatch):
+    """JAX's custom call is registered for the CPU only, and TensorFlow's
+    `tf.numpy_function` would copy GPU weights to the host at every call:
+    with a GPU backend neither runs the native kernel."""
+    if BACKEND == "jax":
+        import jax
+
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    elif BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        monkeypatch.setattr(
+            tf.config, "list_logical_devices", lambda kind=None: ["GPU:0"]
+        )
+    else:
+        pytest.skip("torch checks each tensor's device")
+    assert not fast_inference.native_path_available(native_scope=True)
+
+
 @pytest.mark.parametrize("backend", sorted(fast_inference.AUTO_RULES))
 def test_auto_is_masked_at_batch_16_and_above(backend, monkeypatch):
     """Measured: at 16 rows or more the masked path is faster everywhere."""
@@ -274,8 +293,8 @@ def test_auto_rule_values_measured():
     """The table as measured (benchmarks/results/latency.md)."""
     rules = fast_inference.AUTO_RULES
     assert set(rules) == {"tensorflow", "jax", "torch"}
-    assert rules["torch"] == fast_inference.AutoRule(4, 1024**2, 0.75)
-    assert rules["tensorflow"] == fast_inference.AutoRule(4, 4096**2, 0.75)
+    assert rules["torch"] == fast_inference.AutoRule(8, 1024**2, 0.75)
+    assert rules["tensorflow"] == fast_inference.AutoRule(8, 4096**2, 0.75)
     assert rules["jax"] == fast_inference.AutoRule(2, 4096**2, 0.25)
 
 
@@ -501,13 +520,15 @@ def native_calls(monkeypatch):
     if not fast_inference.native_path_available(BACKEND, native_scope=True):
         pytest.skip("the native kernel could not be built here")
     calls = []
-    jax_outputs = fast_inference._jax_native_outputs
+    # Traced once per shape, inside the compiled call.
+    for name in ("_jax_native_outputs", "_tf_native_outputs"):
+        original = getattr(fast_inference, name)
 
-    def spy_jax(*args):  # traced once per shape, inside the jitted call
-        calls.append("jax_ffi")
-        return jax_outputs(*args)
+        def spy_trace(*args, original=original, name=name):
+            calls.append(name)
+            return original(*args)
 
-    monkeypatch.setattr(fast_inference, "_jax_native_outputs", spy_jax)
+        monkeypatch.setattr(fast_inference, name, spy_trace)
     for name in (
         "select_gather_pointers",
         "select_gather",
@@ -552,19 +573,60 @@ def test_native_kernel_runs_and_equals_masked(
         assert entry in "".join(native_calls)
 
 
-def test_keras_graphs_do_not_run_the_native_kernel(native_calls, rng):
-    """`predict` traces its own graph (which an export could also be): on
-    TensorFlow and JAX the native call stays out of it."""
+@pytest.mark.parametrize("how", ["predict", "predict_on_batch"])
+def test_keras_predict_runs_the_native_kernel(how, native_calls, rng):
+    """`predict` compiles a trace it never exports: the native kernel runs
+    there on every backend."""
     masked, gathered = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
     model = keras.Sequential([keras.Input((INPUT_DIM,)), gathered])
     x = rng.normal(size=(2, INPUT_DIM)).astype("float32")
+    if how == "predict":
+        outputs = model.predict(x, verbose=0)
+    else:
+        outputs = model.predict_on_batch(x)
     np.testing.assert_allclose(
-        model.predict(x, verbose=0),
+        as_numpy(outputs),
         as_numpy(masked(x, training=False)),
         rtol=1e-5,
         atol=1e-5,
     )
-    assert bool(native_calls) == (BACKEND == "torch")
+    assert native_calls
+
+
+def test_traces_that_could_be_exported_run_keras_ops(native_calls, rng):
+    """A caller's own `tf.function` or `jax.jit`, and TensorFlow's `predict`
+    under XLA (`jit_compile=True`), could not carry the native call: they
+    get the `keras.ops` path."""
+    if BACKEND == "torch":
+        pytest.skip("torch runs the kernel in every eager call")
+    masked, gathered = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
+    x = rng.normal(size=(2, INPUT_DIM)).astype("float32")
+    expected = as_numpy(masked(x, training=False))
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        traced = tf.function(lambda x: gathered(x, training=False))
+        model = keras.Sequential([keras.Input((INPUT_DIM,)), gathered])
+        model.compile(jit_compile=True)
+        np.testing.assert_allclose(
+            model.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-5
+        )
+    else:
+        import jax
+
+        trainable = [v.value for v in gathered.trainable_variables]
+        non_trainable = [v.value for v in gathered.non_trainable_variables]
+
+        def stateless(x):
+            return gathered.stateless_call(
+                trainable, non_trainable, x, training=False
+            )[0]
+
+        traced = jax.jit(stateless)
+    np.testing.assert_allclose(
+        as_numpy(traced(x)), expected, rtol=1e-5, atol=1e-5
+    )
+    assert not native_calls
 
 
 def test_native_gradient_equals_the_reference(native_calls, rng):
