@@ -255,18 +255,45 @@ def layer_weights(layer):
         Dict `name -> tensor or None` over `WEIGHT_NAMES`; `kernel_scale`
         is set for an int8-quantized layer only.
     """
-    # On torch a variable's value is its tensor (converting it through
-    # `ops` costs more than a small layer's matmul).
-    convert = (
-        (lambda variable: variable.value)
-        if keras.backend.backend() == "torch"
-        else ops.convert_to_tensor
+    variables = [getattr(layer, name, None) for name in WEIGHT_NAMES]
+    if keras.backend.backend() == "torch":
+        values = _torch_values(variables)
+    else:
+        values = [
+            None if variable is None else ops.convert_to_tensor(variable)
+            for variable in variables
+        ]
+    return dict(zip(WEIGHT_NAMES, values))
+
+
+def _torch_values(variables):
+    """The variables' tensors on torch (`None` stays `None`).
+
+    `variable.value` checks, for each variable, the stateless scope, the
+    autocast scope and the symbolic (meta) device; converting through
+    `ops` costs more still. Where none of the three applies the value is
+    the variable's own tensor, read directly: at batch 1 these checks cost
+    about as much as MIDL's gate.
+    """
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+    from keras.src.backend.common.variables import get_autocast_scope
+    from keras.src.backend.torch.core import get_device
+
+    direct = (
+        not in_stateless_scope()
+        and get_autocast_scope() is None
+        and str(get_device()) != "meta"
     )
-    weights = {}
-    for name in WEIGHT_NAMES:
-        variable = getattr(layer, name, None)
-        weights[name] = None if variable is None else convert(variable)
-    return weights
+    return [
+        None
+        if variable is None
+        else (
+            variable._value
+            if direct and variable._value is not None
+            else variable.value
+        )
+        for variable in variables
+    ]
 
 
 def selected_indices(mask, k):
@@ -762,8 +789,7 @@ def _torch_sparse(
     import torch
 
     if (
-        not compile_enabled()
-        or quantizer is not None
+        quantizer is not None
         or compute_dtype != "float32"
         or gate_dtype != "float32"
     ):
@@ -776,10 +802,10 @@ def _torch_sparse(
     rows = inputs.reshape(-1, input_dim)
     if rows.shape[0] == 0:
         return None
-    if _native_applies(rows, weights):
+    if _native_applies(rows, weights):  # checks `compile_enabled()` too
         outputs = _torch_native(rows, weights, k)
         return outputs.reshape(*leading_shape, units)
-    if "torch" in _failed:
+    if "torch" in _failed or not compile_enabled():
         return None
     arguments = [
         rows,
@@ -865,20 +891,22 @@ def _torch_native_forward(rows, weights, k):
     import torch
 
     rows = rows.contiguous()
-    tensors = {  # `data_ptr` needs no `detach`
-        name: weights[name].contiguous()
-        for name in native.FORWARD_WEIGHTS
-        if weights[name] is not None
-    }
-    units, dim = tensors["kernel"].shape
-    outputs = torch.empty((rows.shape[0], units), dtype=torch.float32)
-    selected = torch.empty((rows.shape[0], k), dtype=torch.int64)
+    addresses, kept = {}, []  # `kept`: the tensors live until the call
+    for name in native.FORWARD_WEIGHTS:
+        tensor = weights[name]
+        if tensor is not None:  # `data_ptr` needs no `detach`
+            kept.append(tensor.contiguous())
+            addresses[name] = kept[-1].data_ptr()
+    units, dim = weights["kernel"].shape
+    count = rows.shape[0]
+    outputs = torch.empty((count, units), dtype=torch.float32)
+    selected = torch.empty((count, k), dtype=torch.int64)
     native.sparse_forward_pointers(
         rows.data_ptr(),
-        rows.shape[0],
+        count,
         dim,
-        {name: tensor.data_ptr() for name, tensor in tensors.items()},
-        tensors["projection"].shape[1],
+        addresses,
+        weights["projection"].shape[1],
         units,
         k,
         outputs.data_ptr(),

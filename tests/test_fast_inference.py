@@ -186,6 +186,50 @@ def test_gathered_keeps_the_compute_dtype(rng):
     np.testing.assert_allclose(outputs, expected, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("no_grad", [False, True])
+def test_gathered_reads_the_weights_of_a_stateless_call(no_grad, rng):
+    """`stateless_call` with other weights: the gathered path computes with
+    those (on torch the layer reads its variables' tensors directly only
+    outside such a scope)."""
+    if no_grad and BACKEND != "torch":
+        pytest.skip("torch's no_grad")
+    masked, gathered = make_pair((2, INPUT_DIM), k_ratio=0.5)
+    x = rng.normal(size=(2, INPUT_DIM)).astype("float32")
+    new_weights = [
+        rng.normal(size=w.shape).astype("float32")
+        for w in masked.get_weights()
+    ]
+    masked.set_weights(new_weights)
+    expected = as_numpy(masked(x, training=False))
+    trainable = [
+        keras.ops.convert_to_tensor(new_weights[i])
+        for i, v in enumerate(gathered.weights)
+        if v.trainable
+    ]
+    non_trainable = [
+        keras.ops.convert_to_tensor(new_weights[i])
+        for i, v in enumerate(gathered.weights)
+        if not v.trainable
+    ]
+    assert len(trainable) + len(non_trainable) == len(new_weights)
+
+    def call():
+        return gathered.stateless_call(
+            trainable, non_trainable, x, training=False
+        )[0]
+
+    if no_grad:
+        import torch
+
+        with torch.no_grad():
+            outputs = call()
+    else:
+        outputs = call()
+    np.testing.assert_allclose(
+        as_numpy(outputs), expected, rtol=1e-5, atol=1e-5
+    )
+
+
 def test_eager_calls_compile_the_inference(rng):
     """`model(x)` outside `predict` runs the layer as one compiled function
     on TensorFlow and JAX (op by op, the gate costs 10-50x Dense)."""

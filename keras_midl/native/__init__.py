@@ -348,7 +348,7 @@ def sparse_forward_pointers(
     shapes, int64 `selected (count, k)`, `1 <= k <= units`.
     """
     scratch = np.empty(rank + 3 * units, np.float32)
-    library().midl_sparse_forward(
+    (_state.get("library") or library()).midl_sparse_forward(
         rows,
         count,
         dim,
