@@ -143,14 +143,15 @@ class AutoRule(typing.NamedTuple):
 # than the masked path (benchmarks/results/latency.md, one thread; the
 # gathered path ran for every measured k_ratio up to 0.75):
 # * torch: 1-8 rows at every measured size (d = n from 1024), by
-#   1.48-3.9x; at 16 rows still by 1.13-2.0x, but there both are slower
+#   1.3-3.8x; at 16 rows still by 1.08-1.7x, but there both are slower
 #   than Dense up to d = n = 4096;
-# * tensorflow: 1-8 rows from d = n = 4096 (1.07-4.5x; at 1024-2048 the
+# * tensorflow: 1-8 rows from d = n = 4096 (1.08-4.5x; at 1024-2048 the
 #   masked path won at some batch sizes), where the native kernel may run
 #   (see `native_path_available`);
-# * jax: 1-2 rows from d = n = 4096 at k_ratio 0.25 (1.25-2.15x); at
-#   k_ratio 0.45 XLA's matmul in MIDL's layout (the masked path) was as
-#   fast at d = n = 4096 (0.96-1.11x).
+# * jax: 1-2 rows from d = n = 4096 at k_ratio 0.25 (1.4-2.4x); at
+#   k_ratio 0.45 the gathered path led by only 1.01-1.10x at d = n = 4096
+#   (XLA's matmul in MIDL's layout, the masked path, is fast), within the
+#   run-to-run noise.
 AUTO_RULES = {
     "torch": AutoRule(max_rows=8, min_weights=1024 * 1024, max_k_ratio=0.75),
     "tensorflow": AutoRule(
