@@ -236,8 +236,9 @@ class MIDL(keras.layers.Layer):
             all `units`, then the 0/1 mask. `"gathered"`: for each input
             row, only the `k` selected rows of `W^T` are read and their
             `k` dot products computed (`keras_midl.fast_inference`: a C
-            kernel built on first use, on torch and in eager calls on
-            TensorFlow and JAX; chunked gathers elsewhere). `"auto"`: gathered
+            kernel built on first use, on torch and, on TensorFlow and JAX,
+            in eager calls and `predict`; chunked gathers elsewhere;
+            the masked path while torch traces for ONNX). `"auto"`: gathered
             where it was measured faster, by the rule
             `keras_midl.fast_inference.use_gathered_path` (the native
             kernel available, rows known statically, `input_dim * units`,
@@ -666,6 +667,11 @@ class MIDL(keras.layers.Layer):
         return ops.cast(loss, "float32")
 
     def _use_gathered_path(self, inputs):
+        if fast_inference.torch_tracing():
+            # `torch.jit.trace` (the ONNX exporter) records the masked
+            # path: the gathered one's scatter becomes `aten::ravel`,
+            # which ONNX opset 20 lacks. Same outputs.
+            return False
         if self.inference_path != "auto":
             return self.inference_path == "gathered"
         return fast_inference.use_gathered_path(
