@@ -20,12 +20,12 @@ process), for square layers `d = n` in {1024, 2048, 4096, 8192}, batch in
 
 Forward passes run as Keras runs `predict` on a CPU-only machine:
 `tf.function` without XLA on TensorFlow, `jax.jit` on JAX, eager on
-PyTorch under `torch.no_grad()`. The gathered MIDL layers on TensorFlow
-and JAX are called eagerly instead (as `model(x)` calls them): they then
-run their own `tf.function` or `jax.jit`, in which their native kernel
-may run (as in Keras's `predict`, but not in another caller's
-`tf.function` or `jax.jit`, which could be exported; the end-to-end rows
-measure `model(x)` and `predict_on_batch`).
+PyTorch under `torch.no_grad()`. The gathered MIDL layers' functions are
+traced inside `keras_midl.fast_inference.native_allowed()` (the
+benchmark's functions are never exported), so on TensorFlow and JAX their
+native kernel runs there, as it does in Keras's `predict` and in a
+layer's eager calls. The end-to-end rows measure `model(x)` and
+`predict_on_batch` as a user calls them.
 `--threads 1` (default) limits each backend to one thread; `--threads 0`
 leaves the backends' default threading.
 
@@ -56,6 +56,7 @@ Writes `latency.json`, `latency.md` and `latency.png` under `--output`
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -92,28 +93,31 @@ def set_threads(threads):
         torch.set_num_threads(threads)
 
 
-def forward_function(layer_or_model, eager=False):
+def forward_function(layer_or_model, owned=False):
     """A compiled inference function `x -> layer(x, training=False)`.
 
-    With `eager=True` on TensorFlow and JAX the layer is called eagerly,
-    as `model(x)` calls it: a MIDL layer then runs its own `tf.function`
-    or `jax.jit` (`keras_midl.fast_inference.eager_inference`), where its
-    native kernel may run; inside the function compiled here (which could
-    be exported) it may not.
+    With `owned=True` the function is traced inside
+    `keras_midl.fast_inference.native_allowed()`: this function is never
+    exported, so on TensorFlow and JAX a MIDL layer may run its native
+    kernel in it, as in Keras's `predict` and in the layer's own eager-call
+    function (elsewhere, in a function that could be exported, it may
+    not). Every candidate then runs in the same kind of compiled function.
     """
     import keras
 
+    from keras_midl import fast_inference
+
     backend = keras.backend.backend()
     layer = layer_or_model
-    if eager and backend in ("tensorflow", "jax"):
-        return lambda x: layer(x, training=False)
+    scope = fast_inference.native_allowed if owned else contextlib.nullcontext
     if backend == "jax":
         import jax
 
         def stateless(trainable, non_trainable, x):
-            outputs, _ = layer.stateless_call(
-                trainable, non_trainable, x, training=False
-            )
+            with scope():
+                outputs, _ = layer.stateless_call(
+                    trainable, non_trainable, x, training=False
+                )
             return outputs
 
         compiled = jax.jit(stateless)
@@ -123,8 +127,12 @@ def forward_function(layer_or_model, eager=False):
     if backend == "tensorflow":
         import tensorflow as tf
 
+        def forward(x):
+            with scope():
+                return layer(x, training=False)
+
         # Keras's default on a CPU-only machine: a graph, without XLA.
-        return tf.function(lambda x: layer(x, training=False))
+        return tf.function(forward)
     if backend == "torch":
         import torch
 
@@ -217,7 +225,7 @@ def prepare_layers(d):
         layers[k_ratio] = masked
         functions[f"masked {k_ratio}"] = forward_function(masked)
         functions[f"gathered {k_ratio}"] = forward_function(
-            gathered, eager=True
+            gathered, owned=True
         )
     return functions, layers
 
@@ -623,7 +631,7 @@ def apply_auto_rule(rows):
             row["d"],
             row["k_ratio"],
             backend=row["backend"],
-            native_scope=True,  # TensorFlow, JAX: as called eagerly
+            native_scope=True,  # TensorFlow, JAX: as measured (owned)
         )
         auto_ms = row["gathered_ms"] if gathers else row["masked_ms"]
         row["auto_path"] = "gathered" if gathers else "masked"
