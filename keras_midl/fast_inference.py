@@ -140,24 +140,24 @@ class AutoRule(typing.NamedTuple):
 
 
 # Where benchmarks/latency.py measured the native gathered path faster
-# than the masked path (benchmarks/results/latency.md, one thread; the
-# gathered path ran for every measured k_ratio up to 0.75):
-# * torch: 1-8 rows at every measured size (d = n from 1024), by
-#   1.3-3.8x; at 16 rows still by 1.08-1.7x, but there both are slower
-#   than Dense up to d = n = 4096;
-# * tensorflow: 1-8 rows from d = n = 4096 (1.08-4.5x; at 1024-2048 the
-#   masked path won at some batch sizes), where the native kernel may run
-#   (see `native_path_available`);
-# * jax: 1-2 rows from d = n = 4096 at k_ratio 0.25 (1.4-2.4x); at
-#   k_ratio 0.45 the gathered path led by only 1.01-1.10x at d = n = 4096
-#   (XLA's matmul in MIDL's layout, the masked path, is fast), within the
-#   run-to-run noise.
+# than the masked path (benchmarks/results/latency.md, one thread, both
+# in the same compiled forward; the gathered path ran for every measured
+# k_ratio up to 0.75 and d = n from 1024):
+# * torch: 1-8 rows at every measured size, by 1.46-3.8x; at 16 rows
+#   still by 1.08-1.85x, but there both are slower than Dense up to
+#   d = n = 2048;
+# * tensorflow: 1-8 rows at every measured size, by 1.03-4.5x (at 16
+#   rows from d = n = 2048 the masked path wins);
+# * jax: 1-2 rows at every measured size with k_ratio <= 0.45, by
+#   1.44-2.76x; at k_ratio 0.75 (d = n = 8192: 0.90x) and from 4 rows
+#   (0.71-1.19x from d = n = 2048) XLA's matmul in MIDL's layout, the
+#   masked path, is as fast or faster.
 AUTO_RULES = {
     "torch": AutoRule(max_rows=8, min_weights=1024 * 1024, max_k_ratio=0.75),
     "tensorflow": AutoRule(
-        max_rows=8, min_weights=4096 * 4096, max_k_ratio=0.75
+        max_rows=8, min_weights=1024 * 1024, max_k_ratio=0.75
     ),
-    "jax": AutoRule(max_rows=2, min_weights=4096 * 4096, max_k_ratio=0.25),
+    "jax": AutoRule(max_rows=2, min_weights=1024 * 1024, max_k_ratio=0.45),
 }
 
 

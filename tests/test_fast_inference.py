@@ -338,8 +338,8 @@ def test_auto_rule_values_measured():
     rules = fast_inference.AUTO_RULES
     assert set(rules) == {"tensorflow", "jax", "torch"}
     assert rules["torch"] == fast_inference.AutoRule(8, 1024**2, 0.75)
-    assert rules["tensorflow"] == fast_inference.AutoRule(8, 4096**2, 0.75)
-    assert rules["jax"] == fast_inference.AutoRule(2, 4096**2, 0.25)
+    assert rules["tensorflow"] == fast_inference.AutoRule(8, 1024**2, 0.75)
+    assert rules["jax"] == fast_inference.AutoRule(2, 1024**2, 0.45)
 
 
 @pytest.fixture
