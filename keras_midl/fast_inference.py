@@ -980,13 +980,13 @@ def _native_select_gather():
     return SelectGather
 
 
-# --- TensorFlow and JAX: the native kernel, in keras_midl's own functions -
+# --- TensorFlow and JAX: the native kernel, in traces nothing exports ---
 
 
 def _owned_native_applies(weights, options):
     """Whether the native kernel runs in a TensorFlow or JAX trace: a
     float32 layer (`options` as `sparse_inference` passes them) where
-    `native_path_available()` (inside keras_midl's own function, the
+    `native_path_available()` (in a trace nothing exports, on the CPU, the
     kernel built)."""
     _, _, compute_dtype, gate_dtype, quantizer = options
     return (
@@ -1025,7 +1025,7 @@ def _tf_native_outputs(inputs, weights, k):
     return tf.reshape(outputs, tf.concat([leading_shape, [units]], 0))
 
 
-# --- JAX: the native kernel as an XLA FFI call, in keras_midl's own jit ---
+# --- JAX: the native kernel as an XLA FFI call ---------------------------
 
 
 def _jax_native_outputs(inputs, weights, k):

@@ -283,7 +283,7 @@ def test_auto_rule_follows_its_table(backend, native_ready, monkeypatch):
 
 def test_native_path_availability(monkeypatch):
     """torch: wherever the kernel builds; TensorFlow and JAX: only inside
-    keras_midl's own functions."""
+    keras_midl's own functions (or Keras's `predict`, tested below)."""
     available = fast_inference.native.library() is not None
     assert fast_inference.native_path_available("torch") == available
     for backend in ("tensorflow", "jax"):
@@ -555,7 +555,7 @@ def test_savedmodel_export_of_the_gathered_path(path, tmp_path, rng):
     )
 
 
-# --- The native kernel (torch; TensorFlow, JAX in keras_midl's functions) -
+# --- The native kernel (torch; TensorFlow and JAX where nothing exports) --
 
 
 @pytest.fixture
