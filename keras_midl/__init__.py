@@ -7,9 +7,10 @@ are imported explicitly, as their dependencies are optional.
 """
 
 from keras_midl import analysis
+from keras_midl import config
 from keras_midl import distribution
 from keras_midl import flops
-from keras_midl import selection
+from keras_midl import ops
 from keras_midl.convert import convert
 from keras_midl.inspection import GateStatistics
 from keras_midl.inspection import gate_statistics
@@ -25,6 +26,7 @@ __all__ = [
     "analysis",
     "distribution",
     "flops",
-    "selection",
+    "config",
+    "ops",
     "__version__",
 ]

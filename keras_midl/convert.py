@@ -23,158 +23,11 @@ predicts what the original does, up to float rounding.
 """
 
 import keras
-import numpy as np
-from keras import ops
 
-from keras_midl._checks import is_integer
+from keras_midl.lowrank import check_dense
 from keras_midl.midl import MIDL
-from keras_midl.midl import default_rank
 
-GATE_INITS = ("lowrank", "random")
 TRAINABLE = ("all", "gate_and_light")
-# Arguments `from_dense` takes from the Dense layer and does not accept.
-_FROM_DENSE = (
-    "units",
-    "activation",
-    "use_bias",
-    "kernel_regularizer",
-    "bias_regularizer",
-    "activity_regularizer",
-    "kernel_constraint",
-    "bias_constraint",
-)
-
-
-def lowrank_factors(kernel, rank):
-    """Truncated-SVD factors `V (d, r)`, `U (r, n)` of a kernel `W (d, n)`.
-
-    `V U` is the best rank-`rank` approximation of `W` in the Frobenius and
-    spectral norms; each factor carries the square root of the singular
-    values, so both have the same scale.
-
-    Example:
-
-    >>> from keras_midl.convert import lowrank_factors
-    >>> w = np.arange(12.0).reshape(4, 3)
-    >>> v, u = lowrank_factors(w, 2)
-    >>> v.shape, u.shape
-    ((4, 2), (2, 3))
-    >>> bool(np.allclose(v @ u, w))   # w has rank 2
-    True
-
-    Args:
-        kernel: Array of shape `(d, n)`, as a Dense layer's kernel.
-        rank: Integer in `[1, min(d, n)]`.
-
-    Returns:
-        `(V, U)`, float64 NumPy arrays.
-    """
-    kernel = np.asarray(kernel, dtype="float64")
-    if kernel.ndim != 2:
-        raise ValueError(
-            "Expected a 2D kernel of shape (input_dim, units). "
-            f"Received: kernel.shape={kernel.shape}"
-        )
-    if not is_integer(rank) or not 1 <= rank <= min(kernel.shape):
-        raise ValueError(
-            "Received an invalid value for `rank`, expected an integer in "
-            f"[1, min(input_dim, units)] = [1, {min(kernel.shape)}]. "
-            f"Received: rank={rank!r}"
-        )
-    left, singular, right = np.linalg.svd(kernel, full_matrices=False)
-    root = np.sqrt(singular[:rank])
-    return left[:, :rank] * root, root[:, None] * right[:rank]
-
-
-def _check_dense(layer):
-    if type(layer) is not keras.layers.Dense:
-        raise ValueError(
-            "Expected a `keras.layers.Dense` layer (subclasses are not "
-            f"supported). Received: layer={layer!r} of type "
-            f"{type(layer).__name__}"
-        )
-    if not layer.built:
-        raise ValueError(
-            f"The Dense layer '{layer.name}' is not built: build it (or call "
-            "the model on data) before converting it."
-        )
-    if layer.quantization_mode is not None:
-        raise ValueError(
-            f"The Dense layer '{layer.name}' is quantized "
-            f"(quantization_mode={layer.quantization_mode!r}). Convert the "
-            "float model, then quantize the converted one with "
-            "`model.quantize('int8')`."
-        )
-    if getattr(layer, "lora_enabled", False):
-        raise ValueError(
-            f"The Dense layer '{layer.name}' has LoRA enabled. Merge or "
-            "drop the LoRA weights before converting it."
-        )
-
-
-def _assign(variable, value):
-    variable.assign(ops.cast(np.asarray(value), variable.dtype))
-
-
-def from_dense(
-    cls, layer, k_ratio=0.5, rank=None, gate_init="lowrank", **kwargs
-):
-    """Implementation of `MIDL.from_dense` (see its docstring)."""
-    _check_dense(layer)
-    if gate_init not in GATE_INITS:
-        raise ValueError(
-            "Received an invalid value for `gate_init`, expected one of "
-            f"{GATE_INITS}. Received: gate_init={gate_init!r}"
-        )
-    taken = sorted(set(kwargs) & set(_FROM_DENSE))
-    if taken:
-        raise ValueError(
-            f"`from_dense` takes {taken} from the Dense layer; do not pass "
-            f"them. Received: {', '.join(f'{k}={kwargs[k]!r}' for k in taken)}"
-        )
-    kernel = keras.ops.convert_to_numpy(layer.kernel).astype("float64")
-    input_dim, units = kernel.shape
-    if rank is None:
-        rank = default_rank(input_dim, units)
-    if not is_integer(rank) or not 1 <= rank <= min(input_dim, units):
-        raise ValueError(
-            "Received an invalid value for `rank`, expected None or an "
-            "integer in [1, min(input_dim, units)] = "
-            f"[1, {min(input_dim, units)}] for Dense layer '{layer.name}'. "
-            f"Received: rank={rank!r}"
-        )
-    kwargs.setdefault("dtype", layer.dtype_policy)
-    midl = cls(
-        units,
-        k_ratio=k_ratio,
-        rank=rank,
-        activation=layer.activation,
-        use_bias=layer.use_bias,
-        kernel_initializer=layer.kernel_initializer,
-        bias_initializer=layer.bias_initializer,
-        kernel_regularizer=layer.kernel_regularizer,
-        bias_regularizer=layer.bias_regularizer,
-        activity_regularizer=layer.activity_regularizer,
-        kernel_constraint=layer.kernel_constraint,
-        bias_constraint=layer.bias_constraint,
-        **kwargs,
-    )
-    midl.build((None, input_dim))
-    projection, light = lowrank_factors(kernel, rank)
-    bias = None
-    if layer.use_bias:
-        bias = keras.ops.convert_to_numpy(layer.bias)
-        _assign(midl.bias, bias)
-    _assign(midl.kernel, kernel.T)
-    _assign(midl.projection, projection)
-    if midl.light_kernel is not None:
-        _assign(midl.light_kernel, light)
-        if midl.light_bias is not None:
-            _assign(midl.light_bias, bias)
-    if gate_init == "lowrank":
-        _assign(midl.gate_kernel, light)
-        _assign(midl.gate_bias, bias if bias is not None else np.zeros(units))
-    return midl
 
 
 def _submodels(model):
@@ -359,7 +212,7 @@ def convert(
                 chosen.append(layer)
     chosen_ids = {id(layer) for layer in chosen}
     for layer in chosen:
-        _check_dense(layer)
+        check_dense(layer)
 
     copied = []
 

@@ -12,50 +12,20 @@ from keras import ops
 from keras import quantizers
 from keras import regularizers
 
-from keras_midl import compiled_selection
-from keras_midl import fast_inference
+from keras_midl import backend
 from keras_midl._checks import is_finite_number
 from keras_midl._checks import is_integer
 from keras_midl._checks import is_number
-from keras_midl.selection import SELECTION_METHODS
-from keras_midl.selection import straight_through
-from keras_midl.selection import straight_through_mix
-from keras_midl.selection import topk_mask
+from keras_midl.lowrank import default_rank
+from keras_midl.lowrank import from_dense
+from keras_midl.ops import dispatch
+from keras_midl.ops.selection import SELECTION_METHODS
+from keras_midl.ops.selection import straight_through
+from keras_midl.ops.selection import straight_through_mix
+from keras_midl.ops.selection import topk_mask
 
 LIGHT_PATHS = ("lowrank", "zero")
 INFERENCE_PATHS = ("auto", "masked", "gathered")
-
-
-def default_rank(input_dim, units, overhead=0.1, max_rank=32):
-    """The rank used when `rank=None`: the largest that keeps the gate cheap.
-
-    The gate and the light path cost `r * (d + 2 * n)` multiply-adds per
-    row; the default rank is the largest `r <= max_rank` (and at least 1)
-    with `r * (d + 2 * n) <= overhead * d * n`. With the default 10% budget
-    a layer's inference cost is at most `(k_ratio + 0.1) * d * n`, a FLOPs
-    ratio to Dense of at least 1.8 at `k_ratio = 0.45`.
-
-    Example:
-
-    >>> keras_midl.midl.default_rank(784, 512)  # r*(d + 2n) <= 0.1*d*n
-    22
-
-    Args:
-        input_dim: `d`, the layer's input size.
-        units: `n`, the layer's units.
-        overhead: Budget as a fraction of the Dense cost `d * n`.
-        max_rank: Upper bound.
-
-    Returns:
-        Python int.
-    """
-    if not 0 < overhead < 1:
-        raise ValueError(
-            "Received an invalid value for `overhead`, expected a float in "
-            f"(0, 1). Received: overhead={overhead!r}"
-        )
-    rank = math.floor(overhead * input_dim * units / (input_dim + 2 * units))
-    return int(max(1, min(max_rank, rank)))
 
 
 def num_selected(k_ratio, units):
@@ -117,16 +87,6 @@ def _check_k_ratio(k_ratio):
             "Received an invalid value for `k_ratio`, expected a float "
             f"in the interval (0, 1]. Received: k_ratio={k_ratio!r}"
         )
-
-
-def _static_rows(inputs):
-    """Number of rows (product of the leading axes), `None` if not static."""
-    rows = 1
-    for size in inputs.shape[:-1]:
-        if size is None:
-            return None
-        rows *= size
-    return rows
 
 
 @keras.saving.register_keras_serializable(package="keras_midl")
@@ -235,15 +195,14 @@ class MIDL(keras.layers.Layer):
             outputs up to float rounding. `"masked"`: one matmul `x W` for
             all `units`, then the 0/1 mask. `"gathered"`: for each input
             row, only the `k` selected rows of `W^T` are read and their
-            `k` dot products computed (`keras_midl.fast_inference`: a C
-            kernel built on first use, on torch and, on TensorFlow and JAX,
-            in eager calls and `predict`; chunked gathers elsewhere;
-            the masked path while torch traces for ONNX). `"auto"`: gathered
-            where it was measured faster, by the rule
-            `keras_midl.fast_inference.use_gathered_path` (the native
-            kernel available, rows known statically, `input_dim * units`,
-            `k_ratio`, backend), else masked. Set `KERAS_MIDL_COMPILE=0`
-            to build and compile nothing (`"auto"` then runs masked).
+            `k` dot products computed: in a native C kernel in eager calls
+            on a CPU, in `keras.ops` (which exports) inside traces, such
+            as Keras's `predict`, a `tf.function` or `jax.jit`. `"auto"`:
+            gathered where that was measured faster than masked, by the
+            rule `keras_midl.ops.dispatch.use_gathered_path` (rows,
+            `input_dim * units`, `k_ratio`, backend, eager or traced),
+            else masked. The rule for where the native kernel runs is in
+            `keras_midl.ops.dispatch`; `keras_midl.config` turns it off.
         seed: Integer, seed of the gate noise.
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
@@ -369,13 +328,31 @@ class MIDL(keras.layers.Layer):
             self.seed_generator = keras.random.SeedGenerator(seed)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
+        self._compiled_calls = {}
 
     @property
     def selection_method(self):
-        """The selection method in use (`selection`, or the backend's)."""
+        """The training selection method (`selection`, or the backend's
+        fastest)."""
         if self.selection is not None:
             return self.selection
         return _FASTEST_SELECTION.get(keras.backend.backend(), "top_k")
+
+    @property
+    def inference_selection_method(self):
+        """The inference selection method: `selection`, or `"top_k"` on
+        TensorFlow (ONNX converters reject the bisection's bitcasts, and a
+        graph's `top_k` is as fast there), else `selection_method`."""
+        if self.selection is None and keras.backend.backend() == "tensorflow":
+            return "top_k"
+        return self.selection_method
+
+    @property
+    def compiled_calls(self):
+        """The compiled inference calls of this layer's eager calls
+        (`keras_midl.ops.dispatch`), keyed on what their traces depend on;
+        cleared by `quantize`."""
+        return self._compiled_calls
 
     @property
     def k_ratio(self):
@@ -572,32 +549,32 @@ class MIDL(keras.layers.Layer):
                 ops.shape(logits), dtype=logits.dtype, seed=self.seed_generator
             )
         if training:
-            # XLA-compiled on TensorFlow (keras_midl/compiled_selection.py).
-            return compiled_selection.training_topk_mask(
+            # XLA-compiled on TensorFlow (keras_midl/backend/tensorflow.py).
+            return dispatch.training_topk_mask(
                 scores, self.k, self.selection_method
             )
         return topk_mask(
             scores,
             self.k,
-            method=self.selection_method,
+            method=self.inference_selection_method,
             # Not while torch traces: `torch.jit.trace` would freeze the
             # branch it sees.
-            check_ties_first=not fast_inference.torch_tracing(),
+            check_ties_first=not backend.current().exporting(),
         )
 
     def call(self, inputs, training=None):
         if not training:
-            # Called eagerly on TensorFlow or JAX: compile the inference.
-            outputs = fast_inference.eager_inference(self, inputs)
+            # The inference path (keras_midl/ops/dispatch.py): the native
+            # kernel, the gathered path, a compiled eager call, or `None`
+            # for the masked path below.
+            outputs = dispatch.inference(self, inputs)
             if outputs is not None:
                 return outputs
-        if not training and self._use_gathered_path(inputs):
-            # Sparse inference (keras_midl/fast_inference.py): the full
-            # path of the k selected neurons only.
-            outputs = self._gathered_outputs(inputs)
-            if self.activation is not None:
-                outputs = self.activation(outputs)
-            return outputs
+        return self.masked_outputs(inputs, training=training)
+
+    def masked_outputs(self, inputs, training=None):
+        """The masked path: the full path for every neuron, then the mask
+        (the training path, and the reference of the others)."""
         code, logits, mask = self._gate_outputs(inputs, training)
         if training and self.balance_weight > 0:
             self.add_loss(self._balance_loss(mask, logits))
@@ -638,7 +615,7 @@ class MIDL(keras.layers.Layer):
         gradient whenever one is taken, in training or not (a subclassed
         model that does not pass `training` on still trains its gates).
         """
-        if fast_inference.torch_tracing():
+        if backend.current().exporting():
             # The tracing exporters record no custom gradient: the same
             # values with plain ops.
             soft = self._gate_probabilities(logits)
@@ -665,45 +642,6 @@ class MIDL(keras.layers.Layer):
         # In float32, as Keras sums the losses (a float64 layer included).
         loss = self.balance_weight * variance / (share * share)
         return ops.cast(loss, "float32")
-
-    def _use_gathered_path(self, inputs):
-        if fast_inference.torch_tracing():
-            # `torch.jit.trace` (the ONNX exporter) records the masked
-            # path: the gathered one's scatter becomes `aten::ravel`,
-            # which ONNX opset 20 lacks. Same outputs.
-            return False
-        if self.inference_path != "auto":
-            return self.inference_path == "gathered"
-        return fast_inference.use_gathered_path(
-            _static_rows(inputs), self.input_dim, self.units, self.k_ratio
-        )
-
-    def _gathered_outputs(self, inputs):
-        """The inference output before the activation, computing the full
-        path of the `k` selected neurons only.
-
-        `fast_inference.sparse_inference`: the backend's fast path (the
-        native kernel on torch and in eager TensorFlow and JAX calls,
-        chunked gathers elsewhere), with the `keras.ops` reference as
-        fallback. Equal to the masked path up to float rounding. An int8
-        layer passes its int8 kernel, its per-neuron scales and its inputs
-        quantizer.
-        """
-        weights = fast_inference.layer_weights(self)
-        quantizer = None
-        if self.quantization_mode == "int8":
-            quantizer = self.inputs_quantizer or None
-        else:
-            weights["kernel_scale"] = None
-        return fast_inference.sparse_inference(
-            inputs,
-            weights,
-            self.k,
-            selection=self.selection_method,
-            compute_dtype=self.compute_dtype,
-            gate_dtype=self.gate_dtype,
-            inputs_quantizer=quantizer,
-        )
 
     # --- Conversion and int8 quantization (Keras's quantization protocol) --
 
@@ -749,8 +687,6 @@ class MIDL(keras.layers.Layer):
         Returns:
             A built `MIDL` layer.
         """
-        from keras_midl.convert import from_dense
-
         return from_dense(cls, layer, k_ratio, rank, gate_init, **kwargs)
 
     def quantize(self, mode=None, type_check=True, config=None):
@@ -785,8 +721,8 @@ class MIDL(keras.layers.Layer):
         self._int8_build(kernel_shape, config)
         self.kernel.assign(kernel_value)
         self.kernel_scale.assign(ops.squeeze(kernel_scale, axis=-1))
-        # A compiled eager call (fast_inference) holds the float kernel.
-        fast_inference._eager_cache.pop(self, None)
+        # The compiled eager calls were traced with the float kernel.
+        self._compiled_calls.clear()
         # Set before the policy, so that its setter does not quantize again.
         self._is_quantized = True
         if self.dtype_policy.quantization_mode is None:
@@ -817,7 +753,7 @@ class MIDL(keras.layers.Layer):
 
     def _int8_call(self, inputs, training=None):
         # Same computation as `call`; its full path reads the int8 kernel
-        # (`_int8_full_path` when masked; `fast_inference` when gathered).
+        # (`_int8_full_path` when masked; `ops.gathered` when gathered).
         return self.call(inputs, training=training)
 
     def _int8_full_path(self, inputs):
@@ -857,7 +793,7 @@ class MIDL(keras.layers.Layer):
         them, so files saved before this method existed still load."""
         names = [
             name
-            for name in fast_inference.WEIGHT_NAMES
+            for name in dispatch.WEIGHT_NAMES
             if name != "kernel_scale"
         ]
         return {None: names, "int8": names + ["kernel_scale"]}

@@ -131,7 +131,7 @@ def topk_mask(scores, k, method="top_k", check_ties_first=False):
 
     Example:
 
-    >>> from keras_midl.selection import topk_mask
+    >>> from keras_midl.ops import topk_mask
     >>> mask = topk_mask(np.array([[0.1, 0.9, 0.5, 0.9]]), k=2)
     >>> keras.ops.convert_to_numpy(mask)
     array([[0., 1., 0., 1.]], dtype=float32)
@@ -212,7 +212,7 @@ def straight_through(hard, soft):
 
     Example:
 
-    >>> from keras_midl.selection import straight_through, topk_mask
+    >>> from keras_midl.ops import straight_through, topk_mask
     >>> logits = np.array([[2.0, -1.0, 0.5]], dtype="float32")
     >>> mask = topk_mask(logits, k=1)
     >>> gate = straight_through(mask, keras.ops.sigmoid(logits))
@@ -254,7 +254,7 @@ def straight_through_mix(mask, logits, full, light=None, temperature=1.0):
 
     Example:
 
-    >>> from keras_midl.selection import straight_through_mix
+    >>> from keras_midl.ops import straight_through_mix
     >>> mask = np.array([[1.0, 0.0]], dtype="float32")
     >>> logits = np.array([[0.5, -0.5]], dtype="float32")
     >>> full = np.array([[3.0, 4.0]], dtype="float32")

@@ -1,0 +1,56 @@
+"""JAX: the native kernel in eager calls and compiled eager calls."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from keras_midl.native import kernels
+
+
+def in_trace(inputs):
+    """Whether JAX is tracing (`jax.jit`, Keras's `predict` and `fit`, an
+    export): the inputs are tracers."""
+    return isinstance(inputs, jax.core.Tracer)
+
+
+def exporting():
+    """JAX's exporters trace; `in_trace` covers them."""
+    return False
+
+
+def native_forward(inputs, weights, k):
+    """The whole gathered forward in the native kernel, on the arrays'
+    buffers (CPU arrays share their memory with NumPy); `None` where it
+    cannot run (the default backend is not the CPU, a non-float32
+    array)."""
+    if jax.default_backend() != "cpu" or any(
+        w is not None and w.dtype != jnp.float32 for w in weights.values()
+    ):
+        return None
+    kernel = weights["kernel"]
+    units, input_dim = kernel.shape
+    inputs = jnp.asarray(inputs, jnp.float32)
+    rows = np.asarray(inputs).reshape(-1, input_dim)
+    arrays = {
+        name: None if weights[name] is None else np.asarray(weights[name])
+        for name in kernels.FORWARD_WEIGHTS
+    }
+    outputs, _ = kernels.sparse_forward(rows, arrays, k)
+    return jnp.asarray(outputs).reshape(*inputs.shape[:-1], units)
+
+
+def compiled_gathered(inputs, weights, k):
+    """The eager call goes through the compiled layer call instead."""
+    return None
+
+
+def compile_layer_call(call):
+    """`call(trainable, non_trainable, x)` under `jax.jit`: run op by op,
+    MIDL's gate (a `fori_loop` for the bisection) costs 10-50x a Dense
+    layer."""
+    return jax.jit(call)
+
+
+def compiled_selection(select, scores):
+    """The training selection as it is (the training step is jitted)."""
+    return select(scores)

@@ -1,0 +1,291 @@
+"""PyTorch: the native kernel (with an autograd function where gradients
+are recorded), and `torch.compile` of the gathered path where the native
+kernel cannot run."""
+
+import types
+import warnings
+
+import torch
+
+from keras_midl import config
+from keras_midl.native import kernels
+
+FLOAT32_TINY = 1.1754944e-38  # smallest normal float32
+# `torch_forward`'s weight arguments, in order.
+_ARGUMENTS = (
+    "kernel",
+    "bias",
+    "projection",
+    "gate_kernel",
+    "gate_bias",
+    "light_kernel",
+    "light_bias",
+    "kernel_scale",
+)
+_compiled = {}
+_failed = []
+
+
+def in_trace(inputs):
+    """Whether torch records the call (`torch.compile`, `torch.jit.trace`),
+    where the native kernel, an opaque C call, cannot be recorded."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def exporting():
+    """Whether `torch.jit.trace` (the ONNX exporter) records the call: it
+    freezes data-dependent branches and records no custom gradient."""
+    return torch.jit.is_tracing()
+
+
+def native_forward(inputs, weights, k):
+    """The gathered forward in the native kernel; `None` where it cannot
+    run (tensors not float32 on the CPU).
+
+    Where no gradient is recorded (`torch.no_grad()`, `predict`), the
+    whole forward is one C call (`midl_sparse_forward`). Otherwise the
+    gate logits and the light path come from torch's matmuls, and the
+    selection and the selected dot products from `midl_select_gather`, an
+    autograd function.
+    """
+    cpu = torch.device("cpu")
+    tensors = [inputs, *weights.values()]
+    if any(
+        t is not None and (t.device != cpu or t.dtype != torch.float32)
+        for t in tensors
+    ):
+        return None
+    kernel = weights["kernel"]
+    units, input_dim = kernel.shape
+    rows = inputs.reshape(-1, input_dim)
+    recording = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors
+    )
+    if recording:
+        outputs = _recorded_forward(rows, weights, k)
+    else:
+        outputs = _forward(rows, weights, k)
+    return outputs.reshape(*inputs.shape[:-1], units)
+
+
+def _forward(rows, weights, k):
+    """`kernels.sparse_forward` on torch tensors, without a copy."""
+    rows = rows.contiguous()
+    addresses, kept = {}, []  # `kept`: the tensors live until the call
+    for name in kernels.FORWARD_WEIGHTS:
+        tensor = weights[name]
+        if tensor is not None:  # `data_ptr` needs no `detach`
+            kept.append(tensor.contiguous())
+            addresses[name] = kept[-1].data_ptr()
+    units, dim = weights["kernel"].shape
+    count = rows.shape[0]
+    outputs = torch.empty((count, units), dtype=torch.float32)
+    selected = torch.empty((count, k), dtype=torch.int64)
+    if count:
+        kernels.sparse_forward_pointers(
+            rows.data_ptr(),
+            count,
+            dim,
+            addresses,
+            weights["projection"].shape[1],
+            units,
+            k,
+            outputs.data_ptr(),
+            selected.data_ptr(),
+        )
+    return outputs
+
+
+def _recorded_forward(rows, weights, k):
+    code = rows @ weights["projection"]
+    logits = code @ weights["gate_kernel"] + weights["gate_bias"]
+    if weights["light_kernel"] is None:
+        base = torch.zeros_like(logits)
+    else:
+        base = code @ weights["light_kernel"]
+        if weights["light_bias"] is not None:
+            base = base + weights["light_bias"]
+    return SelectGather.apply(
+        logits, rows, weights["kernel"], weights["bias"], base, k
+    )
+
+
+class SelectGather(torch.autograd.Function):
+    """The native selection and gather as an autograd function.
+
+    Forward: the light path `base`, with the `k` neurons `topk_mask` picks
+    from `logits` replaced by `rows . kernel[j] + bias[j]`. Backward, in
+    torch ops: that of this selection held fixed (no gradient to the
+    logits, as the hard mask has none).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows, kernel, bias, base, k):
+        logits = logits.detach().contiguous()
+        rows, kernel = rows.contiguous(), kernel.contiguous()
+        # Held by a name until the C call returns (a temporary's buffer
+        # would be freed before it).
+        bias_values = None if bias is None else bias.detach().contiguous()
+        units, dim = kernel.shape
+        outputs = base.detach().clone(memory_format=torch.contiguous_format)
+        selected = torch.empty((rows.shape[0], k), dtype=torch.int64)
+        if rows.shape[0]:
+            kernels.select_gather_pointers(
+                logits.data_ptr(),
+                units,
+                kernel.data_ptr(),
+                dim,
+                rows.data_ptr(),
+                rows.shape[0],
+                k,
+                0 if bias_values is None else bias_values.data_ptr(),
+                outputs.data_ptr(),
+                selected.data_ptr(),
+            )
+        ctx.save_for_backward(rows, kernel, selected)
+        ctx.has_bias = bias is not None
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, kernel, selected = ctx.saved_tensors
+        grad_values = grad.gather(1, selected)
+        flat = selected.reshape(-1)
+        grad_rows = grad_kernel = grad_bias = grad_base = None
+        if ctx.needs_input_grad[1]:
+            grad_rows = torch.einsum(
+                "bk,bkd->bd", grad_values, kernel[selected]
+            )
+        if ctx.needs_input_grad[2]:
+            outer = grad_values[:, :, None] * rows[:, None, :]
+            grad_kernel = torch.zeros_like(kernel).index_add_(
+                0, flat, outer.reshape(-1, kernel.shape[1])
+            )
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = torch.zeros(
+                kernel.shape[0], dtype=grad.dtype
+            ).index_add_(0, flat, grad_values.reshape(-1))
+        if ctx.needs_input_grad[4]:
+            grad_base = grad.scatter(1, selected, 0.0)
+        return None, grad_rows, grad_kernel, grad_bias, grad_base, None
+
+
+def torch_forward(
+    inputs,
+    kernel,
+    bias,
+    projection,
+    gate_kernel,
+    gate_bias,
+    light_kernel,
+    light_bias,
+    kernel_scale,
+    k,
+):
+    """The gathered forward in torch ops, for `torch.compile`.
+
+    Selection as `keras_midl.ops.topk_mask` (NaN lowest, subnormals as
+    zero, ties to the lowest index), then the indices of the mask by a
+    second `topk` over `mask * (n - position)`.
+    """
+    code = inputs @ projection
+    logits = code.float() @ gate_kernel + gate_bias
+    logits = torch.where(torch.isnan(logits), float("-inf"), logits)
+    logits = torch.where(logits.abs() < FLOAT32_TINY, 0.0, logits)
+    units = logits.shape[-1]
+    threshold = torch.topk(logits, k, sorted=False).values.amin(
+        -1, keepdim=True
+    )
+    above = logits > threshold
+    tied = (logits == threshold).to(torch.int32)
+    needed = k - above.to(torch.int32).sum(-1, keepdim=True)
+    mask = above | ((tied > 0) & (torch.cumsum(tied, -1) <= needed))
+    order = units - torch.arange(units, device=logits.device)
+    selected = torch.topk(
+        mask.to(logits.dtype) * order.to(logits.dtype), k, sorted=False
+    ).indices
+    weights = kernel[selected].to(inputs.dtype)  # fused, never materialized
+    values = (weights * inputs[:, None, :]).sum(-1)
+    if kernel_scale is not None:
+        values = values / kernel_scale[selected].to(inputs.dtype)
+    if bias is not None:
+        values = values + bias[selected]
+    if light_kernel is None:
+        base = torch.zeros_like(logits, dtype=inputs.dtype)
+    else:
+        base = code @ light_kernel
+        if light_bias is not None:
+            base = base + light_bias
+    return base.scatter(1, selected, values)
+
+
+def _compile(function):
+    """`torch.compile(function)`; a seam for tests."""
+    return torch.compile(function)
+
+
+def _compiled_function(key):
+    """A compiled `torch_forward` of its own code object per layer shape:
+    `torch.compile` keeps its graphs (and its recompile limit) per code
+    object, so layers of different shapes do not evict each other's."""
+    function = _compiled.get(key)
+    if function is None:
+        code = torch_forward.__code__
+        name = "midl_gathered_" + "_".join(str(part) for part in key)
+        name = "".join(c if c.isalnum() else "_" for c in name)
+        copy = types.FunctionType(
+            code.replace(co_name=name), torch_forward.__globals__, name
+        )
+        function = _compiled[key] = _compile(copy)
+    return function
+
+
+def compiled_gathered(inputs, weights, k):
+    """The gathered forward of a float32 layer through `torch.compile`
+    (inductor), compiled lazily on the first call, one function per layer
+    shape; a batch of one row gets its own graph, the other row counts
+    share one dynamic graph. Inside a caller's `torch.compile` it is
+    traced inline. `None` where it cannot run (native kernels off, a
+    compile failure, after one warning), so the caller runs `keras.ops`.
+    """
+    if _failed or not config.native_kernels_enabled():
+        return None
+    kernel = weights["kernel"]
+    units, input_dim = kernel.shape
+    rows = inputs.to(torch.float32).reshape(-1, input_dim)
+    if rows.shape[0] == 0:
+        return None
+    arguments = [rows, *(weights.get(name) for name in _ARGUMENTS)]
+    if torch.compiler.is_compiling():
+        outputs = torch_forward(*arguments, k)
+        return outputs.reshape(*inputs.shape[:-1], units)
+    if rows.shape[0] > 1:
+        torch._dynamo.mark_dynamic(rows, 0)
+    key = (k, units, input_dim) + tuple(
+        weights.get(name) is None for name in _ARGUMENTS
+    )
+    try:
+        outputs = _compiled_function(key)(*arguments, k)
+    except Exception as error:  # no compiler, no inductor, ...
+        _failed.append(error)
+        warnings.warn(
+            "keras_midl: torch.compile failed for the gathered inference "
+            f"path ({type(error).__name__}: {error}); MIDL runs its "
+            "keras.ops path instead, which is slower than Dense. Call "
+            "keras_midl.config.disable_native_kernels() or set "
+            f"{config.COMPILE_ENV}=0 to skip compiling.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return outputs.reshape(*inputs.shape[:-1], units)
+
+
+def compile_layer_call(call):
+    """torch runs eagerly; its kernels are few and large."""
+    return None
+
+
+def compiled_selection(select, scores):
+    """The training selection as it is."""
+    return select(scores)

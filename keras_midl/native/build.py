@@ -1,0 +1,251 @@
+"""Building and loading the native library, from a private per-user cache.
+
+`select_gather.c` is compiled once per machine by the system C compiler
+(`$CC`, which may hold arguments, e.g. `CC="clang -m64"`; else `cc`, `gcc`
+or `clang`), with AVX2 and FMA where the CPU reports them, and loaded with
+`ctypes`. The library is cached in a folder only its user can write:
+
+* `$KERAS_MIDL_CACHE` if set, else `$XDG_CACHE_HOME/keras_midl`, else
+  `~/.cache/keras_midl`;
+* created with mode 0700, whatever the umask;
+* before anything is loaded from it, the folder must be a real folder
+  (not a symbolic link) owned by the current user and writable by nobody
+  else, every folder above it owned by that user or by root and writable
+  by nobody else unless sticky (as `/tmp`), and the library a regular
+  file owned by the user, writable by nobody else.
+
+Where any of that fails there is no fallback folder: `library()` returns
+`None` after one warning, and the layer runs its `keras.ops` path. A
+shared, predictable path (such as a folder in the system temp directory)
+would let another local user plant a library that this process loads.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import warnings
+
+from keras_midl import config
+
+SOURCE = os.path.join(os.path.dirname(__file__), "select_gather.c")
+CACHE_ENV = "KERAS_MIDL_CACHE"
+
+_state = {}
+
+
+class UnsafeCacheError(RuntimeError):
+    """The cache folder or a library in it could be written by another
+    user."""
+
+
+def compiler():
+    """The C compiler command as a list (`$CC` split as a shell does), or
+    `None` where none is found.
+
+    Raises:
+        RuntimeError: If `$CC` is set but its program is not found (it is
+            never silently replaced by another compiler).
+    """
+    requested = os.environ.get("CC", "").strip()
+    if requested:
+        command = shlex.split(requested)
+        program = shutil.which(command[0])
+        if program is None:
+            raise RuntimeError(
+                f"the C compiler in $CC is not found: CC={requested!r}"
+            )
+        return [program, *command[1:]]
+    for name in ("cc", "gcc", "clang"):
+        program = shutil.which(name)
+        if program:
+            return [program]
+    return None
+
+
+def _cpu_flags():
+    """The CPU's feature flags (Linux); empty where not readable."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def compile_flags():
+    """The compiler flags for this machine."""
+    flags = ["-O3", "-std=c99", "-shared", "-fPIC"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        if {"avx2", "fma"} <= _cpu_flags():
+            flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def cache_folder():
+    """The private cache folder, created (mode 0700) where missing.
+
+    Raises:
+        UnsafeCacheError: If the folder, or one above it, can be written
+            by another user.
+        OSError: If the folder cannot be created.
+    """
+    folder = os.environ.get(CACHE_ENV)
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".cache"
+        )
+        folder = os.path.join(base, "keras_midl")
+    folder = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        os.makedirs(os.path.dirname(folder), mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            os.chmod(folder, 0o700)  # the umask may have cleared bits
+    check_private(folder)
+    return folder
+
+
+def check_private(folder):
+    """Raises `UnsafeCacheError` unless `folder` is safe to load code from
+    (see the module docstring)."""
+    user = os.getuid()
+    info = os.lstat(folder)
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeCacheError(f"{folder} is not a folder (or is a link)")
+    if info.st_uid != user:
+        raise UnsafeCacheError(
+            f"{folder} is owned by user {info.st_uid}, not by this user "
+            f"({user})"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeCacheError(
+            f"{folder} can be written by other users (mode "
+            f"{stat.S_IMODE(info.st_mode):o})"
+        )
+    parent = os.path.dirname(folder)
+    while True:
+        info = os.stat(parent)
+        if info.st_uid not in (user, 0):
+            raise UnsafeCacheError(
+                f"{parent}, above the cache folder, is owned by user "
+                f"{info.st_uid}"
+            )
+        writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if writable and not info.st_mode & stat.S_ISVTX:
+            raise UnsafeCacheError(
+                f"{parent}, above the cache folder, can be written by other "
+                f"users (mode {stat.S_IMODE(info.st_mode):o})"
+            )
+        if os.path.dirname(parent) == parent:
+            return
+        parent = os.path.dirname(parent)
+
+
+def _check_library(path):
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+        raise UnsafeCacheError(
+            f"{path} is not a regular file owned by this user"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeCacheError(f"{path} can be written by other users")
+
+
+def run(command):
+    """Runs a build command; `RuntimeError` with its output on failure."""
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as error:
+        raise RuntimeError(
+            f"{command[0]} failed: {error.stderr.strip()[-2000:]}"
+        ) from error
+
+
+def cached_library(stem, key_parts, build):
+    """The library `build(work, output)` writes, compiled once per
+    `key_parts` (sources, compiler, flags) and machine into the private
+    cache folder, then loaded. It is built in a private temporary folder
+    and renamed, so concurrent processes never load a half-written file."""
+    key_parts = [*key_parts, platform.machine(), sys.platform]
+    key = hashlib.sha256(
+        b"\0".join(
+            part if isinstance(part, bytes) else part.encode()
+            for part in key_parts
+        )
+    ).hexdigest()[:16]
+    folder = cache_folder()
+    path = os.path.join(folder, f"{stem}-{key}.so")
+    if not os.path.exists(path):
+        with tempfile.TemporaryDirectory(dir=folder) as work:
+            partial = os.path.join(work, f"{stem}.so")
+            build(work, partial)
+            os.chmod(partial, 0o700)
+            os.replace(partial, path)
+    _check_library(path)
+    return ctypes.CDLL(path)
+
+
+def _build():
+    command = compiler()
+    if command is None:
+        raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
+    flags = compile_flags()
+    with open(SOURCE, "rb") as source:
+        text = source.read()
+    lib = cached_library(
+        "select_gather",
+        [text, " ".join(command), " ".join(flags)],
+        lambda work, output: run([*command, *flags, SOURCE, "-o", output]),
+    )
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.midl_select_gather.argtypes = [pointer, size, pointer, size]
+    lib.midl_select_gather.argtypes += [pointer, size, size, pointer]
+    lib.midl_select_gather.argtypes += [pointer, pointer, pointer]
+    lib.midl_select_gather.restype = None
+    lib.midl_sparse_forward.argtypes = [pointer, size, size, pointer, size]
+    lib.midl_sparse_forward.argtypes += [pointer] * 6 + [size, size]
+    lib.midl_sparse_forward.argtypes += [pointer] * 3
+    lib.midl_sparse_forward.restype = None
+    return lib
+
+
+def library():
+    """The loaded native library (`ctypes.CDLL`), built on first call;
+    `None` where native kernels are off
+    (`keras_midl.config.native_kernels_enabled()`) or where it could not
+    be built or safely loaded (one warning)."""
+    if not config.native_kernels_enabled():
+        return None
+    if "library" not in _state:
+        try:
+            _state["library"] = _build()
+        except Exception as error:  # no compiler, build or load failure
+            _state["library"] = None
+            warnings.warn(
+                "keras_midl: the native kernel is not used "
+                f"({type(error).__name__}: {error}); MIDL runs its "
+                "keras.ops path. Call "
+                "keras_midl.config.disable_native_kernels() or set "
+                f"{config.COMPILE_ENV}=0 to skip building it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _state["library"]
+
+
+def loaded_library():
+    """The library if already built (no build, no checks): for the
+    per-call paths, after `library()` returned one."""
+    return _state.get("library")

@@ -1,0 +1,279 @@
+"""The NumPy entry points of the native kernels (`select_gather.c`).
+
+`select_gather` takes the gate logits, selects the `k` neurons
+`keras_midl.ops.topk_mask` selects, and writes their full-path dot
+products, read from the selected rows of the kernel in place, over the
+light path. `sparse_forward` computes the gate and the light path too:
+a MIDL layer's whole inference forward before its activation. Where the
+library is not available (no compiler, native kernels off) both compute
+the same in NumPy. The `*_pointers` functions are the same calls on raw
+addresses, for the backends that hold their own buffers.
+"""
+
+import numpy as np
+
+from keras_midl.native import build
+
+# `midl_sparse_forward`'s weight arguments, in order; the first two and
+# `kernel` are required, the others may be `None`.
+FORWARD_WEIGHTS = (
+    "projection",
+    "gate_kernel",
+    "gate_bias",
+    "light_kernel",
+    "light_bias",
+    "kernel",
+    "bias",
+)
+REQUIRED_WEIGHTS = ("projection", "gate_kernel", "kernel")
+
+
+def select_gather_pointers(
+    logits, units, kernel, dim, rows, count, k, bias, outputs, selected
+):
+    """`midl_select_gather` on raw addresses (ints; `bias` may be 0).
+
+    The caller guarantees C-contiguous float32 `logits (count, units)`,
+    `kernel (units, dim)`, `rows (count, dim)`, `bias (units,)`,
+    `outputs (count, units)` (the light path, overwritten at the selected
+    neurons) and int64 `selected (count, k)`, `1 <= k <= units`, all
+    alive until the call returns.
+    """
+    scratch = np.empty(2 * units, np.float32)
+    build.library().midl_select_gather(
+        logits,
+        units,
+        kernel,
+        dim,
+        rows,
+        count,
+        k,
+        bias or None,
+        outputs,
+        selected,
+        scratch.ctypes.data,
+    )
+
+
+def sparse_forward_pointers(
+    rows, count, dim, weights, rank, units, k, outputs, selected
+):
+    """`midl_sparse_forward` on raw addresses.
+
+    `weights` maps the names of `FORWARD_WEIGHTS` to addresses (0 or
+    missing: none; `REQUIRED_WEIGHTS` must be non-zero). The caller
+    guarantees C-contiguous float32 arrays of the documented shapes, alive
+    until the call returns, int64 `selected (count, k)`, `1 <= k <= units`.
+    """
+    for name in REQUIRED_WEIGHTS:
+        if not weights.get(name):
+            raise ValueError(f"`{name}` is required; received none")
+    scratch = np.empty(rank + 3 * units, np.float32)
+    (build.loaded_library() or build.library()).midl_sparse_forward(
+        rows,
+        count,
+        dim,
+        weights["projection"],
+        rank,
+        weights["gate_kernel"],
+        weights.get("gate_bias") or None,
+        weights.get("light_kernel") or None,
+        weights.get("light_bias") or None,
+        weights["kernel"],
+        weights.get("bias") or None,
+        units,
+        k,
+        outputs,
+        selected,
+        scratch.ctypes.data,
+    )
+
+
+def _check_shape(name, array, shape):
+    if array.shape != shape:
+        raise ValueError(
+            f"`{name}` must have shape {shape}; received {array.shape}"
+        )
+
+
+def _check_k(k, units):
+    if not 1 <= k <= units:
+        raise ValueError(f"`k` must be in [1, {units}]; received k={k}")
+
+
+def select_gather(logits, kernel, rows, k, light, bias=None):
+    """The selection and the selected neurons' full path, in C.
+
+    Example:
+
+    >>> logits = np.array([[0.5, 2.0, -1.0, 2.0]], "float32")
+    >>> kernel = np.arange(12, dtype="float32").reshape(4, 3)
+    >>> rows = np.ones((1, 3), "float32")
+    >>> light = np.zeros((1, 4), "float32")
+    >>> outputs, selected = keras_midl.native.select_gather(
+    ...     logits, kernel, rows, 2, light)
+    >>> outputs.tolist(), selected.tolist()
+    ([[0.0, 12.0, 0.0, 30.0]], [[1, 3]])
+
+    Args:
+        logits: Array `(count, units)`, the gate logits.
+        kernel: Array `(units, dim)`.
+        rows: Array `(count, dim)`.
+        k: Int in `[1, units]`, neurons selected per row.
+        light: Array `(count, units)`, the light path.
+        bias: Optional array `(units,)`.
+
+    Returns:
+        `(outputs, selected)`: float32 `(count, units)`, the light path
+        with the selected neurons' full path, and int64 `(count, k)`,
+        their indices, increasing.
+    """
+    logits = np.ascontiguousarray(logits, np.float32)
+    kernel = np.ascontiguousarray(kernel, np.float32)
+    rows = np.ascontiguousarray(rows, np.float32)
+    if logits.ndim != 2 or kernel.ndim != 2:
+        raise ValueError(
+            "`logits` and `kernel` must be 2-D; received shapes "
+            f"{logits.shape} and {kernel.shape}"
+        )
+    count, units = logits.shape
+    dim = kernel.shape[1]
+    if kernel.shape[0] != units or rows.shape != (count, dim):
+        raise ValueError(
+            f"Expected `kernel` of shape ({units}, d) and `rows` of shape "
+            f"({count}, d); received {kernel.shape} and {rows.shape}"
+        )
+    _check_k(k, units)
+    outputs = np.array(light, np.float32, order="C", copy=True)
+    _check_shape("light", outputs, (count, units))
+    if bias is not None:
+        bias = np.ascontiguousarray(bias, np.float32)
+        _check_shape("bias", bias, (units,))
+    if count == 0:
+        return outputs, np.empty((0, k), np.int64)
+    if build.library() is None:
+        return _select_gather_numpy(logits, kernel, rows, k, outputs, bias)
+    selected = np.empty((count, k), np.int64)
+    select_gather_pointers(
+        logits.ctypes.data,
+        units,
+        kernel.ctypes.data,
+        dim,
+        rows.ctypes.data,
+        count,
+        k,
+        0 if bias is None else bias.ctypes.data,
+        outputs.ctypes.data,
+        selected.ctypes.data,
+    )
+    return outputs, selected
+
+
+def _select_gather_numpy(logits, kernel, rows, k, outputs, bias):
+    """`select_gather` in NumPy, where the library is not available."""
+    clean = np.where(np.isnan(logits), -np.inf, logits)
+    clean = np.where(np.abs(clean) < np.finfo(np.float32).tiny, 0, clean)
+    # Stable sort of the negated logits: ties to the lowest index.
+    order = np.argsort(-clean, axis=1, kind="stable")[:, :k]
+    selected = np.sort(order, axis=1).astype(np.int64)
+    values = np.einsum("bd,bkd->bk", rows, kernel[selected])
+    if bias is not None:
+        values = values + bias[selected]
+    np.put_along_axis(outputs, selected, values, axis=1)
+    return outputs, selected
+
+
+def sparse_forward(rows, weights, k):
+    """A MIDL layer's inference forward (before the activation), in C.
+
+    `z = x V`, logits `z G + c`, light path `z U + b_lite`; the `k`
+    neurons `topk_mask` selects from the logits get `x . W^T[j] + b[j]`.
+    The gate's sums run in C's order: where two logits are within float
+    rounding of each other at the threshold, the selection can differ
+    from that of a gate computed by BLAS.
+
+    Args:
+        rows: Array `(count, dim)`.
+        weights: Dict of arrays over `FORWARD_WEIGHTS` (MIDL's names:
+            `kernel` is `(units, dim)`); `projection`, `gate_kernel` and
+            `kernel` are required, the others may be `None` or missing.
+        k: Int in `[1, units]`.
+
+    Returns:
+        `(outputs, selected)`: float32 `(count, units)` and int64
+        `(count, k)` (increasing).
+    """
+    missing = [n for n in REQUIRED_WEIGHTS if weights.get(n) is None]
+    if missing:
+        raise ValueError(
+            f"`weights` must hold {REQUIRED_WEIGHTS}; missing or None: "
+            f"{missing}"
+        )
+    rows = np.ascontiguousarray(rows, np.float32)
+    arrays = {
+        name: None
+        if weights.get(name) is None
+        else np.ascontiguousarray(weights[name], np.float32)
+        for name in FORWARD_WEIGHTS
+    }
+    if arrays["kernel"].ndim != 2 or arrays["projection"].ndim != 2:
+        raise ValueError(
+            "`kernel` and `projection` must be 2-D; received shapes "
+            f"{arrays['kernel'].shape} and {arrays['projection'].shape}"
+        )
+    units, dim = arrays["kernel"].shape
+    rank = arrays["projection"].shape[1]
+    if rows.ndim != 2 or rows.shape[1] != dim:
+        raise ValueError(
+            f"`rows` must have shape (count, {dim}); received {rows.shape}"
+        )
+    shapes = {
+        "projection": (dim, rank),
+        "gate_kernel": (rank, units),
+        "gate_bias": (units,),
+        "light_kernel": (rank, units),
+        "light_bias": (units,),
+        "bias": (units,),
+    }
+    for name, shape in shapes.items():
+        if arrays[name] is not None:
+            _check_shape(name, arrays[name], shape)
+    _check_k(k, units)
+    count = rows.shape[0]
+    if count == 0:
+        return np.empty((0, units), np.float32), np.empty((0, k), np.int64)
+    if build.library() is None:
+        return _sparse_forward_numpy(rows, arrays, k)
+    outputs = np.empty((count, units), np.float32)
+    selected = np.empty((count, k), np.int64)
+    addresses = {
+        name: 0 if array is None else array.ctypes.data
+        for name, array in arrays.items()
+    }
+    sparse_forward_pointers(
+        rows.ctypes.data,
+        count,
+        dim,
+        addresses,
+        rank,
+        units,
+        k,
+        outputs.ctypes.data,
+        selected.ctypes.data,
+    )
+    return outputs, selected
+
+
+def _sparse_forward_numpy(rows, arrays, k):
+    code = rows @ arrays["projection"]
+    logits = code @ arrays["gate_kernel"]
+    if arrays["gate_bias"] is not None:
+        logits = logits + arrays["gate_bias"]
+    light = np.zeros(logits.shape, np.float32)
+    if arrays["light_kernel"] is not None:
+        light = code @ arrays["light_kernel"]
+        if arrays["light_bias"] is not None:
+            light = light + arrays["light_bias"]
+    return _select_gather_numpy(
+        logits, arrays["kernel"], rows, k, light, arrays["bias"]
+    )

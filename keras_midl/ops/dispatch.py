@@ -1,0 +1,309 @@
+"""Which inference path a MIDL layer takes, and the one call that runs it.
+
+`MIDL.call` outside training asks `inference(layer, inputs)`; it returns
+the layer's output, or `None` where the layer runs its masked path inline.
+The rule, explicit and the same for every model:
+
+* **Where the native C kernel runs** (`keras_midl.native`): in calls that
+  run eagerly, on a CPU, for a float32 layer (not quantized), with native
+  kernels enabled (`keras_midl.config`) and built. On PyTorch that is
+  every call except under `torch.compile` or `torch.jit.trace`; on
+  TensorFlow and JAX it is `layer(x)`, `model(x)` and a model compiled
+  with `run_eagerly=True` (its `predict` too). The kernel is opaque to
+  tracing, so it never runs inside a trace: Keras's `predict`,
+  `predict_on_batch` and `fit` (traced by default), a user's
+  `tf.function` or `jax.jit`, and every export.
+* **Inside a trace** the layer runs `keras.ops` only, which exports:
+  `inference_path="gathered"` the chunked gathered path
+  (`keras_midl.ops.gathered`), `"auto"` that path where
+  `TRACED_AUTO_RULES` says it is faster than the masked one (for a batch
+  size unknown while tracing, TensorFlow chooses per call with `ops.cond`),
+  else the masked path. On PyTorch under `torch.compile` the gathered path
+  is written in torch ops and compiled with the caller's graph.
+* **Eager calls where the native kernel cannot run**: on TensorFlow and
+  JAX the layer's whole inference call runs as one compiled function (a
+  `tf.function`, `jax.jit`), cached on the layer and keyed on everything
+  the trace depends on (`k`, the activation, the paths, the dtype policy,
+  the quantization mode, the switch); on PyTorch the gathered path runs
+  through `torch.compile`, else `keras.ops`.
+
+`"auto"` in eager calls follows `NATIVE_AUTO_RULES`, measured with the
+native kernel (`benchmarks/latency.py`).
+"""
+
+import typing
+import weakref
+
+import keras
+from keras import ops
+
+from keras_midl import backend as backends
+from keras_midl import config
+from keras_midl import native
+from keras_midl.ops import gathered
+from keras_midl.ops.selection import topk_mask
+
+WEIGHT_NAMES = (
+    "kernel",
+    "bias",
+    "projection",
+    "gate_kernel",
+    "gate_bias",
+    "light_kernel",
+    "light_bias",
+    "kernel_scale",
+)
+
+
+class AutoRule(typing.NamedTuple):
+    """Where `inference_path="auto"` gathers, for one backend: inputs of
+    `1 <= rows <= max_rows` rows, layers of at least `min_weights` weights
+    (`d * n`) and `k_ratio <= max_k_ratio`; masked otherwise."""
+
+    max_rows: int
+    min_weights: int
+    max_k_ratio: float
+
+
+# Where benchmarks/latency.py measured the native kernel faster than the
+# masked path (one thread, d = n from 1024, k_ratio up to 0.75):
+# * torch: 1-8 rows at every measured size;
+# * tensorflow: 1-8 rows (at 16 rows from d = n = 2048 masked wins);
+# * jax: 1-2 rows with k_ratio <= 0.45; from 4 rows, or at k_ratio 0.75,
+#   XLA's matmul in MIDL's layout is as fast or faster.
+NATIVE_AUTO_RULES = {
+    "torch": AutoRule(max_rows=8, min_weights=1024 * 1024, max_k_ratio=0.75),
+    "tensorflow": AutoRule(
+        max_rows=8, min_weights=1024 * 1024, max_k_ratio=0.75
+    ),
+    "jax": AutoRule(max_rows=2, min_weights=1024 * 1024, max_k_ratio=0.45),
+}
+# The chunked `keras.ops` gathered path inside a trace, against the masked
+# path (benchmarks/latency.py, traced rows): one row, large layers.
+TRACED_AUTO_RULES = {
+    "tensorflow": AutoRule(
+        max_rows=1, min_weights=4096 * 4096, max_k_ratio=0.45
+    ),
+    "jax": AutoRule(max_rows=1, min_weights=4096 * 4096, max_k_ratio=0.45),
+}
+# Rows of `W^T` gathered per step inside a trace (`gathered_full_path`).
+TRACED_CHUNKS = {"tensorflow": gathered.CHUNK_ROWS, "jax": gathered.CHUNK_ROWS}
+
+
+def layer_weights(layer):
+    """The tensors of a built MIDL layer that the gathered path reads.
+
+    Returns:
+        Dict `name -> tensor or None` over `WEIGHT_NAMES`; `kernel_scale`
+        is set for an int8-quantized layer only.
+    """
+    weights = {}
+    for name in WEIGHT_NAMES:
+        variable = getattr(layer, name, None)
+        weights[name] = None if variable is None else variable.value
+    if layer.quantization_mode != "int8":
+        weights["kernel_scale"] = None
+    return weights
+
+
+def static_rows(inputs):
+    """Number of rows (product of the leading axes), `None` if not static."""
+    rows = 1
+    for size in inputs.shape[:-1]:
+        if size is None:
+            return None
+        rows *= size
+    return rows
+
+
+def native_applies(layer):
+    """Whether the native kernel can compute this layer: float32 compute
+    and gate dtypes, not quantized, native kernels enabled and built (the
+    device and the tensors are checked by the backend at the call)."""
+    return (
+        layer.quantization_mode is None
+        and layer.compute_dtype == "float32"
+        and layer.gate_dtype == "float32"
+        and config.native_kernels_enabled()
+        and native.available()
+    )
+
+
+def use_gathered_path(
+    rows, input_dim, units, k_ratio, backend=None, traced=False
+):
+    """The `inference_path="auto"` rule: whether to gather.
+
+    Example:
+
+    >>> keras_midl.ops.dispatch.use_gathered_path(
+    ...     256, 4096, 4096, 0.45)    # a large batch: always masked
+    False
+
+    Args:
+        rows: Number of input rows (product of the leading axes).
+        input_dim: `d`.
+        units: `n`.
+        k_ratio: The layer's `k_ratio`.
+        backend: Backend name; default the current one.
+        traced: `False` for an eager call with the native kernel
+            (`NATIVE_AUTO_RULES`), `True` for the `keras.ops` path inside
+            a trace (`TRACED_AUTO_RULES`).
+
+    Returns:
+        Python bool.
+    """
+    backend = backend or keras.backend.backend()
+    rules = TRACED_AUTO_RULES if traced else NATIVE_AUTO_RULES
+    rule = rules.get(backend)
+    if rule is None or rows is None:
+        return False
+    return (
+        1 <= rows <= rule.max_rows
+        and input_dim * units >= rule.min_weights
+        and k_ratio <= rule.max_k_ratio
+    )
+
+
+def _large_enough(layer, rule):
+    return (
+        layer.input_dim * layer.units >= rule.min_weights
+        and layer.k_ratio <= rule.max_k_ratio
+    )
+
+
+def inference(layer, inputs):
+    """A MIDL layer's inference output (activation included) by the rule in
+    the module docstring, or `None` where the caller runs the masked path
+    inline."""
+    module = backends.current()
+    if module.exporting():
+        # A tracing exporter records the masked path: the gathered one's
+        # scatter becomes `aten::ravel`, which ONNX opset 20 lacks.
+        return None
+    path = layer.inference_path
+    if not module.in_trace(inputs):
+        if path != "masked" and native_applies(layer):
+            gather = path == "gathered" or use_gathered_path(
+                static_rows(inputs), layer.input_dim, layer.units,
+                layer.k_ratio,
+            )
+            if gather:
+                outputs = module.native_forward(
+                    inputs, layer_weights(layer), layer.k
+                )
+                if outputs is not None:
+                    return _activate(layer, outputs)
+        compiled = _compiled_layer_call(layer, module)
+        if compiled is not None:
+            return compiled(inputs)
+    if path == "masked":
+        return None
+    if path == "gathered":
+        return _activate(layer, _gathered(layer, inputs, module))
+    rule = TRACED_AUTO_RULES.get(keras.backend.backend())
+    if rule is None or not _large_enough(layer, rule):
+        return None
+    rows = static_rows(inputs)
+    if rows is not None:
+        if 1 <= rows <= rule.max_rows:
+            return _activate(layer, _gathered(layer, inputs, module))
+        return None
+    # A batch size unknown while tracing (Keras relaxes `predict`'s shape
+    # after a second one): the rule is applied at every call.
+    count = ops.shape(ops.reshape(inputs, (-1, layer.input_dim)))[0]
+    return ops.cond(
+        ops.logical_and(count >= 1, count <= rule.max_rows),
+        lambda: _activate(layer, _gathered(layer, inputs, module)),
+        lambda: layer.masked_outputs(inputs, training=False),
+    )
+
+
+def _activate(layer, outputs):
+    return outputs if layer.activation is None else layer.activation(outputs)
+
+
+def _gathered(layer, inputs, module):
+    """The gathered forward before the activation, `keras.ops` unless the
+    backend compiles it."""
+    weights = layer_weights(layer)
+    if layer.quantization_mode is None and layer.compute_dtype == "float32":
+        outputs = module.compiled_gathered(inputs, weights, layer.k)
+        if outputs is not None:
+            return outputs
+    quantizer = None
+    if layer.quantization_mode == "int8":
+        quantizer = layer.inputs_quantizer or None
+    return gathered.gathered_outputs(
+        inputs,
+        weights,
+        layer.k,
+        selection=layer.inference_selection_method,
+        compute_dtype=layer.compute_dtype,
+        gate_dtype=layer.gate_dtype,
+        inputs_quantizer=quantizer,
+        chunk=TRACED_CHUNKS.get(keras.backend.backend()),
+    )
+
+
+def _call_key(layer):
+    """Everything a compiled inference call depends on, besides the
+    weights (passed as arguments) and the input shape."""
+    return (
+        layer.k,
+        layer.inference_path,
+        layer.inference_selection_method,
+        layer.activation,
+        layer.quantization_mode,
+        layer.dtype_policy.name,
+    )
+
+
+def _compiled_layer_call(layer, module):
+    """The layer's inference call as one compiled function, for an eager
+    call on TensorFlow or JAX; `None` elsewhere."""
+    cache = layer.compiled_calls
+    key = _call_key(layer)
+    if key not in cache:
+        layer_ref = weakref.ref(layer)  # the cache must not keep it alive
+
+        def call(trainable, non_trainable, inputs):
+            outputs, _ = layer_ref().stateless_call(
+                trainable, non_trainable, inputs, training=False
+            )
+            return outputs
+
+        cache[key] = module.compile_layer_call(call)
+    function = cache[key]
+    if function is None:
+        return None
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+    return lambda inputs: function(trainable, non_trainable, inputs)
+
+
+class _Selection:
+    """`topk_mask(scores, k, method, check_ties_first=True)` as a callable
+    with a hashable `key`, for the backends that compile it."""
+
+    def __init__(self, k, method):
+        self.k, self.method = k, method
+        self.key = (k, method)
+
+    def __call__(self, scores):
+        return topk_mask(
+            scores, self.k, method=self.method, check_ties_first=True
+        )
+
+
+def training_topk_mask(scores, k, method):
+    """The training selection, `topk_mask(scores, k, method,
+    check_ties_first=True)`, compiled where the backend gains from it (XLA
+    on TensorFlow), with no gradient.
+
+    Returns:
+        Float32 tensor of the shape of `scores` holding 0s and 1s.
+    """
+    mask = backends.current().compiled_selection(_Selection(k, method), scores)
+    return ops.stop_gradient(mask)
+
