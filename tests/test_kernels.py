@@ -1,23 +1,16 @@
-"""The native kernel (keras_midl/native): built on first use, the same
-selection as `topk_mask` and the same values as NumPy, clear errors, and a
-clean fallback where it cannot be built. Backend-independent (NumPy in and
-out; `topk_mask` runs on the current backend)."""
+"""keras_midl.native.kernels: the same selection as `topk_mask` and the same
+values as NumPy, in C and in the NumPy fallback, and clear errors.
+Backend-independent (NumPy in and out; `topk_mask` runs on the current
+backend)."""
 
 import keras
 import numpy as np
 import pytest
 
+from keras_midl import config
 from keras_midl import native
-from keras_midl.selection import topk_mask
-
-
-@pytest.fixture
-def fresh_build(monkeypatch, tmp_path):
-    """A build into an empty cache folder, as on a new machine."""
-    monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    monkeypatch.delenv(native.COMPILE_ENV, raising=False)
-    return tmp_path
+from keras_midl.native import build
+from keras_midl.ops import topk_mask
 
 
 def random_case(rng, units, dim, count, k, logits_kind):
@@ -73,62 +66,6 @@ def test_selects_as_topk_mask_and_computes_the_full_path(
     # Exactly the neurons of the mask (k of them per row).
     assert np.take_along_axis(mask, selected, axis=1).all()
     assert outputs.dtype == np.float32
-    np.testing.assert_allclose(outputs, want, rtol=1e-5, atol=1e-5)
-
-
-def test_builds_once_into_the_cache(fresh_build):
-    if native._compiler() is None:
-        pytest.skip("no C compiler on this machine")
-    library = native.library()
-    assert library is not None and native.library() is library
-    assert len(list(fresh_build.glob("select_gather-*.so"))) == 1
-
-
-def test_no_compiler_warns_once_and_falls_back(fresh_build, monkeypatch, rng):
-    monkeypatch.setattr(native, "_compiler", lambda: None)
-    with pytest.warns(RuntimeWarning, match="no C compiler found"):
-        assert native.library() is None
-    assert native.library() is None  # no second warning, no retry
-    case = random_case(rng, 9, 5, 2, 4, "ties")
-    logits, kernel, rows, light, bias = case
-    outputs, selected = native.select_gather(
-        logits, kernel, rows, 4, light, bias
-    )
-    want, _ = expected(logits, kernel, rows, 4, light, bias)
-    np.testing.assert_allclose(outputs, want, rtol=1e-5, atol=1e-5)
-    assert (np.diff(selected, axis=1) > 0).all()
-
-
-def test_opt_out(fresh_build, monkeypatch):
-    monkeypatch.setenv(native.COMPILE_ENV, "0")
-    assert not native.enabled()
-    assert native.library() is None
-    assert not list(fresh_build.iterdir())
-
-
-def test_compile_flags_match_the_cpu(monkeypatch):
-    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
-    assert {"-mavx2", "-mfma"} <= set(native.compile_flags())
-    monkeypatch.setattr(native, "_cpu_flags", lambda: {"sse4_2"})
-    assert "-mavx2" not in native.compile_flags()
-    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
-    monkeypatch.setattr(native, "_cpu_flags", lambda: {"avx2", "fma"})
-    assert "-mavx2" not in native.compile_flags()
-
-
-def test_portable_build_equals_numpy(fresh_build, monkeypatch, rng):
-    """The C fallback for CPUs without AVX2 and FMA (and other
-    architectures) computes the same outputs."""
-    if native._compiler() is None:
-        pytest.skip("no C compiler on this machine")
-    monkeypatch.setattr(
-        native, "compile_flags", lambda: ["-O3", "-std=c99", "-shared", "-fPIC"]
-    )
-    assert native.library() is not None
-    logits, kernel, rows, light, bias = random_case(rng, 30, 21, 2, 7, "ties")
-    outputs, _ = native.select_gather(logits, kernel, rows, 7, light, bias)
-    want, _ = expected(logits, kernel, rows, 7, light, bias)
     np.testing.assert_allclose(outputs, want, rtol=1e-5, atol=1e-5)
 
 
@@ -221,8 +158,59 @@ def test_sparse_forward_rejects_mismatched_weights(name, shape):
         native.sparse_forward(np.zeros((1, 16)), weights, 3)
 
 
-def test_jax_ffi_without_cxx_compiler_warns_once(fresh_build, monkeypatch):
-    monkeypatch.setattr(native, "_cxx_compiler", lambda: None)
-    with pytest.warns(RuntimeWarning, match="for JAX .*no C and C\\+\\+"):
-        assert not native.jax_ffi_available()
-    assert not native.jax_ffi_available()  # no second warning, no retry
+@pytest.fixture(params=["native", "numpy"])
+def implementation(request, monkeypatch):
+    """The C library, or the NumPy fallback (native kernels off)."""
+    if request.param == "numpy":
+        monkeypatch.setattr(config, "_enabled", False)
+    elif not native.available():
+        pytest.skip("the native library cannot be built here")
+    return request.param
+
+
+@pytest.mark.parametrize("missing", ["projection", "gate_kernel", "kernel"])
+def test_sparse_forward_requires_the_gate_and_the_kernel(missing):
+    """A missing required weight raises (the C kernel was handed NULL)."""
+    weights = {
+        "projection": np.zeros((16, 4)),
+        "gate_kernel": np.zeros((4, 12)),
+        "kernel": np.zeros((12, 16)),
+        missing: None,
+    }
+    with pytest.raises(ValueError, match=f"missing or None: \\['{missing}'"):
+        native.sparse_forward(np.zeros((1, 16)), weights, 3)
+
+
+def test_pointer_entry_point_refuses_a_missing_gate_kernel():
+    with pytest.raises(ValueError, match="`gate_kernel` is required"):
+        native.kernels.sparse_forward_pointers(
+            1, 1, 16, {"projection": 1, "kernel": 1}, 4, 12, 3, 1, 1
+        )
+
+
+def test_zero_rows_give_empty_outputs(implementation):
+    outputs, selected = native.select_gather(
+        np.zeros((0, 6)), np.zeros((6, 5)), np.zeros((0, 5)), 2,
+        np.zeros((0, 6)),
+    )
+    assert outputs.shape == (0, 6) and selected.shape == (0, 2)
+    weights = {
+        "projection": np.zeros((5, 2)),
+        "gate_kernel": np.zeros((2, 6)),
+        "kernel": np.zeros((6, 5)),
+    }
+    outputs, selected = native.sparse_forward(np.zeros((0, 5)), weights, 2)
+    assert outputs.shape == (0, 6) and selected.shape == (0, 2)
+    assert outputs.dtype == np.float32 and selected.dtype == np.int64
+
+
+def test_numpy_fallback_equals_the_library(monkeypatch, rng):
+    if not native.available():
+        pytest.skip("the native library cannot be built here")
+    logits, kernel, rows, light, bias = random_case(rng, 40, 9, 5, 11, "ties")
+    want = native.select_gather(logits, kernel, rows, 11, light, bias)
+    monkeypatch.setattr(config, "_enabled", False)
+    assert build.library() is None
+    got = native.select_gather(logits, kernel, rows, 11, light, bias)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)

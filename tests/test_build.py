@@ -1,0 +1,210 @@
+"""keras_midl.native.build: the native library is built once into a
+private per-user cache folder and loaded only from there; where that is
+not possible there is no native kernel (one warning), never a shared
+folder."""
+
+import os
+import shutil
+import stat
+import tempfile
+
+import numpy as np
+import pytest
+
+from keras_midl import config
+from keras_midl import native
+from keras_midl.native import build
+
+HAS_COMPILER = shutil.which("cc") or shutil.which("gcc")
+needs_compiler = pytest.mark.skipif(
+    not HAS_COMPILER, reason="no C compiler on this machine"
+)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A build into a new cache folder, as on a new machine; the system
+    temp folder is a fresh one too, to see whether anything lands there."""
+    monkeypatch.setattr(build, "_state", {})
+    monkeypatch.setattr(config, "_enabled", None)
+    monkeypatch.delenv(config.COMPILE_ENV, raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    system_temp = tmp_path / "system_temp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(build.CACHE_ENV, str(cache))
+    return cache
+
+
+def mode(path):
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+@needs_compiler
+def test_builds_once_into_a_private_folder(fresh_build):
+    previous = os.umask(0)  # the worst umask: modes must not come from it
+    try:
+        library = build.library()
+    finally:
+        os.umask(previous)
+    assert library is not None and build.library() is library
+    (built,) = fresh_build.glob("select_gather-*.so")
+    assert mode(fresh_build) == 0o700
+    assert mode(built) & 0o077 == 0
+
+
+@needs_compiler
+def test_a_folder_others_can_write_is_refused(fresh_build):
+    fresh_build.mkdir(mode=0o700)
+    os.chmod(fresh_build, 0o777)
+    with pytest.warns(RuntimeWarning, match="can be written by other users"):
+        assert build.library() is None
+    assert not list(fresh_build.iterdir())  # nothing built, nothing loaded
+
+
+@needs_compiler
+def test_a_folder_of_another_user_is_refused(fresh_build):
+    if os.getuid() != 0:
+        pytest.skip("needs root to give a folder to another user")
+    fresh_build.mkdir(mode=0o700)
+    os.chown(fresh_build, 12345, 12345)
+    with pytest.warns(RuntimeWarning, match="owned by user 12345"):
+        assert build.library() is None
+
+
+@needs_compiler
+def test_a_folder_under_one_others_can_write_is_refused(fresh_build):
+    os.chmod(fresh_build.parent, 0o777)  # not sticky, as /tmp would be
+    try:
+        with pytest.warns(RuntimeWarning, match="above the cache folder"):
+            assert build.library() is None
+    finally:
+        os.chmod(fresh_build.parent, 0o700)
+
+
+@needs_compiler
+def test_a_linked_folder_is_refused(fresh_build, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    fresh_build.symlink_to(target)
+    with pytest.warns(RuntimeWarning, match="is not a folder"):
+        assert build.library() is None
+
+
+@needs_compiler
+def test_a_library_others_can_write_is_not_loaded(fresh_build, monkeypatch):
+    assert build.library() is not None
+    (built,) = fresh_build.glob("select_gather-*.so")
+    os.chmod(built, 0o666)
+    monkeypatch.setattr(build, "_state", {})
+    with pytest.warns(RuntimeWarning, match="can be written by other users"):
+        assert build.library() is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("variable", ["XDG_CACHE_HOME", build.CACHE_ENV])
+def test_an_unusable_cache_means_no_kernel_and_no_shared_folder(
+    fresh_build, monkeypatch, tmp_path, variable
+):
+    """The audit's case: the cache folder cannot be created. The old code
+    fell back to `keras_midl` in the system temp folder, which another
+    user could have created and planted a library in."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.delenv(build.CACHE_ENV)
+    monkeypatch.setenv(variable, str(blocker / "cache"))
+    with pytest.warns(RuntimeWarning, match="native kernel is not used"):
+        assert build.library() is None
+    assert build.library() is None  # one warning, no retry
+    assert not list((tmp_path / "system_temp").iterdir())
+
+
+def test_cc_with_arguments_is_used_as_given(monkeypatch):
+    monkeypatch.setenv("CC", "gcc -m64 -DKERAS_MIDL_TEST")
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc")
+    want = [shutil.which("gcc"), "-m64", "-DKERAS_MIDL_TEST"]
+    assert build.compiler() == want
+
+
+def test_a_missing_cc_is_an_error_not_another_compiler(
+    fresh_build, monkeypatch
+):
+    monkeypatch.setenv("CC", "no-such-compiler -O2")
+    with pytest.raises(RuntimeError, match="CC='no-such-compiler -O2'"):
+        build.compiler()
+    with pytest.warns(RuntimeWarning, match="no-such-compiler"):
+        assert build.library() is None
+
+
+@needs_compiler
+def test_cc_arguments_reach_the_build(fresh_build, monkeypatch):
+    commands = []
+    real_run = build.run
+    monkeypatch.setattr(
+        build, "run", lambda command: (commands.append(command),
+                                       real_run(command))
+    )
+    monkeypatch.setenv("CC", f"{shutil.which('cc') or 'gcc'} -DMIDL_FLAG=1")
+    assert build.library() is not None
+    assert "-DMIDL_FLAG=1" in commands[0]
+
+
+def test_no_compiler_warns_once_and_falls_back(fresh_build, monkeypatch, rng):
+    monkeypatch.setattr(build, "compiler", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+        assert build.library() is None
+    assert build.library() is None  # no second warning, no retry
+    logits = rng.normal(size=(2, 9)).astype("float32")
+    kernel = rng.normal(size=(9, 5)).astype("float32")
+    rows = rng.normal(size=(2, 5)).astype("float32")
+    outputs, selected = native.select_gather(
+        logits, kernel, rows, 4, np.zeros((2, 9))
+    )
+    want = np.zeros((2, 9))
+    for row in range(2):
+        top = np.argsort(-logits[row], kind="stable")[:4]
+        want[row, top] = kernel[top] @ rows[row]
+    np.testing.assert_allclose(outputs, want, rtol=1e-5, atol=1e-5)
+    assert (np.diff(selected, axis=1) > 0).all()
+
+
+@pytest.mark.parametrize("how", ["environment", "config"])
+def test_opt_out(fresh_build, monkeypatch, how):
+    if how == "environment":
+        monkeypatch.setenv(config.COMPILE_ENV, "0")
+    else:
+        config.disable_native_kernels()
+    assert not config.native_kernels_enabled()
+    assert build.library() is None and not native.available()
+    assert not fresh_build.exists()
+
+
+def test_compile_flags_match_the_cpu(monkeypatch):
+    monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(build, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert {"-mavx2", "-mfma"} <= set(build.compile_flags())
+    monkeypatch.setattr(build, "_cpu_flags", lambda: {"sse4_2"})
+    assert "-mavx2" not in build.compile_flags()
+    monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(build, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert "-mavx2" not in build.compile_flags()
+
+
+@needs_compiler
+def test_portable_build_equals_numpy(fresh_build, monkeypatch, rng):
+    """The C fallback for CPUs without AVX2 and FMA (and other
+    architectures) computes the same outputs."""
+    monkeypatch.setattr(
+        build, "compile_flags", lambda: ["-O3", "-std=c99", "-shared", "-fPIC"]
+    )
+    assert build.library() is not None
+    logits = np.round(rng.normal(size=(2, 30))).astype("float32")
+    kernel = rng.normal(size=(30, 21)).astype("float32")
+    rows = rng.normal(size=(2, 21)).astype("float32")
+    light = np.zeros((2, 30))
+    outputs, _ = native.select_gather(logits, kernel, rows, 7, light)
+    monkeypatch.setattr(config, "_enabled", False)
+    want, _ = native.select_gather(logits, kernel, rows, 7, light)
+    np.testing.assert_allclose(outputs, want, rtol=1e-5, atol=1e-5)
