@@ -7,7 +7,8 @@ average. Results are written twice: a JSON file for machines
 
 Results go to the folder given by `--output` (`add_output_argument`),
 by default `DEFAULT_OUTPUT`, outside the repository: the committed results
-in `benchmarks/results` change only with `--output benchmarks/results`.
+of a benchmark, in `benchmarks/results/<benchmark>/`, change only with
+`--output benchmarks/results/<benchmark>`.
 
 Example (from the repository root):
 
@@ -39,7 +40,8 @@ import time
 
 # The repository root: the working folder of `python -m benchmarks.<name>`.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The committed results, rewritten only when `--output` names this folder.
+# The committed results, one folder per benchmark (`<RESULTS_DIR>/latency`,
+# ...), rewritten only when `--output` names one of them.
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 # Where results go by default: outside the repository.
 DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "keras_midl_results")
@@ -158,7 +160,8 @@ def add_output_argument(parser, default=DEFAULT_OUTPUT):
         "--output",
         default=default,
         help="Folder for the result files (default: %(default)s). Pass "
-        "--output benchmarks/results to update the committed results.",
+        "--output benchmarks/results/<benchmark> to update the committed "
+        "results.",
     )
 
 

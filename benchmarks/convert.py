@@ -30,11 +30,13 @@ job ran.
 Usage (from the repository root):
 
     KERAS_BACKEND=jax python -m benchmarks.convert \\
-        --data-dir ../shared/datasets --output benchmarks/results
-    python -m benchmarks.convert --part latency --output benchmarks/results
+        --data-dir ../shared/datasets --output benchmarks/results/convert
+    python -m benchmarks.convert --part latency \\
+        --output benchmarks/results/convert
 
 Writes `convert.json`/`convert.md` (or `convert_latency.*`) under
-`--output` (default: a folder in the system's temporary directory).
+`--output` (default: a folder in the system's temporary directory; the
+committed results are in `benchmarks/results/convert`).
 """
 
 import argparse

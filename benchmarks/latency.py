@@ -52,7 +52,7 @@ computed from the current rule and the measured paths.
 
 Writes `latency.json`, `latency.md` and `latency.png` under `--output`
 (default: a folder in the system's temporary directory; pass
-`--output benchmarks/results` to update the committed results).
+`--output benchmarks/results/latency` to update the committed results).
 """
 
 import argparse

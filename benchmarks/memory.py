@@ -19,8 +19,8 @@ Usage:
     python -m benchmarks.memory --backends jax --calls 100
 
 Writes `memory.json` and `memory.md` to `--output` (default: a folder
-outside the repository; `--output benchmarks/results` updates the
-committed results).
+outside the repository; `--output benchmarks/results/memory` updates
+the committed results).
 """
 
 import argparse

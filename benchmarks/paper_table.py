@@ -16,16 +16,17 @@ choosing recipes without looking at the test split).
 
 Writes `<output>/<name>.json` and `<output>/<name>.md`. `--output`
 defaults to a folder outside the repository; pass
-`--output benchmarks/results` to update the committed results. Rows are
-keyed by (dataset, backend, recipe): rows of other keys already in the
-file are kept, so datasets and backends can be run in separate processes:
+`--output benchmarks/results/paper_table` to update the committed
+results. Rows are keyed by (dataset, backend, recipe): rows of other keys
+already in the file are kept, so datasets and backends can be run in
+separate processes:
 
     KERAS_BACKEND=jax python -m benchmarks.paper_table \\
         --data-dir ../shared/datasets --datasets mnist adult imdb \\
-        --output benchmarks/results
+        --output benchmarks/results/paper_table
     KERAS_BACKEND=torch python -m benchmarks.paper_table \\
         --data-dir ../shared/datasets --datasets mnist adult \\
-        --output benchmarks/results
+        --output benchmarks/results/paper_table
 
 A dataset absent from `--data-dir` is listed as "not run here" unless
 `--tfds` allows TensorFlow Datasets to download it.
@@ -151,7 +152,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=DEFAULT_OUTPUT,
                         help="folder for the result files (default: "
                         f"{DEFAULT_OUTPUT}; the committed results are in "
-                        "benchmarks/results)")
+                        "benchmarks/results/paper_table)")
     parser.add_argument("--name", default="paper_table",
                         help="stem of the result files")
     parser.add_argument("--markdown-only", action="store_true",

@@ -34,8 +34,8 @@ Usage (from the repository root):
 
 Writes `<output>/robustness[_<dataset>].{json,md}` and
 `<output>/robustness_<dataset>_gates_<layer>.png`; `--output` defaults to a
-folder outside the repository (pass `--output benchmarks/results` to update
-the committed results).
+folder outside the repository (pass `--output benchmarks/results/robustness`
+to update the committed results).
 """
 
 import argparse
@@ -244,7 +244,7 @@ def main(argv=None):
     parser.add_argument("--output", default=DEFAULT_OUTPUT,
                         help="folder for the result files (default: "
                         f"{DEFAULT_OUTPUT}; the committed results are in "
-                        "benchmarks/results)")
+                        "benchmarks/results/robustness)")
     args = parser.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
 

@@ -4,7 +4,7 @@ For each backend (one child process each, since `KERAS_BACKEND` is fixed per
 process) this measures, interleaved in one run after warm-up:
 
 * `topk_mask(scores, k, method)` for every method of
-  `keras_midl.selection.SELECTION_METHODS`, against the full-path matmul
+  `keras_midl.ops.selection.SELECTION_METHODS`, against the full-path matmul
   `x @ W` of the same layer (what Dense computes), for a few layer shapes;
   the selection's cost is reported as a fraction of that matmul;
 * the training-step time of an MLP 784-512-256-10 with MIDL hidden layers
@@ -25,8 +25,8 @@ Usage:
     python -m benchmarks.selection --backends torch --repeats 5
 
 Writes `selection.json` and `selection.md` to `--output` (default: a folder
-outside the repository; `--output benchmarks/results` updates the
-committed results).
+outside the repository; `--output benchmarks/results/selection` updates
+the committed results).
 """
 
 import argparse
@@ -81,8 +81,8 @@ def measure_selection(batch, input_dim, units, repeats):
     import keras
     from keras import ops
 
-    from keras_midl.selection import SELECTION_METHODS
-    from keras_midl.selection import topk_mask
+    from keras_midl.ops.selection import SELECTION_METHODS
+    from keras_midl.ops.selection import topk_mask
 
     rng = np.random.default_rng(0)
     k = max(1, int(K_RATIO * units + 0.5))
@@ -131,7 +131,7 @@ def training_rows(repeats):
     import keras
 
     from keras_midl import MIDL
-    from keras_midl.selection import SELECTION_METHODS
+    from keras_midl.ops.selection import SELECTION_METHODS
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(128, 784)).astype("float32")

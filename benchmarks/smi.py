@@ -28,7 +28,7 @@ The SMI is estimated on `--examples` test examples stratified by class (the
 subset `benchmarks.robustness` uses for gate statistics: CIFAR-10's test
 split is sorted by class, so its first rows hold a few classes only).
 Writes `smi.json` and `smi.md` to `--output` (default: a folder outside
-the repository; `--output benchmarks/results` updates the committed
+the repository; `--output benchmarks/results/smi` updates the committed
 results).
 """
 

@@ -11,8 +11,9 @@ and light path included) over those of the same model with a Dense hidden
 layer. The same Dense model is trained as the baseline. Prints one row per
 trial and writes `tune_k_ratio.json`, a Markdown table (`.md`) and a plot
 of accuracy against FLOPs (`.png`) to `--output` (default: a folder outside
-the repository; `--output benchmarks/results` updates the committed
-results). The short version a user copies is `examples/tune_k_ratio.py`.
+the repository; `--output benchmarks/results/tune_k_ratio` updates the
+committed results). The short version a user copies is
+`examples/tune_k_ratio.py`.
 
 MNIST comes from `--data-dir` (default: `../shared/datasets` beside the
 project when it exists, else `$KERAS_MIDL_DATA_DIR`, else TensorFlow

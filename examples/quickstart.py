@@ -6,18 +6,28 @@ test accuracy (mean and std over seeds), the active-neuron fraction, the
 inference multiply-adds of the hidden layers (MIDL's gate and light path
 included) and the training-time ratio.
 
-Needs scikit-learn (`pip install "keras-midl[jax,examples]"`). From the
-repository root (`bash scripts/demo.sh` runs it with the pinned versions):
+Needs keras-midl, a backend and scikit-learn (`pip install
+"keras-midl[jax,examples]"`); it imports nothing else:
 
-    python -m examples.quickstart --backend jax --k-ratio 0.45 --epochs 40
+    python examples/quickstart.py --backend jax --k-ratio 0.45 --epochs 40
+
+(or `python -m examples.quickstart ...` from the repository root, as
+`bash scripts/demo.sh` does with the pinned versions).
 
 Writes the printed comparison, with the command, versions, machine and load
-average, to `quickstart.md` in `--output` (default: a folder outside the
-repository; `--output benchmarks/results` updates the committed result).
+average, to `quickstart.md` in `--output` (default: a `keras_midl_results`
+folder in the system's temporary folder).
 """
 
 import argparse
+import datetime
+import importlib.metadata
 import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
 import time
 
 try:
@@ -28,7 +38,8 @@ except ImportError as error:
         f'{error.name} is missing: pip install "keras-midl[examples]"'
     ) from error
 
-from benchmarks import common
+PACKAGES = ("keras", "keras-midl", "numpy", "tensorflow", "tensorflow-cpu",
+            "jax", "jaxlib", "torch", "scikit-learn")
 
 
 def parse_args(argv=None):
@@ -43,7 +54,11 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 128])
-    common.add_output_argument(parser)
+    parser.add_argument(
+        "--output",
+        default=os.path.join(tempfile.gettempdir(), "keras_midl_results"),
+        help="Folder for quickstart.md (default: %(default)s).",
+    )
     return parser.parse_args(argv)
 
 
@@ -62,10 +77,59 @@ def build_mlp(hidden_layer, input_dim, hidden_units, num_classes=10):
     return keras.Sequential(layers)
 
 
+def load_average():
+    """The 1-minute load average, or None where the system has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def run_info(backend, load_before, load_after):
+    """Markdown lines: command, versions, machine, load average, date."""
+    script = f"-m {__spec__.name}" if __spec__ else sys.argv[0]
+    arguments = " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+    versions = []
+    for package in PACKAGES:
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo
+                     if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    try:  # The commit, when the script runs from a git checkout.
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"
+    )
+    return (
+        f"Command: `KERAS_BACKEND={backend} python {script} {arguments}`  \n"
+        f"Backend: {backend}; {', '.join(versions)}; "
+        f"Python {platform.python_version()}  \n"
+        f"Machine: {platform.platform()}, {cpu}, {os.cpu_count()} CPUs; "
+        f"load average {load_before} before, {load_after} after  \n"
+        f"Date: {date}" + (f", commit {commit}" if commit else "")
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
-    os.environ["KERAS_BACKEND"] = args.backend
-    load_before = common.load_average()
+    os.environ["KERAS_BACKEND"] = args.backend  # before importing keras
+    load_before = load_average()
     lines = []
 
     def report(line=""):
@@ -118,7 +182,7 @@ def main(argv=None):
     dense_cost = hidden_multiply_adds(models["Dense"])
     time_ratio = np.median(train_time["MIDL"]) / np.median(train_time["Dense"])
     # Timings on a machine busy with other work say nothing: drop them.
-    load_after = common.load_average()
+    load_after = load_average()
     busy = [x for x in (load_before, load_after) if x is not None and x > 1]
     report(
         f"\nsklearn digits (1,347 train / 450 test), MLP 64-"
@@ -156,16 +220,14 @@ def main(argv=None):
         f"\n{timing}"
         "\nMultiply-adds are analytic, per example, counting the full path of "
         "the k selected\nneurons only; through keras.ops on a CPU they are "
-        'not a wall-clock saving\n(README, "Speed").'
+        'not a wall-clock saving\n(docs/inference_paths.md).'
     )
-    metadata = common.environment()
-    metadata["load_average"] = load_before
-    metadata["load_average_after"] = load_after
-    path = common.output_path(args.output, "quickstart.md")
+    os.makedirs(args.output, exist_ok=True)
+    path = os.path.join(args.output, "quickstart.md")
     with open(path, "w") as file:
         file.write(
             "# examples/quickstart.py output\n\n"
-            f"{common.metadata_markdown(metadata)}\n\n"
+            f"{run_info(keras.backend.backend(), load_before, load_after)}\n\n"
             "```\n" + "\n".join(lines).strip() + "\n```\n"
         )
     print(f"\nWrote {path}")

@@ -3,16 +3,18 @@
 Each trial trains the MLP 64-128-10 on scikit-learn's bundled digits (no
 download) with one k_ratio of the grid 0.2, 0.4, ..., 1.0 and scores it
 `val_accuracy - lam * flops_fraction`. Needs `pip install
-"keras-midl[jax,tuner,examples]"` (or another backend). From the repository
-root:
+"keras-midl[jax,tuner,examples]"` (or another backend):
 
-    KERAS_BACKEND=jax python -m examples.tune_k_ratio --lam 0.1
+    KERAS_BACKEND=jax python examples/tune_k_ratio.py --lam 0.1
 
-KerasTuner's trial files go to `--output` (default: outside the
-repository). The MNIST benchmark with plots is benchmarks/tune_k_ratio.py.
+KerasTuner's trial files go to `--output` (default: a `keras_midl_results`
+folder in the system's temporary folder). The MNIST benchmark with plots is
+the repository's benchmarks/tune_k_ratio.py.
 """
 
 import argparse
+import os
+import tempfile
 
 try:
     import keras_tuner
@@ -25,27 +27,26 @@ import keras
 
 import keras_midl
 import keras_midl.tuning
-from benchmarks import common
 
-parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--lam", type=float, default=0.1)
-parser.add_argument("--epochs", type=int, default=10)
-common.add_output_argument(parser)
-args = parser.parse_args()
 
-x, y = load_digits(return_X_y=True)
-x = (x / 16.0).astype("float32")
-x_train, y_train, x_val, y_val = x[:1400], y[:1400], x[1400:], y[1400:]
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lam", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--output",
+        default=os.path.join(tempfile.gettempdir(), "keras_midl_results"),
+        help="Folder for KerasTuner's trial files (default: %(default)s).",
+    )
+    return parser.parse_args(argv)
 
 
 def build():  # An ordinary model: MIDLHyperModel searches its k_ratio.
-    model = keras.Sequential(
-        [
-            keras.Input((64,)),
-            keras_midl.MIDL(128, activation="relu"),
-            keras.layers.Dense(10, activation="softmax"),
-        ]
-    )
+    model = keras.Sequential([
+        keras.Input((64,)),
+        keras_midl.MIDL(128, activation="relu"),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
     model.compile(
         "adam", "sparse_categorical_crossentropy", metrics=["accuracy"]
     )
@@ -73,25 +74,35 @@ class PrintTrial(keras.callbacks.Callback):
         )
 
 
-hypermodel = keras_midl.tuning.MIDLHyperModel(
-    build,
-    lam=args.lam,
-    search_space={"k_ratio": (0.2, 1.0), "k_ratio_step": 0.2},
-)
-tuner = keras_tuner.GridSearch(
-    hypermodel,
-    objective=hypermodel.objective,
-    overwrite=True,
-    directory=args.output,
-    project_name="tune_k_ratio_example",
-)
-tuner.search(
-    x_train,
-    y_train,
-    validation_data=(x_val, y_val),
-    epochs=args.epochs,
-    callbacks=[PrintTrial()],
-    verbose=0,
-)
-best = tuner.get_best_hyperparameters()[0]
-print(f"best k_ratio: {best.get('k_ratio')} (lam {args.lam})")
+def main(argv=None):
+    args = parse_args(argv)
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype("float32")
+    x_train, y_train, x_val, y_val = x[:1400], y[:1400], x[1400:], y[1400:]
+
+    hypermodel = keras_midl.tuning.MIDLHyperModel(
+        build,
+        lam=args.lam,
+        search_space={"k_ratio": (0.2, 1.0), "k_ratio_step": 0.2},
+    )
+    tuner = keras_tuner.GridSearch(
+        hypermodel,
+        objective=hypermodel.objective,
+        overwrite=True,
+        directory=args.output,
+        project_name="tune_k_ratio_example",
+    )
+    tuner.search(
+        x_train,
+        y_train,
+        validation_data=(x_val, y_val),
+        epochs=args.epochs,
+        callbacks=[PrintTrial()],
+        verbose=0,
+    )
+    best = tuner.get_best_hyperparameters()[0]
+    print(f"best k_ratio: {best.get('k_ratio')} (lam {args.lam})")
+
+
+if __name__ == "__main__":
+    main()
