@@ -83,7 +83,10 @@ def selected_indices(mask, k):
 def _dot_selected(rows, weights):
     """`values[b, j] = weights[b, j] . rows[b]` as a (batched) matrix-vector
     product, which the CPU backends run faster than an `einsum` (that one
-    transposes the gathered weights first)."""
+    transposes the gathered weights first). One row, static: a plain
+    matrix-vector product (TensorFlow's batched matmul is slower)."""
+    if rows.shape[0] == 1:
+        return ops.transpose(ops.matmul(weights[0], ops.transpose(rows)))
     return ops.squeeze(ops.matmul(weights, ops.expand_dims(rows, -1)), -1)
 
 
