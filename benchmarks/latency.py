@@ -2,30 +2,45 @@
 
 Per backend (one child process each, `KERAS_BACKEND` being fixed per
 process), for square layers `d = n` in {1024, 2048, 4096, 8192}, batch in
-{1, 2, 4, 8, 16, 256} and `k_ratio` in {0.25, 0.45, 0.75}:
+{1, 2, 4, 8, 16, 256} and `k_ratio` in {0.25, 0.45, 0.75}, every
+candidate timed the way a user calls it, all interleaved in one round
+robin after warm-up, `--repeats` rounds, same weights:
 
-* median latency of one forward pass of `keras.layers.Dense(n)`, of the
-  two raw dense matmuls (`x @ W`, Dense's layout, and `(W^T x^T)^T`, the
-  layout MIDL stores its kernel in; the faster is "best dense"), of
-  `MIDL(n)` with `inference_path="masked"` and with
-  `inference_path="gathered"` (the backend's fast path,
-  `keras_midl.fast_inference`), same weights; all interleaved in one round
-  robin after warm-up, `--repeats` rounds. `"auto"` runs one of the two
-  MIDL paths (`keras_midl.fast_inference.use_gathered_path`); its time is
-  that path's, reported with the path it picks;
+* `keras.layers.Dense(n)` in a compiled forward (below), and the two raw
+  dense matmuls (`x @ W`, Dense's layout, and `(W^T x^T)^T`, the layout
+  MIDL stores its kernel in; the faster is "best dense");
+* `MIDL(n)` with `inference_path="masked"` in a compiled forward;
+* `MIDL(n)` with `inference_path="gathered"` in an eager call, `layer(x)`
+  (on PyTorch under `torch.no_grad()`): the native kernel where it applies
+  (`keras_midl.ops.dispatch.native_applies`), rows labelled
+  "eager call (native)";
+* on TensorFlow and JAX, the same gathered layer inside the user's own
+  compiled function (the compiled forward below), where the layer runs
+  `keras.ops` only (the chunked gathered path,
+  `keras_midl.ops.gathered`), rows labelled "in a traced function
+  (keras.ops)". On PyTorch a plain call is the eager call above, so there
+  is no such row.
+
+`inference_path="auto"` runs one of the two MIDL paths
+(`keras_midl.ops.dispatch.use_gathered_path`): in an eager call with the
+native kernel by `NATIVE_AUTO_RULES`, inside a trace by
+`TRACED_AUTO_RULES`; its time is that path's, reported with the path it
+picks, per row ("auto, eager call (native)", "auto, in a traced function
+(keras.ops)"). Also:
+
 * the analytic ceiling of the speed-up, `n*d / (k*d + r*(d + 2n))`;
 * end to end: a `Sequential` MLP 4096-4096-4096-10 (two hidden layers,
   ReLU) with MIDL (`inference_path="auto"`) against the same MLP with
-  Dense, at batch 1, called as `model(x)` and `model.predict_on_batch(x)`.
+  Dense, at batch 1, called as `model(x)` (eager: the native kernel) and
+  `model.predict_on_batch(x)` (traced on TensorFlow and JAX: `keras.ops`;
+  eager on PyTorch).
 
-Forward passes run as Keras runs `predict` on a CPU-only machine:
-`tf.function` without XLA on TensorFlow, `jax.jit` on JAX, eager on
-PyTorch under `torch.no_grad()`. The gathered MIDL layers' functions are
-traced inside `keras_midl.fast_inference.native_allowed()` (the
-benchmark's functions are never exported), so on TensorFlow and JAX their
-native kernel runs there, as it does in Keras's `predict` and in a
-layer's eager calls. The end-to-end rows measure `model(x)` and
-`predict_on_batch` as a user calls them.
+The compiled forward is what Keras runs in `predict` on a CPU-only
+machine: `tf.function` without XLA on TensorFlow, `jax.jit` of
+`stateless_call` on JAX, eager on PyTorch under `torch.no_grad()`. The
+native kernel runs only in eager calls (`keras_midl.ops.dispatch`): on
+TensorFlow and JAX never inside a `tf.function`, a `jax.jit` or Keras's
+`predict`.
 `--threads 1` (default) limits each backend to one thread; `--threads 0`
 leaves the backends' default threading.
 
@@ -56,7 +71,6 @@ Writes `latency.json`, `latency.md` and `latency.png` under `--output`
 """
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -77,10 +91,14 @@ DIMS = (1024, 2048, 4096, 8192)
 BATCHES = (1, 2, 4, 8, 16, 256)
 K_RATIOS = (0.25, 0.45, 0.75)
 E2E_WIDTH = 4096
-# Without the native kernel the gathered path materializes
-# `batch * min(k, chunk) * d` weights per step; skipped (null) above this
-# many MiB.
+# Outside the native kernel (inside a trace, or where the kernel cannot
+# run) the gathered path materializes `batch * min(k, chunk) * d` weights
+# per step; skipped (null) above this many MiB.
 GATHERED_MAX_MIB = 256.0
+# How the gathered (and `auto`) MIDL layer of a latency row was called.
+EAGER_NATIVE = "eager call (native)"
+EAGER_NO_NATIVE = "eager call (no native kernel)"
+TRACED = "in a traced function (keras.ops)"
 DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "keras_midl_latency")
 
 
@@ -93,31 +111,26 @@ def set_threads(threads):
         torch.set_num_threads(threads)
 
 
-def forward_function(layer_or_model, owned=False):
-    """A compiled inference function `x -> layer(x, training=False)`.
+def forward_function(layer_or_model):
+    """A compiled inference function `x -> layer(x, training=False)`, as a
+    user compiles one (and as Keras's `predict` runs on a CPU-only
+    machine): `tf.function` without XLA, `jax.jit` of `stateless_call`,
+    eager torch under `torch.no_grad()`.
 
-    With `owned=True` the function is traced inside
-    `keras_midl.fast_inference.native_allowed()`: this function is never
-    exported, so on TensorFlow and JAX a MIDL layer may run its native
-    kernel in it, as in Keras's `predict` and in the layer's own eager-call
-    function (elsewhere, in a function that could be exported, it may
-    not). Every candidate then runs in the same kind of compiled function.
+    Inside the `tf.function` and the `jax.jit` a MIDL layer runs
+    `keras.ops` only, never the native kernel.
     """
     import keras
 
-    from keras_midl import fast_inference
-
     backend = keras.backend.backend()
     layer = layer_or_model
-    scope = fast_inference.native_allowed if owned else contextlib.nullcontext
     if backend == "jax":
         import jax
 
         def stateless(trainable, non_trainable, x):
-            with scope():
-                outputs, _ = layer.stateless_call(
-                    trainable, non_trainable, x, training=False
-                )
+            outputs, _ = layer.stateless_call(
+                trainable, non_trainable, x, training=False
+            )
             return outputs
 
         compiled = jax.jit(stateless)
@@ -128,12 +141,22 @@ def forward_function(layer_or_model, owned=False):
         import tensorflow as tf
 
         def forward(x):
-            with scope():
-                return layer(x, training=False)
+            return layer(x, training=False)
 
         # Keras's default on a CPU-only machine: a graph, without XLA.
         return tf.function(forward)
     if backend == "torch":
+        return eager_function(layer)
+    raise NotImplementedError(backend)
+
+
+def eager_function(layer):
+    """An eager call `x -> layer(x, training=False)`, as `layer(x)` and
+    `model(x)` run (on torch under `torch.no_grad()`): where a MIDL layer
+    runs its native kernel."""
+    import keras
+
+    if keras.backend.backend() == "torch":
         import torch
 
         def eager(x):
@@ -141,7 +164,30 @@ def forward_function(layer_or_model, owned=False):
                 return layer(x, training=False)
 
         return eager
-    raise NotImplementedError(backend)
+    return lambda x: layer(x, training=False)
+
+
+def native_runs(layer):
+    """Whether an eager call of this gathered MIDL layer runs the native
+    kernel: `keras_midl.ops.dispatch.native_applies` and a CPU device."""
+    import keras
+
+    from keras_midl.ops import dispatch
+
+    if not dispatch.native_applies(layer):
+        return False
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.config.list_logical_devices("GPU")
+    if backend == "torch":
+        return layer.kernel.value.device.type == "cpu"
+    return False
 
 
 def raw_matmuls(kernel_t):
@@ -192,30 +238,40 @@ def raw_matmuls(kernel_t):
     raise NotImplementedError(backend)
 
 
-def gathered_fits(backend, batch, k, d, max_mib):
-    """Whether the gathered path is measured (see `GATHERED_MAX_MIB`)."""
-    from keras_midl import fast_inference
+def gathered_fits(batch, k, d, max_mib, native):
+    """Whether the gathered path is measured (see `GATHERED_MAX_MIB`);
+    `native`: whether the call runs the native kernel."""
+    from keras_midl.ops import gathered
 
-    native = fast_inference.native_path_available(backend, native_scope=True)
     if native:  # the native kernel reads the selected rows in place
         return batch <= 16 or d <= 2048
-    per_step = batch * min(k, fast_inference.CHUNK_ROWS) * d * 4 / 2**20
+    per_step = batch * min(k, gathered.CHUNK_ROWS) * d * 4 / 2**20
     return per_step <= max_mib
 
 
 def prepare_layers(d):
-    """Dense, the raw matmuls and the MIDL layers of one size, as
-    compiled functions (shared by every batch size)."""
+    """Dense, the raw matmuls and the MIDL layers of one size, as the
+    functions a user calls (shared by every batch size).
+
+    Returns:
+        `(functions, layers, variants)`: `name -> function(x)`;
+        `k_ratio -> masked MIDL layer`; `name -> (k_ratio, variant)` for
+        the gathered candidates (`EAGER_NATIVE` or `EAGER_NO_NATIVE`:
+        `"gathered {k_ratio}"`, `layer(x)`; `TRACED`:
+        `"gathered traced {k_ratio}"`, in a compiled forward, TensorFlow
+        and JAX only).
+    """
     import keras
 
     from keras_midl import MIDL
 
+    backend = keras.backend.backend()
     dense = keras.layers.Dense(d)
     dense.build((None, d))
     functions = {"dense": forward_function(dense)}
     kernel_t = np.ascontiguousarray(keras.ops.convert_to_numpy(dense.kernel).T)
     functions.update(raw_matmuls(kernel_t))
-    layers = {}
+    layers, variants = {}, {}
     for k_ratio in K_RATIOS:
         masked = MIDL(d, k_ratio=k_ratio, inference_path="masked")
         gathered = MIDL(d, k_ratio=k_ratio, inference_path="gathered")
@@ -224,36 +280,44 @@ def prepare_layers(d):
         gathered.set_weights(masked.get_weights())
         layers[k_ratio] = masked
         functions[f"masked {k_ratio}"] = forward_function(masked)
-        functions[f"gathered {k_ratio}"] = forward_function(
-            gathered, owned=True
-        )
-    return functions, layers
+        name = f"gathered {k_ratio}"
+        functions[name] = eager_function(gathered)
+        eager = EAGER_NATIVE if native_runs(gathered) else EAGER_NO_NATIVE
+        variants[name] = (k_ratio, eager)
+        if backend != "torch":  # on torch a plain call is the eager one
+            name = f"gathered traced {k_ratio}"
+            functions[name] = forward_function(gathered)
+            variants[name] = (k_ratio, TRACED)
+    return functions, layers, variants
 
 
-def prepare_group(d, batch, functions, layers, max_mib):
+def prepare_group(d, batch, functions, layers, variants, max_mib):
     """The candidates of one `d` and batch, compiled by one call each."""
-    import keras
     from keras import ops
 
-    backend = keras.backend.backend()
     rng = np.random.default_rng(d + batch)
     x = ops.convert_to_tensor(rng.normal(size=(batch, d)), "float32")
     calls = {}
     for name, function in functions.items():
-        if name.startswith("gathered"):
-            k = layers[float(name.split()[1])].k
-            if not gathered_fits(backend, batch, k, d, max_mib):
+        if name in variants:
+            k_ratio, variant = variants[name]
+            native = variant == EAGER_NATIVE
+            if not gathered_fits(batch, layers[k_ratio].k, d, max_mib, native):
                 continue
         calls[name] = lambda f=function: f(x)
     for call in calls.values():  # compiles
         block(call())
-    return {"d": d, "batch": batch, "calls": calls, "layers": layers}
+    return {
+        "d": d,
+        "batch": batch,
+        "calls": calls,
+        "layers": layers,
+        "variants": variants,
+    }
 
 
 def measure_group(group, repeats, threads):
     import keras
-
-    from keras_midl import fast_inference
 
     backend = keras.backend.backend()
     d, batch = group["d"], group["batch"]
@@ -266,23 +330,20 @@ def measure_group(group, repeats, threads):
         load is not None and load <= 1 + max(threads, 1)
         for load in (load_before, load_after)
     )
+
+    def ratio(numerator, denominator):
+        if numerator is None or denominator is None:
+            return None
+        return numerator / denominator
+
     rows = []
-    for k_ratio, layer in group["layers"].items():
+    for name, (k_ratio, variant) in group["variants"].items():
+        layer = group["layers"][k_ratio]
         k, rank = layer.k, layer.effective_rank
         dense_s = medians["dense"]
         best_s = min(medians["x @ W"], medians["W^T layout"])
         masked_s = medians[f"masked {k_ratio}"]
-        gathered_s = medians.get(f"gathered {k_ratio}")
-        auto_gathers = fast_inference.use_gathered_path(
-            batch, d, d, k_ratio, native_scope=True
-        )
-        auto_s = gathered_s if auto_gathers else masked_s
-
-        def ratio(numerator, denominator):
-            if numerator is None or denominator is None:
-                return None
-            return numerator / denominator
-
+        gathered_s = medians.get(name)
         rows.append(
             {
                 "kind": "latency",
@@ -293,24 +354,23 @@ def measure_group(group, repeats, threads):
                 "k": k,
                 "rank": rank,
                 "batch": batch,
+                "variant": variant,
                 "dense_ms": dense_s * 1e3,
                 "xw_ms": medians["x @ W"] * 1e3,
                 "own_layout_ms": medians["W^T layout"] * 1e3,
                 "masked_ms": masked_s * 1e3,
                 "gathered_ms": None if gathered_s is None else gathered_s * 1e3,
-                "auto_path": "gathered" if auto_gathers else "masked",
                 "dense_over_masked": dense_s / masked_s,
                 "dense_over_gathered": ratio(dense_s, gathered_s),
                 "best_over_gathered": ratio(best_s, gathered_s),
                 "masked_over_gathered": ratio(masked_s, gathered_s),
-                "dense_over_auto": ratio(dense_s, auto_s),
                 "ceiling": d * d / (k * d + rank * (d + 2 * d)),
                 "load_before": load_before,
                 "load_after": load_after,
                 "valid": valid,
             }
         )
-    return rows
+    return apply_auto_rule(rows)
 
 
 def mlp(layer_factory, width):
@@ -363,17 +423,48 @@ def prepare_e2e(width):
             calls[f"{name} model(x) no_grad"] = no_grad
     for call in calls.values():
         block(call())
-    return {"calls": calls, "models": models}
+    midl_layers = models["midl"].layers[:-1]
+    native = all(native_runs(layer) for layer in midl_layers)
+    return {"calls": calls, "models": models, "native": native}
 
 
-def e2e_auto_path(backend, width):
-    """The path `"auto"` runs in the end-to-end model (on TensorFlow and
-    JAX the native kernel may run in eager calls, `model(x)`, and in
-    Keras's `predict`, so the same in both)."""
-    from keras_midl import fast_inference
+def traced_rule(backend, variant=None, call=None, native=None):
+    """Whether `"auto"` follows `TRACED_AUTO_RULES` (the `keras.ops` path
+    inside a trace) rather than `NATIVE_AUTO_RULES` (the native kernel in
+    an eager call) for a latency row (`variant`) or an end-to-end call.
 
-    gathers = fast_inference.use_gathered_path(
-        1, width, width, 0.45, backend, native_scope=True
+    Inside a trace: the `TRACED` rows, and `predict_on_batch` on
+    TensorFlow and JAX (on torch Keras's `predict` runs eagerly). An eager
+    call where the native kernel cannot run runs the layer's compiled call
+    on TensorFlow and JAX, a trace; on torch `"auto"` then runs masked
+    (no torch entry in `TRACED_AUTO_RULES`). Rows of earlier runs, without
+    a `variant` or `native` field (native kernel in every call, traced
+    ones included), follow `NATIVE_AUTO_RULES`.
+    """
+    if variant is not None:
+        return variant != EAGER_NATIVE
+    if native is None:
+        return False
+    if call == "predict_on_batch" and backend != "torch":
+        return True
+    return not native
+
+
+def e2e_auto_path(backend, width, call, native=True):
+    """The path `"auto"` runs in the end-to-end model for one way of
+    calling it (`model(x)`: an eager call, the native kernel;
+    `predict_on_batch` on TensorFlow and JAX: a trace, `keras.ops`);
+    `native`: whether the model's eager calls run the native kernel, `None`
+    for rows of earlier runs (see `traced_rule`)."""
+    from keras_midl.ops import dispatch
+
+    gathers = dispatch.use_gathered_path(
+        1,
+        width,
+        width,
+        0.45,
+        backend,
+        traced=traced_rule(backend, call=call, native=native),
     )
     return "gathered" if gathers else "masked"
 
@@ -381,7 +472,7 @@ def e2e_auto_path(backend, width):
 def measure_e2e(e2e, repeats, threads, width):
     import keras
 
-
+    backend = keras.backend.backend()
     for call in e2e["calls"].values():
         block(call())
     load_before = load_average()
@@ -395,11 +486,14 @@ def measure_e2e(e2e, repeats, threads, width):
         rows.append(
             {
                 "kind": "e2e",
-                "backend": keras.backend.backend(),
+                "backend": backend,
                 "threads": threads,
                 "model": f"MLP {width}-{width}-{width}-10, batch 1",
                 "call": how,
-                "auto_path": e2e_auto_path(keras.backend.backend(), width),
+                "native": e2e["native"],
+                "auto_path": e2e_auto_path(
+                    backend, width, how, native=e2e["native"]
+                ),
                 "dense_ms": dense_s * 1e3,
                 "midl_ms": midl_s * 1e3,
                 "dense_over_midl": dense_s / midl_s,
@@ -418,11 +512,16 @@ def child(args):
     set_threads(args.threads)
     groups = []
     for d in args.dims:
-        functions, layers = prepare_layers(d)
+        functions, layers, variants = prepare_layers(d)
         for batch in args.batches:
             groups.append(
                 prepare_group(
-                    d, batch, functions, layers, args.gathered_max_mib
+                    d,
+                    batch,
+                    functions,
+                    layers,
+                    variants,
+                    args.gathered_max_mib,
                 )
             )
             print(f"compiled d={d} batch={batch}", flush=True)
@@ -486,6 +585,9 @@ def run_backends(args):
 
 
 def plot(rows, path):
+    """Dense / gathered per backend: eager calls (solid), inside a traced
+    function (dash-dotted, TensorFlow and JAX); the ceiling (top, dotted)
+    and the masked path (bottom, dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -500,35 +602,42 @@ def plot(rows, path):
     )
     for column, backend in enumerate(backends):
         own = [r for r in rows if r["backend"] == backend]
+        # One row per cell and way of calling; the eager rows (every
+        # backend has them) carry the cell's Dense, masked and ceiling.
+        eager = [r for r in own if r.get("variant") != TRACED]
+        traced = [r for r in own if r.get("variant") == TRACED]
+        lines = (("eager", eager, "o-", 1.5), ("traced", traced, "^-.", 0.9))
         dims = sorted({r["d"] for r in own})
         batches = sorted({r["batch"] for r in own})
         # Top: speed-up against Dense vs layer size, batch 1, per k_ratio.
         axis = axes[0][column]
         for k_ratio, color in zip(K_RATIOS, ("C0", "C1", "C2")):
-            points = [
-                (r["d"], r["dense_over_gathered"])
-                for r in own
-                if r["batch"] == 1
-                and r["k_ratio"] == k_ratio
-                and r["dense_over_gathered"] is not None
-            ]
-            if points:
-                axis.plot(
-                    *zip(*points),
-                    "o-",
-                    color=color,
-                    label=f"gathered, k_ratio {k_ratio}",
-                )
+            for how, part, style, width in lines:
+                points = [
+                    (r["d"], r["dense_over_gathered"])
+                    for r in part
+                    if r["batch"] == 1
+                    and r["k_ratio"] == k_ratio
+                    and r["dense_over_gathered"] is not None
+                ]
+                if points:
+                    axis.plot(
+                        *zip(*points),
+                        style,
+                        color=color,
+                        linewidth=width,
+                        label=f"gathered {how}, k_ratio {k_ratio}",
+                    )
             ceiling = [
                 (r["d"], r["ceiling"])
-                for r in own
+                for r in eager
                 if r["batch"] == 1 and r["k_ratio"] == k_ratio
             ]
             axis.plot(*zip(*ceiling), ":", color=color, linewidth=0.8)
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_xscale("log", base=2)
         axis.set_xticks(dims, [str(d) for d in dims])
-        axis.set_title(f"{backend}: batch 1 (dotted: ceiling)")
+        axis.set_title(f"{backend}: batch 1 (dotted: ceiling)", fontsize=9)
         axis.set_xlabel("d = n")
         if column == 0:
             axis.set_ylabel("Dense time / MIDL time")
@@ -536,23 +645,25 @@ def plot(rows, path):
         # Bottom: speed-up vs batch, k_ratio 0.45, per layer size.
         axis = axes[1][column]
         for d, color in zip(dims, ("C0", "C1", "C2", "C3")):
-            points = [
-                (r["batch"], r["dense_over_gathered"])
-                for r in own
-                if r["d"] == d
-                and r["k_ratio"] == 0.45
-                and r["dense_over_gathered"] is not None
-            ]
-            if points:
-                axis.plot(
-                    *zip(*points),
-                    "o-",
-                    color=color,
-                    label=f"gathered, d = n = {d}",
-                )
+            for how, part, style, width in lines:
+                points = [
+                    (r["batch"], r["dense_over_gathered"])
+                    for r in part
+                    if r["d"] == d
+                    and r["k_ratio"] == 0.45
+                    and r["dense_over_gathered"] is not None
+                ]
+                if points:
+                    axis.plot(
+                        *zip(*points),
+                        style,
+                        color=color,
+                        linewidth=width,
+                        label=f"gathered {how}, d = n = {d}",
+                    )
             masked = [
                 (r["batch"], r["dense_over_masked"])
-                for r in own
+                for r in eager
                 if r["d"] == d and r["k_ratio"] == 0.45
             ]
             axis.plot(*zip(*masked), "x--", color=color, linewidth=0.8)
@@ -560,7 +671,7 @@ def plot(rows, path):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xticks(batches, [str(b) for b in batches])
-        axis.set_title(f"{backend}: k_ratio 0.45 (dashed: masked)")
+        axis.set_title(f"{backend}: k_ratio 0.45 (dashed: masked)", fontsize=9)
         axis.set_xlabel("batch")
         if column == 0:
             axis.set_ylabel("Dense time / MIDL time (log)")
@@ -576,6 +687,7 @@ LATENCY_COLUMNS = [
     ("d", "d = n", None),
     ("k_ratio", "k_ratio", None),
     ("batch", "Batch", None),
+    ("variant", "Gathered, auto: called as", None),
     ("dense_ms", "Dense", ".3f"),
     ("xw_ms", "x @ W", ".3f"),
     ("own_layout_ms", "W^T layout", ".3f"),
@@ -614,24 +726,30 @@ E2E_COLUMNS = [
 
 
 def apply_auto_rule(rows):
-    """(Re)computes the `"auto"` columns with the current rule
-    (`keras_midl.fast_inference.AUTO_RULES`) from the measured paths."""
-    from keras_midl import fast_inference
+    """(Re)computes the `"auto"` columns with the current rules from the
+    measured paths: `keras_midl.ops.dispatch.NATIVE_AUTO_RULES` for the
+    eager rows with the native kernel ("auto, eager call (native)"),
+    `TRACED_AUTO_RULES` for the rows inside a trace ("auto, in a traced
+    function (keras.ops)"), see `traced_rule`."""
+    from keras_midl.ops import dispatch
 
     for row in rows:
         if row["kind"] == "e2e":
             row["auto_path"] = e2e_auto_path(
-                row["backend"], int(row["model"].split("-")[1])
+                row["backend"],
+                int(row["model"].split("-")[1]),
+                row["call"],
+                native=row.get("native"),
             )
         if row["kind"] != "latency":
             continue
-        gathers = fast_inference.use_gathered_path(
+        gathers = dispatch.use_gathered_path(
             row["batch"],
             row["d"],
             row["d"],
             row["k_ratio"],
             backend=row["backend"],
-            native_scope=True,  # TensorFlow, JAX: as measured (owned)
+            traced=traced_rule(row["backend"], variant=row.get("variant")),
         )
         auto_ms = row["gathered_ms"] if gathers else row["masked_ms"]
         row["auto_path"] = "gathered" if gathers else "masked"
@@ -691,9 +809,17 @@ def write_rows(rows, metadata, args):
         notes=(
             "Dense: keras.layers.Dense. x @ W, W^T layout: raw backend "
             "matmuls in Dense's layout and in MIDL's (the faster is 'best "
-            'dense\'). Gathered: `inference_path="gathered"` (the '
-            "backend's fast path); null (—) where not measured (TF/JAX: "
-            "more than --gathered-max-mib MiB gathered per chunk; torch: "
+            "dense'). Dense, masked: in a compiled forward (tf.function "
+            "without XLA, jax.jit, eager torch under no_grad). Gathered: "
+            '`inference_path="gathered"`, called as the row says: '
+            f"'{EAGER_NATIVE}' is `layer(x)` (torch: under no_grad), the "
+            f"native kernel; '{TRACED}' the compiled forward, where the "
+            "layer runs the chunked keras.ops path (TF/JAX only). auto "
+            'runs: the path `inference_path="auto"` takes called the same '
+            "way (NATIVE_AUTO_RULES for the eager rows, TRACED_AUTO_RULES "
+            "for the traced ones); its time is that path's. Null (—) where "
+            "not measured (outside the native kernel: more than "
+            "--gathered-max-mib MiB gathered per chunk; native kernel: "
             "batch 256 at d >= 4096, for time). Ratios above 1: MIDL "
             "faster. Ceiling: n*d / (k*d + r*(d + 2n)). Valid: both load "
             "readings at most 1 + threads."
