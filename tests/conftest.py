@@ -4,10 +4,6 @@ import keras
 import numpy as np
 import pytest
 
-# Kept for the test files that still import it from here; new code imports
-# it from backend_utils.
-from backend_utils import BACKEND  # noqa: F401
-
 
 @pytest.fixture(autouse=True)
 def _seed_everything():
