@@ -124,7 +124,7 @@ def environment():
     Returns:
         Dict with `command`, `backend`, `date` (UTC, ISO 8601), `git_commit`,
         `python`, `versions` (installed packages among the ones the project
-        uses), `machine` (`platform`, `cpu`, `cpu_count`) and
+        uses), `machine` (`platform`, `cpu`, `cpu_count`, `cpu_flags`) and
         `load_average` (1-minute, now; record it again after the run).
     """
     import keras
@@ -143,9 +143,28 @@ def environment():
             "platform": platform.platform(),
             "cpu": _cpu_model(),
             "cpu_count": os.cpu_count(),
+            # What decides which matmul layout is fast on a CPU (the
+            # training_step ratios moved with it between machines).
+            "cpu_flags": _vector_flags(),
         },
         "load_average": load_average(),
     }
+
+
+def _vector_flags():
+    """The CPU's vector-extension flags (Linux), sorted; `[]` elsewhere."""
+    wanted = ("avx", "fma", "vnni", "amx", "bf16", "sse4")
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(
+                        f for f in flags if any(w in f for w in wanted)
+                    )
+    except OSError:
+        pass
+    return []
 
 
 def add_output_argument(parser, default=DEFAULT_OUTPUT):

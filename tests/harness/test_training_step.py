@@ -23,14 +23,46 @@ def test_timed_rows_give_ratios_to_dense():
     assert {row["case"] for row in rows} == {"c"}
 
 
+def test_ratios_to_the_faster_dense_layout():
+    """A faster Dense in MIDL's layout is the baseline of `/ best dense`
+    (a masked MIDL must not look cheaper than the matmul it contains)."""
+    args = argparse.Namespace(warmup=0, repeats=3)
+    rows = training_step.timed_rows(
+        {"Dense": lambda: sum(range(20_000)),
+         "Dense, W^T layout": lambda: None,
+         "MIDL": lambda: sum(range(10_000))},
+        args,
+        case="c",
+        model="m",
+        batch=2,
+    )
+    by_variant = {row["variant"]: row for row in rows}
+    assert by_variant["Dense, W^T layout"]["ratio_to_best_dense"] == 1.0
+    assert by_variant["MIDL"]["ratio_to_dense"] < 1.0
+    assert by_variant["MIDL"]["ratio_to_best_dense"] > 1.0
+
+
+def test_the_transposed_dense_computes_dense(rng):
+    layer = training_step.transposed_dense()(6, activation="relu")
+    x = rng.normal(size=(3, 5)).astype("float32")
+    layer(x)
+    kernel = ops.convert_to_numpy(layer.kernel)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(layer(x)), np.maximum(x @ kernel.T, 0),
+        rtol=1e-5, atol=1e-6,
+    )
+
+
 def test_finish_rows_flag_targets_and_load():
     row = {"case": "train_on_batch", "model": "MLP 784-1024-1024-10",
            "batch": 256, "ms": 1.0, "load_before": 0.5, "load_after": 0.7}
     outputs = {"jax": {"rows": [
-        {**row, "variant": "Dense", "ratio_to_dense": 1.0},
-        {**row, "variant": "MIDL", "ratio_to_dense": 1.25},
-        {**row, "variant": "MIDL", "ratio_to_dense": 1.35,
-         "load_after": 2.5},
+        {**row, "variant": "Dense", "ratio_to_dense": 1.0,
+         "ratio_to_best_dense": 1.0},
+        {**row, "variant": "MIDL", "ratio_to_dense": 1.0,
+         "ratio_to_best_dense": 1.25},
+        {**row, "variant": "MIDL", "ratio_to_dense": 1.0,
+         "ratio_to_best_dense": 1.35, "load_after": 2.5},
     ]}}
     dense, met, missed = training_step.finish_rows(outputs, threads=1)
     assert dense["target_met"] is None and dense["valid"] == "yes"
