@@ -2,9 +2,10 @@
 
 `model.export(format="tf_saved_model")` works on the TensorFlow and JAX
 backends (Keras has no SavedModel export from torch). ONNX export works on
-TensorFlow with `selection="top_k"` (tf2onnx converts no bitcast nor
-bitwise op, which the `"bisection"` selection uses) and on torch with the
-masked inference path (the gathered path's `scatter_update` lowers to
+TensorFlow with the default selection (inference selects with `top_k`
+there: tf2onnx converts no bitcast nor bitwise op, which the training
+selection `"bisection"` uses) and on torch, where the exporter records
+the masked inference path (the gathered path's `scatter_update` lowers to
 `aten::ravel`, which the exporter does not convert). The reloaded models
 must give the Keras model's predictions to `atol=1e-5`.
 """
@@ -108,13 +109,13 @@ def test_tf_saved_model_served_by_tensorflow_alone(exported, tmp_path):
 def _onnx_case():
     if BACKEND == "tensorflow":
         pytest.importorskip("tf2onnx")
-        return {"selection": "top_k"}
+        return {}  # the default selection exports
     if BACKEND == "torch":
         pytest.importorskip("onnxscript")
         return {}  # the gathered layer exports its masked path
     pytest.skip(
         "ONNX export from the JAX backend needs jax2onnx, not a dependency "
-        "of keras_midl; see the README"
+        "of keras_midl; see docs/deployment.md"
     )
 
 
