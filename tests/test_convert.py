@@ -9,8 +9,8 @@ from keras import ops
 
 import keras_midl
 from keras_midl import MIDL
-from keras_midl.convert import lowrank_factors
 from keras_midl.convert import set_calibration_trainable
+from keras_midl.lowrank import lowrank_factors
 
 
 def to_numpy(x):

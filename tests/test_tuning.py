@@ -11,7 +11,7 @@ from backend_utils import run_layer_test
 from keras_midl import MIDL
 from keras_midl import flops
 from keras_midl import tuning
-from keras_midl.midl import default_rank
+from keras_midl.lowrank import default_rank
 
 INPUT_DIM = 16
 UNITS = 32

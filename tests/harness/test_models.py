@@ -7,7 +7,7 @@ import pytest
 from benchmarks import models
 from keras_midl import MIDL
 from keras_midl import flops
-from keras_midl.midl import default_rank
+from keras_midl.lowrank import default_rank
 
 SMALL = {
     "mnist": ((6, 6, 1), 10, {}),

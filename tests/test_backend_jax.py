@@ -1,0 +1,190 @@
+"""`keras_midl.backend.jax`: the native kernel in eager calls only, eager
+calls compiled with `jax.jit`, `keras.ops` inside a caller's `jax.jit`,
+and the gathered path in a SavedModel."""
+
+import keras
+import numpy as np
+import pytest
+from inference_utils import CONFIGS
+from inference_utils import INPUT_DIM
+from inference_utils import UNITS
+from inference_utils import as_numpy
+from inference_utils import make_pair
+from inference_utils import served_outputs
+from inference_utils import spy_native_calls
+
+from keras_midl.midl import MIDL
+from keras_midl.ops import dispatch
+from keras_midl.ops import gathered
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="JAX backend only"
+)
+
+
+@pytest.fixture
+def jax_backend():
+    from keras_midl.backend import jax as module
+
+    return module
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the native kernel's calls (skips where it is not built)."""
+    calls = spy_native_calls(monkeypatch)
+    if calls is None:
+        pytest.skip("the native kernel could not be built here")
+    return calls
+
+
+def _stateless(layer):
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def call(x):
+        return layer.stateless_call(
+            trainable, non_trainable, x, training=False
+        )[0]
+
+    return call
+
+
+def test_in_trace_for_tracers_only(jax_backend):
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros((1, 2))
+    assert not jax_backend.in_trace(x)
+    seen = []
+    jax.jit(lambda x: seen.append(jax_backend.in_trace(x)) or x)(x)
+    assert seen == [True]
+    assert not jax_backend.exporting()
+
+
+def test_jax_jit_runs_keras_ops_and_equals_masked(native_calls, rng):
+    import jax
+
+    masked, layer = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
+    x = rng.normal(size=(2, INPUT_DIM)).astype("float32")
+    expected = as_numpy(masked(x, training=False))
+    np.testing.assert_allclose(
+        as_numpy(jax.jit(_stateless(layer))(x)),
+        expected,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert not native_calls
+    # The same layer called eagerly runs the native kernel.
+    np.testing.assert_allclose(
+        as_numpy(layer(x, training=False)), expected, rtol=1e-5, atol=1e-5
+    )
+    assert native_calls
+
+
+def test_native_forward_needs_a_cpu(jax_backend, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    layer = MIDL(UNITS)
+    layer.build((None, INPUT_DIM))
+    weights = dispatch.layer_weights(layer)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    x = jnp.zeros((1, INPUT_DIM))
+    assert jax_backend.native_forward(x, weights, layer.k) is None
+
+
+def test_native_forward_equals_the_reference(jax_backend, native_calls, rng):
+    layer = MIDL(UNITS, k_ratio=0.25, bias_initializer="random_normal")
+    layer.build((None, INPUT_DIM))
+    weights = dispatch.layer_weights(layer)
+    for shape in ((1, INPUT_DIM), (2, 3, INPUT_DIM), (0, INPUT_DIM)):
+        x = rng.normal(size=shape).astype("float32")
+        outputs = jax_backend.native_forward(x, weights, layer.k)
+        assert tuple(outputs.shape) == shape[:-1] + (UNITS,)
+        np.testing.assert_allclose(
+            as_numpy(outputs),
+            as_numpy(gathered.gathered_outputs(x, weights, layer.k)),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert "sparse_forward" in native_calls
+
+
+def test_eager_call_is_one_jitted_function(rng):
+    layer = MIDL(UNITS, k_ratio=0.5)
+    x = rng.normal(size=(2, INPUT_DIM)).astype("float32")
+    for rows in (2, 1, 2):
+        layer(x[:rows])
+    (function,) = layer.compiled_calls.values()
+    assert hasattr(function, "lower")  # a `jax.jit` function
+
+
+@pytest.mark.parametrize("rows, gathers", [(1, True), (3, False)])
+def test_auto_in_a_trace_follows_the_traced_rule(
+    rows, gathers, monkeypatch, rng
+):
+    """Inside `jax.jit` the rows are static: `TRACED_AUTO_RULES` decides
+    when the trace is built."""
+    monkeypatch.setitem(
+        dispatch.TRACED_AUTO_RULES,
+        "jax",
+        dispatch.AutoRule(max_rows=2, min_weights=1, max_k_ratio=1.0),
+    )
+    traces = []
+    original = gathered.gathered_outputs
+
+    def spy(*args, **kwargs):
+        traces.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gathered, "gathered_outputs", spy)
+    import jax
+
+    masked, layer = make_pair((rows, INPUT_DIM), k_ratio=0.5)
+    layer.inference_path = "auto"
+    x = rng.normal(size=(rows, INPUT_DIM)).astype("float32")
+    np.testing.assert_allclose(
+        as_numpy(jax.jit(_stateless(layer))(x)),
+        as_numpy(masked(x, training=False)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert bool(traces) == gathers
+
+
+@pytest.mark.parametrize("path", ["gathered", "auto"])
+def test_savedmodel_export_of_the_gathered_path(path, tmp_path, rng):
+    """With `selection="bisection"` the gathered path has no `top_k` (its
+    indices come from a cumulative sum), so JAX exports it too; eager calls
+    before the export do not change what it records."""
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential(
+        [
+            keras.Input((5, 12)),
+            MIDL(
+                16,
+                k_ratio=0.4,
+                rank=4,
+                selection="bisection",
+                inference_path=path,
+                activation="relu",
+            ),
+            MIDL(
+                8,
+                k_ratio=0.4,
+                rank=4,
+                selection="bisection",
+                inference_path="gathered",
+                light_path="zero",
+            ),
+        ]
+    )
+    x = rng.normal(size=(3, 5, 12)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    np.testing.assert_allclose(
+        as_numpy(model(x)), expected, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        served_outputs(model, x, str(tmp_path)), expected, rtol=1e-5, atol=1e-5
+    )

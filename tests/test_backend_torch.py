@@ -1,0 +1,410 @@
+"""`keras_midl.backend.torch`: the native kernel in every eager call (an
+autograd function where gradients are recorded), `torch.compile` of the
+gathered path where it cannot run (with one warning and the `keras.ops`
+path when compiling fails), and the masked path under `torch.jit.trace`.
+
+Each distinct layer shape compiled by `torch.compile` costs tens of
+seconds here: the tests that compile share one shape, the others replace
+the compiler (`_compile`) by the function itself.
+"""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from inference_utils import CONFIGS
+from inference_utils import INPUT_DIM
+from inference_utils import UNITS
+from inference_utils import as_numpy
+from inference_utils import make_pair
+from inference_utils import spy_native_calls
+
+from keras_midl import config
+from keras_midl.midl import MIDL
+from keras_midl.native import build
+from keras_midl.ops import dispatch
+from keras_midl.ops import gathered
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="torch backend only"
+)
+
+
+@pytest.fixture
+def torch_backend():
+    from keras_midl.backend import torch as module
+
+    return module
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the native kernel's calls (skips where it is not built)."""
+    calls = spy_native_calls(monkeypatch)
+    if calls is None:
+        pytest.skip("the native kernel could not be built here")
+    return calls
+
+
+@pytest.fixture
+def without_native(torch_backend, monkeypatch):
+    """torch with the native kernel not built (as where it cannot be),
+    native kernels on, and no compiled function nor failure yet: the
+    `torch.compile` path runs."""
+    monkeypatch.setattr(torch_backend, "_compiled", {})
+    monkeypatch.setattr(torch_backend, "_failed", [])
+    monkeypatch.setattr(build, "_state", {"library": None})
+    monkeypatch.setattr(config, "_enabled", None)
+    monkeypatch.delenv(config.COMPILE_ENV, raising=False)
+    return torch_backend
+
+
+@pytest.fixture
+def compiled_names(without_native, monkeypatch):
+    """`_compile` replaced by the function itself (run eagerly): records
+    the names of the functions it was given."""
+    names = []
+
+    def record(function):
+        names.append(function.__name__)
+        return function
+
+    monkeypatch.setattr(without_native, "_compile", record)
+    return names
+
+
+def _tensor(x):
+    import torch
+
+    return torch.tensor(x)
+
+
+# --- Where the native kernel runs ------------------------------------------
+
+
+def test_in_trace_and_exporting(torch_backend, monkeypatch):
+    import torch
+
+    assert not torch_backend.in_trace(None)
+    assert not torch_backend.exporting()
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    assert torch_backend.in_trace(None) and torch_backend.exporting()
+
+
+def test_native_forward_needs_float32_cpu_tensors(torch_backend):
+    import torch
+
+    layer = MIDL(UNITS)
+    layer.build((None, INPUT_DIM))
+    weights = dispatch.layer_weights(layer)
+    on_meta = torch.empty((1, INPUT_DIM), device="meta")
+    assert torch_backend.native_forward(on_meta, weights, layer.k) is None
+    double = torch.zeros((1, INPUT_DIM), dtype=torch.float64)
+    assert torch_backend.native_forward(double, weights, layer.k) is None
+
+
+def test_jit_trace_records_the_masked_path(native_calls, rng):
+    """The ONNX exporter traces with `torch.jit.trace`: it records the
+    masked path (the gathered one's scatter has no ONNX op), never the
+    native call."""
+    import torch
+
+    masked, layer = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
+    x = _tensor(rng.normal(size=(2, INPUT_DIM)).astype("float32"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings
+        traced = torch.jit.trace(layer, (x,), check_trace=False)
+    assert not native_calls
+    np.testing.assert_allclose(
+        as_numpy(traced(x)),
+        as_numpy(masked(x, training=False)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AttributeError,
+    reason="library bug: backend/torch.py `compiled_gathered` calls "
+    "`inputs.to(...)` on the inputs as given; `stateless_call` passes a "
+    "NumPy array on unconverted (`native_forward` declines it: its "
+    "`.device` is the string 'cpu')",
+)
+def test_stateless_call_of_numpy_inputs_on_the_gathered_path(rng):
+    masked, layer = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
+    x = rng.normal(size=(2, INPUT_DIM)).astype("float32")
+    outputs, _ = layer.stateless_call(
+        [v.value for v in layer.trainable_variables],
+        [v.value for v in layer.non_trainable_variables],
+        x,
+        training=False,
+    )
+    np.testing.assert_allclose(
+        as_numpy(outputs),
+        as_numpy(masked(x, training=False)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+# --- SelectGather: the native kernel's gradient -----------------------------
+
+
+def test_native_gradient_equals_the_reference(
+    torch_backend, native_calls, rng
+):
+    """Gradients through the native forward (inputs, kernel, bias) equal
+    those of the `keras.ops` gathered path."""
+    import torch
+
+    _, layer = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
+    weights = dispatch.layer_weights(layer)
+    x = rng.normal(size=(2, INPUT_DIM)).astype("float32")
+    seed = _tensor(rng.normal(size=(2, UNITS)).astype("float32"))
+    gradients = []
+    for native in (True, False):
+        inputs = torch.tensor(x, requires_grad=True)
+        for name in ("kernel", "bias"):
+            weights[name].grad = None
+        if native:
+            outputs = torch_backend.native_forward(inputs, weights, layer.k)
+        else:
+            outputs = gathered.gathered_outputs(inputs, weights, layer.k)
+        (outputs * seed).sum().backward()
+        gradients.append(
+            [
+                inputs.grad.numpy(),
+                weights["kernel"].grad.numpy().copy(),
+                weights["bias"].grad.numpy().copy(),
+            ]
+        )
+    assert "select_gather_pointers" in native_calls
+    for native_gradient, reference in zip(*gradients):
+        np.testing.assert_allclose(
+            native_gradient, reference, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_select_gather_gradient_of_the_full_and_light_paths(
+    torch_backend, rng
+):
+    """`SelectGather`: the gradient of the selected outputs goes to the
+    rows, the kernel and the bias, that of the others to the light path
+    `base`; the logits get none (the selection is held fixed)."""
+    import torch
+
+    from keras_midl import native
+
+    if not native.available():
+        pytest.skip("the native kernel could not be built here")
+    rows_count, k = 3, 5
+    logits = torch.tensor(
+        rng.normal(size=(rows_count, UNITS)).astype("float32"),
+        requires_grad=True,
+    )
+    tensors = [
+        torch.tensor(
+            rng.normal(size=shape).astype("float32"), requires_grad=True
+        )
+        for shape in (
+            (rows_count, INPUT_DIM),
+            (UNITS, INPUT_DIM),
+            (UNITS,),
+            (rows_count, UNITS),
+        )
+    ]
+    rows, kernel, bias, base = tensors
+    outputs = torch_backend.SelectGather.apply(
+        logits, rows, kernel, bias, base, k
+    )
+    mask = torch.zeros_like(logits)
+    mask.scatter_(1, torch.topk(logits.detach(), k).indices, 1.0)
+    reference = mask * (rows @ kernel.T + bias) + (1 - mask) * base
+    np.testing.assert_allclose(
+        outputs.detach().numpy(),
+        reference.detach().numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    seed = _tensor(rng.normal(size=(rows_count, UNITS)).astype("float32"))
+    grads = torch.autograd.grad(
+        (outputs * seed).sum(), [logits, *tensors], allow_unused=True
+    )
+    expected = torch.autograd.grad((reference * seed).sum(), tensors)
+    assert grads[0] is None or not grads[0].any()
+    for grad, reference_grad in zip(grads[1:], expected):
+        np.testing.assert_allclose(
+            grad.numpy(), reference_grad.numpy(), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_layer_gradient_through_the_native_kernel(native_calls, rng):
+    """An inference call with gradients recorded (no `no_grad`) runs the
+    native kernel, and the full and light paths' weights get the masked
+    path's gradients."""
+    import torch
+
+    masked, layer = make_pair((3, INPUT_DIM), **CONFIGS["k_half"])
+    x = _tensor(rng.normal(size=(3, INPUT_DIM)).astype("float32"))
+    seed = _tensor(rng.normal(size=(3, UNITS)).astype("float32"))
+    names = ("kernel", "bias", "light_kernel", "light_bias")
+    grads = []
+    for model in (layer, masked):
+        variables = [getattr(model, name).value for name in names]
+        outputs = model(x, training=False)
+        grads.append(torch.autograd.grad((outputs * seed).sum(), variables))
+    assert "select_gather_pointers" in native_calls
+    for name, native_grad, masked_grad in zip(names, *grads):
+        np.testing.assert_allclose(
+            native_grad.numpy(),
+            masked_grad.numpy(),
+            rtol=1e-5,
+            atol=1e-5,
+            err_msg=name,
+        )
+
+
+# --- torch_forward: the gathered path in torch ops ----------------------------
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_torch_forward_equals_the_reference(torch_backend, rows, rng):
+    layer = MIDL(UNITS, k_ratio=0.25, bias_initializer="random_normal")
+    layer.build((None, INPUT_DIM))
+    # Ties in the gate logits: the lowest index wins, as in topk_mask.
+    layer.gate_kernel.assign(np.zeros((layer.effective_rank, UNITS)))
+    bias = np.round(rng.normal(size=(UNITS,)), 0).astype("float32")
+    layer.gate_bias.assign(bias)
+    weights = dispatch.layer_weights(layer)
+    x = _tensor(rng.normal(size=(rows, INPUT_DIM)).astype("float32"))
+    arguments = [weights[name] for name in torch_backend._ARGUMENTS]
+    outputs = torch_backend.torch_forward(x, *arguments, layer.k)
+    np.testing.assert_allclose(
+        as_numpy(outputs),
+        as_numpy(layer.masked_outputs(x)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_one_compiled_function_per_layer_shape(compiled_names, rng):
+    """One `torch.compile` per layer shape (a code object of its own, so
+    that shapes do not share a recompile limit); batch sizes share it."""
+    for units in (UNITS, UNITS, 2 * UNITS):
+        masked, layer = make_pair((1, INPUT_DIM), units=units, k_ratio=0.5)
+        for rows in (1, 3):
+            x = _tensor(rng.normal(size=(rows, INPUT_DIM)).astype("float32"))
+            np.testing.assert_allclose(
+                as_numpy(layer(x, training=False)),
+                as_numpy(masked(x, training=False)),
+                rtol=1e-5,
+                atol=1e-5,
+            )
+    assert len(compiled_names) == 2
+    assert all(n.startswith("midl_gathered_") for n in compiled_names)
+    assert len(set(compiled_names)) == 2
+
+
+def test_auto_without_the_native_kernel_runs_masked(compiled_names, rng):
+    """torch's `"auto"` rule is the native kernel's: without it the masked
+    path runs, and nothing is compiled."""
+    masked, layer = make_pair((1, INPUT_DIM), k_ratio=0.25)
+    layer.inference_path = "auto"
+    x = _tensor(rng.normal(size=(1, INPUT_DIM)).astype("float32"))
+    np.testing.assert_allclose(
+        as_numpy(layer(x, training=False)),
+        as_numpy(masked(x, training=False)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert not compiled_names
+
+
+# --- torch.compile: its failure and the opt-out ----------------------------
+
+
+def test_compile_failure_falls_back_with_one_warning(
+    without_native, monkeypatch, rng
+):
+    attempts = []
+
+    def failing_compile(function):
+        def compiled(*args):
+            attempts.append(1)
+            raise RuntimeError("simulated: no C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(without_native, "_compile", failing_compile)
+    masked, layer = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
+    x = _tensor(rng.normal(size=(2, INPUT_DIM)).astype("float32"))
+    expected = as_numpy(masked(x, training=False))
+    with pytest.warns(RuntimeWarning, match="simulated: no C"):
+        outputs = as_numpy(layer(x, training=False))
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        outputs = as_numpy(layer(x, training=False))
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+    assert len(attempts) == 1  # not retried
+    assert len(without_native._failed) == 1
+
+
+@pytest.mark.parametrize("how", ["environment", "function"])
+def test_compile_opt_out(how, without_native, monkeypatch, rng):
+    def no_compile(function):
+        raise AssertionError("compiled despite the opt-out")
+
+    monkeypatch.setattr(without_native, "_compile", no_compile)
+    if how == "environment":
+        monkeypatch.setenv(config.COMPILE_ENV, "0")
+    else:
+        config.disable_native_kernels()
+    masked, layer = make_pair((1, INPUT_DIM), **CONFIGS["k_half"])
+    x = _tensor(rng.normal(size=(1, INPUT_DIM)).astype("float32"))
+    np.testing.assert_allclose(
+        as_numpy(layer(x, training=False)),
+        as_numpy(masked(x, training=False)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_torch_compile_of_the_eager_gathered_call(without_native, rng):
+    """The real `torch.compile` of the gathered path, in an eager call the
+    native kernel cannot take."""
+    masked, layer = make_pair((1, INPUT_DIM), **CONFIGS["k_half"])
+    x = _tensor(rng.normal(size=(1, INPUT_DIM)).astype("float32"))
+    np.testing.assert_allclose(
+        as_numpy(layer(x, training=False)),
+        as_numpy(masked(x, training=False)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert len(without_native._compiled) == 1
+    assert not without_native._failed
+
+
+def test_a_callers_torch_compile_never_runs_the_native_kernel(
+    torch_backend, native_calls, monkeypatch, rng
+):
+    """Inside a caller's `torch.compile` the gathered path is traced inline
+    in torch ops (`torch_forward`), never the native call."""
+    import torch
+
+    monkeypatch.setattr(torch_backend, "_failed", [])
+    masked, layer = make_pair((1, INPUT_DIM), **CONFIGS["k_half"])
+    x = _tensor(rng.normal(size=(1, INPUT_DIM)).astype("float32"))
+    compiled = torch.compile(lambda x: layer(x, training=False))
+    with torch.no_grad():
+        outputs = as_numpy(compiled(x))
+    np.testing.assert_allclose(
+        outputs,
+        as_numpy(masked(x, training=False)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    assert not native_calls
+    assert not torch_backend._failed
