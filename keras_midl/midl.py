@@ -328,7 +328,7 @@ class MIDL(keras.layers.Layer):
             self.seed_generator = keras.random.SeedGenerator(seed)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
-        self._compiled_calls = {}
+        self._compiled_calls = dispatch.CompiledCalls()
 
     @property
     def selection_method(self):

@@ -181,13 +181,6 @@ def test_eager_calls_of_five_batch_sizes_do_not_retrace(
     assert not retracing, retracing
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: every layer's compiled eager call is a "
-    "tf.function of the same code object (dispatch._compiled_layer_call's "
-    "`call`), and TensorFlow counts retracing per code object: six layers "
-    "traced once each warn",
-)
 def test_a_model_of_six_layers_called_once_does_not_warn(
     fresh_retracing_detector, tf_log, rng
 ):
@@ -393,14 +386,6 @@ def test_savedmodel_export_of_the_gathered_path(path, tmp_path, rng):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="library bug: `MIDL._compiled_calls`, a dict assigned in "
-    "`MIDL.__init__`, is tracked by TensorFlow (a DictWrapper); after an "
-    "eager call it holds a tf.function under a tuple key, which "
-    "`model.export` refuses (non-string key)",
-)
 def test_savedmodel_export_after_an_eager_call(tmp_path, rng):
     model = keras.Sequential([keras.Input((INPUT_DIM,)), MIDL(UNITS)])
     x = rng.normal(size=(2, INPUT_DIM)).astype("float32")

@@ -124,14 +124,6 @@ def test_jit_trace_records_the_masked_path(native_calls, rng):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="library bug: backend/torch.py `compiled_gathered` calls "
-    "`inputs.to(...)` on the inputs as given; `stateless_call` passes a "
-    "NumPy array on unconverted (`native_forward` declines it: its "
-    "`.device` is the string 'cpu')",
-)
 def test_stateless_call_of_numpy_inputs_on_the_gathered_path(rng):
     masked, layer = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
     x = rng.normal(size=(2, INPUT_DIM)).astype("float32")

@@ -13,11 +13,13 @@ on backends without a module of their own, such as NumPy's):
   data-dependent branches and records no custom gradient.
 * `native_forward(inputs, weights, k)`: a layer's gathered forward in
   the native kernel, or `None` where it cannot run here (device, dtype).
-* `compiled_gathered(inputs, weights, options)`: the gathered forward
-  compiled by the backend for an eager call, or `None`.
-* `compiled_layer_call(layer, key, inputs)`: the layer's masked
-  inference compiled for an eager call, or `None`.
-* `training_topk_mask(scores, k, method)`: the training selection.
+* `compiled_gathered(inputs, weights, k)`: the gathered forward compiled
+  by the backend (torch: `torch.compile`), or `None` for `keras.ops`.
+* `compile_layer_call(call)`: `call(trainable, non_trainable, x)`, a
+  layer's inference, compiled for eager calls (`tf.function`,
+  `jax.jit`), or `None` where eager calls are not compiled.
+* `compiled_selection(select, scores)`: the training selection
+  `select(scores)`, compiled where that pays (XLA on TensorFlow).
 """
 
 import keras

@@ -24,13 +24,14 @@ The rule, explicit and the same for every model:
   JAX the layer's whole inference call runs as one compiled function (a
   `tf.function`, `jax.jit`), cached on the layer and keyed on everything
   the trace depends on (`k`, the activation, the paths, the dtype policy,
-  the quantization mode, the switch); on PyTorch the gathered path runs
+  the quantization mode); on PyTorch the gathered path runs
   through `torch.compile`, else `keras.ops`.
 
 `"auto"` in eager calls follows `NATIVE_AUTO_RULES`, measured with the
 native kernel (`benchmarks/latency.py`).
 """
 
+import types
 import typing
 import weakref
 
@@ -176,6 +177,7 @@ def inference(layer, inputs):
     the module docstring, or `None` where the caller runs the masked path
     inline."""
     module = backends.current()
+    inputs = ops.convert_to_tensor(inputs)
     if module.exporting():
         # A tracing exporter records the masked path: the gathered one's
         # scatter becomes `aten::ravel`, which ONNX opset 20 lacks.
@@ -245,6 +247,33 @@ def _gathered(layer, inputs, module):
     )
 
 
+class CompiledCalls:
+    """A layer's compiled eager calls, keyed on what their traces depend
+    on. A plain object, not a dict: Keras and TensorFlow track the dicts a
+    layer holds (and an export then refuses their tuple keys)."""
+
+    def __init__(self):
+        self._functions = {}
+
+    def __contains__(self, key):
+        return key in self._functions
+
+    def __getitem__(self, key):
+        return self._functions[key]
+
+    def __setitem__(self, key, function):
+        self._functions[key] = function
+
+    def __len__(self):
+        return len(self._functions)
+
+    def values(self):
+        return self._functions.values()
+
+    def clear(self):
+        self._functions.clear()
+
+
 def _call_key(layer):
     """Everything a compiled inference call depends on, besides the
     weights (passed as arguments) and the input shape."""
@@ -272,6 +301,16 @@ def _compiled_layer_call(layer, module):
             )
             return outputs
 
+        # A code object of its own per compiled call: TensorFlow counts
+        # retracing per code object, so layers sharing one would warn.
+        name = f"midl_inference_{len(cache)}_{id(layer):x}"
+        call = types.FunctionType(
+            call.__code__.replace(co_name=name),
+            call.__globals__,
+            name,
+            call.__defaults__,
+            call.__closure__,
+        )
         cache[key] = module.compile_layer_call(call)
     function = cache[key]
     if function is None:
