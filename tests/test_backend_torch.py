@@ -400,3 +400,40 @@ def test_a_callers_torch_compile_never_runs_the_native_kernel(
     )
     assert not native_calls
     assert not torch_backend._failed
+
+
+def test_select_gather_reads_a_bias_that_outlives_the_call(
+    torch_backend, native_calls, monkeypatch, rng
+):
+    """A non-contiguous bias is copied to a contiguous tensor held until
+    the C call returns (the old code passed the address of a temporary
+    that was freed before the call). Allocations of the same size before
+    the call would reuse a freed buffer and fill it with garbage."""
+    import torch
+
+    from keras_midl.native import kernels
+
+    units, dim, k = 64, 16, 20
+    real = kernels.select_gather_pointers
+
+    def allocate_then_call(*args):
+        garbage = [torch.full((units,), 1e6) for _ in range(8)]
+        real(*args)
+        del garbage
+
+    monkeypatch.setattr(kernels, "select_gather_pointers", allocate_then_call)
+    logits = torch.tensor(rng.normal(size=(3, units)).astype("float32"))
+    rows = torch.tensor(rng.normal(size=(3, dim)).astype("float32"))
+    kernel = torch.tensor(rng.normal(size=(units, dim)).astype("float32"))
+    strided = torch.tensor(rng.normal(size=(2 * units,)).astype("float32"))
+    bias = strided[::2]  # not contiguous: the kernel needs a copy
+    base = torch.zeros((3, units))
+    outputs = torch_backend.SelectGather.apply(
+        logits, rows, kernel, bias, base, k
+    )
+    chosen = torch.topk(logits, k).indices
+    want = (rows @ kernel.T + bias).gather(1, chosen)
+    np.testing.assert_allclose(
+        outputs.gather(1, chosen).numpy(), want.numpy(), rtol=1e-5,
+        atol=1e-5,
+    )
