@@ -1,3 +1,11 @@
+"""keras_midl.midl: the MIDL layer (equations, arguments, gate, training,
+mixed precision, Keras's layer contract), its int8 quantization and its
+serialization."""
+
+import inspect
+import os
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +15,7 @@ from backend_utils import variable_gradients
 from keras import ops
 from keras.src import testing as keras_testing
 
+import keras_midl
 from keras_midl import MIDL
 from keras_midl.lowrank import default_rank
 from keras_midl.midl import num_selected
@@ -870,3 +879,463 @@ def test_gate_reports_the_mask_that_predict_uses(policy, after_dense, rng):
     # With no light path and no bias the unselected neurons output 0.
     assert not np.any(outputs[~mask])
     assert (mask.sum(axis=1) == 32).all()
+
+
+# --- int8 quantization (Keras's post-training quantization) -------------
+
+
+
+
+def midl_layer(rng, input_dim=24, units=32, **kwargs):
+    kwargs.setdefault("k_ratio", 0.4)
+    kwargs.setdefault("rank", 4)
+    layer = MIDL(units, activation="relu", **kwargs)
+    layer.build((None, input_dim))
+    for variable in layer.weights:
+        variable.assign(0.3 * rng.normal(size=variable.shape).astype("float32"))
+    return layer
+
+
+def model_with_midl(rng, **kwargs):
+    model = keras.Sequential(
+        [
+            keras.Input((24,)),
+            MIDL(32, k_ratio=0.4, rank=4, activation="relu", **kwargs),
+            keras.layers.Dense(5, name="output"),
+        ]
+    )
+    for variable in model.weights:
+        variable.assign(0.3 * rng.normal(size=variable.shape).astype("float32"))
+    return model
+
+
+def test_int8_stores_the_full_path_kernel_with_per_neuron_scales(rng):
+    layer = midl_layer(rng)
+    kernel = to_numpy(layer.kernel)
+    floats = {
+        name: to_numpy(getattr(layer, name))
+        for name in ("projection", "gate_kernel", "light_kernel", "bias")
+    }
+    layer.quantize("int8")
+    assert layer.quantization_mode == "int8"
+    assert layer.dtype_policy.name == "int8_from_float32"
+    assert keras.backend.standardize_dtype(layer.kernel.dtype) == "int8"
+    assert not layer.kernel.trainable
+    scale = to_numpy(layer.kernel_scale)
+    assert scale.shape == (32,)
+    # One absmax scale per neuron (row of W^T): each row's largest weight
+    # maps to +-127, and dequantizing is within half a step.
+    np.testing.assert_array_equal(
+        np.abs(to_numpy(layer.kernel)).max(axis=1), 127
+    )
+    dequantized = to_numpy(layer.kernel) / scale[:, None]
+    step = 1.0 / scale[:, None]
+    assert np.all(np.abs(dequantized - kernel) <= 0.5 * step + 1e-6)
+    for name, value in floats.items():  # gate, projection, light stay float
+        variable = getattr(layer, name)
+        assert keras.backend.standardize_dtype(variable.dtype) == "float32"
+        np.testing.assert_array_equal(to_numpy(variable), value)
+
+
+@pytest.mark.parametrize("inference_path", ["masked", "gathered"])
+def test_int8_outputs_close_to_float(inference_path, rng):
+    layer = midl_layer(rng, inference_path=inference_path)
+    x = rng.normal(size=(8, 24)).astype("float32")
+    expected = to_numpy(layer(x))
+    layer.quantize("int8")
+    actual = to_numpy(layer(x))
+    # absmax int8 on weights and inputs: about 1% of the output scale.
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(actual, expected, atol=0.02 * scale)
+    assert not np.array_equal(actual, expected)
+
+
+def test_int8_gathered_path_equals_masked_path(rng):
+    layer = midl_layer(rng)
+    layer.quantize("int8")
+    x = rng.normal(size=(6, 24)).astype("float32")
+    masked = to_numpy(layer(x))
+    layer.inference_path = "gathered"
+    np.testing.assert_allclose(to_numpy(layer(x)), masked, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(layer(x[:1])), masked[:1], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_int8_weight_only_config_is_saved(tmp_path, rng):
+    model = model_with_midl(rng)
+    x = rng.normal(size=(8, 24)).astype("float32")
+    config = keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    model.quantize(config=config)
+    layer = model.layers[0]
+    assert layer.inputs_quantizer is None
+    expected = model.predict(x, verbose=0)
+    path = os.path.join(tmp_path, "weight_only.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.layers[0].inputs_quantizer is None
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), expected, atol=1e-6
+    )
+
+
+def test_weight_quantizer_over_the_wrong_axis_is_rejected(rng):
+    layer = midl_layer(rng)
+    config = keras.quantizers.Int8QuantizationConfig(
+        weight_quantizer=keras.quantizers.AbsMaxQuantizer(axis=0)
+    )
+    with pytest.raises(ValueError, match="one scale per neuron.*axis -1"):
+        layer.quantize(config=config)
+
+
+def test_model_quantize_saves_and_loads(tmp_path, rng):
+    model = model_with_midl(rng)
+    x = rng.normal(size=(16, 24)).astype("float32")
+    model.quantize("int8")
+    assert [layer.quantization_mode for layer in model.layers] == [
+        "int8",
+        "int8",
+    ]
+    expected = model.predict(x, verbose=0)
+    path = os.path.join(tmp_path, "int8.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    layer = loaded.layers[0]
+    assert layer.quantization_mode == "int8"
+    assert keras.backend.standardize_dtype(layer.kernel.dtype) == "int8"
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), expected, atol=1e-6
+    )
+    # The int8 kernel makes the file smaller than the float one.
+    float_path = os.path.join(tmp_path, "float.keras")
+    model_with_midl(rng).save(float_path)
+    assert os.path.getsize(path) < os.path.getsize(float_path)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("light_path", ["lowrank", "zero"])
+def test_float_save_load_variable_order(tmp_path, use_bias, light_path, rng):
+    model = model_with_midl(rng, use_bias=use_bias, light_path=light_path)
+    x = rng.normal(size=(8, 24)).astype("float32")
+    path = os.path.join(tmp_path, "float.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    for old, new in zip(model.layers[0].weights, loaded.layers[0].weights):
+        assert old.name == new.name
+        np.testing.assert_array_equal(to_numpy(old), to_numpy(new))
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+
+
+def test_converted_and_quantized_model_saves_and_loads(tmp_path, rng):
+    dense = keras.Sequential(
+        [
+            keras.Input((24,)),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(3),
+        ]
+    )
+    converted = keras_midl.convert(dense, k_ratio=0.5, rank=4)
+    converted.quantize("int8")
+    x = rng.normal(size=(8, 24)).astype("float32")
+    expected = converted.predict(x, verbose=0)
+    path = os.path.join(tmp_path, "converted_int8.keras")
+    converted.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), expected, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("mode", ["int4", "float8"])
+def test_unsupported_modes_raise(mode, rng):
+    layer = midl_layer(rng)
+    with pytest.raises(NotImplementedError, match=f"'int8' only.*'{mode}'"):
+        layer.quantize(mode)
+    assert layer.quantization_mode is None
+
+
+def test_model_quantize_with_unsupported_mode_warns_and_keeps_float(rng):
+    # Keras's `Model.quantize` turns a layer's NotImplementedError into a
+    # warning and quantizes the layers that support the mode.
+    model = model_with_midl(rng)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.quantize("int4")
+    assert any("'int8' only" in str(w.message) for w in caught)
+    assert model.layers[0].quantization_mode is None
+    assert model.layers[1].quantization_mode == "int4"
+
+
+def test_quantize_errors(rng):
+    with pytest.raises(ValueError, match="isn't yet built"):
+        MIDL(4).quantize("int8")
+    layer = midl_layer(rng)
+    layer.quantize("int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        layer.quantize("int8")
+
+
+def test_quantized_model_trains_the_float_parts(rng):
+    model = model_with_midl(rng)
+    model.quantize("int8")
+    layer = model.layers[0]
+    kernel = to_numpy(layer.kernel)
+    gate = to_numpy(layer.gate_kernel)
+    inputs = keras.Input((24,))
+    stem = keras.layers.Dense(24)
+    outer = keras.Model(inputs, model(stem(inputs)))
+    outer.compile(keras.optimizers.SGD(0.05), "mse")
+    stem_kernel = to_numpy(stem.kernel)
+    outer.fit(
+        rng.normal(size=(32, 24)).astype("float32"),
+        rng.normal(size=(32, 5)).astype("float32"),
+        epochs=1,
+        verbose=0,
+    )
+    np.testing.assert_array_equal(to_numpy(layer.kernel), kernel)
+    assert not np.array_equal(to_numpy(layer.gate_kernel), gate)
+    # The custom gradient reaches the layers before the int8 full path.
+    assert not np.array_equal(to_numpy(stem.kernel), stem_kernel)
+
+
+# --- Serialization: get_config, .keras files -------------------------------
+
+LAYER_KWARGS = [
+    {"units": 16},
+    {
+        "units": 16,
+        "k_ratio": 0.3,
+        "rank": 3,
+        "light_path": "zero",
+        "temperature": 0.5,
+        "gate_noise": 0.2,
+        "balance_weight": 0.05,
+        "activation": "relu",
+        "use_bias": False,
+        "kernel_initializer": "he_normal",
+        "bias_initializer": "ones",
+        "kernel_regularizer": "l2",
+        "bias_regularizer": "l1",
+        "activity_regularizer": "l2",
+        "kernel_constraint": "max_norm",
+        "bias_constraint": "non_neg",
+        "selection": "bisection",
+        "inference_path": "gathered",
+        "seed": 3,
+        "name": "gated",
+    },
+]
+
+
+# Two sets of non-default values for every argument: a `get_config` that
+# writes a constant, or the default, for any argument fails on one of them.
+OTHER_KWARGS = {
+    "units": 7,
+    "k_ratio": 0.6,
+    "rank": 5,
+    "light_path": "lowrank",
+    "temperature": 2.5,
+    "gate_noise": 0.7,
+    "balance_weight": 1.5,
+    "activation": "tanh",
+    "use_bias": True,
+    "kernel_initializer": "lecun_uniform",
+    "bias_initializer": "random_normal",
+    "kernel_regularizer": "l1",
+    "bias_regularizer": "l2",
+    "activity_regularizer": "l1",
+    "kernel_constraint": "unit_norm",
+    "bias_constraint": "max_norm",
+    "selection": "top_k",
+    "inference_path": "auto",
+    "seed": 11,
+    "name": "other",
+}
+OBJECT_ARGUMENTS = {
+    "activation": keras.activations,
+    "kernel_initializer": keras.initializers,
+    "bias_initializer": keras.initializers,
+    "kernel_regularizer": keras.regularizers,
+    "bias_regularizer": keras.regularizers,
+    "activity_regularizer": keras.regularizers,
+    "kernel_constraint": keras.constraints,
+    "bias_constraint": keras.constraints,
+}
+
+
+def test_every_argument_is_tested():
+    arguments = set(inspect.signature(MIDL.__init__).parameters)
+    arguments -= {"self", "kwargs", "quantization_config"}
+    assert arguments <= set(OTHER_KWARGS) and arguments <= set(LAYER_KWARGS[1])
+
+
+@pytest.mark.parametrize("kwargs", [LAYER_KWARGS[1], OTHER_KWARGS])
+def test_config_holds_each_constructor_argument(kwargs):
+    config = MIDL(**kwargs).get_config()
+    for key, value in kwargs.items():
+        if key in OBJECT_ARGUMENTS:
+            module = OBJECT_ARGUMENTS[key]
+            expected = module.serialize(module.get(value))
+            assert config[key] == expected, key
+            assert type(module.get(config[key])) is type(module.get(value))
+        else:
+            assert config[key] == value, key
+            assert type(config[key]) is type(value), key
+
+
+def test_config_holds_the_defaults():
+    config = MIDL(5).get_config()
+    for name, parameter in inspect.signature(MIDL.__init__).parameters.items():
+        if parameter.default is inspect.Parameter.empty:
+            continue
+        if name in OBJECT_ARGUMENTS:
+            module = OBJECT_ARGUMENTS[name]
+            expected = module.serialize(module.get(parameter.default))
+            assert config[name] == expected, name
+        elif name != "quantization_config":
+            assert config[name] == parameter.default, name
+
+
+@pytest.mark.parametrize("kwargs", LAYER_KWARGS)
+def test_config_round_trip(kwargs, rng):
+    layer = MIDL(**kwargs)
+    x = rng.normal(size=(4, 10)).astype("float32")
+    expected = ops.convert_to_numpy(layer(x))
+    config = layer.get_config()
+    for key in kwargs:
+        assert key in config, key
+    clone = MIDL.from_config(config)
+    assert clone.get_config() == config
+    clone.build((None, 10))
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(ops.convert_to_numpy(clone(x)), expected)
+
+
+def test_serialize_deserialize_by_registered_name():
+    config = keras.saving.serialize_keras_object(MIDL(8, k_ratio=0.25))
+    assert config["registered_name"] == "keras_midl>MIDL"
+    layer = keras.saving.deserialize_keras_object(config)
+    assert isinstance(layer, MIDL) and layer.k == 2
+
+
+def sequential_model():
+    return keras.Sequential(
+        [
+            keras.Input((10,)),
+            MIDL(16, k_ratio=0.4, activation="relu", gate_noise=0.1, seed=1),
+            MIDL(8, k_ratio=0.5, light_path="zero"),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def functional_model():
+    inputs = keras.Input((5, 10))
+    hidden = MIDL(16, k_ratio=0.4, activation="relu")(inputs)
+    outputs = keras.layers.Dense(3)(
+        keras.layers.GlobalAveragePooling1D()(hidden)
+    )
+    return keras.Model(inputs, outputs)
+
+
+@keras.saving.register_keras_serializable(package="keras_midl_tests")
+class Subclassed(keras.Model):
+    def __init__(self, units=16, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.hidden = MIDL(units, k_ratio=0.4, activation="relu")
+        self.head = keras.layers.Dense(3)
+
+    def call(self, inputs):
+        return self.head(self.hidden(inputs))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+@pytest.mark.parametrize(
+    "make_model, input_shape",
+    [
+        (sequential_model, (6, 10)),
+        (functional_model, (6, 5, 10)),
+        (Subclassed, (6, 10)),
+    ],
+)
+def test_keras_file_round_trip(make_model, input_shape, tmp_path, rng):
+    model = make_model()
+    x = rng.normal(size=input_shape).astype("float32")
+    y = rng.integers(0, 3, size=(input_shape[0],))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=1, verbose=0)
+    expected = model.predict(x, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    np.testing.assert_array_equal(restored.predict(x, verbose=0), expected)
+    midl_layers = [
+        layer for layer in restored._flatten_layers() if isinstance(layer, MIDL)
+    ]
+    assert midl_layers
+
+
+def noisy_model():
+    return keras.Sequential(
+        [
+            keras.Input((10,)),
+            MIDL(
+                16,
+                k_ratio=0.4,
+                temperature=0.3,
+                gate_noise=1.5,
+                seed=13,
+                activation="relu",
+                bias_initializer="random_normal",
+            ),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def test_reloaded_layer_trains_identically(tmp_path, rng):
+    """A model reloaded from a `.keras` file trains as the original: the
+    same gate noise draws (`gate_noise`, `seed`), the same gradients
+    (`temperature`, ...), so the same weights after each step.
+
+    Saved before any noisy call: the state of the noise generator is not
+    part of the saved weights (as for Keras's Dropout), so a model saved
+    after training draws its noise sequence from the start again.
+    """
+    model = noisy_model()
+    path = tmp_path / "noisy.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    probe = keras.saving.load_model(path).layers[0]
+    x = rng.normal(size=(32, 10)).astype("float32")
+    y = rng.integers(0, 3, size=(32,))
+    # The noise changes the selection: a reload that lost it would differ.
+    assert not np.array_equal(
+        ops.convert_to_numpy(probe(x, training=True)),
+        ops.convert_to_numpy(probe(x, training=False)),
+    )
+    for each in (model, restored):
+        each.compile(
+            keras.optimizers.SGD(0.1),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+    for _ in range(2):
+        losses = [each.train_on_batch(x, y) for each in (model, restored)]
+        np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    for weight, restored_weight in zip(model.weights, restored.weights):
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(restored_weight),
+            ops.convert_to_numpy(weight),
+            rtol=1e-6,
+            atol=1e-7,
+            err_msg=weight.path,
+        )
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(restored.layers[0](x, training=True)),
+        ops.convert_to_numpy(model.layers[0](x, training=True)),
+    )

@@ -18,6 +18,8 @@ on backends without a module of their own, such as NumPy's):
 * `compile_layer_call(call)`: `call(trainable, non_trainable, x)`, a
   layer's inference, compiled for eager calls (`tf.function`,
   `jax.jit`), or `None` where eager calls are not compiled.
+* `read_value(value)`: a variable's value as a tensor, for the ops that
+  must not take the variable itself.
 * `compiled_selection(select, scores)`: the training selection
   `select(scores)`, compiled where that pays (XLA on TensorFlow).
 """

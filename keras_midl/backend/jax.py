@@ -44,6 +44,11 @@ def compiled_gathered(inputs, weights, k):
     return None
 
 
+def read_value(value):
+    """The value as it is (JAX variables are arrays)."""
+    return value
+
+
 def compile_layer_call(call):
     """`call(trainable, non_trainable, x)` under `jax.jit`: run op by op,
     MIDL's gate (a `fori_loop` for the bisection) costs 10-50x a Dense

@@ -75,6 +75,12 @@ def compiled_gathered(inputs, weights, k):
     return None
 
 
+def read_value(value):
+    """A variable's value as a tensor (a tensor as it is): gathering from
+    a variable (`ResourceGather`) would switch it to copy-on-read."""
+    return tf.convert_to_tensor(value)
+
+
 def compile_layer_call(call):
     """`call(trainable, non_trainable, x)` as one `tf.function` (without
     XLA, as Keras's `predict`): run op by op, MIDL's gate costs 10-50x a

@@ -281,6 +281,11 @@ def compiled_gathered(inputs, weights, k):
     return outputs.reshape(*inputs.shape[:-1], units)
 
 
+def read_value(value):
+    """The value as it is (torch variables are tensors)."""
+    return value
+
+
 def compile_layer_call(call):
     """torch runs eagerly; its kernels are few and large."""
     return None

@@ -34,6 +34,7 @@ True
 
 from keras import ops
 
+from keras_midl import backend as backends
 from keras_midl.ops.selection import topk_mask
 
 # Rows of `W^T` gathered per step by the chunked formulation: 256 rows of
@@ -122,6 +123,14 @@ def gathered_full_path(
         Tensor `(rows, k)`.
     """
     k = selected.shape[-1]
+    # Read values, not variables: TensorFlow gathers from a variable with
+    # `ResourceGather`, which switches the variable to copy-on-read for
+    # good, and every later read of it (the native kernel's included)
+    # then copies the whole kernel (8 ms for 4096 x 4096 here).
+    read = backends.current().read_value
+    kernel = read(kernel)
+    kernel_scale = None if kernel_scale is None else read(kernel_scale)
+    bias = None if bias is None else read(bias)
     if chunk is None or chunk >= k:
         weights = ops.cast(ops.take(kernel, selected, axis=0), compute_dtype)
         values = _dot_selected(rows, weights)
