@@ -106,7 +106,7 @@ def transposed_dense():
             self.bias = self.add_weight(shape=(self.units,),
                                         initializer="zeros")
 
-        def call(self, inputs):
+        def call(self, inputs, training=None):
             outputs = _matmul_transposed(inputs, self.kernel) + self.bias
             return self.activation(outputs)
 

@@ -239,7 +239,7 @@ def _gathered(layer, inputs, module):
         inputs,
         weights,
         layer.k,
-        selection=layer.inference_selection_method,
+        selection=layer.inference_selection_method(static_rows(inputs)),
         compute_dtype=layer.compute_dtype,
         gate_dtype=layer.gate_dtype,
         inputs_quantizer=quantizer,
@@ -280,7 +280,7 @@ def _call_key(layer):
     return (
         layer.k,
         layer.inference_path,
-        layer.inference_selection_method,
+        layer.selection,
         layer.activation,
         layer.quantization_mode,
         layer.dtype_policy.name,

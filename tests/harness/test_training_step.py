@@ -48,7 +48,8 @@ def test_the_transposed_dense_computes_dense(rng):
     layer(x)
     kernel = ops.convert_to_numpy(layer.kernel)
     np.testing.assert_allclose(
-        ops.convert_to_numpy(layer(x)), np.maximum(x @ kernel.T, 0),
+        ops.convert_to_numpy(layer(x, training=False)),
+        np.maximum(x @ kernel.T, 0),
         rtol=1e-5, atol=1e-6,
     )
 
