@@ -1339,3 +1339,17 @@ def test_reloaded_layer_trains_identically(tmp_path, rng):
         ops.convert_to_numpy(restored.layers[0](x, training=True)),
         ops.convert_to_numpy(model.layers[0](x, training=True)),
     )
+
+
+@pytest.mark.parametrize("rows", [None, 1, 16, 17, 256])
+def test_inference_selection_method(rows):
+    """Exportable `top_k` on TensorFlow for traces of an unknown batch
+    size and small batches, the backend's training method elsewhere; an
+    explicit `selection` everywhere."""
+    layer = MIDL(8)
+    if BACKEND == "tensorflow" and (rows is None or rows <= 16):
+        assert layer.inference_selection_method(rows) == "top_k"
+    else:
+        assert layer.inference_selection_method(rows) == layer.selection_method
+    explicit = MIDL(8, selection="bisection")
+    assert explicit.inference_selection_method(rows) == "bisection"
