@@ -1,22 +1,9 @@
 """From a trained Dense model to a MIDL one: `convert` and its helpers.
 
-A trained `Dense` layer maps onto MID-L's parts: the full path is the Dense
-layer itself (`W`, `b`); the light path is its best rank-`r` approximation,
-from the truncated SVD `W ~ P_r S_r Q_r^T` with the singular values split
-between the two factors,
-
-```
-V = P_r sqrt(S_r)        (d, r)   projection
-U = sqrt(S_r) Q_r^T      (r, n)   light kernel, b_lite = b
-```
-
-so that `z U = x V U` is the best rank-`r` approximation of `x W`
-(Eckart-Young). The gate starts as `G = U`, `c = b` (`gate_init="lowrank"`):
-its logits are the light path's approximate pre-activations, so it first
-picks the neurons whose pre-activation is largest. Under ReLU those are the
-ones most likely to be non-zero, the observation behind the
-contextual-sparsity systems (Deja Vu, TEAL, CATS).
-`benchmarks/convert.py` compares it with a random gate.
+Each chosen Dense layer becomes `MIDL.from_dense` of it: the Dense layer
+as the full path, its truncated SVD as the light path and the gate's start
+(`keras_midl.lowrank`). `benchmarks/convert.py` compares that gate with a
+random one.
 
 With `k_ratio=1` every neuron takes the full path and the converted model
 predicts what the original does, up to float rounding.

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from inference_utils import spy_native_calls
 
 
 @pytest.fixture(autouse=True)
@@ -15,3 +16,12 @@ def _seed_everything():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the native kernel's calls (skips where it is not built)."""
+    calls = spy_native_calls(monkeypatch)
+    if calls is None:
+        pytest.skip("the native kernel could not be built here")
+    return calls

@@ -18,7 +18,6 @@ from inference_utils import INPUT_DIM
 from inference_utils import UNITS
 from inference_utils import as_numpy
 from inference_utils import make_pair
-from inference_utils import spy_native_calls
 
 from keras_midl import config
 from keras_midl.midl import MIDL
@@ -36,15 +35,6 @@ def torch_backend():
     from keras_midl.backend import torch as module
 
     return module
-
-
-@pytest.fixture
-def native_calls(monkeypatch):
-    """Counts the native kernel's calls (skips where it is not built)."""
-    calls = spy_native_calls(monkeypatch)
-    if calls is None:
-        pytest.skip("the native kernel could not be built here")
-    return calls
 
 
 @pytest.fixture

@@ -4,10 +4,11 @@
 backends (Keras has no SavedModel export from torch). ONNX export works on
 TensorFlow with the default selection (an export's trace, of an unknown
 batch size, selects with `top_k` there: tf2onnx converts no bitcast nor
-bitwise op, which the training selection `"bisection"` uses) and on torch, where the exporter records
-the masked inference path (the gathered path's `scatter_update` lowers to
-`aten::ravel`, which the exporter does not convert). The reloaded models
-must give the Keras model's predictions to `atol=1e-5`.
+bitwise op, which the training selection `"bisection"` uses) and on
+torch, where the exporter records the masked inference path (the gathered
+path's `scatter_update` lowers to `aten::ravel`, which the exporter does
+not convert). The reloaded models must give the Keras model's predictions
+to `atol=1e-5`.
 """
 
 import os

@@ -26,6 +26,18 @@ on backends without a module of their own, such as NumPy's):
 
 import keras
 
+# A MIDL layer's weights as the inference paths take them, in order.
+WEIGHT_NAMES = (
+    "kernel",
+    "bias",
+    "projection",
+    "gate_kernel",
+    "gate_bias",
+    "light_kernel",
+    "light_bias",
+    "kernel_scale",
+)
+
 
 def current():
     """The module of the backend in use."""

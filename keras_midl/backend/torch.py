@@ -8,20 +8,12 @@ import warnings
 import torch
 
 from keras_midl import config
+from keras_midl.backend import WEIGHT_NAMES
 from keras_midl.native import kernels
 
 FLOAT32_TINY = 1.1754944e-38  # smallest normal float32
 # `torch_forward`'s weight arguments, in order.
-_ARGUMENTS = (
-    "kernel",
-    "bias",
-    "projection",
-    "gate_kernel",
-    "gate_bias",
-    "light_kernel",
-    "light_bias",
-    "kernel_scale",
-)
+_ARGUMENTS = WEIGHT_NAMES
 _compiled = {}
 _failed = []
 

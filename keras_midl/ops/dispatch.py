@@ -44,16 +44,7 @@ from keras_midl import native
 from keras_midl.ops import gathered
 from keras_midl.ops.selection import topk_mask
 
-WEIGHT_NAMES = (
-    "kernel",
-    "bias",
-    "projection",
-    "gate_kernel",
-    "gate_bias",
-    "light_kernel",
-    "light_bias",
-    "kernel_scale",
-)
+WEIGHT_NAMES = backends.WEIGHT_NAMES
 
 
 class AutoRule(typing.NamedTuple):
@@ -66,26 +57,37 @@ class AutoRule(typing.NamedTuple):
     max_k_ratio: float
 
 
-# Where benchmarks/latency.py measured the native kernel faster than the
-# masked path (one thread, d = n from 1024, k_ratio up to 0.75):
+# Where benchmarks/latency.py (the grid in benchmarks/results/latency/
+# latency.md: one thread, d = n in {1024, ..., 8192}, batch 1-256,
+# k_ratio 0.25-0.75) measured the eager native call faster than the
+# masked path in a compiled forward (an eager masked call also pays
+# Keras's eager layer call, so these rules lean towards masked):
 # * torch: 1-8 rows at every measured size;
-# * tensorflow: 1-8 rows (at 16 rows from d = n = 2048 masked wins);
-# * jax: 1-2 rows with k_ratio <= 0.45; from 4 rows, or at k_ratio 0.75,
-#   XLA's matmul in MIDL's layout is as fast or faster.
+# * tensorflow: 1-8 rows from d = n = 4096 (one cell at 0.94x, k_ratio
+#   0.75, batch 1); at 1024 and 2048 the private tf.function's dispatch
+#   costs more than the kernel saves;
+# * jax: 1-2 rows from d = n = 4096 with k_ratio <= 0.45 (at 4096,
+#   batch 1, k_ratio 0.45, 0.83x of the compiled masked path, which an
+#   eager call does not reach either).
 NATIVE_AUTO_RULES = {
     "torch": AutoRule(max_rows=8, min_weights=1024 * 1024, max_k_ratio=0.75),
     "tensorflow": AutoRule(
-        max_rows=8, min_weights=1024 * 1024, max_k_ratio=0.75
+        max_rows=8, min_weights=4096 * 4096, max_k_ratio=0.75
     ),
-    "jax": AutoRule(max_rows=2, min_weights=1024 * 1024, max_k_ratio=0.45),
+    "jax": AutoRule(max_rows=2, min_weights=4096 * 4096, max_k_ratio=0.45),
 }
-# Where the chunked `keras.ops` gathered path beats the masked one inside
-# a trace, per backend. Empty: in a first reading here (batch 1, d = n =
-# 4096, k_ratio 0.45, one thread, a loaded machine, so no evidence) it was
-# slower than the masked path on TensorFlow (0.72x vs 1.05x Dense) and JAX
-# (0.93x vs 1.27x), so `"auto"` runs masked in traces until
-# benchmarks/latency.py measures a case where gathering pays.
-TRACED_AUTO_RULES = {}
+# Where the chunked `keras.ops` gathered path beat the masked one inside a
+# trace (the same grid, traced rows): on TensorFlow one row from d = n =
+# 4096 at k_ratio 0.25 (1.27-1.46x; at 0.45, 0.90-0.98x); on JAX 1-2 rows
+# from d = n = 2048 at k_ratio 0.25 (1.35-3.2x; at 0.45 batch 1 lost up to
+# d = 4096). torch has no rule: under `torch.compile` the torch-ops path
+# runs.
+TRACED_AUTO_RULES = {
+    "tensorflow": AutoRule(
+        max_rows=1, min_weights=4096 * 4096, max_k_ratio=0.25
+    ),
+    "jax": AutoRule(max_rows=2, min_weights=2048 * 2048, max_k_ratio=0.25),
+}
 # Rows of `W^T` gathered per step inside a trace (`gathered_full_path`).
 TRACED_CHUNKS = {"tensorflow": gathered.CHUNK_ROWS, "jax": gathered.CHUNK_ROWS}
 
