@@ -191,7 +191,7 @@ class MIDL(keras.layers.Layer):
         bias_constraint: Constraint applied to `b` and `b_lite`.
         selection: How the top-k mask is found: `"top_k"` or
             `"bisection"`; both give the same mask (see
-            `keras_midl.selection.topk_mask`). `None` picks the faster one
+            `keras_midl.ops.topk_mask`). `None` picks the faster one
             for the current backend.
         inference_path: How the full path is computed outside training
             (training always uses the masked path); all give the same

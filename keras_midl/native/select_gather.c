@@ -11,7 +11,7 @@
  * the neurons, not 90%.
  *
  * `midl_select_gather`: the selection too. From the gate logits it picks
- * the k neurons `keras_midl.selection.topk_mask` picks (NaN lowest,
+ * the k neurons `keras_midl.ops.topk_mask` picks (NaN lowest,
  * subnormals as zero, ties at the threshold to the lowest indices), writes
  * their indices (increasing) and their full-path values into the output,
  * which holds the light path on entry. One call replaces the dozen small
@@ -30,7 +30,7 @@
  * rows at a time took 0.92x the time of four, six 0.96x, twelve 1.19x
  * (more accumulators than AVX2 has registers).
  *
- * Built by keras_midl/native/__init__.py with the system C compiler; with
+ * Built by keras_midl/native/build.py with the system C compiler; with
  * AVX2 and FMA where the CPU has them, portable C otherwise.
  */
 #include <float.h>
