@@ -1,4 +1,5 @@
-"""Test helpers: the backend in use, gradients per backend, a layer test.
+"""Test helpers: the backend in use, gradients per backend, a layer test,
+a built Dense layer with random weights.
 
 The library itself uses keras.ops only; the gradient helpers here are the
 backend-specific code the tests need.
@@ -165,3 +166,13 @@ def variable_gradients(layer, fn):
         grads = torch.autograd.grad(value, [v.value for v in variables])
         return dict(zip(names, [g.numpy() for g in grads]))
     raise NotImplementedError(backend)
+
+
+def built_dense(input_dim=12, units=20, rng=None, **kwargs):
+    rng = rng or np.random.default_rng(0)
+    kwargs.setdefault("activation", "relu")
+    layer = keras.layers.Dense(units, **kwargs)
+    layer.build((None, input_dim))
+    for variable in layer.weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    return layer

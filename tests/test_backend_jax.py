@@ -84,23 +84,6 @@ def test_native_forward_needs_a_cpu(jax_backend, monkeypatch):
     assert jax_backend.native_forward(x, weights, layer.k) is None
 
 
-def test_native_forward_equals_the_reference(jax_backend, native_calls, rng):
-    layer = MIDL(UNITS, k_ratio=0.25, bias_initializer="random_normal")
-    layer.build((None, INPUT_DIM))
-    weights = dispatch.layer_weights(layer)
-    for shape in ((1, INPUT_DIM), (2, 3, INPUT_DIM), (0, INPUT_DIM)):
-        x = rng.normal(size=shape).astype("float32")
-        outputs = jax_backend.native_forward(x, weights, layer.k)
-        assert tuple(outputs.shape) == shape[:-1] + (UNITS,)
-        np.testing.assert_allclose(
-            as_numpy(outputs),
-            as_numpy(gathered.gathered_outputs(x, weights, layer.k)),
-            rtol=1e-5,
-            atol=1e-5,
-        )
-    assert "sparse_forward" in native_calls
-
-
 def test_eager_call_is_one_jitted_function(rng):
     layer = MIDL(UNITS, k_ratio=0.5)
     x = rng.normal(size=(2, INPUT_DIM)).astype("float32")

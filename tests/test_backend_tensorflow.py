@@ -161,22 +161,6 @@ def test_native_forward_is_none_for_other_dtypes(tf_backend):
     assert tf_backend.native_forward(x, weights, layer.k) is None
 
 
-def test_native_forward_equals_the_reference(tf_backend, native_calls, rng):
-    layer = MIDL(UNITS, k_ratio=0.25, bias_initializer="random_normal")
-    layer.build((None, INPUT_DIM))
-    weights = dispatch.layer_weights(layer)
-    for shape in ((1, INPUT_DIM), (2, 3, INPUT_DIM), (0, INPUT_DIM)):
-        x = rng.normal(size=shape).astype("float32")
-        outputs = tf_backend.native_forward(x, weights, layer.k)
-        assert tuple(outputs.shape) == shape[:-1] + (UNITS,)
-        np.testing.assert_allclose(
-            as_numpy(outputs),
-            as_numpy(gathered.gathered_outputs(x, weights, layer.k)),
-            rtol=1e-5,
-            atol=1e-5,
-        )
-
-
 # --- Compiled eager calls ---------------------------------------------------
 
 

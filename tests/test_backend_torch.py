@@ -261,7 +261,7 @@ def test_torch_forward_equals_the_reference(torch_backend, rows, rng):
     layer.gate_bias.assign(bias)
     weights = dispatch.layer_weights(layer)
     x = _tensor(rng.normal(size=(rows, INPUT_DIM)).astype("float32"))
-    arguments = [weights[name] for name in torch_backend._ARGUMENTS]
+    arguments = [weights[name] for name in torch_backend.WEIGHT_NAMES]
     outputs = torch_backend.torch_forward(x, *arguments, layer.k)
     np.testing.assert_allclose(
         as_numpy(outputs),

@@ -16,16 +16,6 @@ def to_numpy(x):
     return np.asarray(ops.convert_to_numpy(x))
 
 
-def built_dense(input_dim=12, units=20, rng=None, **kwargs):
-    rng = rng or np.random.default_rng(0)
-    kwargs.setdefault("activation", "relu")
-    layer = keras.layers.Dense(units, **kwargs)
-    layer.build((None, input_dim))
-    for variable in layer.weights:
-        variable.assign(rng.normal(size=variable.shape).astype("float32"))
-    return layer
-
-
 def mlp(input_dim=12, rng=None):
     rng = rng or np.random.default_rng(0)
     model = keras.Sequential(

@@ -25,6 +25,7 @@ from keras_midl import config
 from keras_midl import native
 from keras_midl.midl import MIDL
 from keras_midl.ops import dispatch
+from keras_midl.ops.gathered import gathered_outputs
 from keras_midl.ops.selection import SELECTION_METHODS
 from keras_midl.ops.selection import topk_mask
 
@@ -469,6 +470,26 @@ def test_native_applies_to_float32_layers_with_native_kernels_on(switch):
     assert not dispatch.native_applies(mixed)
     layer.quantize("int8")
     assert not dispatch.native_applies(layer)
+
+
+def test_native_forward_equals_the_reference(native_calls, rng):
+    """Each backend's `native_forward` (torch: with gradients recorded)
+    computes the `keras.ops` gathered path, empty batches included."""
+    layer = MIDL(UNITS, k_ratio=0.25, bias_initializer="random_normal")
+    layer.build((None, INPUT_DIM))
+    weights = dispatch.layer_weights(layer)
+    module = backends.current()
+    for shape in ((1, INPUT_DIM), (2, 3, INPUT_DIM), (0, INPUT_DIM)):
+        x = ops.convert_to_tensor(rng.normal(size=shape).astype("float32"))
+        outputs = module.native_forward(x, weights, layer.k)
+        assert tuple(outputs.shape) == shape[:-1] + (UNITS,)
+        np.testing.assert_allclose(
+            as_numpy(outputs),
+            as_numpy(gathered_outputs(x, weights, layer.k)),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert native_calls
 
 
 @pytest.mark.parametrize("no_grad", [False, True])

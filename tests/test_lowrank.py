@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from backend_utils import built_dense
 from keras import ops
 
 from keras_midl import MIDL
@@ -11,16 +12,6 @@ from keras_midl.lowrank import lowrank_factors
 
 def to_numpy(x):
     return np.asarray(ops.convert_to_numpy(x))
-
-
-def built_dense(input_dim=12, units=20, rng=None, **kwargs):
-    rng = rng or np.random.default_rng(0)
-    kwargs.setdefault("activation", "relu")
-    layer = keras.layers.Dense(units, **kwargs)
-    layer.build((None, input_dim))
-    for variable in layer.weights:
-        variable.assign(rng.normal(size=variable.shape).astype("float32"))
-    return layer
 
 
 # --- lowrank_factors and from_dense ----------------------------------------

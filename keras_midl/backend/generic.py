@@ -1,5 +1,8 @@
 """The backend functions for a backend without a module of its own (such
-as NumPy's): no native kernel and nothing compiled; `keras.ops` only."""
+as NumPy's): no native kernel and nothing compiled; `keras.ops` only.
+The backend modules take from here the functions where they do the same
+(nothing to export specially, nothing compiled, values read as they
+are)."""
 
 
 def in_trace(inputs):
@@ -8,7 +11,9 @@ def in_trace(inputs):
 
 
 def exporting():
-    """Whether a tracing exporter records the call; never here."""
+    """Whether a tracing exporter that freezes branches records the call;
+    never here (the exporters of TensorFlow and JAX trace as `in_trace`
+    sees)."""
     return False
 
 
@@ -18,7 +23,7 @@ def native_forward(inputs, weights, k):
 
 
 def compiled_gathered(inputs, weights, k):
-    """Nothing is compiled on this backend."""
+    """No compiled gathered path: the `keras.ops` one runs."""
     return None
 
 
@@ -28,10 +33,10 @@ def read_value(value):
 
 
 def compile_layer_call(call):
-    """Nothing is compiled on this backend."""
+    """Eager calls are not compiled."""
     return None
 
 
 def compiled_selection(select, scores):
-    """The training selection as it is."""
+    """The training selection as it is (not compiled separately)."""
     return select(scores)

@@ -4,18 +4,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keras_midl.backend import generic
 from keras_midl.native import kernels
+
+# The same as on a backend without a module of its own.
+exporting = generic.exporting
+compiled_gathered = generic.compiled_gathered
+read_value = generic.read_value
+compiled_selection = generic.compiled_selection
 
 
 def in_trace(inputs):
     """Whether JAX is tracing (`jax.jit`, Keras's `predict` and `fit`, an
     export): the inputs are tracers."""
     return isinstance(inputs, jax.core.Tracer)
-
-
-def exporting():
-    """JAX's exporters trace; `in_trace` covers them."""
-    return False
 
 
 def native_forward(inputs, weights, k):
@@ -39,23 +41,9 @@ def native_forward(inputs, weights, k):
     return jnp.asarray(outputs).reshape(*inputs.shape[:-1], units)
 
 
-def compiled_gathered(inputs, weights, k):
-    """The eager call goes through the compiled layer call instead."""
-    return None
-
-
-def read_value(value):
-    """The value as it is (JAX variables are arrays)."""
-    return value
-
-
 def compile_layer_call(call):
     """`call(trainable, non_trainable, x)` under `jax.jit`: run op by op,
     MIDL's gate (a `fori_loop` for the bisection) costs 10-50x a Dense
     layer."""
     return jax.jit(call)
 
-
-def compiled_selection(select, scores):
-    """The training selection as it is (the training step is jitted)."""
-    return select(scores)

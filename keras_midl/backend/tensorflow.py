@@ -4,6 +4,7 @@ the training selection compiled with XLA."""
 import tensorflow as tf
 
 from keras_midl import config
+from keras_midl.backend import generic
 from keras_midl.native import kernels
 
 _on_cpu = []
@@ -11,15 +12,15 @@ _selections = {}
 _native_functions = {}
 
 
+# The same as on a backend without a module of its own.
+exporting = generic.exporting
+compiled_gathered = generic.compiled_gathered
+
+
 def in_trace(inputs):
     """Whether TensorFlow is building a graph (`tf.function`, Keras's
     `predict` and `fit`, an export)."""
     return not tf.executing_eagerly()
-
-
-def exporting():
-    """TensorFlow's exporters trace graphs; `in_trace` covers them."""
-    return False
 
 
 def _computes_on_cpu():
@@ -68,11 +69,6 @@ def _native_graph(k, names):
         return tf.reshape(outputs, shape)
 
     return forward
-
-
-def compiled_gathered(inputs, weights, k):
-    """The eager call goes through the compiled layer call instead."""
-    return None
 
 
 def read_value(value):

@@ -9,13 +9,18 @@ import torch
 
 from keras_midl import config
 from keras_midl.backend import WEIGHT_NAMES
+from keras_midl.backend import generic
 from keras_midl.native import kernels
 
 FLOAT32_TINY = 1.1754944e-38  # smallest normal float32
-# `torch_forward`'s weight arguments, in order.
-_ARGUMENTS = WEIGHT_NAMES
 _compiled = {}
 _failed = []
+
+
+# The same as on a backend without a module of its own.
+read_value = generic.read_value
+compile_layer_call = generic.compile_layer_call
+compiled_selection = generic.compiled_selection
 
 
 def in_trace(inputs):
@@ -247,14 +252,14 @@ def compiled_gathered(inputs, weights, k):
     rows = inputs.to(torch.float32).reshape(-1, input_dim)
     if rows.shape[0] == 0:
         return None
-    arguments = [rows, *(weights.get(name) for name in _ARGUMENTS)]
+    arguments = [rows, *(weights.get(name) for name in WEIGHT_NAMES)]
     if torch.compiler.is_compiling():
         outputs = torch_forward(*arguments, k)
         return outputs.reshape(*inputs.shape[:-1], units)
     if rows.shape[0] > 1:
         torch._dynamo.mark_dynamic(rows, 0)
     key = (k, units, input_dim) + tuple(
-        weights.get(name) is None for name in _ARGUMENTS
+        weights.get(name) is None for name in WEIGHT_NAMES
     )
     try:
         outputs = _compiled_function(key)(*arguments, k)
@@ -273,16 +278,3 @@ def compiled_gathered(inputs, weights, k):
     return outputs.reshape(*inputs.shape[:-1], units)
 
 
-def read_value(value):
-    """The value as it is (torch variables are tensors)."""
-    return value
-
-
-def compile_layer_call(call):
-    """torch runs eagerly; its kernels are few and large."""
-    return None
-
-
-def compiled_selection(select, scores):
-    """The training selection as it is."""
-    return select(scores)
