@@ -6,7 +6,8 @@ with the same units (and activation). Hidden layers are named
 `hidden_0`, `hidden_1`, ... so that `hidden_layers(model)` finds them.
 
 * `mlp`: `Flatten` (if needed), hidden layers, softmax output. MNIST
-  (784-512-256-10) and Adult (105-256-128-2).
+  (784-512-256-10), Adult (105-256-128-2) and scikit-learn's digits
+  (64-256-128-10, the quickstart's model).
 * `cnn`: two conv + max-pool blocks, `Flatten`, a hidden head, softmax.
   CIFAR-10, CIFAR-100, SVHN. Only the dense head uses MIDL.
 * `text_mlp`: `Embedding`, `GlobalAveragePooling1D` (padding masked),
@@ -30,6 +31,7 @@ from keras_midl.midl import MIDL
 
 VARIANTS = ("baseline", "midl")
 ARCHITECTURES = {
+    "digits": ("mlp", (256, 128)),
     "mnist": ("mlp", (512, 256)),
     "adult": ("mlp", (256, 128)),
     "cifar10": ("cnn", (256,)),

@@ -65,6 +65,7 @@ from keras_midl import gate_statistics  # noqa: E402
 from keras_midl.analysis import summarize_gates  # noqa: E402
 
 DEFAULT_EPOCHS = {
+    "digits": 40,
     "mnist": 5,
     "adult": 10,
     "imdb": 4,
@@ -72,7 +73,9 @@ DEFAULT_EPOCHS = {
     "cifar100": 10,
     "svhn_cropped": 6,
 }
-ORDER = ("mnist", "cifar10", "cifar100", "svhn_cropped", "adult", "imdb")
+DEFAULT_BATCH_SIZE = {"digits": 32}
+ORDER = ("mnist", "cifar10", "cifar100", "svhn_cropped", "adult", "imdb",
+         "digits")
 BACKENDS = ("jax", "tensorflow", "torch")
 TARGET_POINTS = 0.3
 TARGET_FLOPS = 1.7
@@ -126,7 +129,9 @@ def parse_args(argv=None):
                         "the layer's)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs for every dataset (default: per dataset)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch size for every dataset (default: 32 "
+                        "for digits, 128 otherwise)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--train-limit", type=int, default=None,
                         help="train on a fixed, stratified random subset of "
@@ -176,15 +181,24 @@ def layer_default(argument):
     return inspect.signature(keras_midl.MIDL).parameters[argument].default
 
 
-RECIPE_KEYS = {"k_ratio": float, "rank": int, "temperature": float,
-               "gate_noise": float, "balance_weight": float}
+def _k_ratio(value):
+    return value if value == AT_DENSE_COST else float(value)
+
+
+# `k_ratio=dense`: the largest k_ratio at which the (possibly wider) MIDL
+# model costs no more than the same-width Dense model.
+AT_DENSE_COST = "dense"
+RECIPE_KEYS = {"k_ratio": _k_ratio, "rank": int, "temperature": float,
+               "gate_noise": float, "balance_weight": float, "width": float,
+               "convert_epochs": int, "warmup_epochs": int}
 
 
 def recipes(args):
     """The MIDL configurations to run: a list of `(name, settings)`."""
     base = {"k_ratio": args.k_ratio, "rank": args.rank,
             "temperature": args.temperature, "gate_noise": args.gate_noise,
-            "balance_weight": args.balance_weight}
+            "balance_weight": args.balance_weight, "width": 1.0,
+            "convert_epochs": 0, "warmup_epochs": 0}
     if not args.recipes:
         return [(args.recipe, base)]
     result = []
@@ -199,6 +213,13 @@ def recipes(args):
                     f"with KEY in {sorted(RECIPE_KEYS)}."
                 )
             settings[key] = RECIPE_KEYS[key](value)
+        if settings["width"] <= 0 or min(settings["convert_epochs"],
+                                         settings["warmup_epochs"]) < 0:
+            raise ValueError(f"Recipe {spec!r}: width must be positive, "
+                             "convert_epochs and warmup_epochs non-negative")
+        if settings["convert_epochs"] and settings["warmup_epochs"]:
+            raise ValueError(f"Recipe {spec!r}: convert_epochs and "
+                             "warmup_epochs exclude each other")
         if not name or name in [n for n, _ in result]:
             raise ValueError(f"Recipe names must be unique and non-empty: "
                              f"{spec!r}")
@@ -206,7 +227,24 @@ def recipes(args):
     return result
 
 
+def load_digits():
+    """scikit-learn's 8x8 digits with the quickstart's split (1,347 train,
+    450 test, stratified, `random_state=0`), pixels scaled to [0, 1]."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = sklearn_digits(return_X_y=True)
+    x = (x / 16.0).astype("float32")
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y.astype("int32"), test_size=0.25, random_state=0, stratify=y
+    )
+    return datasets.Dataset("digits", x_train, y_train, x_test, y_test, 10,
+                            "sklearn.datasets.load_digits")
+
+
 def load(name, args):
+    if name == "digits":
+        return load_digits(), None
     kwargs = {}
     if name == "imdb":
         kwargs = {"vocabulary_size": args.vocabulary_size,
@@ -223,54 +261,155 @@ def load(name, args):
 
 
 def splits(data, args):
-    """`(x_train, y_train, x_eval, y_eval, evaluated_on)`."""
+    """`{"train": (x, y), "test": (x, y)[, "validation": (x, y)]}`.
+
+    With `--validation-fraction`, a stratified fraction of the training
+    split is held out: every model is evaluated on it (to choose recipes)
+    and on the test split (to report them).
+    """
     x_train, y_train = data.x_train, data.y_train
-    x_eval, y_eval, evaluated_on = data.x_test, data.y_test, "test"
+    result = {"test": (data.x_test, data.y_test)}
     if args.validation_fraction:
         held = datasets.stratified_indices(
             y_train, int(round(args.validation_fraction * len(y_train))),
             seed=1234,
         )
         keep = np.setdiff1d(np.arange(len(y_train)), held)
-        x_eval, y_eval = x_train[held], y_train[held]
+        result["validation"] = (x_train[held], y_train[held])
         x_train, y_train = x_train[keep], y_train[keep]
-        evaluated_on = "validation"
     if args.train_limit and args.train_limit < len(y_train):
         index = datasets.stratified_indices(y_train, args.train_limit,
                                             seed=4321)
         x_train, y_train = x_train[index], y_train[index]
-    return x_train, y_train, x_eval, y_eval, evaluated_on
+    result["train"] = (x_train, y_train)
+    return result
 
 
-def build_model(name, data, variant, settings, args):
+def base_units(name):
+    return models.ARCHITECTURES[name][1]
+
+
+def scaled_units(name, width):
+    return tuple(max(1, round(width * units)) for units in base_units(name))
+
+
+def build_model(name, data, variant, settings, args, hidden_units=None):
     kwargs = {}
     if variant == "midl":
         kwargs = {"k_ratio": settings["k_ratio"], "rank": settings["rank"],
-                  "midl_kwargs": {"temperature": settings["temperature"],
-                                  "gate_noise": settings["gate_noise"],
-                                  "balance_weight": settings["balance_weight"],
-                                  }}
+                  "midl_kwargs": midl_kwargs(settings)}
+    if hidden_units is not None:
+        kwargs["hidden_units"] = tuple(hidden_units)
     if name == "imdb":
         kwargs["vocabulary_size"] = args.vocabulary_size
     return models.build(name, variant, data.x_train.shape[1:],
                         data.num_classes, **kwargs)
 
 
-def train_one(name, data, split, variant, settings, seed, epochs, args):
-    x_train, y_train, x_eval, y_eval = split
-    keras.utils.set_random_seed(seed)
-    model = build_model(name, data, variant, settings, args)
+def midl_kwargs(settings):
+    return {"temperature": settings["temperature"],
+            "gate_noise": settings["gate_noise"],
+            "balance_weight": settings["balance_weight"]}
+
+
+def head_input_dim(name, data, args):
+    """Input size of the first hidden layer (flattened features)."""
+    model = build_model(name, data, "baseline", None, args)
+    return int(models.hidden_layers(model)[0].kernel.shape[0])
+
+
+def head_multiply_adds(name, data, args, variant, settings, hidden_units):
+    """Multiply-adds of the hidden layers and the output layer, the part
+    of the model that the baselines and recipes change."""
+    input_dim = head_input_dim(name, data, args)
+    if variant == "baseline":
+        return flops.dense_stack_multiply_adds(input_dim, hidden_units,
+                                               data.num_classes)
+    return flops.midl_stack_multiply_adds(
+        input_dim, hidden_units, settings["k_ratio"], settings["rank"],
+        output_units=data.num_classes,
+    )
+
+
+def resolve(name, data, settings, args):
+    """A recipe's settings with `k_ratio=dense` made a number, and its
+    hidden units."""
+    settings = dict(settings)
+    units = scaled_units(name, settings["width"])
+    if settings["k_ratio"] == AT_DENSE_COST:
+        budget = head_multiply_adds(name, data, args, "baseline", None,
+                                    base_units(name))
+        settings["k_ratio"] = flops.k_ratio_for_budget(
+            head_input_dim(name, data, args), units, budget,
+            rank=settings["rank"], output_units=data.num_classes,
+        )
+    return settings, units
+
+
+def iso_cost_units(name, data, settings, units, args):
+    """Dense widths, proportional to the benchmark's, of the MIDL recipe's
+    inference cost (`keras_midl.flops.iso_cost_units`)."""
+    budget = head_multiply_adds(name, data, args, "midl", settings, units)
+    return flops.iso_cost_units(head_input_dim(name, data, args),
+                                base_units(name), budget,
+                                output_units=data.num_classes)
+
+
+def batch_size(name, args):
+    return args.batch_size or DEFAULT_BATCH_SIZE.get(name, 128)
+
+
+def compile_model(model, args):
     model.compile(
         optimizer=keras.optimizers.Adam(args.learning_rate),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+
+
+def train_one(name, data, split, run, seed, epochs, args):
+    """Trains one run; returns the model, its accuracy on each evaluation
+    split, its epoch times and the load averages.
+
+    A recipe with `convert_epochs = c > 0` spends the same `epochs`
+    differently: a Dense model of the recipe's width trains for
+    `epochs - c` epochs, `keras_midl.convert` turns its hidden layers into
+    MIDL at the recipe's k_ratio, and the MIDL model trains for `c` more.
+    """
+    x_train, y_train = split["train"]
+    keras.utils.set_random_seed(seed)
+    settings = run["settings"]
+    convert_epochs = settings["convert_epochs"] if settings else 0
+    if convert_epochs >= epochs:
+        raise ValueError(f"convert_epochs={convert_epochs} leaves no Dense "
+                         f"epochs of {epochs}")
+    variant = "baseline" if convert_epochs else run["variant"]
+    model = build_model(name, data, variant, settings, args, run["units"])
+    compile_model(model, args)
     timer = EpochTimer()
     load_before = load_average()
-    model.fit(x_train, y_train, batch_size=args.batch_size, epochs=epochs,
-              callbacks=[timer], verbose=0)
-    _, accuracy = model.evaluate(x_eval, y_eval, batch_size=1024, verbose=0)
-    return model, float(accuracy), timer.times, [load_before] + timer.loads
+    fit = {"batch_size": batch_size(name, args), "callbacks": [timer],
+           "verbose": 0}
+    if settings and settings["warmup_epochs"]:
+        fit["callbacks"].append(keras_midl.callbacks.KRatioWarmup(
+            settings["warmup_epochs"]))
+    if convert_epochs:
+        model.fit(x_train, y_train, epochs=epochs - convert_epochs, **fit)
+        model = keras_midl.convert(
+            model, k_ratio=settings["k_ratio"], rank=settings["rank"],
+            **midl_kwargs(settings),
+        )
+        compile_model(model, args)
+        model.fit(x_train, y_train, epochs=convert_epochs, **fit)
+    else:
+        model.fit(x_train, y_train, epochs=epochs, **fit)
+    accuracy = {}
+    for where, (x_eval, y_eval) in split.items():
+        if where != "train":
+            accuracy[where] = float(
+                model.evaluate(x_eval, y_eval, batch_size=1024, verbose=0)[1]
+            )
+    return model, accuracy, timer.times, [load_before] + timer.loads
 
 
 def steady_epoch_time(times):
@@ -332,97 +471,144 @@ def aggregate_health(per_seed):
     return layers
 
 
+def plan_runs(name, data, args):
+    """The runs of one seed: the same-width Dense, every MIDL recipe, and
+    a Dense of each recipe's inference cost (`iso:<widths>`, shared by
+    recipes of the same cost), in training order."""
+    runs = {"baseline": {"variant": "baseline", "settings": None,
+                         "units": base_units(name)}}
+    recipes_resolved = []
+    for recipe, settings in args.recipe_list:
+        settings, units = resolve(name, data, settings, args)
+        iso = iso_cost_units(name, data, settings, units, args)
+        iso_key = "iso:" + "-".join(map(str, iso))
+        runs.setdefault(iso_key, {"variant": "baseline", "settings": None,
+                                  "units": iso})
+        runs[recipe] = {"variant": "midl", "settings": settings,
+                        "units": units, "iso": iso_key}
+        recipes_resolved.append(recipe)
+    return runs, recipes_resolved
+
+
 def run_dataset(name, data, args, progress, on_seed=None):
-    """Trains Dense and every MIDL recipe on each seed; one row per recipe.
+    """Trains the baselines and every MIDL recipe on each seed; one row per
+    recipe.
 
     `on_seed(rows)`, if given, receives the rows of the seeds done so far
     after each seed (so that a long run leaves partial results).
     """
     epochs = args.epochs or DEFAULT_EPOCHS[name]
-    x_train, y_train, x_eval, y_eval, evaluated_on = splits(data, args)
-    split = (x_train, y_train, x_eval, y_eval)
-    runs = [("baseline", "baseline", None)] + [
-        (recipe, "midl", settings) for recipe, settings in args.recipe_list
-    ]
-    accuracies = {key: [] for key, _, _ in runs}
-    epoch_times = {key: [] for key, _, _ in runs}
-    health = {key: [] for key, _, _ in runs}
+    split = splits(data, args)
+    runs, recipe_names = plan_runs(name, data, args)
+    accuracies = {key: {} for key in runs}
+    epoch_times = {key: [] for key in runs}
+    health = {key: [] for key in runs}
     loads = []
     built = {}
+    x_health, y_health = split.get("validation", split["test"])
     for seed in args.seeds:
-        for key, variant, settings in runs:
+        for key, run in runs.items():
             model, accuracy, times, run_loads = train_one(
-                name, data, split, variant, settings, seed, epochs, args
+                name, data, split, run, seed, epochs, args
             )
             built[key] = model
-            accuracies[key].append(accuracy)
+            for where, value in accuracy.items():
+                accuracies[key].setdefault(where, []).append(value)
             epoch_times[key].append(steady_epoch_time(times))
             loads += [load for load in run_loads if load is not None]
             detail = ""
-            if variant == "midl":
-                health[key].append(gate_health(model, x_eval, y_eval))
+            if run["variant"] == "midl":
+                health[key].append(gate_health(model, x_health, y_health))
                 detail = ", dead " + ",".join(
                     str(h["dead"]) for h in health[key][-1]
                 )
-            label = variant if len(runs) == 2 else key
-            progress.step(f"{name} seed {seed} {label}",
-                          f"{evaluated_on} acc {accuracy:.4f}, "
-                          f"epoch {epoch_times[key][-1]:.1f}s{detail}")
+            scores = ", ".join(f"{where} acc {value:.4f}"
+                               for where, value in accuracy.items())
+            progress.step(f"{name} seed {seed} {key}",
+                          f"{scores}, epoch {epoch_times[key][-1]:.1f}s"
+                          f"{detail}")
         rows = [
-            make_row(name, args, epochs, evaluated_on, split, recipe,
-                     settings, built, accuracies, epoch_times,
-                     health[recipe], loads)
-            for recipe, settings in args.recipe_list
+            make_row(name, args, epochs, split, recipe, runs, built,
+                     accuracies, epoch_times, health[recipe], loads)
+            for recipe in recipe_names
         ]
         if on_seed is not None and seed != args.seeds[-1]:
             on_seed(rows)
     return rows
 
 
-def make_row(name, args, epochs, evaluated_on, split, recipe, settings,
-             built, accuracies, epoch_times, health, loads):
-    x_train, _, x_eval, _ = split
+def _scores(prefix, values):
+    """`<prefix>_acc`, `_mean`, `_std` (test) and `<prefix>_val_acc`,
+    `_mean` (validation, when held out)."""
+    mean, std = common.mean_std(values["test"])
+    result = {f"{prefix}_acc": values["test"],
+              f"{prefix}_acc_mean": mean, f"{prefix}_acc_std": std}
+    if "validation" in values:
+        mean, std = common.mean_std(values["validation"])
+        result.update({f"{prefix}_val_acc": values["validation"],
+                       f"{prefix}_val_acc_mean": mean,
+                       f"{prefix}_val_acc_std": std})
+    return result
+
+
+def make_row(name, args, epochs, split, recipe, runs, built, accuracies,
+             epoch_times, health, loads):
+    x_train, _ = split["train"]
+    run = runs[recipe]
+    settings = run["settings"]
     busy = not loads or max(loads) >= BUSY_LOAD
-    baseline, midl = built["baseline"], built[recipe]
-    base_mean, base_std = common.mean_std(accuracies["baseline"])
-    midl_mean, midl_std = common.mean_std(accuracies[recipe])
+    baseline, midl, iso = built["baseline"], built[recipe], built[run["iso"]]
+    scores = {**_scores("baseline", accuracies["baseline"]),
+              **_scores("iso", accuracies[run["iso"]]),
+              **_scores("midl", accuracies[recipe])}
     layers_ratio = hidden_multiply_adds(baseline) / hidden_multiply_adds(midl)
-    delta = 100 * (midl_mean - base_mean)
+    delta = 100 * (scores["midl_acc_mean"] - scores["baseline_acc_mean"])
     layers_health = aggregate_health(health)
     dead_ok = all(h["dead_fraction_max"] < TARGET_DEAD for h in layers_health)
     ratio = common.median_ratio(epoch_times[recipe], epoch_times["baseline"])
-    return {
+
+    def per_seed(first, second, where="test"):
+        return [100 * (a - b) for a, b in zip(accuracies[first][where],
+                                               accuracies[second][where])]
+
+    row = {
         "dataset": name,
         "status": "run",
         "backend": keras.backend.backend(),
         "recipe": recipe,
-        "evaluated_on": evaluated_on,
-        "seeds": list(args.seeds[: len(accuracies["baseline"])]),
+        "evaluated_on": "test",
+        "validation_examples": (int(len(split["validation"][1]))
+                                if "validation" in split else None),
+        "seeds": list(args.seeds[: len(accuracies["baseline"]["test"])]),
         "epochs": epochs,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size(name, args),
         "learning_rate": args.learning_rate,
         "train_examples": int(len(x_train)),
-        "eval_examples": int(len(x_eval)),
+        "eval_examples": int(len(split["test"][1])),
         "k_ratio": settings["k_ratio"],
         "temperature": settings["temperature"],
         "gate_noise": settings["gate_noise"],
         "balance_weight": settings["balance_weight"],
+        "width": settings["width"],
+        "convert_epochs": settings["convert_epochs"],
+        "warmup_epochs": settings["warmup_epochs"],
         "midl_ranks": [layer.effective_rank
                        for layer in models.hidden_layers(midl)],
         "hidden_units": [layer.units for layer in models.hidden_layers(midl)],
-        "baseline_acc": accuracies["baseline"],
-        "midl_acc": accuracies[recipe],
-        "baseline_acc_mean": base_mean,
-        "baseline_acc_std": base_std,
-        "midl_acc_mean": midl_mean,
-        "midl_acc_std": midl_std,
+        "baseline_units": list(runs["baseline"]["units"]),
+        "iso_units": list(runs[run["iso"]]["units"]),
+        **scores,
         "delta_points": delta,
-        "delta_points_per_seed": [
-            100 * (m - b) for m, b in zip(accuracies[recipe],
-                                          accuracies["baseline"])
-        ],
+        "delta_points_per_seed": per_seed(recipe, "baseline"),
+        "delta_iso_points": 100 * (scores["midl_acc_mean"]
+                                   - scores["iso_acc_mean"]),
+        "delta_iso_points_per_seed": per_seed(recipe, run["iso"]),
+        "capacity_gain_points": 100 * (scores["baseline_acc_mean"]
+                                       - scores["iso_acc_mean"]),
+        "capacity_gain_points_per_seed": per_seed("baseline", run["iso"]),
         "active_fraction": flops.active_fraction(midl),
         "baseline_multiply_adds": flops.model_multiply_adds(baseline),
+        "iso_multiply_adds": flops.model_multiply_adds(iso),
         "midl_multiply_adds": flops.model_multiply_adds(midl),
         "flops_ratio_layers": layers_ratio,
         "flops_ratio_model": flops.flops_ratio(baseline, midl),
@@ -438,6 +624,11 @@ def make_row(name, args, epochs, evaluated_on, split, recipe, settings,
                            and layers_ratio >= TARGET_FLOPS
                            and settings["k_ratio"] <= 0.45 and dead_ok),
     }
+    if "validation" in split:
+        row["delta_iso_val_points"] = 100 * (
+            scores["midl_val_acc_mean"] - scores["iso_val_acc_mean"]
+        )
+    return row
 
 
 def _accuracy(prefix):
@@ -475,6 +666,27 @@ def _backend(row):
     return row.get("backend") or "—"
 
 
+def _units(key):
+    def cell(row):
+        units = row.get(key)
+        return "-".join(map(str, units)) if units else "—"
+    return cell
+
+
+def _delta(key):
+    """`+x.xx (± s)`: a mean difference and the std of its per-seed
+    values."""
+    def cell(row):
+        if row.get(key) is None:
+            return "—"
+        per_seed = row.get(f"{key}_per_seed") or []
+        spread = ""
+        if len(per_seed) > 1:
+            spread = f" ± {statistics.stdev(per_seed):.2f}"
+        return f"{row[key]:+.2f}{spread}"
+    return cell
+
+
 COLUMNS = [
     ("dataset", "Dataset", None),
     (_backend, "Backend", None),
@@ -483,11 +695,18 @@ COLUMNS = [
     (lambda r: r.get("recipe", "default"), "Recipe", None),
     ("epochs", "Epochs", None),
     ("train_examples", "Train examples", None),
-    (lambda r: r.get("evaluated_on", "—"), "Evaluated on", None),
+    (_units("hidden_units"), "MIDL units", None),
     ("k_ratio", "k_ratio", ".2f"),
-    (_accuracy("baseline"), "Dense acc % (mean ± std)", None),
-    (_accuracy("midl"), "MIDL acc % (mean ± std)", None),
-    ("delta_points", "Δ points", "+.2f"),
+    (_accuracy("baseline"), "Dense acc % (same width)", None),
+    (_units("iso_units"), "Iso-cost Dense units", None),
+    (_accuracy("iso"), "Iso-cost Dense acc %", None),
+    (_accuracy("midl"), "MIDL acc %", None),
+    (_delta("delta_points"), "Δ vs same-width Dense", None),
+    (_delta("delta_iso_points"), "Δ vs iso-cost Dense", None),
+    (_delta("capacity_gain_points"), "Same-width − iso-cost Dense", None),
+    (lambda r: ("—" if r.get("delta_iso_val_points") is None
+                else f"{r['delta_iso_val_points']:+.2f}"),
+     "Δ vs iso-cost, validation", None),
     ("flops_ratio_layers", "FLOPs ratio (hidden layers)", ".2f"),
     ("flops_ratio_model", "FLOPs ratio (model)", ".2f"),
     (_dead, "Dead neurons per layer (worst seed)", None),
@@ -538,6 +757,63 @@ def read_rows(args):
         return json.load(file).get("rows", [])
 
 
+def recipe_summary(rows):
+    """Markdown lines: per backend, Δ vs the iso-cost Dense of every
+    recipe on every dataset (test, with validation in brackets), and the
+    recipe whose mean validation Δ over the datasets is highest among
+    those run on all of them."""
+    lines = []
+    done = [r for r in rows if r.get("status") == "run"
+            and r.get("delta_iso_points") is not None]
+    for backend in BACKENDS:
+        chosen = [r for r in done if r["backend"] == backend]
+        if not chosen:
+            continue
+        names = [n for n in ORDER if any(r["dataset"] == n for r in chosen)]
+        recipes = list(dict.fromkeys(
+            r["recipe"] for r in sorted(chosen, key=sort_key)))
+        cells = {(r["recipe"], r["dataset"]): r for r in chosen}
+        lines += [f"### {backend}: MIDL − iso-cost Dense, test (validation)",
+                  "",
+                  "| Recipe | " + " | ".join(names) + " | mean, test |",
+                  "|---|" + "---|" * (len(names) + 1)]
+        scores = {}
+        for recipe in recipes:
+            row_cells, tests, validations = [], [], []
+            for name in names:
+                row = cells.get((recipe, name))
+                if row is None:
+                    row_cells.append("—")
+                    continue
+                tests.append(row["delta_iso_points"])
+                text = f"{row['delta_iso_points']:+.2f}"
+                if row.get("delta_iso_val_points") is not None:
+                    validations.append(row["delta_iso_val_points"])
+                    text += f" ({row['delta_iso_val_points']:+.2f})"
+                row_cells.append(text)
+            mean = f"{statistics.fmean(tests):+.2f}" if tests else "—"
+            lines.append(f"| {recipe} | " + " | ".join(row_cells)
+                         + f" | {mean} |")
+            if len(validations) == len(names):
+                scores[recipe] = statistics.fmean(validations)
+        capacity = [
+            f"{name} {cells[(recipes[0], name)]['capacity_gain_points']:+.2f}"
+            for name in names if (recipes[0], name) in cells
+        ]
+        lines += ["", "Same-width − iso-cost Dense (what capacity buys, "
+                  f"test): {', '.join(capacity)}."]
+        if scores:
+            best = max(scores, key=scores.get)
+            lines.append(
+                f"Highest mean validation Δ over {', '.join(names)}: "
+                f"`{best}` ({scores[best]:+.2f}; "
+                + ", ".join(f"{r} {v:+.2f}" for r, v in scores.items())
+                + ")."
+            )
+        lines.append("")
+    return lines
+
+
 def write_markdown(rows, metadata, args):
     _, markdown_path = paths(args)
     health_rows = [
@@ -551,9 +827,26 @@ def write_markdown(rows, metadata, args):
         f"{TARGET_POINTS} points, FLOPs ratio (hidden layers, gate and light "
         f"path included) >= {TARGET_FLOPS}, and fewer than "
         f"{TARGET_DEAD:.0%} dead neurons in every MIDL layer (worst seed).",
-        "Accuracy: evaluation split after the last epoch (no model "
-        "selection), mean ± sample std over the seeds; Dense and MIDL "
-        "see the same training examples, epochs, batch size and optimizer. "
+        "Accuracy: test split after the last epoch (no early stopping), "
+        "mean ± sample std over the seeds; every model sees the same "
+        "training examples, epochs, batch size and optimizer. With "
+        "`--validation-fraction` a stratified part of the training split "
+        "is held out, and recipes are chosen on it (the 'validation' "
+        "column), not on the test split. Baselines: the Dense model of the "
+        "same widths, and the iso-cost Dense, whose widths are scaled "
+        "(keras_midl.flops.iso_cost_units) until its hidden and output "
+        "layers cost what the recipe's MIDL layers and output layer cost "
+        "(never more). Δ columns: mean of the per-seed differences ± their "
+        "std. 'Same-width − iso-cost Dense' is what capacity buys: where it "
+        "is not above its spread, no method can show a gain from capacity, "
+        "and the iso-cost comparison tests only that MIDL costs nothing. "
+        "Recipes: `width=w` scales the units, `k_ratio=dense` takes the "
+        "largest k_ratio within the same-width Dense's cost, "
+        "`convert_epochs=c` trains a Dense of the recipe's width for "
+        "epochs - c epochs, converts it (keras_midl.convert) and trains "
+        "the MIDL model for c more; `warmup_epochs=w` trains MIDL with "
+        "keras_midl.callbacks.KRatioWarmup(w): k_ratio falls linearly from "
+        "1 to the recipe's over the first w epochs. "
         "FLOPs: analytic inference multiply-adds (keras_midl.flops). "
         "Dead neurons: never selected by the gate on the whole evaluation "
         "split. Epoch time ratio: median over seeds of the median epoch "
@@ -561,7 +854,11 @@ def write_markdown(rows, metadata, args):
         f"1-minute load average stayed below {BUSY_LOAD:g} during the "
         "dataset's runs.",
         "",
-        "## Gate health (MIDL, evaluation split, over the seeds)",
+        "## Accuracy per cost, by recipe",
+        "",
+        *recipe_summary(rows),
+        "## Gate health (MIDL, validation split where held out, else "
+        "test, over the seeds)",
         "",
         common.markdown_table(health_rows, HEALTH_COLUMNS),
         "",
@@ -658,7 +955,7 @@ def main(argv=None):
         else:
             loaded[name] = data
     progress = common.Progress(
-        total=(1 + len(args.recipe_list)) * len(args.seeds) * len(loaded),
+        total=(1 + 2 * len(args.recipe_list)) * len(args.seeds) * len(loaded),
         label="paper_table",
     )
     for name, data in loaded.items():
@@ -676,9 +973,11 @@ def main(argv=None):
             rows.append(row)
             progress.note(
                 f"{name} {row['recipe']}: Dense "
-                f"{100 * row['baseline_acc_mean']:.2f}, MIDL "
+                f"{100 * row['baseline_acc_mean']:.2f}, iso-cost Dense "
+                f"{100 * row['iso_acc_mean']:.2f}, MIDL "
                 f"{100 * row['midl_acc_mean']:.2f} "
-                f"({row['delta_points']:+.2f} points), FLOPs ratio "
+                f"({row['delta_points']:+.2f} vs Dense, "
+                f"{row['delta_iso_points']:+.2f} vs iso-cost), FLOPs ratio "
                 f"{row['flops_ratio_layers']:.2f}, dead {_dead(row)}"
             )
         write(rows, metadata, args)  # partial results survive a crash

@@ -7,6 +7,7 @@ are imported explicitly, as their dependencies are optional.
 """
 
 from keras_midl import analysis
+from keras_midl import callbacks
 from keras_midl import config
 from keras_midl import distribution
 from keras_midl import flops
@@ -24,6 +25,7 @@ __all__ = [
     "GateStatistics",
     "gate_statistics",
     "analysis",
+    "callbacks",
     "distribution",
     "flops",
     "config",

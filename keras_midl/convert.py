@@ -221,7 +221,9 @@ def convert(
         model, clone_function=clone, recursive=True
     )
     for old, new in copied:
-        if old.weights:
+        # Functional models also hold operations that are not layers (the
+        # `not_equal` of an `Embedding(mask_zero=True)`'s mask): no weights.
+        if getattr(old, "weights", None):
             new.set_weights(old.get_weights())
     set_calibration_trainable(converted, trainable)
     return converted

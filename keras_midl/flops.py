@@ -51,7 +51,11 @@ import math
 
 import keras
 
+from keras_midl._checks import is_integer
+from keras_midl._checks import is_number
+from keras_midl.lowrank import default_rank
 from keras_midl.midl import MIDL
+from keras_midl.midl import num_selected
 
 _ZERO_COST_NAMES = (
     # Inputs, lookups and preprocessing.
@@ -594,3 +598,250 @@ def summary(model, print_fn=None):
     text = "\n".join(lines)
     (print_fn or print)(text)
     return text
+
+
+# Budgets: the cost of a stack of hidden layers, and the widths or k_ratio
+# that meet a given cost.
+
+
+def _check_stack(input_dim, units, output_units):
+    if not is_integer(input_dim) or input_dim < 1:
+        raise ValueError(
+            "Received an invalid value for `input_dim`, expected a positive "
+            f"integer. Received: input_dim={input_dim!r}"
+        )
+    if (
+        isinstance(units, (str, bytes))
+        or not hasattr(units, "__len__")
+        or not units
+        or any(not is_integer(u) or u < 1 for u in units)
+    ):
+        raise ValueError(
+            "Received an invalid value for `units`, expected a non-empty "
+            f"sequence of positive integers. Received: units={units!r}"
+        )
+    if output_units is not None and (
+        not is_integer(output_units) or output_units < 1
+    ):
+        raise ValueError(
+            "Received an invalid value for `output_units`, expected None or "
+            f"a positive integer. Received: output_units={output_units!r}"
+        )
+
+
+def _check_budget(budget):
+    if not is_number(budget) or not math.isfinite(budget) or budget <= 0:
+        raise ValueError(
+            "Received an invalid value for `budget`, expected a positive "
+            f"number of multiply-adds. Received: budget={budget!r}"
+        )
+
+
+def _output_cost(units, output_units):
+    return 0 if output_units is None else units[-1] * output_units
+
+
+def dense_stack_multiply_adds(input_dim, units, output_units=None):
+    """Multiply-adds per row of a stack of `Dense` layers.
+
+    `sum(d_i * n_i)` over `input_dim -> units[0] -> ... -> units[-1]`, plus
+    `units[-1] * output_units` for an output layer whose cost depends on
+    the last width.
+
+    Example:
+
+    >>> keras_midl.flops.dense_stack_multiply_adds(784, [512, 256])
+    532480
+
+    Args:
+        input_dim: Size of the stack's input.
+        units: Units of each hidden layer.
+        output_units: Units of the layer after the stack (counted), or
+            `None`.
+
+    Returns:
+        Python int.
+    """
+    _check_stack(input_dim, units, output_units)
+    dims = [int(input_dim), *(int(u) for u in units)]
+    return sum(d * n for d, n in zip(dims, dims[1:])) + _output_cost(
+        dims[1:], output_units
+    )
+
+
+def midl_stack_multiply_adds(
+    input_dim,
+    units,
+    k_ratio,
+    rank=None,
+    light_path="lowrank",
+    output_units=None,
+):
+    """Multiply-adds per row of a stack of `MIDL` layers.
+
+    Each layer costs `d*r + r*n + k*d` plus `r*n` for the low-rank light
+    path (`MIDL.inference_multiply_adds`), with `k = max(1, round(k_ratio
+    * n))` and `r = rank`, or the layer's `default_rank(d, n)` for `None`.
+
+    Example:
+
+    >>> keras_midl.flops.midl_stack_multiply_adds(784, [512, 256], 0.45)
+    291264
+
+    Args:
+        input_dim: Size of the stack's input.
+        units: Units of each hidden layer.
+        k_ratio: `k_ratio` of every layer, in `(0, 1]`.
+        rank: Rank of every layer, or `None` for each layer's default.
+        light_path: `"lowrank"` or `"zero"`.
+        output_units: Units of a Dense layer after the stack (counted), or
+            `None`.
+
+    Returns:
+        Python int.
+    """
+    _check_stack(input_dim, units, output_units)
+    if not is_number(k_ratio) or not 0 < k_ratio <= 1:
+        raise ValueError(
+            "Received an invalid value for `k_ratio`, expected a number in "
+            f"(0, 1]. Received: k_ratio={k_ratio!r}"
+        )
+    if rank is not None and (not is_integer(rank) or rank < 1):
+        raise ValueError(
+            "Received an invalid value for `rank`, expected None or a "
+            f"positive integer. Received: rank={rank!r}"
+        )
+    if light_path not in ("lowrank", "zero"):
+        raise ValueError(
+            "Received an invalid value for `light_path`, expected 'lowrank' "
+            f"or 'zero'. Received: light_path={light_path!r}"
+        )
+    dims = [int(input_dim), *(int(u) for u in units)]
+    total = 0
+    for d, n in zip(dims, dims[1:]):
+        r = rank or default_rank(d, n)
+        light = r * n if light_path == "lowrank" else 0
+        total += d * r + r * n + light + num_selected(k_ratio, n) * d
+    return total + _output_cost(dims[1:], output_units)
+
+
+def iso_cost_units(input_dim, units, budget, output_units=None):
+    """Dense widths proportional to `units` that cost `budget` multiply-adds.
+
+    The answer to "what plain Dense has the same inference cost as my MIDL
+    model?": every width is scaled by one factor `s` (and rounded, at
+    least 1), and `s` is the largest whose `dense_stack_multiply_adds`
+    does not exceed `budget`. Rounding leaves the result at most a few
+    multiply-adds per layer below the budget, never above it.
+
+    Example:
+
+    >>> budget = keras_midl.flops.midl_stack_multiply_adds(
+    ...     784, [512, 256], k_ratio=0.45, output_units=10)
+    >>> keras_midl.flops.iso_cost_units(784, [512, 256], budget,
+    ...                                 output_units=10)
+    (311, 155)
+
+    Args:
+        input_dim: Size of the stack's input.
+        units: Widths to scale, one per hidden layer.
+        budget: Multiply-adds per row, e.g. `midl_stack_multiply_adds(...)`
+            or `model_multiply_adds(model)` less the layers that do not
+            change.
+        output_units: Units of the layer after the stack, whose cost
+            depends on the last width (counted), or `None`.
+
+    Returns:
+        Tuple of ints, one width per hidden layer.
+
+    Raises:
+        ValueError: for invalid arguments, or a budget below the cost of
+            widths of 1.
+    """
+    _check_stack(input_dim, units, output_units)
+    _check_budget(budget)
+
+    def widths(scale):
+        return tuple(max(1, round(scale * u)) for u in units)
+
+    def cost(scale):
+        return dense_stack_multiply_adds(input_dim, widths(scale),
+                                         output_units)
+
+    if cost(0.0) > budget:
+        raise ValueError(
+            f"A budget of {budget} multiply-adds is below the cheapest Dense "
+            f"stack (every width 1, {cost(0.0)} multiply-adds). Received: "
+            f"budget={budget!r}"
+        )
+    low, high = 0.0, 1.0
+    while cost(high) <= budget:
+        low, high = high, 2 * high
+    for _ in range(60):
+        middle = (low + high) / 2
+        if cost(middle) <= budget:
+            low = middle
+        else:
+            high = middle
+    return widths(low)
+
+
+def k_ratio_for_budget(
+    input_dim,
+    units,
+    budget,
+    rank=None,
+    light_path="lowrank",
+    output_units=None,
+    step=0.01,
+):
+    """The largest `k_ratio` of a MIDL stack within `budget` multiply-adds.
+
+    Searched on the grid `step, 2*step, ..., 1` (rounded to the step's
+    digits). Use it for a MIDL wider than a Dense at the Dense's cost.
+
+    Example:
+
+    >>> budget = keras_midl.flops.dense_stack_multiply_adds(784, [512, 256])
+    >>> keras_midl.flops.k_ratio_for_budget(784, [1024, 512], budget)
+    0.3
+
+    Args:
+        input_dim: Size of the stack's input.
+        units: Units of each MIDL layer.
+        budget: Multiply-adds per row.
+        rank: As for `midl_stack_multiply_adds`.
+        light_path: As for `midl_stack_multiply_adds`.
+        output_units: As for `midl_stack_multiply_adds`.
+        step: Grid spacing, in `(0, 1]`.
+
+    Returns:
+        Python float.
+
+    Raises:
+        ValueError: for invalid arguments, or a budget below the cost at
+            `k_ratio = step`.
+    """
+    _check_budget(budget)
+    if not is_number(step) or not 0 < step <= 1:
+        raise ValueError(
+            "Received an invalid value for `step`, expected a number in "
+            f"(0, 1]. Received: step={step!r}"
+        )
+    digits = max(0, -math.floor(math.log10(step))) + 2
+    grid = [round(i * step, digits) for i in range(1, int(1 / step + 1e-9)
+                                                     + 1)]
+    best = None
+    for value in grid:
+        cost = midl_stack_multiply_adds(input_dim, units, value, rank,
+                                        light_path, output_units)
+        if cost > budget:
+            break
+        best = value
+    if best is None:
+        raise ValueError(
+            f"A budget of {budget} multiply-adds is below the cost of MIDL "
+            f"layers {list(units)} at k_ratio={grid[0]}. Received: "
+            f"budget={budget!r}"
+        )
+    return best

@@ -19,7 +19,15 @@ Three pieces, usable together or alone:
   `objective=keras_tuner.Objective("val_efficiency", "max")`.
 * `MIDLHyperModel` wraps a model-building function: it adds the callback to
   every `fit` and, for a function without an `hp` argument, tunes the
-  `k_ratio` of every MIDL layer of the model it returns.
+  `k_ratio` of every MIDL layer of the model it returns. With a `budget`
+  of multiply-adds, a trial whose model costs more fails without being
+  trained.
+* `budgeted_hyperparameters(hp, input_dim, units, budget, ...)` declares
+  a search over the widths (`units` times a multiplier) and the `k_ratio`
+  of a MIDL stack that holds only configurations within a budget of
+  inference multiply-adds, e.g. the cost of the Dense model to replace
+  (`keras_midl.flops.model_multiply_adds(dense_model)`): "the most
+  accurate MIDL within my Dense model's cost", searched by any tuner.
 
 Choosing `lam`: a model whose FLOPs fraction is lower by `delta` wins when
 its accuracy is lower by less than `lam * delta`. With `lam = 0.1`, halving
@@ -69,6 +77,19 @@ from keras_midl._checks import is_number
 from keras_midl.midl import MIDL
 
 _SAMPLINGS = ("linear", "log", "reverse_log")
+
+
+def _check_hp_and_name(hp, name):
+    if not isinstance(hp, keras_tuner.HyperParameters):
+        raise ValueError(
+            "Expected a keras_tuner.HyperParameters for `hp`. "
+            f"Received: hp={hp!r}"
+        )
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(
+            "Received an invalid value for `name`, expected None or a "
+            f"non-empty string. Received: name={name!r}"
+        )
 
 
 def _scoped(name, argument):
@@ -247,16 +268,7 @@ def midl_hyperparameters(
             above `max_value`, a step that does not advance, a default off
             the grid, or invalid `rank` / `gate_noise` candidates.
     """
-    if not isinstance(hp, keras_tuner.HyperParameters):
-        raise ValueError(
-            "Expected a keras_tuner.HyperParameters for `hp`. "
-            f"Received: hp={hp!r}"
-        )
-    if name is not None and (not isinstance(name, str) or not name):
-        raise ValueError(
-            "Received an invalid value for `name`, expected None or a "
-            f"non-empty string. Received: name={name!r}"
-        )
+    _check_hp_and_name(hp, name)
     _validate_k_ratio_range(k_ratio, k_ratio_step, k_ratio_sampling)
     low, high = float(k_ratio[0]), float(k_ratio[1])
     if k_ratio_default is not None and (
@@ -312,6 +324,207 @@ def midl_hyperparameters(
             _scoped(name, "gate_noise"), [float(v) for v in noises]
         )
     return arguments
+
+
+def _validate_budget(budget, none_allowed=False):
+    if budget is None and none_allowed:
+        return
+    if not is_finite_number(budget) or budget <= 0:
+        expected = "None or a" if none_allowed else "a"
+        raise ValueError(
+            f"Received an invalid value for `budget`, expected {expected} "
+            "positive finite number of multiply-adds per example. "
+            f"Received: budget={budget!r}"
+        )
+
+
+def _scaled_units(units, multiplier):
+    return tuple(max(1, round(multiplier * u)) for u in units)
+
+
+def budgeted_hyperparameters(
+    hp,
+    input_dim,
+    units,
+    budget,
+    width_multipliers=(1.0, 1.5, 2.0, 3.0),
+    k_ratio=(0.05, 1.0),
+    k_ratio_step=0.05,
+    k_ratio_sampling="linear",
+    rank=None,
+    light_path="lowrank",
+    output_units=None,
+    name=None,
+):
+    """Declares a search of MIDL widths and `k_ratio` within a cost budget.
+
+    For a stack of MIDL layers `input_dim -> units[0] -> ... -> units[-1]`
+    (and an optional Dense output layer of `output_units`), declares
+
+    * `"width_multiplier"`, a `Choice` among the `width_multipliers` `m`
+      for which some `k_ratio` of the grid fits the budget: the layers get
+      `max(1, round(m * u))` units (a multiplier giving the same widths as
+      an earlier one is left out);
+    * for each of them, in a conditional scope active only for that
+      multiplier, `"width_x{m}/k_ratio"` (e.g. `"width_x1.5/k_ratio"`), a
+      `Choice` of the values of `k_ratio_grid(k_ratio, k_ratio_step,
+      k_ratio_sampling)` whose
+      `keras_midl.flops.midl_stack_multiply_adds(input_dim, widths,
+      k_ratio, rank, light_path, output_units)` is at most `budget`.
+
+    Every configuration of the space is therefore within budget, whichever
+    tuner walks it (`GridSearch` runs each one once, `RandomSearch`,
+    `BayesianOptimization` and `Hyperband` sample among them), and no
+    trial is spent on a model over budget. The budget counts the same
+    layers as this function, the stack and (with `output_units`) the
+    output layer: `keras_midl.flops.model_multiply_adds(dense_model)` of
+    the Dense model `input_dim -> units -> output_units` to replace, less
+    the cost of any other layer of the model (preprocessing, layers before
+    the stack). Wrap the model-building function in
+    `MIDLHyperModel(..., budget=budget)` to check the built models too.
+
+    Example:
+
+    >>> import keras_tuner
+    >>> budget = keras_midl.flops.dense_stack_multiply_adds(   # 64-128-10
+    ...     64, [128], output_units=10)
+    >>> hp = keras_tuner.HyperParameters()
+    >>> config = keras_midl.tuning.budgeted_hyperparameters(
+    ...     hp, 64, [128], budget, width_multipliers=(1.0, 2.0, 4.0),
+    ...     k_ratio=(0.1, 1.0), k_ratio_step=0.1, output_units=10)
+    >>> config
+    {'units': (128,), 'k_ratio': 0.1}
+    >>> [(p.name, p.values) for p in hp.space]   # 4x fits at no k_ratio
+    [('width_multiplier', [1.0, 2.0]),
+     ('width_x1.0/k_ratio', [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]),
+     ('width_x2.0/k_ratio', [0.1, 0.2, 0.3])]
+    >>> units = config.pop("units")
+    >>> model = keras.Sequential([
+    ...     keras.Input((64,)),
+    ...     *[keras_midl.MIDL(n, activation="relu", **config) for n in units],
+    ...     keras.layers.Dense(10, activation="softmax"),
+    ... ])
+    >>> keras_midl.flops.model_multiply_adds(model) <= budget
+    True
+
+    Args:
+        hp: A `keras_tuner.HyperParameters`.
+        input_dim: Size of the stack's input.
+        units: Units of each MIDL layer at multiplier 1, e.g. those of the
+            Dense layers the MIDL layers replace.
+        budget: Positive number, the most multiply-adds per example a
+            configuration may cost.
+        width_multipliers: Positive numbers scaling every width, or `None`
+            for `units` alone (`(1.0,)`). Those at which no `k_ratio` fits
+            are left out of the search.
+        k_ratio: Pair `(min_value, max_value)` with
+            `0 < min_value <= max_value <= 1`: the range of the grid.
+        k_ratio_step: Distance between two grid values (a factor `> 1`
+            with logarithmic sampling); a grid is needed, not `None`.
+        k_ratio_sampling: `"linear"`, `"log"` or `"reverse_log"`, as for
+            `k_ratio_grid`.
+        rank: Rank of every layer, or `None` for each layer's default
+            (`keras_midl.lowrank.default_rank`). Not searched.
+        light_path: `"lowrank"` or `"zero"`, the layers' light path.
+        output_units: Units of a Dense layer after the stack, whose cost
+            depends on the last width (counted in the cost), or `None`.
+        name: String prefixing the hyperparameter names
+            (`"name/width_multiplier"`, `"name/width_x1.0/k_ratio"`), needed
+            when several stacks are tuned; `None` for no prefix.
+
+    Returns:
+        Dict with `units`, a tuple of the chosen widths, and `k_ratio`, plus
+        `rank` when `rank` is given and `light_path` when it is not
+        `"lowrank"`: every entry but `units` is a keyword argument of each
+        MIDL layer (`MIDL(n, **config)` for `n` in `config.pop("units")`).
+
+    Raises:
+        ValueError: for an invalid argument (naming it and its value), or
+            a budget below the cost of every configuration.
+    """
+    _check_hp_and_name(hp, name)
+    _validate_budget(budget)
+    multipliers = _validate_choices(
+        "width_multipliers",
+        width_multipliers,
+        lambda v: is_finite_number(v) and v > 0,
+        "positive numbers",
+    )
+    if k_ratio_step is None:
+        raise ValueError(
+            "Received an invalid value for `k_ratio_step`, expected a step: "
+            "a budgeted search holds the grid values within budget, and a "
+            "continuous range has no grid. Received: k_ratio_step=None"
+        )
+    grid = k_ratio_grid(k_ratio, k_ratio_step, sampling=k_ratio_sampling)
+    # Checks input_dim, units, rank, light_path and output_units, each
+    # error naming its argument.
+    flops.midl_stack_multiply_adds(
+        input_dim, units, 1.0, rank, light_path, output_units
+    )
+
+    candidates = [float(m) for m in multipliers or [1.0]]
+    feasible = {}  # multiplier -> (widths, k_ratio values within budget)
+    seen = set()
+    for multiplier in candidates:
+        widths = _scaled_units(units, multiplier)
+        if widths in seen:
+            continue
+        seen.add(widths)
+        values = [
+            value
+            for value in grid
+            if flops.midl_stack_multiply_adds(
+                input_dim, widths, value, rank, light_path, output_units
+            )
+            <= budget
+        ]
+        if values:
+            feasible[multiplier] = (widths, values)
+    if not feasible:
+        cheapest = min(
+            flops.midl_stack_multiply_adds(
+                input_dim,
+                _scaled_units(units, multiplier),
+                grid[0],
+                rank,
+                light_path,
+                output_units,
+            )
+            for multiplier in candidates
+        )
+        raise ValueError(
+            f"No configuration fits a budget of {budget} multiply-adds: the "
+            f"cheapest, at k_ratio={grid[0]}, costs {cheapest}. Raise the "
+            "budget, or add smaller `width_multipliers` or a smaller "
+            f"`k_ratio` minimum. Received: budget={budget!r}, "
+            f"units={units!r}, width_multipliers={width_multipliers!r}, "
+            f"k_ratio={k_ratio!r}"
+        )
+
+    parent = _scoped(name, "width_multiplier")
+    chosen = hp.Choice(parent, list(feasible))
+    config = None
+    for multiplier, (widths, values) in feasible.items():
+        # KerasTuner declares every scope's hyperparameter (GridSearch and
+        # the other oracles walk each one when its multiplier is chosen) and
+        # returns None for those of the inactive scopes.
+        with hp.conditional_scope(parent, [multiplier]):
+            value = hp.Choice(
+                _scoped(name, f"width_x{multiplier!r}/k_ratio"), values
+            )
+        if multiplier == chosen:
+            config = {"units": widths, "k_ratio": value}
+    if config is None:  # a value set on `hp` by hand, off the Choice
+        raise ValueError(
+            f"`hp` holds {parent}={chosen!r}, not one of the multipliers "
+            f"within budget, {list(feasible)}."
+        )
+    if rank is not None:
+        config["rank"] = rank
+    if light_path != "lowrank":
+        config["light_path"] = light_path
+    return config
 
 
 class EfficiencyObjective(keras.callbacks.Callback):
@@ -480,6 +693,21 @@ class MIDLHyperModel(keras_tuner.HyperModel):
     `fit` runs `model.fit` with an `EfficiencyObjective` placed first among
     the callbacks, so every epoch logs `objective.name`.
 
+    With a `budget`, `fit` first counts the model's inference cost,
+    `keras_midl.flops.model_multiply_adds(model)`, and raises
+    `keras_tuner.errors.FailedTrialError` (giving the cost and the budget)
+    when it is above: the tuner marks the trial `FAILED` and moves on, and
+    the model is never trained. The check is in `fit`, before any
+    training, rather than in `build`: a tuner builds the model of the
+    default hyperparameter values (and of each conditional scope) when it
+    is created, outside any trial, and an error there would stop it. It is
+    a safety net, for a `build_model(hp)` that declares its own space or
+    for the `k_ratio`s searched in a `build_model()`; KerasTuner stops a
+    search with a `RuntimeError` after `max_consecutive_failed_trials`
+    (default 3) failed trials in a row, and a failed trial still counts
+    towards `max_trials`. Declare the space with `budgeted_hyperparameters`
+    so that every trial is within budget.
+
     Example:
 
     >>> import keras_tuner
@@ -506,6 +734,18 @@ class MIDLHyperModel(keras_tuner.HyperModel):
     e.g. `keras_tuner.BayesianOptimization(hypermodel,
     objective=hypermodel.objective, max_trials=10)`.
 
+    With a budget, a model over it is not trained:
+
+    >>> hypermodel = keras_midl.tuning.MIDLHyperModel(
+    ...     build, lam=0, budget=234_752)   # the cost of the Dense MLP
+    >>> hp = keras_tuner.HyperParameters()
+    >>> hp.values.update({"midl_0/k_ratio": 1.0, "midl_1/k_ratio": 1.0})
+    >>> x = np.zeros((8, 784), "float32")
+    >>> hypermodel.fit(hp, hypermodel.build(hp), x, np.zeros(8))
+    Traceback (most recent call last):
+    FailedTrialError: Model 'sequential...' costs 257264 multiply-adds per
+    example, above the budget of 234752 ...
+
     Args:
         build_model: Callable, `build_model(hp)` or `build_model()`,
             returning a compiled `keras.Model`.
@@ -516,9 +756,18 @@ class MIDLHyperModel(keras_tuner.HyperModel):
         search_space: Dict of keyword arguments of `midl_hyperparameters`
             (e.g. `{"k_ratio": (0.2, 1.0), "k_ratio_step": 0.1}`), used only
             for a `build_model()` without `hp`.
+        budget: `None`, or a positive number: the most inference
+            multiply-adds per example (`keras_midl.flops.model_multiply_adds`)
+            of a model that may be trained, e.g. the cost of the Dense model
+            to replace.
         name: Name of the hypermodel.
         tunable: Whether the hyperparameters are tunable, as for
             `keras_tuner.HyperModel`.
+
+    Raises:
+        ValueError: for a `build_model` that is not callable, an invalid
+            `search_space`, `lam`, `accuracy` or `objective_name`, or a
+            `budget` that is not a positive finite number.
     """
 
     def __init__(
@@ -528,6 +777,7 @@ class MIDLHyperModel(keras_tuner.HyperModel):
         accuracy="val_accuracy",
         objective_name="val_efficiency",
         search_space=None,
+        budget=None,
         name=None,
         tunable=True,
     ):
@@ -560,6 +810,8 @@ class MIDLHyperModel(keras_tuner.HyperModel):
                 "`hp`: a `build_model(hp)` declares its own search space. "
                 f"Received: search_space={search_space!r}"
             )
+        _validate_budget(budget, none_allowed=True)
+        self.budget = budget
         # Validates lam and the names now rather than in the first trial.
         self.efficiency = EfficiencyObjective(
             lam=lam, accuracy=accuracy, name=objective_name
@@ -617,5 +869,16 @@ class MIDLHyperModel(keras_tuner.HyperModel):
         return tuned
 
     def fit(self, hp, model, *args, callbacks=None, **kwargs):
+        if self.budget is not None:
+            cost = flops.model_multiply_adds(model)
+            if cost > self.budget:
+                raise keras_tuner.errors.FailedTrialError(
+                    f"Model {model.name!r} costs {cost} multiply-adds per "
+                    f"example, above the budget of {self.budget} "
+                    "(MIDLHyperModel(budget=...)): the trial is failed "
+                    "without training. Declare the search space with "
+                    "keras_midl.tuning.budgeted_hyperparameters to keep "
+                    "every trial within budget."
+                )
         callbacks = [self.efficiency, *(callbacks or [])]
         return model.fit(*args, callbacks=callbacks, **kwargs)

@@ -107,6 +107,26 @@ def test_convert_nested_functional_exact_and_weights_copied(rng):
         assert any(np.array_equal(old[p], to_numpy(variable)) for p in match)
 
 
+def test_convert_a_model_with_a_masking_embedding(rng):
+    """`Embedding(mask_zero=True)` adds a `not_equal` operation, without
+    weights, to the functional graph (the IMDB benchmark's model)."""
+    inputs = keras.Input((7,), dtype="int32")
+    x = keras.layers.Embedding(20, 6, mask_zero=True, name="embedding")(inputs)
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    x = keras.layers.Dense(16, activation="relu", name="hidden")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="output")(x))
+    tokens = rng.integers(0, 20, size=(8, 7)).astype("int32")
+    tokens[:, -2:] = 0  # padding
+    converted = keras_midl.convert(model, k_ratio=1.0, rank=2)
+    assert layer_types(converted)["hidden"] == "MIDL"
+    np.testing.assert_allclose(
+        converted.predict(tokens, verbose=0),
+        model.predict(tokens, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 def test_convert_leaves_the_original_untouched(rng):
     model = nested_functional(rng)
     before = [w.copy() for w in model.get_weights()]

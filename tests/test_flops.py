@@ -288,3 +288,126 @@ def test_flops_fraction_of_a_zero_cost_model_raises():
     model = sequential((4,), keras.layers.ReLU())
     with pytest.raises(ValueError, match="FLOPs fraction is undefined"):
         flops.flops_fraction(model)
+
+
+# Budgets: stack costs, iso-cost widths, k_ratio within a budget.
+
+
+def midl_stack(input_dim, units, k_ratio, rank=None, light_path="lowrank",
+               output_units=None):
+    layers = [
+        MIDL(n, k_ratio=k_ratio, rank=rank, light_path=light_path)
+        for n in units
+    ]
+    if output_units:
+        layers.append(keras.layers.Dense(output_units))
+    return sequential((input_dim,), *layers)
+
+
+def dense_stack(input_dim, units, output_units=None):
+    layers = [keras.layers.Dense(n) for n in units]
+    if output_units:
+        layers.append(keras.layers.Dense(output_units))
+    return sequential((input_dim,), *layers)
+
+
+@pytest.mark.parametrize(
+    "input_dim,units,output_units",
+    [(784, (512, 256), None), (64, (256, 128), 10), (105, (7,), 2)],
+)
+def test_dense_stack_multiply_adds_matches_the_model(
+    input_dim, units, output_units
+):
+    model = dense_stack(input_dim, units, output_units)
+    assert flops.dense_stack_multiply_adds(
+        input_dim, units, output_units
+    ) == flops.model_multiply_adds(model)
+
+
+@pytest.mark.parametrize(
+    "units,k_ratio,rank,light_path,output_units",
+    [
+        ((512, 256), 0.45, None, "lowrank", None),
+        ((256, 128), 0.3, 8, "zero", 10),
+        ((33,), 0.01, None, "lowrank", 2),
+    ],
+)
+def test_midl_stack_multiply_adds_matches_the_model(
+    units, k_ratio, rank, light_path, output_units
+):
+    model = midl_stack(96, units, k_ratio, rank, light_path, output_units)
+    assert flops.midl_stack_multiply_adds(
+        96, units, k_ratio, rank, light_path, output_units
+    ) == flops.model_multiply_adds(model)
+
+
+@pytest.mark.parametrize(
+    "input_dim,units,output_units",
+    [(784, (512, 256), 10), (64, (256, 128), 10), (2048, (256,), 10),
+     (128, (256, 128), None), (105, (256, 128), 2)],
+)
+@pytest.mark.parametrize("k_ratio", [0.25, 0.45, 0.8])
+def test_iso_cost_units_meet_the_budget_from_below(
+    input_dim, units, output_units, k_ratio
+):
+    budget = flops.midl_stack_multiply_adds(
+        input_dim, units, k_ratio, output_units=output_units
+    )
+    widths = flops.iso_cost_units(input_dim, units, budget, output_units)
+    assert len(widths) == len(units)
+    cost = flops.dense_stack_multiply_adds(input_dim, widths, output_units)
+    assert cost <= budget
+    # Proportional, and as wide as the budget allows: one more unit per
+    # layer would exceed it.
+    ratios = [w / u for w, u in zip(widths, units)]
+    assert max(ratios) - min(ratios) < 2 / min(units) + 1e-9
+    wider = tuple(w + 1 for w in widths)
+    assert flops.dense_stack_multiply_adds(
+        input_dim, wider, output_units
+    ) > budget
+
+
+def test_iso_cost_units_of_a_dense_cost_are_the_units():
+    budget = flops.dense_stack_multiply_adds(784, (512, 256), 10)
+    assert flops.iso_cost_units(784, (512, 256), budget, 10) == (512, 256)
+    assert flops.iso_cost_units(784, (512, 256), 2 * budget, 10) > (512, 256)
+
+
+def test_k_ratio_for_budget_is_the_largest_within_it():
+    budget = flops.dense_stack_multiply_adds(784, (512, 256))
+    k_ratio = flops.k_ratio_for_budget(784, (1024, 512), budget)
+    assert flops.midl_stack_multiply_adds(
+        784, (1024, 512), k_ratio
+    ) <= budget
+    assert flops.midl_stack_multiply_adds(
+        784, (1024, 512), round(k_ratio + 0.01, 2)
+    ) > budget
+    assert flops.k_ratio_for_budget(784, (512, 256), 10 * budget) == 1.0
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: flops.iso_cost_units(784, (512,), 100), "budget=100"),
+        (lambda: flops.iso_cost_units(784, (512,), 0), "budget=0"),
+        (lambda: flops.iso_cost_units(784, (512,), float("nan")),
+         "budget=nan"),
+        (lambda: flops.iso_cost_units(0, (512,), 1e6), "input_dim=0"),
+        (lambda: flops.iso_cost_units(784, (), 1e6), r"units=\(\)"),
+        (lambda: flops.iso_cost_units(784, (512, 0), 1e6), "units="),
+        (lambda: flops.iso_cost_units(784, (512,), 1e6, output_units=0),
+         "output_units=0"),
+        (lambda: flops.k_ratio_for_budget(784, (512,), 1000), "budget=1000"),
+        (lambda: flops.k_ratio_for_budget(784, (512,), 1e6, step=0),
+         "step=0"),
+        (lambda: flops.midl_stack_multiply_adds(784, (512,), 1.5),
+         "k_ratio=1.5"),
+        (lambda: flops.midl_stack_multiply_adds(784, (512,), 0.5, rank=0),
+         "rank=0"),
+        (lambda: flops.midl_stack_multiply_adds(
+            784, (512,), 0.5, light_path="none"), "light_path='none'"),
+    ],
+)
+def test_budget_functions_name_the_invalid_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

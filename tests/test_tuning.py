@@ -1,5 +1,6 @@
 """Tests of keras_midl.tuning: search space, objective and tiny searches."""
 
+import re
 import warnings
 
 import keras
@@ -558,3 +559,428 @@ def test_search_finds_and_reloads_the_logged_best(kind, rng, tmp_path):
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+# --- budgeted search ---------------------------------------------------------
+
+# The Dense model 16-32-2 that the budgeted searches replace.
+DENSE_BUDGET = flops.dense_stack_multiply_adds(INPUT_DIM, [UNITS], CLASSES)
+
+
+def _space_pairs(hp, name=None):
+    """Every (multiplier, k_ratio name, k_ratio) the declared space holds."""
+    parent = "width_multiplier" if name is None else f"{name}/width_multiplier"
+    (multiplier,) = [p for p in hp.space if p.name == parent]
+    pairs = []
+    for value in multiplier.values:
+        (child,) = [
+            p
+            for p in hp.space
+            if [(c.name, list(c.values)) for c in p.conditions]
+            == [(parent, [value])]
+        ]
+        pairs += [(value, child.name, k_ratio) for k_ratio in child.values]
+    # Nothing else: one multiplier Choice, one k_ratio Choice per value.
+    assert len(hp.space) == 1 + len(multiplier.values)
+    return parent, pairs
+
+
+def _midl_stack(input_dim, config, output_units):
+    config = dict(config)
+    units = config.pop("units")
+    layers = [keras.Input((input_dim,))]
+    layers += [MIDL(n, activation="relu", **config) for n in units]
+    if output_units is not None:
+        layers.append(keras.layers.Dense(output_units, activation="softmax"))
+    return keras.Sequential(layers)
+
+
+@pytest.mark.parametrize(
+    "input_dim, units, budget_fraction, kwargs",
+    [
+        (INPUT_DIM, (UNITS,), 1.0, {"output_units": CLASSES}),
+        (64, (128, 64), 1.0, {"output_units": 10, "rank": 4}),
+        (
+            64,
+            (128,),
+            0.8,
+            {"light_path": "zero", "k_ratio": (0.1, 1.0), "k_ratio_step": 0.1},
+        ),
+        (
+            32,
+            (64, 32),
+            0.5,
+            {
+                "k_ratio": (0.03125, 1.0),
+                "k_ratio_step": 2.0,
+                "k_ratio_sampling": "log",
+                "width_multipliers": (0.5, 1.0, 2.0, 4.0),
+                "name": "hidden",
+            },
+        ),
+    ],
+)
+def test_budgeted_space_holds_exactly_the_configurations_within_budget(
+    input_dim, units, budget_fraction, kwargs
+):
+    output_units = kwargs.get("output_units")
+    budget = budget_fraction * flops.dense_stack_multiply_adds(
+        input_dim, units, output_units
+    )
+    hp = keras_tuner.HyperParameters()
+    tuning.budgeted_hyperparameters(hp, input_dim, units, budget, **kwargs)
+    parent, pairs = _space_pairs(hp, kwargs.get("name"))
+
+    # Brute force over the multipliers and the grid: the space holds the
+    # pairs within budget, and only those; some pairs are over budget, so
+    # a space that ignored the budget would differ.
+    grid = tuning.k_ratio_grid(
+        kwargs.get("k_ratio", (0.05, 1.0)),
+        kwargs.get("k_ratio_step", 0.05),
+        kwargs.get("k_ratio_sampling", "linear"),
+    )
+    rank = kwargs.get("rank")
+    light_path = kwargs.get("light_path", "lowrank")
+
+    def cost(multiplier, k_ratio):
+        widths = tuple(max(1, round(multiplier * u)) for u in units)
+        return flops.midl_stack_multiply_adds(
+            input_dim, widths, k_ratio, rank, light_path, output_units
+        )
+
+    multipliers = kwargs.get("width_multipliers", (1.0, 1.5, 2.0, 3.0))
+    within = {
+        (float(m), k) for m in multipliers for k in grid if cost(m, k) <= budget
+    }
+    over = {(m, k) for m in multipliers for k in grid} - within
+    assert within and over
+    assert {(m, k) for m, _, k in pairs} == within
+    assert len(pairs) == len(within)
+
+    # Each configuration, proposed by a tuner, returns the arguments of
+    # layers within budget by the layers' own rule
+    # (`MIDL.inference_multiply_adds`; the search tests count built models).
+    for multiplier, child, k_ratio in pairs:
+        proposed = keras_tuner.HyperParameters()
+        proposed.values.update({parent: multiplier, child: k_ratio})
+        config = tuning.budgeted_hyperparameters(
+            proposed, input_dim, units, budget, **kwargs
+        )
+        widths = tuple(max(1, round(multiplier * u)) for u in units)
+        expected = {"units": widths, "k_ratio": k_ratio}
+        if rank is not None:
+            expected["rank"] = rank
+        if light_path != "lowrank":
+            expected["light_path"] = light_path
+        assert config == expected
+        layer_arguments = dict(config)
+        dims = [input_dim, *layer_arguments.pop("units")]
+        layers_cost = sum(
+            MIDL(n, **layer_arguments).inference_multiply_adds(d)
+            for d, n in zip(dims, dims[1:])
+        ) + dims[-1] * (output_units or 0)
+        assert layers_cost == cost(multiplier, k_ratio) <= budget
+
+
+def test_budgeted_space_leaves_out_infeasible_multipliers():
+    # Dense 16-32-2 costs 576: at 3x width even k_ratio 0.2 costs 704.
+    hp = keras_tuner.HyperParameters()
+    config = tuning.budgeted_hyperparameters(
+        hp,
+        INPUT_DIM,
+        [UNITS],
+        DENSE_BUDGET,
+        width_multipliers=(1.0, 2.0, 3.0),
+        k_ratio=(0.2, 1.0),
+        k_ratio_step=0.2,
+        output_units=CLASSES,
+    )
+    assert config == {"units": (UNITS,), "k_ratio": 0.2}
+    assert [(p.name, list(p.values)) for p in hp.space] == [
+        ("width_multiplier", [1.0, 2.0]),
+        ("width_x1.0/k_ratio", [0.2, 0.4, 0.6, 0.8]),  # 1.0 costs 656
+        ("width_x2.0/k_ratio", [0.2]),  # 0.4 costs 688
+    ]
+
+
+def test_budgeted_space_drops_multipliers_giving_the_same_widths():
+    # round(1.5 * 1) == round(2.0 * 1) == 2: one configuration, not two.
+    hp = keras_tuner.HyperParameters()
+    tuning.budgeted_hyperparameters(
+        hp, 8, [1], 1e6, width_multipliers=(1.0, 1.5, 2), k_ratio=(1.0, 1.0)
+    )
+    assert list(hp.space[0].values) == [1.0, 1.5]
+    # None searches the given widths only.
+    hp = keras_tuner.HyperParameters()
+    tuning.budgeted_hyperparameters(hp, 8, [4], 1e6, width_multipliers=None)
+    assert list(hp.space[0].values) == [1.0]
+
+
+def test_budgeted_space_rejects_a_budget_nothing_fits():
+    # The cheapest configuration, 16-32-2 at k_ratio 0.05 (k = 2), costs
+    # 16*1 + 2*1*32 + 2*16 + 32*2 = 176.
+    hp = keras_tuner.HyperParameters()
+    with pytest.raises(
+        ValueError,
+        match=r"No configuration fits a budget of 175 .*costs 176.*budget=175",
+    ):
+        tuning.budgeted_hyperparameters(
+            hp, INPUT_DIM, [UNITS], 175, output_units=CLASSES
+        )
+    assert not hp.space
+    assert tuning.budgeted_hyperparameters(
+        hp, INPUT_DIM, [UNITS], 176, output_units=CLASSES
+    ) == {"units": (UNITS,), "k_ratio": 0.05}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"budget": 0}, r"`budget`.*positive finite.*budget=0"),
+        ({"budget": -5}, r"`budget`.*budget=-5"),
+        ({"budget": float("inf")}, r"`budget`.*budget=inf"),
+        ({"budget": float("nan")}, r"`budget`.*budget=nan"),
+        ({"budget": "576"}, r"`budget`.*budget='576'"),
+        ({"budget": True}, r"`budget`.*budget=True"),
+        ({"budget": None}, r"`budget`.*budget=None"),
+        ({"width_multipliers": []}, r"`width_multipliers`.*=\[\]"),
+        ({"width_multipliers": [1.0, 0]}, r"`width_multipliers`.*\[1.0, 0\]"),
+        ({"width_multipliers": [-1.0]}, r"`width_multipliers`.*\[-1.0\]"),
+        ({"width_multipliers": [2, 2]}, r"`width_multipliers`.*distinct"),
+        ({"width_multipliers": ["x2"]}, r"`width_multipliers`.*\['x2'\]"),
+        ({"k_ratio": (0.0, 1.0)}, r"`k_ratio`.*k_ratio=\(0.0, 1.0\)"),
+        ({"k_ratio": (0.8, 0.2)}, r"`k_ratio`.*min_value <= max_value"),
+        ({"k_ratio_step": None}, r"`k_ratio_step`.*k_ratio_step=None"),
+        ({"k_ratio_step": 0}, r"`k_ratio_step`.*k_ratio_step=0"),
+        ({"k_ratio_sampling": "cubic"}, r"`k_ratio_sampling`.*'cubic'"),
+        ({"input_dim": 0}, r"`input_dim`.*input_dim=0"),
+        ({"units": []}, r"`units`.*units=\[\]"),
+        ({"units": [32, 0]}, r"`units`.*units=\[32, 0\]"),
+        ({"rank": 0}, r"`rank`.*rank=0"),
+        ({"light_path": "full"}, r"`light_path`.*light_path='full'"),
+        ({"output_units": 0}, r"`output_units`.*output_units=0"),
+        ({"name": ""}, r"`name`.*name=''"),
+        ({"hp": 3}, r"HyperParameters.*hp=3"),
+    ],
+)
+def test_budgeted_space_rejects_invalid_arguments(kwargs, message):
+    hp = keras_tuner.HyperParameters()
+    arguments = {
+        "hp": hp,
+        "input_dim": INPUT_DIM,
+        "units": [UNITS],
+        "budget": DENSE_BUDGET,
+        **kwargs,
+    }
+    with pytest.raises(ValueError, match=message):
+        tuning.budgeted_hyperparameters(**arguments)
+    assert not hp.space
+
+
+class _Trained(keras.callbacks.Callback):
+    """Records every model trained: its widths, k_ratio and cost."""
+
+    def __init__(self):
+        super().__init__()
+        self.models = []
+
+    def __deepcopy__(self, memo):  # shared, not copied, across trials
+        return self
+
+    def on_train_begin(self, logs=None):
+        midl = [layer for layer in self.model.layers if isinstance(layer, MIDL)]
+        self.models.append(
+            (
+                tuple(layer.units for layer in midl),
+                midl[0].k_ratio,
+                flops.model_multiply_adds(self.model),
+            )
+        )
+
+
+def _budgeted_build(budget):
+    def build(hp):
+        config = tuning.budgeted_hyperparameters(
+            hp,
+            INPUT_DIM,
+            [UNITS],
+            budget,
+            width_multipliers=(1.0, 2.0, 3.0),
+            k_ratio=(0.2, 1.0),
+            k_ratio_step=0.4,
+            output_units=CLASSES,
+        )
+        model = _midl_stack(INPUT_DIM, config, CLASSES)
+        model.compile(
+            "adam",
+            "sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            run_eagerly=True,
+        )
+        return model
+
+    return build
+
+
+# get_best_models() loads weights into an unbuilt optimizer: harmless.
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+@pytest.mark.parametrize("kind", ["grid", "random"])
+def test_budgeted_search_finds_a_midl_within_a_dense_models_cost(
+    kind, rng, tmp_path
+):
+    dense = keras.Sequential(
+        [
+            keras.Input((INPUT_DIM,)),
+            keras.layers.Dense(UNITS, activation="relu"),
+            keras.layers.Dense(CLASSES, activation="softmax"),
+        ]
+    )
+    budget = flops.model_multiply_adds(dense)
+    assert budget == DENSE_BUDGET == 576
+    # Within 576: (32,) at k_ratio 0.2 (240) and 0.6 (448), (64,) at 0.2
+    # (480); over: (32,) at 1.0 (656), (64,) at 0.6 (880), (96,) at 0.2
+    # (704).
+    within = {((32,), 0.2), ((32,), 0.6), ((64,), 0.2)}
+    hypermodel = tuning.MIDLHyperModel(
+        _budgeted_build(budget), lam=0, budget=budget
+    )
+    common = {
+        "objective": hypermodel.objective,
+        "directory": str(tmp_path),
+        "project_name": kind,
+        "seed": 3,
+    }
+    if kind == "grid":  # runs the whole space
+        tuner = keras_tuner.GridSearch(hypermodel, **common)
+    else:
+        tuner = keras_tuner.RandomSearch(hypermodel, max_trials=3, **common)
+    trained = _Trained()
+    x, y = _data(rng, 32)
+    tuner.search(
+        x,
+        y,
+        validation_data=(x, y),
+        epochs=1,
+        batch_size=32,
+        callbacks=[trained],
+        verbose=0,
+    )
+    trials = list(tuner.oracle.trials.values())
+    # No trial failed the hypermodel's budget check: the space holds only
+    # configurations within budget.
+    assert [t.status for t in trials] == ["COMPLETED"] * len(trials)
+    assert len(trained.models) == len(trials) >= 2
+    assert {(units, k) for units, k, _ in trained.models} <= within
+    assert all(cost <= budget for _, _, cost in trained.models)
+    if kind == "grid":
+        assert len(trials) == len(within)
+        assert {(units, k) for units, k, _ in trained.models} == within
+
+    (best_hp,) = tuner.get_best_hyperparameters(1)
+    (best_model,) = tuner.get_best_models(1)
+    midl = [layer for layer in best_model.layers if isinstance(layer, MIDL)]
+    multiplier = best_hp.get("width_multiplier")
+    assert [layer.units for layer in midl] == [round(multiplier * UNITS)]
+    assert midl[0].k_ratio == best_hp.get(f"width_x{multiplier!r}/k_ratio")
+    assert flops.model_multiply_adds(best_model) <= budget
+
+
+# k_ratio -> multiply-adds of `_model`: 272, 400, 528, 656.
+SAFETY_BUDGET = 450
+
+
+def _over_budget_first_build(hp):
+    # The default (first) value is over budget: the tuner builds it when
+    # it is created, before any trial, which must not stop it.
+    return _model(hp.Choice("k_ratio", [1.0, 0.75, 0.5, 0.25]))
+
+
+@pytest.mark.parametrize("form", ["hp", "no_hp"])
+def test_hypermodel_budget_fails_trials_over_budget_untrained(
+    form, rng, tmp_path
+):
+    if form == "no_hp":  # the k_ratio of an unchanged build() is searched
+        hypermodel = tuning.MIDLHyperModel(
+            lambda: _model(),
+            lam=0,
+            budget=SAFETY_BUDGET,
+            search_space={"k_ratio": (0.25, 1.0), "k_ratio_step": 0.25},
+        )
+    else:
+        hypermodel = tuning.MIDLHyperModel(
+            _over_budget_first_build, lam=0, budget=SAFETY_BUDGET
+        )
+    costs = [flops.model_multiply_adds(_model(k)) for k in (0.25, 0.5, 0.75, 1)]
+    assert costs == [272, 400, 528, 656]
+    tuner = keras_tuner.GridSearch(
+        hypermodel,
+        objective=hypermodel.objective,
+        directory=str(tmp_path),
+        project_name=form,
+    )
+    trained = _Trained()
+    x, y = _data(rng, 32)
+    tuner.search(
+        x,
+        y,
+        validation_data=(x, y),
+        epochs=1,
+        batch_size=32,
+        callbacks=[trained],
+        verbose=0,
+    )
+    status = {
+        t.hyperparameters.get("k_ratio"): t
+        for t in tuner.oracle.trials.values()
+    }
+    assert sorted(status) == [0.25, 0.5, 0.75, 1.0]
+    assert {k: t.status for k, t in status.items()} == {
+        0.25: "COMPLETED",
+        0.5: "COMPLETED",
+        0.75: "FAILED",
+        1.0: "FAILED",
+    }
+    for k_ratio, cost in ((0.75, 528), (1.0, 656)):
+        assert (
+            f"costs {cost} multiply-adds per example, above the budget of "
+            f"{SAFETY_BUDGET}" in status[k_ratio].message
+        )
+    # Only the models within budget were trained.
+    assert sorted(k for _, k, _ in trained.models) == [0.25, 0.5]
+    best = tuner.get_best_hyperparameters(1)[0]
+    assert best.get("k_ratio") in (0.25, 0.5)
+
+
+@pytest.mark.parametrize("budget, trains", [(656, True), (655, False)])
+def test_hypermodel_budget_check_in_fit(budget, trains, rng):
+    x, y = _data(rng, 32)
+    hypermodel = tuning.MIDLHyperModel(_build_with_hp, budget=budget)
+    hp = keras_tuner.HyperParameters()
+    hp.values["k_ratio"] = 1.0
+    model = hypermodel.build(hp)  # builds: a tuner builds at creation
+    assert flops.model_multiply_adds(model) == 656
+    if trains:  # a budget is a maximum: equal is within it
+        history = hypermodel.fit(
+            hp, model, x, y, validation_data=(x, y), epochs=1, verbose=0
+        )
+        assert "val_efficiency" in history.history
+        assert int(model.optimizer.iterations) == 1
+        return
+    with pytest.raises(
+        keras_tuner.errors.FailedTrialError,
+        match=r"costs 656 multiply-adds per example, above the budget of 655",
+    ):
+        hypermodel.fit(
+            hp, model, x, y, validation_data=(x, y), epochs=1, verbose=0
+        )
+    assert int(model.optimizer.iterations) == 0
+
+
+@pytest.mark.parametrize(
+    "budget", [0, -1, float("inf"), float("nan"), "576", True]
+)
+def test_hypermodel_rejects_an_invalid_budget(budget):
+    with pytest.raises(
+        ValueError, match=r"`budget`.*" + re.escape(f"budget={budget!r}")
+    ):
+        tuning.MIDLHyperModel(_build_with_hp, budget=budget)

@@ -17,7 +17,8 @@ def test_recipes_parse_settings_over_the_defaults():
         "t2:temperature=2", "mix:gate_noise=0.5,rank=7,balance_weight=0.1",
     ])
     defaults = {"rank": None, "temperature": 1.0, "gate_noise": 0.0,
-                "balance_weight": 0.1}
+                "balance_weight": 0.1, "width": 1.0, "convert_epochs": 0,
+                "warmup_epochs": 0}
     assert args.recipe_list == [
         ("default", {**defaults, "k_ratio": 0.4}),
         ("t2", {**defaults, "k_ratio": 0.4, "temperature": 2.0}),
@@ -39,6 +40,10 @@ def test_recipes_parse_settings_over_the_defaults():
         ["--recipes", ":temperature=2"],
         ["--validation-fraction", "1.0"],
         ["--train-limit", "0"],
+        ["--recipes", "a:width=0"],
+        ["--recipes", "a:convert_epochs=-1"],
+        ["--recipes", "a:k_ratio=wide"],
+        ["--recipes", "a:convert_epochs=1,warmup_epochs=1"],
     ],
 )
 def test_invalid_arguments_exit(argv):
@@ -62,8 +67,10 @@ def _data(rng, n_train=200, n_test=50):
 def test_validation_split_is_held_out_of_training(rng):
     data = _data(rng)
     args = paper_table.parse_args(["--validation-fraction", "0.25"])
-    x_train, y_train, x_eval, y_eval, where = paper_table.splits(data, args)
-    assert where == "validation"
+    split = paper_table.splits(data, args)
+    (x_train, _), (x_eval, y_eval) = split["train"], split["validation"]
+    # The test split is still evaluated, for reporting.
+    assert split["test"][0] is data.x_test
     assert len(x_eval) == 50 and len(x_train) == 150
     # No example is in both; together they are the training split.
     rows = {tuple(row) for row in x_train}
@@ -77,11 +84,68 @@ def test_validation_split_is_held_out_of_training(rng):
 def test_train_limit_is_a_stratified_subset(rng):
     data = _data(rng)
     args = paper_table.parse_args(["--train-limit", "40"])
-    x_train, y_train, x_eval, _, where = paper_table.splits(data, args)
-    assert where == "test" and len(x_train) == 40
-    assert x_eval is data.x_test
+    split = paper_table.splits(data, args)
+    (x_train, y_train) = split["train"]
+    assert sorted(split) == ["test", "train"] and len(x_train) == 40
+    assert split["test"][0] is data.x_test
     # Not the first 40 rows (which hold class 0 only here).
     assert 0 < y_train.mean() < 1
+
+
+def test_recipes_parse_width_k_ratio_at_dense_cost_and_conversion():
+    args = paper_table.parse_args([
+        "--recipes", "wide:width=2,k_ratio=dense", "c:convert_epochs=3",
+    ])
+    (_, wide), (_, converted) = args.recipe_list
+    assert wide["width"] == 2.0 and wide["k_ratio"] == "dense"
+    assert converted["convert_epochs"] == 3
+
+
+def test_plan_runs_adds_an_iso_cost_dense_per_recipe_cost(rng):
+    data = _data(rng)
+    args = paper_table.parse_args([
+        "--recipes", "default", "t2:temperature=2",
+        "wide:width=2,k_ratio=dense",
+    ])
+    runs, recipes = paper_table.plan_runs("adult", data, args)
+    assert recipes == ["default", "t2", "wide"]
+    # Same cost, one shared iso-cost run; the wide recipe has its own.
+    assert runs["default"]["iso"] == runs["t2"]["iso"]
+    assert runs["wide"]["iso"] != runs["default"]["iso"]
+    assert runs["wide"]["units"] == (512, 256)
+    wide_k = runs["wide"]["settings"]["k_ratio"]
+    assert 0 < wide_k < 0.45
+    costs = {}
+    for key, run in runs.items():
+        model = paper_table.build_model("adult", data, run["variant"],
+                                        run["settings"], args, run["units"])
+        costs[key] = paper_table.flops.model_multiply_adds(model)
+    # Each iso-cost Dense is as expensive as its recipe's MIDL, never more,
+    # and the wide MIDL is no more expensive than the same-width Dense.
+    for recipe in recipes:
+        iso = costs[runs[recipe]["iso"]]
+        assert iso <= costs[recipe] < 1.02 * iso
+    assert costs["wide"] <= costs["baseline"]
+
+
+def test_a_converted_recipe_trains_dense_then_midl(rng):
+    data = _data(rng)
+    args = paper_table.parse_args([
+        "--validation-fraction", "0.25", "--recipes", "c:convert_epochs=1",
+    ])
+    split = paper_table.splits(data, args)
+    runs, _ = paper_table.plan_runs("adult", data, args)
+    model, accuracy, times, _ = paper_table.train_one(
+        "adult", data, split, runs["c"], seed=0, epochs=2, args=args
+    )
+    assert [type(layer).__name__ for layer in
+            models.hidden_layers(model)] == ["MIDL", "MIDL"]
+    assert sorted(accuracy) == ["test", "validation"] and len(times) == 2
+    too_many = paper_table.parse_args(["--recipes", "c:convert_epochs=2"])
+    runs, _ = paper_table.plan_runs("adult", data, too_many)
+    with pytest.raises(ValueError, match="convert_epochs=2"):
+        paper_table.train_one("adult", data, split, runs["c"], seed=0,
+                              epochs=2, args=too_many)
 
 
 def test_gate_health_counts_dead_and_always_on_neurons(rng):
@@ -143,3 +207,14 @@ def test_default_output_is_outside_the_repository():
     repository = os.path.dirname(os.path.dirname(paper_table.__file__))
     assert not os.path.abspath(args.output).startswith(repository)
     assert keras.backend.backend() in paper_table.BACKENDS
+
+
+def test_digits_are_the_quickstarts_split():
+    args = paper_table.parse_args(["--datasets", "digits"])
+    data, reason = paper_table.load("digits", args)
+    assert reason is None
+    assert data.x_train.shape == (1347, 64) and data.x_test.shape == (450, 64)
+    assert data.num_classes == 10 and 0 <= data.x_train.min()
+    assert data.x_train.max() <= 1
+    assert paper_table.batch_size("digits", args) == 32
+    assert paper_table.batch_size("mnist", args) == 128
