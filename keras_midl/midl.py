@@ -84,6 +84,22 @@ def _initializer_for(initializer, index):
     return initializer.__class__.from_config(config)
 
 
+def _check_lora_rank(rank, name):
+    if not is_integer(rank) or rank < 1:
+        raise ValueError(
+            f"Received an invalid value for `{name}`, expected a positive "
+            f"integer. Received: {name}={rank!r}"
+        )
+
+
+def _check_lora_alpha(lora_alpha):
+    if not is_finite_number(lora_alpha):
+        raise ValueError(
+            "Received an invalid value for `lora_alpha`, expected None or a "
+            f"finite number. Received: lora_alpha={lora_alpha!r}"
+        )
+
+
 def _check_k_ratio(k_ratio):
     if not is_number(k_ratio) or not 0.0 < k_ratio <= 1.0:
         raise ValueError(
@@ -207,6 +223,14 @@ class MIDL(keras.layers.Layer):
             else masked. The rule for where the native kernel runs is in
             `keras_midl.ops.dispatch`; `keras_midl.config` turns it off.
         seed: Integer, seed of the gate noise.
+        lora_rank: Optional positive integer. If set, `build` calls
+            `enable_lora(lora_rank, lora_alpha)`: the full-path kernel is
+            frozen and fine-tuned through a low-rank update (LoRA), as
+            `Dense(lora_rank=...)` does. See `enable_lora`.
+        lora_alpha: Optional number, the scale of the LoRA update is
+            `lora_alpha / lora_rank`; `None` means `lora_rank`.
+        quantization_config: Optional `keras.quantizers.QuantizationConfig`,
+            as for `Dense` (see `quantize`).
         **kwargs: Base layer keyword arguments, such as `name` and `dtype`.
 
     Call arguments:
@@ -260,6 +284,8 @@ class MIDL(keras.layers.Layer):
         selection=None,
         inference_path="masked",
         seed=None,
+        lora_rank=None,
+        lora_alpha=None,
         quantization_config=None,
         **kwargs,
     ):
@@ -308,6 +334,10 @@ class MIDL(keras.layers.Layer):
                 f"of {INFERENCE_PATHS}. "
                 f"Received: inference_path={inference_path!r}"
             )
+        if lora_rank is not None:
+            _check_lora_rank(lora_rank, "lora_rank")
+        if lora_alpha is not None:
+            _check_lora_alpha(lora_alpha)
         self.units = units
         self.k_ratio = k_ratio  # also sets `k` (see the property)
         self.rank = rank
@@ -326,6 +356,10 @@ class MIDL(keras.layers.Layer):
         self.selection = selection
         self.inference_path = inference_path
         self.seed = seed
+        # As in `Dense`: `lora_alpha` defaults to the rank.
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha if lora_alpha is not None else lora_rank
+        self.lora_enabled = False
         self.quantization_config = quantization_config
         if self.gate_noise > 0:
             self.seed_generator = keras.random.SeedGenerator(seed)
@@ -365,7 +399,7 @@ class MIDL(keras.layers.Layer):
     def compiled_calls(self):
         """The compiled inference calls of this layer's eager calls
         (`keras_midl.ops.dispatch`), keyed on what their traces depend on;
-        cleared by `quantize`."""
+        cleared by `quantize` and `enable_lora`."""
         return self._compiled_calls
 
     @property
@@ -473,6 +507,10 @@ class MIDL(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(
             min_ndim=2, axes={-1: input_dim}
         )
+        if self.lora_rank:
+            # As `Dense`; `enable_lora` needs the layer marked built.
+            self.built = True
+            self.enable_lora(self.lora_rank, lora_alpha=self.lora_alpha)
 
     @property
     def gate_dtype(self):
@@ -605,9 +643,26 @@ class MIDL(keras.layers.Layer):
         return outputs
 
     def _full_path(self, inputs):
-        """`x W + b` for every neuron, in the compute dtype."""
+        """`x W + b` for every neuron, in the compute dtype; with LoRA,
+        `W` is `W + lora_alpha / lora_rank * A B` (`enable_lora`)."""
         if self.quantization_mode == "int8":
             full = self._int8_full_path(inputs)
+            if self.lora_enabled:
+                # As `Dense._int8_call`: the update from the float inputs.
+                code = ops.matmul(
+                    ops.cast(inputs, self.compute_dtype), self.lora_kernel_a
+                )
+                update = ops.matmul(code, self.lora_kernel_b)
+                full = ops.cast(
+                    ops.add(full, self.lora_scale * update),
+                    self.compute_dtype,
+                )
+        elif self.lora_enabled:
+            # As `Dense.kernel`: the update merged into the kernel.
+            kernel = ops.cast(
+                ops.add(self.kernel, self._lora_update()), self.compute_dtype
+            )
+            full = _matmul_transposed(inputs, kernel)
         else:
             full = _matmul_transposed(inputs, self.kernel)
         if self.bias is not None:
@@ -658,6 +713,137 @@ class MIDL(keras.layers.Layer):
         # In float32, as Keras sums the losses (a float64 layer included).
         loss = self.balance_weight * variance / (share * share)
         return ops.cast(loss, "float32")
+
+    # --- LoRA (low-rank adaptation of the full-path kernel), as in Dense --
+
+    def enable_lora(
+        self,
+        rank,
+        lora_alpha=None,
+        a_initializer="he_uniform",
+        b_initializer="zeros",
+    ):
+        """Freezes the full-path kernel and fine-tunes it by LoRA, as
+        `Dense.enable_lora` does.
+
+        Adds two trainable weights, `lora_kernel_a` of shape `(input_dim,
+        rank)` and `lora_kernel_b` of shape `(rank, units)` (the shapes
+        and initializers of `Dense`'s), and sets `kernel.trainable =
+        False`. The full path then computes with `W + lora_alpha / rank *
+        A B`; as the kernel is stored as `W^T`, `(units, input_dim)`, the
+        update is added to it as `(A B)^T`; `layer.kernel` stays the
+        frozen variable (`Dense.kernel` returns the merged kernel, MIDL's
+        is never `Dense`'s layout anyway). Every inference path uses it
+        (the masked path, training included, and the gathered path,
+        which adds the update of the `k` selected neurons only); the
+        native kernel does not, so eager calls take the `keras.ops` or
+        compiled paths instead (`keras_midl.ops.dispatch`).
+
+        Only the full-path kernel is frozen, as `Dense` freezes only its
+        kernel: the bias, the gate (`projection`, `gate_kernel`,
+        `gate_bias`) and the light path stay trainable (at most about 10%
+        of `W`'s size with the default rank); set their `trainable` to
+        `False` to train the LoRA weights alone. Call `model.compile`
+        again after enabling LoRA on a model that was compiled.
+
+        On an int8 layer (`quantize("int8")` before or after this call) the
+        kernel stays int8 and the update is added in float from the float
+        inputs, as in `Dense`. Saving (`model.save`, `save_weights`) merges
+        the update into the saved kernel (for int8: dequantized, merged and
+        quantized again), as `Dense` does; a loaded layer has LoRA enabled
+        with `lora_kernel_b` zeroed, so its update is zero until it
+        trains again (`Dense` zeroes both weights, whose gradients then
+        stay zero; here `lora_kernel_a` keeps the draw of its initializer).
+
+        Example:
+
+        >>> layer = keras_midl.MIDL(16, k_ratio=0.5)
+        >>> layer.build((None, 8))
+        >>> layer.enable_lora(2)
+        >>> [w.name for w in layer.trainable_weights if "lora" in w.name]
+        ['lora_kernel_a', 'lora_kernel_b']
+        >>> layer.kernel.trainable
+        False
+        >>> layer.get_config()["lora_rank"], layer.get_config()["lora_alpha"]
+        (2, 2)
+
+        Args:
+            rank: Positive integer, the rank of the update.
+            lora_alpha: Number, the update is scaled by `lora_alpha /
+                rank`; `None` means `rank` (a scale of 1).
+            a_initializer: Initializer of `lora_kernel_a`.
+            b_initializer: Initializer of `lora_kernel_b`; the default
+                zeros make the update start at zero.
+
+        Raises:
+            ValueError: If `rank` is not a positive integer, `lora_alpha`
+                not a finite number, the layer is not built, LoRA is
+                already enabled, or the layer has a `kernel_constraint`
+                (as in `Dense`, which cannot constrain `W + A B`).
+        """
+        _check_lora_rank(rank, "rank")
+        if lora_alpha is not None:
+            _check_lora_alpha(lora_alpha)
+        if self.kernel_constraint:
+            raise ValueError(
+                "Lora is incompatible with kernel constraints. "
+                "In order to enable lora on this layer, remove the "
+                "`kernel_constraint` argument."
+            )
+        if not self.built:
+            raise ValueError(
+                f"Cannot enable lora on layer {self.name}: it isn't yet "
+                "built. Call the layer on inputs, or call "
+                "`layer.build(input_shape)`, first."
+            )
+        if self.lora_enabled:
+            raise ValueError(
+                f"lora is already enabled on layer {self.name}. This can "
+                "only be done once per layer."
+            )
+        # In float32 (float64 in a float64 layer) under every policy, as
+        # `Dense` keeps them in float32: no 16-bit underflow in training.
+        dtype = self.gate_dtype
+        locked = self._tracker.locked
+        self._tracker.unlock()
+        try:
+            self.lora_kernel_a = self.add_weight(
+                name="lora_kernel_a",
+                shape=(self.input_dim, rank),
+                initializer=initializers.get(a_initializer),
+                dtype=dtype,
+                regularizer=self.kernel_regularizer,
+            )
+            self.lora_kernel_b = self.add_weight(
+                name="lora_kernel_b",
+                shape=(rank, self.units),
+                initializer=initializers.get(b_initializer),
+                dtype=dtype,
+                regularizer=self.kernel_regularizer,
+            )
+        finally:
+            if locked:
+                self._tracker.lock()
+        self.kernel.trainable = False
+        self.lora_enabled = True
+        self.lora_rank = rank
+        self.lora_alpha = lora_alpha if lora_alpha is not None else rank
+        # The compiled eager calls were traced without LoRA.
+        self._compiled_calls.clear()
+
+    @property
+    def lora_scale(self):
+        """`lora_alpha / lora_rank`, the scale of the LoRA update (read at
+        each call, so `lora_alpha` can be changed); `None` without LoRA."""
+        if not self.lora_enabled:
+            return None
+        return self.lora_alpha / self.lora_rank
+
+    def _lora_update(self):
+        """`lora_alpha / lora_rank * (A B)^T`: the LoRA update in the
+        kernel's `(units, input_dim)` layout."""
+        update = ops.matmul(self.lora_kernel_a, self.lora_kernel_b)
+        return self.lora_scale * ops.transpose(update)
 
     # --- Conversion and int8 quantization (Keras's quantization protocol) --
 
@@ -713,6 +899,10 @@ class MIDL(keras.layers.Layer):
         of the full path are quantized per row (unless `config` says
         otherwise). The gate, projection and light path stay in float.
         Usually called through `model.quantize("int8")`.
+
+        With LoRA enabled (`enable_lora`), as in `Dense`, the frozen kernel
+        `W` alone is quantized and the LoRA weights stay in float: the
+        full path is the int8 one plus the float update.
         """
         if type_check and type(self) is not MIDL:
             raise self._not_implemented_error(self.quantize)
@@ -722,21 +912,12 @@ class MIDL(keras.layers.Layer):
                 f"mode 'int8' only. Received: mode={mode!r}"
             )
         self.quantization_config = config
-        quantizer = quantizers.QuantizationConfig.weight_quantizer_or_default(
-            config, quantizers.AbsMaxQuantizer(axis=-1)
-        )
-        kernel_value, kernel_scale = quantizer(self.kernel, to_numpy=True)
-        if tuple(kernel_scale.shape) != (self.units, 1):
-            raise ValueError(
-                "MIDL stores its kernel as (units, input_dim) and needs one "
-                "scale per neuron: the weight quantizer must reduce axis -1. "
-                f"Received: scale shape {tuple(kernel_scale.shape)}"
-            )
+        kernel_value, kernel_scale = self._quantized_kernel(self.kernel)
         kernel_shape = tuple(self.kernel.shape)
         del self.kernel
         self._int8_build(kernel_shape, config)
         self.kernel.assign(kernel_value)
-        self.kernel_scale.assign(ops.squeeze(kernel_scale, axis=-1))
+        self.kernel_scale.assign(kernel_scale)
         # The compiled eager calls were traced with the float kernel.
         self._compiled_calls.clear()
         # Set before the policy, so that its setter does not quantize again.
@@ -745,6 +926,22 @@ class MIDL(keras.layers.Layer):
             self.dtype_policy = dtype_policies.get(
                 f"{mode}_from_{self.dtype_policy.name}"
             )
+
+    def _quantized_kernel(self, kernel):
+        """`(int8 values, scale of shape (units,))` of a float kernel, by
+        the weight quantizer of `quantization_config` (default: absmax over
+        each neuron's `input_dim` weights)."""
+        quantizer = quantizers.QuantizationConfig.weight_quantizer_or_default(
+            self.quantization_config, quantizers.AbsMaxQuantizer(axis=-1)
+        )
+        kernel_value, kernel_scale = quantizer(kernel, to_numpy=True)
+        if tuple(kernel_scale.shape) != (self.units, 1):
+            raise ValueError(
+                "MIDL stores its kernel as (units, input_dim) and needs one "
+                "scale per neuron: the weight quantizer must reduce axis -1. "
+                f"Received: scale shape {tuple(kernel_scale.shape)}"
+            )
+        return kernel_value, ops.squeeze(kernel_scale, axis=-1)
 
     def _int8_build(self, kernel_shape, config=None):
         self.inputs_quantizer = (
@@ -815,23 +1012,56 @@ class MIDL(keras.layers.Layer):
         return {None: names, "int8": names + ["kernel_scale"]}
 
     def _serialized_variables(self):
+        """`(name, variable)` of the saved variables, in order."""
         mode = self.quantization_mode
         if mode not in self.variable_serialization_spec:
             raise self._quantization_mode_error(mode)
         names = self.variable_serialization_spec[mode]
-        variables = [getattr(self, name, None) for name in names]
-        return [v for v in variables if v is not None]
+        pairs = [(name, getattr(self, name, None)) for name in names]
+        return [(name, v) for name, v in pairs if v is not None]
+
+    def _merged_lora_kernel(self):
+        """The kernel (and `kernel_scale` for int8) with the LoRA update
+        merged in, as `Dense` saves them: `{name: NumPy array}`, empty
+        without LoRA. An int8 kernel is dequantized, merged and quantized
+        again by the layer's weight quantizer."""
+        if not self.lora_enabled:
+            return {}
+        # float32, or float64 in a float64 layer.
+        dtype = self.gate_dtype
+        update = ops.cast(self._lora_update(), dtype)
+        if self.quantization_mode == "int8":
+            kernel = ops.divide(
+                ops.cast(self.kernel, dtype),
+                ops.expand_dims(ops.cast(self.kernel_scale, dtype), -1),
+            )
+            value, scale = self._quantized_kernel(ops.add(kernel, update))
+            return {
+                "kernel": ops.convert_to_numpy(value),
+                "kernel_scale": ops.convert_to_numpy(scale),
+            }
+        merged = ops.cast(ops.add(self.kernel, update), self.kernel.dtype)
+        return {"kernel": ops.convert_to_numpy(merged)}
 
     def save_own_variables(self, store):
+        """Saves the variables of `variable_serialization_spec`; with LoRA
+        enabled the kernel is saved with the update merged in (the LoRA
+        weights are not saved), as `Dense` does."""
         if not self.built:
             return
-        for index, variable in enumerate(self._serialized_variables()):
-            store[str(index)] = variable
+        merged = self._merged_lora_kernel()
+        for index, (name, variable) in enumerate(
+            self._serialized_variables()
+        ):
+            store[str(index)] = merged.get(name, variable)
 
     def load_own_variables(self, store):
+        """Loads what `save_own_variables` saved. With LoRA enabled (a
+        `lora_rank` in the config) `lora_kernel_b` is zeroed: the loaded
+        kernel holds the update already."""
         if not self.built:
             return
-        variables = self._serialized_variables()
+        variables = [v for _, v in self._serialized_variables()]
         if len(store.keys()) != len(variables):
             raise ValueError(
                 f"Layer '{self.name}' expected {len(variables)} variables, "
@@ -840,6 +1070,8 @@ class MIDL(keras.layers.Layer):
             )
         for index, variable in enumerate(variables):
             variable.assign(store[str(index)])
+        if self.lora_enabled:
+            self.lora_kernel_b.assign(ops.zeros(self.lora_kernel_b.shape))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.units,)
@@ -850,7 +1082,8 @@ class MIDL(keras.layers.Layer):
         The gate (`d*r + r*n`), the light path (`r*n`, absent with
         `light_path="zero"`) and the full path of the `k` selected neurons
         (`k*d`). Bias additions and the O(n) selection are not counted, as
-        for Dense's `d*n`.
+        for Dense's `d*n`, nor LoRA weights (merged into the kernel when
+        the layer is saved).
 
         Args:
             input_dim: `d`; defaults to the built layer's input size.
@@ -894,6 +1127,8 @@ class MIDL(keras.layers.Layer):
             "selection": self.selection,
             "inference_path": self.inference_path,
             "seed": self.seed,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
             "quantization_config": keras.saving.serialize_keras_object(
                 self.quantization_config
             ),

@@ -58,9 +58,9 @@ def spy_native_calls(monkeypatch):
     for name in NATIVE_ENTRY_POINTS:
         original = getattr(kernels, name)
 
-        def spy(*args, original=original, name=name):
+        def spy(*args, original=original, name=name, **kwargs):
             calls.append(name)
-            return original(*args)
+            return original(*args, **kwargs)
 
         monkeypatch.setattr(kernels, name, spy)
     return calls

@@ -41,8 +41,8 @@ def gathered_calls(monkeypatch):
     for owner, name in ((dispatch, "_gathered"), (module, "native_forward")):
         original = getattr(owner, name)
 
-        def spy(*args, original=original, name=name):
-            outputs = original(*args)
+        def spy(*args, original=original, name=name, **kwargs):
+            outputs = original(*args, **kwargs)
             if outputs is not None:
                 calls.append(name)
             return outputs
@@ -468,8 +468,71 @@ def test_native_applies_to_float32_layers_with_native_kernels_on(switch):
     mixed = MIDL(UNITS, dtype="mixed_bfloat16")
     mixed.build((None, INPUT_DIM))
     assert not dispatch.native_applies(mixed)
-    layer.quantize("int8")
-    assert not dispatch.native_applies(layer)
+
+
+@pytest.mark.parametrize(
+    "activation_quantizer, quantizes",
+    [
+        ("default", True),
+        (None, False),
+        (keras.quantizers.AbsMaxQuantizer(value_range=(-100, 100)), None),
+    ],
+)
+def test_native_applies_to_int8_layers_whose_inputs_it_can_quantize(
+    activation_quantizer, quantizes
+):
+    layer = MIDL(UNITS)
+    layer.build((None, INPUT_DIM))
+    layer.quantize("int8", config=keras.quantizers.Int8QuantizationConfig(
+        activation_quantizer=activation_quantizer))
+    assert dispatch.native_quantizes_inputs(layer) is quantizes
+    assert dispatch.native_applies(layer) == (
+        quantizes is not None and native.available()
+    )
+
+
+@pytest.mark.parametrize("activation_quantizer", ["default", None])
+@pytest.mark.parametrize("rows", [1, 3, 70])
+def test_int8_eager_calls_run_the_native_kernel_as_the_keras_ops_path(
+    activation_quantizer, rows, native_calls, rng
+):
+    """An int8 layer's eager call (torch: under `no_grad`) runs the native
+    int8 kernel and computes what its masked `keras.ops` int8 path does:
+    inputs quantized per row as Keras does, exact integer sums."""
+    masked, gathered = make_pair((rows, INPUT_DIM), k_ratio=0.25,
+                                 activation="relu")
+    config = keras.quantizers.Int8QuantizationConfig(
+        activation_quantizer=activation_quantizer)
+    masked.quantize("int8", config=config)
+    gathered.quantize("int8", config=config)
+    x = rng.normal(size=(rows, INPUT_DIM)).astype("float32")
+    expected = as_numpy(masked(x, training=False))
+    del native_calls[:]
+    if BACKEND == "torch":
+        import torch
+
+        with torch.no_grad():
+            outputs = as_numpy(gathered(x, training=False))
+    else:
+        outputs = as_numpy(gathered(x, training=False))
+    assert "sparse_forward_pointers" in native_calls
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_torch_calls_recording_gradients_take_the_keras_ops_path(
+    native_calls, rng
+):
+    if BACKEND != "torch":
+        pytest.skip("torch records gradients in eager calls")
+    masked, gathered = make_pair((2, INPUT_DIM), k_ratio=0.25)
+    masked.quantize("int8")
+    gathered.quantize("int8")
+    x = rng.normal(size=(2, INPUT_DIM)).astype("float32")
+    expected = as_numpy(masked(x, training=False))
+    del native_calls[:]
+    outputs = as_numpy(gathered(x, training=False))
+    assert native_calls == []
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_native_forward_equals_the_reference(native_calls, rng):
@@ -646,3 +709,28 @@ def test_training_mask_has_no_gradient(rng):
 
     _, (grad,) = value_and_gradients(loss, scores)
     np.testing.assert_array_equal(np.nan_to_num(grad), 0.0)
+
+
+@pytest.mark.parametrize("rows, native_expected", [(1, True), (8, True),
+                                                   (65, False)])
+def test_auto_runs_the_native_int8_kernel_up_to_a_batch_block(
+    rows, native_expected, native_calls, rng
+):
+    """For an int8 layer `auto` takes the native kernel in eager calls up
+    to `NATIVE_INT8_MAX_ROWS` rows, whatever the layer's size (the float
+    rule would run this small layer masked)."""
+    layer = MIDL(UNITS, k_ratio=0.25, inference_path="auto")
+    layer.build((None, INPUT_DIM))
+    assert not dispatch.use_gathered_path(rows, INPUT_DIM, UNITS, 0.25)
+    layer.quantize("int8")
+    assert dispatch.native_auto_gathers(layer, rows) == native_expected
+    x = rng.normal(size=(rows, INPUT_DIM)).astype("float32")
+    del native_calls[:]
+    if BACKEND == "torch":
+        import torch
+
+        with torch.no_grad():
+            layer(x, training=False)
+    else:
+        layer(x, training=False)
+    assert bool(native_calls) == native_expected

@@ -214,3 +214,104 @@ def test_numpy_fallback_equals_the_library(monkeypatch, rng):
     got = native.select_gather(logits, kernel, rows, 11, light, bias)
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+# int8 kernels (`model.quantize("int8")`).
+
+
+def int8_case(rng, units, dim, rank, count):
+    def normal(*shape):
+        return rng.normal(size=shape).astype("float32")
+
+    kernel, kernel_scale = keras.quantizers.abs_max_quantize(
+        normal(units, dim), axis=-1, to_numpy=True
+    )
+    weights = {
+        "projection": normal(dim, rank),
+        "gate_kernel": normal(rank, units),
+        "gate_bias": normal(units),
+        "light_kernel": normal(rank, units),
+        "light_bias": normal(units),
+        "kernel": keras.ops.convert_to_numpy(kernel),
+        "bias": normal(units),
+        "kernel_scale": keras.ops.convert_to_numpy(kernel_scale)[:, 0],
+    }
+    return normal(count, dim), weights
+
+
+def int8_expected(rows, weights, selected, quantize_inputs):
+    """Keras's int8 arithmetic at the selected neurons: inputs quantized
+    by Keras's own AbsMaxQuantizer, exact integer sums, one division."""
+    kernel = weights["kernel"].astype(np.int64)
+    scale = weights["kernel_scale"]
+    if quantize_inputs:
+        quantized, rows_scale = keras.quantizers.abs_max_quantize(
+            rows, axis=-1, to_numpy=True
+        )
+        quantized = keras.ops.convert_to_numpy(quantized).astype(np.int64)
+        rows_scale = keras.ops.convert_to_numpy(rows_scale)
+        full = (quantized @ kernel.T).astype(np.float32) / (scale * rows_scale)
+    else:
+        full = (rows.astype(np.float64) @ kernel.T) / scale
+    full = full + weights["bias"]
+    return np.take_along_axis(full, selected, axis=1)
+
+
+# dim not a multiple of the 32-byte blocks; 70 rows: two batch blocks.
+@pytest.mark.parametrize(
+    "units, dim, rank, count, k",
+    [(24, 16, 4, 3, 12), (9, 37, 5, 1, 9), (40, 100, 3, 70, 13),
+     (64, 256, 8, 8, 29)],
+)
+@pytest.mark.parametrize("quantize_inputs", [True, False])
+def test_int8_sparse_forward_is_kerass_int8_arithmetic(
+    implementation, units, dim, rank, count, k, quantize_inputs, rng
+):
+    rows, weights = int8_case(rng, units, dim, rank, count)
+    outputs, selected = native.sparse_forward(
+        rows, weights, k, quantize_inputs=quantize_inputs
+    )
+    # The selection and the light path are the float kernel's.
+    float_weights = dict(weights, kernel=weights["kernel"].astype("float32"),
+                         kernel_scale=None)
+    float_outputs, float_selected = native.sparse_forward(
+        rows, float_weights, k
+    )
+    np.testing.assert_array_equal(selected, float_selected)
+    unselected = np.ones(outputs.shape, bool)
+    np.put_along_axis(unselected, selected, False, axis=1)
+    np.testing.assert_array_equal(outputs[unselected],
+                                  float_outputs[unselected])
+    got = np.take_along_axis(outputs, selected, axis=1)
+    want = int8_expected(rows, weights, selected, quantize_inputs)
+    if quantize_inputs:  # exact integer sums: only the division rounds
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_library_equals_the_numpy_fallback(monkeypatch, rng):
+    if not native.available():
+        pytest.skip("the native library cannot be built here")
+    rows, weights = int8_case(rng, 33, 70, 4, 5)
+    want = native.sparse_forward(rows, weights, 10)
+    monkeypatch.setattr(config, "_enabled", False)
+    assert build.library() is None
+    got = native.sparse_forward(rows, weights, 10)
+    np.testing.assert_array_equal(got[1], want[1])
+    # The light path's float sums run in another order than BLAS's.
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_int8_kernel_needs_its_scales_and_a_float_one_none():
+    rows, weights = int8_case(np.random.default_rng(0), 12, 16, 4, 1)
+    with pytest.raises(ValueError, match="needs its `kernel_scale`"):
+        native.sparse_forward(rows, dict(weights, kernel_scale=None), 3)
+    with pytest.raises(ValueError, match="`kernel_scale` is for an int8"):
+        native.sparse_forward(
+            rows, dict(weights, kernel=weights["kernel"].astype("float32")), 3
+        )
+    with pytest.raises(ValueError, match="`kernel_scale` must have shape"):
+        native.sparse_forward(
+            rows, dict(weights, kernel_scale=np.ones(5, "float32")), 3
+        )

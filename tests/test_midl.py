@@ -17,8 +17,11 @@ from keras.src import testing as keras_testing
 
 import keras_midl
 from keras_midl import MIDL
+from keras_midl import backend as backends
+from keras_midl import native
 from keras_midl.lowrank import default_rank
 from keras_midl.midl import num_selected
+from keras_midl.ops import dispatch
 
 
 def to_numpy(x):
@@ -1126,6 +1129,15 @@ LAYER_KWARGS = [
         "seed": 3,
         "name": "gated",
     },
+    # LoRA refuses a `kernel_constraint` (as Dense's does): its own set.
+    {
+        "units": 16,
+        "k_ratio": 0.4,
+        "rank": 2,
+        "lora_rank": 3,
+        "lora_alpha": 4.5,
+        "name": "adapted",
+    },
 ]
 
 
@@ -1151,6 +1163,8 @@ OTHER_KWARGS = {
     "selection": "top_k",
     "inference_path": "auto",
     "seed": 11,
+    "lora_rank": 4,
+    "lora_alpha": 8,
     "name": "other",
 }
 OBJECT_ARGUMENTS = {
@@ -1168,10 +1182,11 @@ OBJECT_ARGUMENTS = {
 def test_every_argument_is_tested():
     arguments = set(inspect.signature(MIDL.__init__).parameters)
     arguments -= {"self", "kwargs", "quantization_config"}
-    assert arguments <= set(OTHER_KWARGS) and arguments <= set(LAYER_KWARGS[1])
+    assert arguments <= set(OTHER_KWARGS)
+    assert arguments <= set(LAYER_KWARGS[1]) | set(LAYER_KWARGS[2])
 
 
-@pytest.mark.parametrize("kwargs", [LAYER_KWARGS[1], OTHER_KWARGS])
+@pytest.mark.parametrize("kwargs", [*LAYER_KWARGS[1:], OTHER_KWARGS])
 def test_config_holds_each_constructor_argument(kwargs):
     config = MIDL(**kwargs).get_config()
     for key, value in kwargs.items():
@@ -1353,3 +1368,492 @@ def test_inference_selection_method(rows):
         assert layer.inference_selection_method(rows) == layer.selection_method
     explicit = MIDL(8, selection="bisection")
     assert explicit.inference_selection_method(rows) == "bisection"
+
+
+# --- LoRA (`enable_lora`, as Dense's) ---------------------------------------
+#
+# Every test's name holds "lora": `pytest -k lora` runs this section.
+
+
+def lora_layer(rng, input_dim=6, units=10, lora_alpha=6, **kwargs):
+    """A built MIDL layer, random weights, LoRA of rank 3 with random
+    (nonzero) factors."""
+    kwargs.setdefault("k_ratio", 0.5)
+    kwargs.setdefault("rank", 2)
+    layer = MIDL(units, **kwargs)
+    layer.build((None, input_dim))
+    for variable in layer.weights:
+        variable.assign(0.3 * rng.normal(size=variable.shape))
+    layer.enable_lora(3, lora_alpha=lora_alpha)
+    for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
+        variable.assign(0.3 * rng.normal(size=variable.shape))
+    return layer
+
+
+def lora_kernel(layer):
+    """NumPy `W^T + lora_alpha / lora_rank * (A B)^T` of a float layer."""
+    a = to_numpy(layer.lora_kernel_a).astype("float64")
+    b = to_numpy(layer.lora_kernel_b).astype("float64")
+    kernel = to_numpy(layer.kernel).astype("float64")
+    return kernel + layer.lora_alpha / layer.lora_rank * (a @ b).T
+
+
+def lora_reference(layer, x):
+    """NumPy masked forward (no activation) with the LoRA kernel."""
+    x = x.astype("float64")
+    _, mask, lite, _ = hand_forward(layer, x)
+    full = x @ lora_kernel(layer).T + to_numpy(layer.bias)
+    return mask * full + (1 - mask) * lite
+
+
+def dense_and_midl_with_lora(rng, input_dim, units, quantize=None, **kwargs):
+    """A Dense layer and a `k_ratio=1` MIDL layer with the same kernel,
+    bias and LoRA factors (`quantize`: int8 before or after
+    `enable_lora`)."""
+    dense = keras.layers.Dense(
+        units, activation="tanh", bias_initializer="random_normal"
+    )
+    dense.build((None, input_dim))
+    layer = MIDL(units, k_ratio=1.0, rank=2, activation="tanh", **kwargs)
+    layer.build((None, input_dim))
+    # Copies in NumPy: on JAX a shared buffer would be donated by the
+    # first `predict` of either layer.
+    layer.kernel.assign(to_numpy(dense.kernel).T)
+    layer.bias.assign(to_numpy(dense.bias))
+    for each in (dense, layer):
+        if quantize == "before_lora":
+            each.quantize("int8")
+        each.enable_lora(3, lora_alpha=6)
+        if quantize == "after_lora":
+            each.quantize("int8")
+    for name in ("lora_kernel_a", "lora_kernel_b"):
+        value = 0.5 * rng.normal(size=getattr(dense, name).shape)
+        getattr(dense, name).assign(value)
+        getattr(layer, name).assign(value)
+    return dense, layer
+
+
+@pytest.mark.parametrize("inference_path", ["masked", "gathered"])
+@pytest.mark.parametrize("input_dim, units", [(6, 10), (8, 8)])
+def test_lora_with_k_ratio_one_equals_dense_with_lora(
+    input_dim, units, inference_path, rng
+):
+    """The outputs and the gradients of the LoRA weights and the bias are
+    Dense's. A square kernel (8, 8) catches an update added without the
+    transpose to the `(units, input_dim)` kernel."""
+    dense, layer = dense_and_midl_with_lora(
+        rng, input_dim, units, inference_path=inference_path
+    )
+    x = rng.normal(size=(5, input_dim)).astype("float32")
+    expected = to_numpy(dense(x))
+    for training in (False, True):
+        np.testing.assert_allclose(
+            to_numpy(layer(x, training=training)),
+            expected,
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    model = keras.Sequential([keras.Input((input_dim,)), layer])
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-5
+    )
+    upstream = ops.convert_to_tensor(
+        rng.normal(size=(5, units)).astype("float32")
+    )
+    grads = variable_gradients(
+        layer, lambda: ops.sum(layer(x, training=True) * upstream)
+    )
+    dense_grads = variable_gradients(
+        dense, lambda: ops.sum(dense(x, training=True) * upstream)
+    )
+    assert "kernel" not in grads and "kernel" not in dense_grads
+    for name in ("lora_kernel_a", "lora_kernel_b", "bias"):
+        np.testing.assert_allclose(
+            grads[name], dense_grads[name], rtol=1e-5, atol=1e-5, err_msg=name
+        )
+
+
+@pytest.mark.parametrize("inference_path", ["masked", "gathered", "auto"])
+@pytest.mark.parametrize("input_shape", [(1, 6), (5, 6), (2, 3, 6)])
+def test_lora_update_reaches_every_path(inference_path, input_shape, rng):
+    """Eager calls, training calls and the traced `predict` all compute
+    with `W + s A B` (the gathered path for the selected neurons)."""
+    layer = lora_layer(rng, inference_path=inference_path)
+    x = rng.normal(size=input_shape).astype("float32")
+    rows = x.reshape(-1, 6)
+    expected = lora_reference(layer, rows).reshape(*input_shape[:-1], 10)
+    _, mask, lite, full = hand_forward(layer, rows.astype("float64"))
+    without = (mask * full + (1 - mask) * lite).reshape(expected.shape)
+    assert not np.allclose(expected, without, atol=1e-3)
+    model = keras.Sequential([keras.Input(input_shape[1:]), layer])
+    outputs = {
+        "eager": to_numpy(layer(x)),
+        "training": to_numpy(layer(x, training=True)),
+        "predict": model.predict(x, verbose=0),
+    }
+    for how, actual in outputs.items():
+        np.testing.assert_allclose(
+            actual, expected, rtol=1e-4, atol=1e-5, err_msg=how
+        )
+
+
+def test_lora_layer_never_runs_the_native_kernel(monkeypatch, rng):
+    """The native kernel reads `W` alone: with LoRA the eager gathered
+    call runs `keras.ops` (or its compiled call) instead."""
+    if not native.available():
+        pytest.skip("the native kernel could not be built here")
+    module = backends.current()
+    native_forward = module.native_forward
+    native_calls = []
+
+    def spy(*args, **kwargs):
+        native_calls.append(args)
+        return native_forward(*args, **kwargs)
+
+    monkeypatch.setattr(module, "native_forward", spy)
+    layer = MIDL(10, k_ratio=0.5, rank=2, inference_path="gathered")
+    x = rng.normal(size=(2, 6)).astype("float32")
+    layer(x)
+    assert native_calls and dispatch.native_applies(layer)
+    native_calls.clear()
+    layer.enable_lora(3)
+    layer.lora_kernel_b.assign(rng.normal(size=(3, 10)))
+    assert not dispatch.native_applies(layer)
+    np.testing.assert_allclose(
+        to_numpy(layer(x)), lora_reference(layer, x), rtol=1e-4, atol=1e-5
+    )
+    assert not native_calls
+
+
+@pytest.mark.parametrize("inference_path", ["masked", "gathered"])
+def test_enable_lora_after_a_call_is_used_by_the_next_eager_call(
+    inference_path, rng
+):
+    """Regression guard of the compiled eager calls (TF and JAX): one
+    traced before `enable_lora`, or with another `lora_alpha` (a constant
+    of the trace), must not be reused."""
+    layer = MIDL(10, k_ratio=0.5, rank=2, inference_path=inference_path)
+    x = rng.normal(size=(3, 6)).astype("float32")
+    before = to_numpy(layer(x))
+    layer.enable_lora(3)
+    layer.lora_kernel_b.assign(rng.normal(size=(3, 10)))
+    outputs = to_numpy(layer(x))
+    assert not np.allclose(outputs, before, atol=1e-3)
+    np.testing.assert_allclose(
+        outputs, lora_reference(layer, x), rtol=1e-4, atol=1e-5
+    )
+    layer.lora_alpha = 12
+    np.testing.assert_allclose(
+        to_numpy(layer(x)), lora_reference(layer, x), rtol=1e-4, atol=1e-5
+    )
+    if BACKEND in ("tensorflow", "jax"):
+        assert len(layer.compiled_calls) == 2
+
+
+@pytest.mark.parametrize("rank", [0, -2, 2.0, True, None, "2"])
+def test_enable_lora_rejects_a_bad_rank(rank):
+    layer = built_layer()
+    with pytest.raises(ValueError, match=f"`rank`.*rank={rank!r}"):
+        layer.enable_lora(rank)
+    assert not layer.lora_enabled
+    assert not any("lora" in w.name for w in layer.weights)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 1.5, "3"])
+def test_lora_rank_argument_is_validated(lora_rank):
+    with pytest.raises(ValueError, match=f"`lora_rank`.*={lora_rank!r}"):
+        MIDL(4, lora_rank=lora_rank)
+
+
+@pytest.mark.parametrize("lora_alpha", ["2", float("nan"), True])
+def test_lora_alpha_is_validated(lora_alpha):
+    with pytest.raises(ValueError, match="`lora_alpha`"):
+        MIDL(4, lora_rank=2, lora_alpha=lora_alpha)
+    with pytest.raises(ValueError, match="`lora_alpha`"):
+        built_layer().enable_lora(2, lora_alpha=lora_alpha)
+
+
+def test_enable_lora_errors_as_dense():
+    with pytest.raises(ValueError, match="isn't yet built"):
+        MIDL(4).enable_lora(2)
+    layer = built_layer()
+    layer.enable_lora(2)
+    with pytest.raises(ValueError, match="already enabled"):
+        layer.enable_lora(2)
+    constrained = built_layer(kernel_constraint="max_norm")
+    with pytest.raises(ValueError, match="incompatible with kernel const"):
+        constrained.enable_lora(2)
+    assert not constrained.lora_enabled
+
+
+def test_lora_fit_trains_the_lora_weights_not_the_kernel(rng):
+    layer = MIDL(10, k_ratio=0.5, rank=2)
+    model = keras.Sequential([keras.Input((6,)), layer, keras.layers.Dense(3)])
+    layer.enable_lora(3)
+    assert [w.name for w in layer.non_trainable_weights] == ["kernel"]
+    assert sorted(w.name for w in layer.trainable_weights) == [
+        "bias",
+        "gate_bias",
+        "gate_kernel",
+        "light_bias",
+        "light_kernel",
+        "lora_kernel_a",
+        "lora_kernel_b",
+        "projection",
+    ]
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    before = {w.name: to_numpy(w).copy() for w in layer.weights}
+    x = rng.normal(size=(32, 6)).astype("float32")
+    y = rng.normal(size=(32, 3)).astype("float32")
+    for _ in range(2):  # `A` has no gradient while `B` is zero
+        model.train_on_batch(x, y)
+    for w in layer.weights:
+        changed = not np.array_equal(to_numpy(w), before[w.name])
+        assert changed == (w.name != "kernel"), w.name
+
+
+@pytest.mark.parametrize("inference_path", ["masked", "gathered"])
+@pytest.mark.parametrize("order", ["before_lora", "after_lora"])
+def test_lora_and_int8_equal_dense_with_lora_and_int8(
+    order, inference_path, rng
+):
+    """`quantize("int8")` before or after `enable_lora`: the kernel is int8
+    and the update is added in float, as in Dense."""
+    dense, layer = dense_and_midl_with_lora(
+        rng, 6, 10, quantize=order, inference_path=inference_path
+    )
+    assert keras.backend.standardize_dtype(layer.kernel.dtype) == "int8"
+    assert not layer.kernel.trainable
+    for name in ("lora_kernel_a", "lora_kernel_b"):
+        variable = getattr(layer, name)
+        assert variable.trainable
+        assert keras.backend.standardize_dtype(variable.dtype) == "float32"
+    x = rng.normal(size=(5, 6)).astype("float32")
+    expected = to_numpy(dense(x))
+    for training in (False, True):
+        np.testing.assert_allclose(
+            to_numpy(layer(x, training=training)),
+            expected,
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    # The update is there: without it the outputs differ.
+    layer.lora_kernel_b.assign(ops.zeros((3, 10)))
+    assert not np.allclose(to_numpy(layer(x)), expected, atol=1e-3)
+
+
+def test_int8_lora_trains_the_lora_weights_only_in_the_full_path(rng):
+    model = model_with_midl(rng)
+    model.quantize("int8")
+    layer = model.layers[0]
+    layer.enable_lora(2)
+    kernel = to_numpy(layer.kernel)
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    model.train_on_batch(
+        rng.normal(size=(16, 24)).astype("float32"),
+        rng.normal(size=(16, 5)).astype("float32"),
+    )
+    np.testing.assert_array_equal(to_numpy(layer.kernel), kernel)
+    assert np.any(to_numpy(layer.lora_kernel_b) != 0)
+
+
+def lora_model(rng, quantize=None):
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            MIDL(10, k_ratio=0.5, rank=2, bias_initializer="random_normal"),
+            keras.layers.Dense(3),
+        ]
+    )
+    layer = model.layers[0]
+    if quantize == "before_lora":
+        model.quantize("int8")
+    layer.enable_lora(3, lora_alpha=6)
+    if quantize == "after_lora":
+        model.quantize("int8")
+    return model, layer
+
+
+@pytest.mark.parametrize("quantize", [None, "before_lora", "after_lora"])
+def test_lora_model_saves_the_merged_kernel_and_loads(quantize, tmp_path, rng):
+    """As Dense: the update is merged into the saved kernel (an int8
+    kernel dequantized, merged, quantized again), the LoRA weights are
+    not saved; the loaded layer has LoRA with a zero update."""
+    model, layer = lora_model(rng, quantize)
+    for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
+        variable.assign(0.3 * rng.normal(size=variable.shape))
+    if quantize is None:
+        merged = lora_kernel(layer)
+    else:
+        scale = to_numpy(layer.kernel_scale).astype("float64")[:, None]
+        a = to_numpy(layer.lora_kernel_a).astype("float64")
+        b = to_numpy(layer.lora_kernel_b).astype("float64")
+        merged = to_numpy(layer.kernel) / scale + 2.0 * (a @ b).T
+    x = rng.normal(size=(8, 6)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    path = os.path.join(tmp_path, "lora.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    new = loaded.layers[0]
+    assert new.lora_enabled and (new.lora_rank, new.lora_alpha) == (3, 6)
+    assert new.quantization_mode == (None if quantize is None else "int8")
+    np.testing.assert_array_equal(to_numpy(new.lora_kernel_b), 0)
+    actual = loaded.predict(x, verbose=0)
+    if quantize is None:
+        np.testing.assert_allclose(to_numpy(new.kernel), merged, atol=1e-6)
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+    else:
+        # Quantized again: within half a step of the merged kernel, each
+        # neuron's largest weight at +-127.
+        values = to_numpy(new.kernel)
+        np.testing.assert_array_equal(np.abs(values).max(axis=1), 127)
+        scale = to_numpy(new.kernel_scale)[:, None]
+        assert np.all(np.abs(values / scale - merged) <= 0.5 / scale + 1e-6)
+        np.testing.assert_allclose(
+            actual, expected, atol=0.03 * np.abs(expected).max()
+        )
+
+
+@pytest.mark.parametrize("quantize", [None, "before_lora", "after_lora"])
+def test_lora_model_with_a_zero_update_reloads_identically(
+    quantize, tmp_path, rng
+):
+    model, layer = lora_model(rng, quantize)
+    x = rng.normal(size=(8, 6)).astype("float32")
+    expected = model.predict(x, verbose=0)
+    path = os.path.join(tmp_path, "lora.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), expected, rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("quantize", [None, "before_lora", "after_lora"])
+def test_lora_layer_saves_and_loads_as_dense_does(quantize, tmp_path, rng):
+    """A `k_ratio=1` layer and a Dense layer with the same weights and
+    LoRA, saved and loaded, still give the same outputs."""
+    dense, layer = dense_and_midl_with_lora(rng, 6, 10, quantize=quantize)
+    x = rng.normal(size=(5, 6)).astype("float32")
+    loaded = []
+    for each in (dense, layer):
+        model = keras.Sequential([keras.Input((6,)), each])
+        path = os.path.join(tmp_path, f"{each.name}.keras")
+        model.save(path)
+        loaded.append(keras.saving.load_model(path).layers[0])
+    assert loaded[1].lora_enabled
+    np.testing.assert_allclose(
+        to_numpy(loaded[1](x)), to_numpy(loaded[0](x)), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("quantize", [None, "before_lora"])
+def test_lora_weights_load_into_a_model_without_lora(quantize, tmp_path, rng):
+    """The saved kernel holds the update: a model without LoRA loading
+    the weights computes the same (natively again where it may)."""
+    model, layer = lora_model(rng, quantize)
+    layer.lora_kernel_b.assign(0.3 * rng.normal(size=(3, 10)))
+    x = rng.normal(size=(8, 6)).astype("float32")
+    path = os.path.join(tmp_path, "tuned.weights.h5")
+    model.save_weights(path)
+    plain = keras.Sequential(
+        [
+            keras.Input((6,)),
+            MIDL(10, k_ratio=0.5, rank=2),
+            keras.layers.Dense(3),
+        ]
+    )
+    if quantize:
+        plain.quantize("int8")
+    plain.load_weights(path)
+    assert not plain.layers[0].lora_enabled
+    expected = model.predict(x, verbose=0)
+    atol = 1e-6 if quantize is None else 0.03 * np.abs(expected).max()
+    np.testing.assert_allclose(plain.predict(x, verbose=0), expected, atol=atol)
+    if quantize is None:
+        np.testing.assert_allclose(
+            to_numpy(plain.layers[0].kernel), lora_kernel(layer), atol=1e-6
+        )
+
+
+def test_loaded_lora_layer_can_train_again(tmp_path, rng):
+    """Unlike Dense's (both LoRA weights zeroed, so both gradients stay
+    zero), a loaded layer's `lora_kernel_a` keeps its draw and
+    `lora_kernel_b` trains."""
+    model, layer = lora_model(rng)
+    path = os.path.join(tmp_path, "lora.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    new = loaded.layers[0]
+    assert np.any(to_numpy(new.lora_kernel_a) != 0)
+    loaded.compile(keras.optimizers.SGD(0.1), "mse")
+    loaded.train_on_batch(
+        rng.normal(size=(16, 6)).astype("float32"),
+        rng.normal(size=(16, 3)).astype("float32"),
+    )
+    assert np.any(to_numpy(new.lora_kernel_b) != 0)
+
+
+def test_lora_rank_argument_enables_lora_at_build(rng):
+    layer = MIDL(10, rank=2, lora_rank=3, lora_alpha=4.5)
+    assert not layer.lora_enabled
+    layer.build((None, 6))
+    assert layer.lora_enabled and not layer.kernel.trainable
+    # `Dense`'s build drops `lora_alpha` (resets it to the rank); not here.
+    assert (layer.lora_rank, layer.lora_alpha, layer.lora_scale) == (
+        3,
+        4.5,
+        1.5,
+    )
+    assert tuple(layer.lora_kernel_a.shape) == (6, 3)
+    assert tuple(layer.lora_kernel_b.shape) == (3, 10)
+    config = layer.get_config()
+    assert (config["lora_rank"], config["lora_alpha"]) == (3, 4.5)
+    clone = MIDL.from_config(config)
+    clone.build((None, 6))
+    assert clone.lora_enabled and clone.get_config() == config
+
+
+@pytest.mark.parametrize("lora_alpha, expected", [(None, 4), (2.0, 2.0)])
+def test_enable_lora_records_rank_and_alpha_in_the_config(
+    lora_alpha, expected
+):
+    layer = built_layer()
+    config = layer.get_config()
+    assert (config["lora_rank"], config["lora_alpha"]) == (None, None)
+    layer.enable_lora(4, lora_alpha=lora_alpha)
+    config = layer.get_config()
+    assert (config["lora_rank"], config["lora_alpha"]) == (4, expected)
+    assert layer.lora_scale == expected / 4
+
+
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
+@pytest.mark.parametrize(
+    "policy, lora_dtype",
+    [("mixed_bfloat16", "float32"), ("float64", "float64")],
+)
+@pytest.mark.parametrize("inference_path", ["masked", "gathered"])
+def test_lora_weights_dtype_and_outputs_under_a_policy(
+    policy, lora_dtype, inference_path, rng
+):
+    layer = MIDL(10, k_ratio=0.5, rank=2, dtype=policy)
+    layer.inference_path = inference_path
+    layer.build((None, 6))
+    layer.enable_lora(3)
+    layer.lora_kernel_b.assign(rng.normal(size=(3, 10)))
+    for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
+        assert keras.backend.standardize_dtype(variable.dtype) == lora_dtype
+    # Exact in bfloat16: the gate sees the inputs the reference sees.
+    x = np.round(4 * rng.normal(size=(4, 6))).astype("float32") / 4
+    outputs = layer(x)
+    # (JAX without `jax_enable_x64` computes float64 layers in float32, as
+    # it does Dense's.)
+    dense_dtype = keras.layers.Dense(4, dtype=policy)(x).dtype
+    assert outputs.dtype == dense_dtype
+    rtol, atol = (1e-5, 1e-6) if policy == "float64" else (0.02, 0.1)
+    np.testing.assert_allclose(
+        to_numpy(ops.cast(outputs, "float32")),
+        lora_reference(layer, x),
+        rtol=rtol,
+        atol=atol,
+    )

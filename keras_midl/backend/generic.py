@@ -40,3 +40,18 @@ def compile_layer_call(call):
 def compiled_selection(select, scores):
     """The training selection as it is (not compiled separately)."""
     return select(scores)
+
+
+def native_dtypes(weights, is_float32, is_int8):
+    """Whether the native kernel takes these weights: all float32, or an
+    int8 `kernel` with its `kernel_scale` and the rest float32."""
+    int8 = weights.get("kernel_scale") is not None
+    for name, weight in weights.items():
+        if weight is None:
+            continue
+        if name == "kernel" and int8:
+            if not is_int8(weight):
+                return False
+        elif not is_float32(weight):
+            return False
+    return True

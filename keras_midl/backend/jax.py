@@ -20,13 +20,14 @@ def in_trace(inputs):
     return isinstance(inputs, jax.core.Tracer)
 
 
-def native_forward(inputs, weights, k):
+def native_forward(inputs, weights, k, quantize_inputs=True):
     """The whole gathered forward in the native kernel, on the arrays'
     buffers (CPU arrays share their memory with NumPy); `None` where it
-    cannot run (the default backend is not the CPU, a non-float32
-    array)."""
-    if jax.default_backend() != "cpu" or any(
-        w is not None and w.dtype != jnp.float32 for w in weights.values()
+    cannot run (the default backend is not the CPU, an array neither
+    float32 nor the int8 kernel of a quantized layer). `quantize_inputs`:
+    int8 only, see `keras_midl.native.sparse_forward`."""
+    if jax.default_backend() != "cpu" or not generic.native_dtypes(
+        weights, lambda w: w.dtype == jnp.float32, lambda w: w.dtype == jnp.int8
     ):
         return None
     kernel = weights["kernel"]
@@ -37,7 +38,9 @@ def native_forward(inputs, weights, k):
         name: None if weights[name] is None else np.asarray(weights[name])
         for name in kernels.FORWARD_WEIGHTS
     }
-    outputs, _ = kernels.sparse_forward(rows, arrays, k)
+    outputs, _ = kernels.sparse_forward(
+        rows, arrays, k, quantize_inputs=quantize_inputs
+    )
     return jnp.asarray(outputs).reshape(*inputs.shape[:-1], units)
 
 

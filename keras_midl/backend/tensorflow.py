@@ -30,9 +30,11 @@ def _computes_on_cpu():
     return _on_cpu[0]
 
 
-def native_forward(inputs, weights, k):
+def native_forward(inputs, weights, k, quantize_inputs=True):
     """The whole gathered forward in the native kernel; `None` where it
-    cannot run (a GPU, a non-float32 tensor).
+    cannot run (a GPU, a tensor neither float32 nor the int8 kernel of a
+    quantized layer). `quantize_inputs`: int8 only, see
+    `keras_midl.native.sparse_forward`.
 
     Reading a variable into NumPy eagerly copies it (13 ms for 4096 x
     4096 here); inside a graph, `tf.numpy_function` sees the buffers in
@@ -40,26 +42,32 @@ def native_forward(inputs, weights, k):
     AutoGraph), whose only work is that `tf.numpy_function`: it is
     keras_midl's own, called from eager code, never exported.
     """
-    if not _computes_on_cpu() or any(
-        w is not None and w.dtype != tf.float32 for w in weights.values()
+    if not _computes_on_cpu() or not generic.native_dtypes(
+        weights, lambda w: w.dtype == tf.float32, lambda w: w.dtype == tf.int8
     ):
         return None
     names = tuple(n for n in kernels.FORWARD_WEIGHTS if weights[n] is not None)
-    key = (k, names)
+    quantize_inputs = bool(quantize_inputs)
+    key = (k, names, quantize_inputs)
     if key not in _native_functions:
         _native_functions[key] = tf.function(
-            _native_graph(k, names), reduce_retracing=True, autograph=False
+            _native_graph(k, names, quantize_inputs),
+            reduce_retracing=True,
+            autograph=False,
         )
     return _native_functions[key](inputs, *[weights[n] for n in names])
 
 
-def _native_graph(k, names):
+def _native_graph(k, names, quantize_inputs):
     def forward(inputs, *weights):
         units, input_dim = weights[names.index("kernel")].shape
         rows = tf.reshape(tf.cast(inputs, tf.float32), (-1, input_dim))
 
         def run(rows, *arrays):
-            return kernels.sparse_forward(rows, dict(zip(names, arrays)), k)[0]
+            return kernels.sparse_forward(
+                rows, dict(zip(names, arrays)), k,
+                quantize_inputs=quantize_inputs,
+            )[0]
 
         outputs = tf.numpy_function(
             run, [rows, *weights], tf.float32, stateful=False

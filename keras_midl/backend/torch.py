@@ -35,21 +35,27 @@ def exporting():
     return torch.jit.is_tracing()
 
 
-def native_forward(inputs, weights, k):
+def native_forward(inputs, weights, k, quantize_inputs=True):
     """The gathered forward in the native kernel; `None` where it cannot
-    run (tensors not float32 on the CPU).
+    run (tensors not on the CPU, neither float32 nor the int8 kernel of a
+    quantized layer; an int8 layer where a gradient is recorded).
 
     Where no gradient is recorded (`torch.no_grad()`, `predict`), the
-    whole forward is one C call (`midl_sparse_forward`). Otherwise the
-    gate logits and the light path come from torch's matmuls, and the
-    selection and the selected dot products from `midl_select_gather`, an
-    autograd function.
+    whole forward is one C call (`midl_sparse_forward`, or
+    `midl_sparse_forward_int8`; `quantize_inputs` as in
+    `keras_midl.native.sparse_forward`). Otherwise the gate logits and the
+    light path come from torch's matmuls, and the selection and the
+    selected dot products from `midl_select_gather`, an autograd function
+    (float kernels only).
     """
     cpu = torch.device("cpu")
     tensors = [inputs, *weights.values()]
     if any(
-        t is not None and (t.device != cpu or t.dtype != torch.float32)
-        for t in tensors
+        t is not None and t.device != cpu for t in tensors
+    ) or inputs.dtype != torch.float32 or not generic.native_dtypes(
+        weights,
+        lambda t: t.dtype == torch.float32,
+        lambda t: t.dtype == torch.int8,
     ):
         return None
     kernel = weights["kernel"]
@@ -59,13 +65,15 @@ def native_forward(inputs, weights, k):
         t is not None and t.requires_grad for t in tensors
     )
     if recording:
+        if weights.get("kernel_scale") is not None:
+            return None  # the keras.ops int8 path has the custom gradient
         outputs = _recorded_forward(rows, weights, k)
     else:
-        outputs = _forward(rows, weights, k)
+        outputs = _forward(rows, weights, k, quantize_inputs)
     return outputs.reshape(*inputs.shape[:-1], units)
 
 
-def _forward(rows, weights, k):
+def _forward(rows, weights, k, quantize_inputs=True):
     """`kernels.sparse_forward` on torch tensors, without a copy."""
     rows = rows.contiguous()
     addresses, kept = {}, []  # `kept`: the tensors live until the call
@@ -89,6 +97,7 @@ def _forward(rows, weights, k):
             k,
             outputs.data_ptr(),
             selected.data_ptr(),
+            quantize_inputs=quantize_inputs,
         )
     return outputs
 

@@ -218,6 +218,14 @@ def _build():
     lib.midl_sparse_forward.argtypes += [pointer] * 6 + [size, size]
     lib.midl_sparse_forward.argtypes += [pointer] * 3
     lib.midl_sparse_forward.restype = None
+    # int8 kernel: rows .. light_bias as above, then kernel (int8),
+    # kernel_scale, bias, units, k, quantize_inputs, outputs, selected,
+    # scratch.
+    lib.midl_sparse_forward_int8.argtypes = [pointer, size, size, pointer]
+    lib.midl_sparse_forward_int8.argtypes += [size] + [pointer] * 7
+    lib.midl_sparse_forward_int8.argtypes += [size, size, ctypes.c_int]
+    lib.midl_sparse_forward_int8.argtypes += [pointer] * 3
+    lib.midl_sparse_forward_int8.restype = None
     return lib
 
 

@@ -4,9 +4,10 @@
 `keras_midl.ops.topk_mask` selects, and writes their full-path dot
 products, read from the selected rows of the kernel in place, over the
 light path. `sparse_forward` computes the gate and the light path too:
-a MIDL layer's whole inference forward before its activation. Where the
-library is not available (no compiler, native kernels off) both compute
-the same in NumPy. The `*_pointers` functions are the same calls on raw
+a MIDL layer's whole inference forward before its activation, with a
+float or an int8 kernel. Where the library is not available (no
+compiler, native kernels off) both compute the same in NumPy. The
+`*_pointers` functions are the same calls on raw
 addresses, for the backends that hold their own buffers.
 """
 
@@ -14,8 +15,9 @@ import numpy as np
 
 from keras_midl.native import build
 
-# `midl_sparse_forward`'s weight arguments, in order; the first two and
-# `kernel` are required, the others may be `None`.
+# `midl_sparse_forward`'s weight arguments, in order, then the int8
+# kernel's scales; the first two and `kernel` are required, the others
+# may be `None` (`kernel_scale` is required with an int8 kernel).
 FORWARD_WEIGHTS = (
     "projection",
     "gate_kernel",
@@ -24,6 +26,7 @@ FORWARD_WEIGHTS = (
     "light_bias",
     "kernel",
     "bias",
+    "kernel_scale",
 )
 REQUIRED_WEIGHTS = ("projection", "gate_kernel", "kernel")
 
@@ -56,20 +59,27 @@ def select_gather_pointers(
 
 
 def sparse_forward_pointers(
-    rows, count, dim, weights, rank, units, k, outputs, selected
+    rows, count, dim, weights, rank, units, k, outputs, selected,
+    quantize_inputs=True,
 ):
-    """`midl_sparse_forward` on raw addresses.
+    """`midl_sparse_forward` (or `midl_sparse_forward_int8`) on raw
+    addresses.
 
     `weights` maps the names of `FORWARD_WEIGHTS` to addresses (0 or
-    missing: none; `REQUIRED_WEIGHTS` must be non-zero). The caller
-    guarantees C-contiguous float32 arrays of the documented shapes, alive
-    until the call returns, int64 `selected (count, k)`, `1 <= k <= units`.
+    missing: none; `REQUIRED_WEIGHTS` must be non-zero). With a non-zero
+    `kernel_scale`, `kernel` is int8 `(units, dim)` and the full path is
+    `x . q[j] / kernel_scale[j]`, `x` quantized per row as Keras's
+    `AbsMaxQuantizer` does when `quantize_inputs`. The caller guarantees
+    C-contiguous float32 arrays (int8 for such a kernel) of the documented
+    shapes, alive until the call returns, int64 `selected (count, k)`,
+    `1 <= k <= units`.
     """
     for name in REQUIRED_WEIGHTS:
         if not weights.get(name):
             raise ValueError(f"`{name}` is required; received none")
     scratch = np.empty(rank + 3 * units, np.float32)
-    (build.loaded_library() or build.library()).midl_sparse_forward(
+    library = build.loaded_library() or build.library()
+    gate = (
         rows,
         count,
         dim,
@@ -79,6 +89,23 @@ def sparse_forward_pointers(
         weights.get("gate_bias") or None,
         weights.get("light_kernel") or None,
         weights.get("light_bias") or None,
+    )
+    if weights.get("kernel_scale"):
+        library.midl_sparse_forward_int8(
+            *gate,
+            weights["kernel"],
+            weights["kernel_scale"],
+            weights.get("bias") or None,
+            units,
+            k,
+            1 if quantize_inputs else 0,
+            outputs,
+            selected,
+            scratch.ctypes.data,
+        )
+        return
+    library.midl_sparse_forward(
+        *gate,
         weights["kernel"],
         weights.get("bias") or None,
         units,
@@ -183,7 +210,7 @@ def _select_gather_numpy(logits, kernel, rows, k, outputs, bias):
     return outputs, selected
 
 
-def sparse_forward(rows, weights, k):
+def sparse_forward(rows, weights, k, quantize_inputs=True):
     """A MIDL layer's inference forward (before the activation), in C.
 
     `z = x V`, logits `z G + c`, light path `z U + b_lite`; the `k`
@@ -192,12 +219,37 @@ def sparse_forward(rows, weights, k):
     rounding of each other at the threshold, the selection can differ
     from that of a gate computed by BLAS.
 
+    With an int8 `kernel` (`model.quantize("int8")`) and its per-neuron
+    `kernel_scale`, the selected neurons get `x . q[j] / kernel_scale[j] +
+    b[j]`, reading a quarter of the bytes. With `quantize_inputs`, `x` is
+    first quantized per row as Keras's `AbsMaxQuantizer` does (`xq =
+    clip(round(x * s), -127, 127)`, `s = 127 / (max|x| + 1e-7)`) and the
+    dot products are exact int32 sums divided by `kernel_scale[j] * s`:
+    Keras's int8 `Dense` arithmetic. Otherwise `x` stays float.
+
+    Example:
+
+    >>> rows = np.array([[1.0, -2.0]], "float32")
+    >>> weights = {"projection": np.ones((2, 1), "float32"),
+    ...            "gate_kernel": np.array([[1.0, 0.0, 2.0]], "float32"),
+    ...            "kernel": np.array([[127, 0], [0, 127], [64, -127]],
+    ...                               "int8"),
+    ...            "kernel_scale": np.full(3, 127.0, "float32")}
+    >>> outputs, selected = keras_midl.native.sparse_forward(rows, weights, 1)
+    >>> selected.tolist()    # logits -1, 0, -2: neuron 1
+    [[1]]
+    >>> outputs.round(4).tolist()   # -2 * 127 / 127
+    [[0.0, -2.0, 0.0]]
+
     Args:
         rows: Array `(count, dim)`.
         weights: Dict of arrays over `FORWARD_WEIGHTS` (MIDL's names:
             `kernel` is `(units, dim)`); `projection`, `gate_kernel` and
-            `kernel` are required, the others may be `None` or missing.
+            `kernel` are required (and `kernel_scale` with an int8
+            kernel), the others may be `None` or missing.
         k: Int in `[1, units]`.
+        quantize_inputs: int8 kernel only: whether to quantize the rows as
+            Keras's default input quantizer does.
 
     Returns:
         `(outputs, selected)`: float32 `(count, units)` and int64
@@ -209,11 +261,23 @@ def sparse_forward(rows, weights, k):
             f"`weights` must hold {REQUIRED_WEIGHTS}; missing or None: "
             f"{missing}"
         )
+    int8 = np.asarray(weights["kernel"]).dtype == np.int8
+    if int8 and weights.get("kernel_scale") is None:
+        raise ValueError(
+            "An int8 `kernel` needs its `kernel_scale`; received none"
+        )
+    if not int8 and weights.get("kernel_scale") is not None:
+        raise ValueError(
+            "`kernel_scale` is for an int8 `kernel`; received a kernel of "
+            f"dtype {np.asarray(weights['kernel']).dtype}"
+        )
     rows = np.ascontiguousarray(rows, np.float32)
     arrays = {
         name: None
         if weights.get(name) is None
-        else np.ascontiguousarray(weights[name], np.float32)
+        else np.ascontiguousarray(
+            weights[name], np.int8 if name == "kernel" and int8 else np.float32
+        )
         for name in FORWARD_WEIGHTS
     }
     if arrays["kernel"].ndim != 2 or arrays["projection"].ndim != 2:
@@ -234,6 +298,7 @@ def sparse_forward(rows, weights, k):
         "light_kernel": (rank, units),
         "light_bias": (units,),
         "bias": (units,),
+        "kernel_scale": (units,),
     }
     for name, shape in shapes.items():
         if arrays[name] is not None:
@@ -243,7 +308,7 @@ def sparse_forward(rows, weights, k):
     if count == 0:
         return np.empty((0, units), np.float32), np.empty((0, k), np.int64)
     if build.library() is None:
-        return _sparse_forward_numpy(rows, arrays, k)
+        return _sparse_forward_numpy(rows, arrays, k, quantize_inputs)
     outputs = np.empty((count, units), np.float32)
     selected = np.empty((count, k), np.int64)
     addresses = {
@@ -260,11 +325,21 @@ def sparse_forward(rows, weights, k):
         k,
         outputs.ctypes.data,
         selected.ctypes.data,
+        quantize_inputs=quantize_inputs,
     )
     return outputs, selected
 
 
-def _sparse_forward_numpy(rows, arrays, k):
+def quantize_rows(rows):
+    """Keras's `AbsMaxQuantizer` per row, in NumPy: `(int8 rows, scales)`
+    with `scales` of shape `(count, 1)`."""
+    peak = np.max(np.abs(rows), axis=-1, keepdims=True)
+    scale = np.float32(127.0) / (peak + np.float32(1e-7))
+    quantized = np.clip(np.round(rows * scale), -127, 127).astype(np.int8)
+    return quantized, scale.astype(np.float32)
+
+
+def _sparse_forward_numpy(rows, arrays, k, quantize_inputs=True):
     code = rows @ arrays["projection"]
     logits = code @ arrays["gate_kernel"]
     if arrays["gate_bias"] is not None:
@@ -274,6 +349,26 @@ def _sparse_forward_numpy(rows, arrays, k):
         light = code @ arrays["light_kernel"]
         if arrays["light_bias"] is not None:
             light = light + arrays["light_bias"]
-    return _select_gather_numpy(
-        logits, arrays["kernel"], rows, k, light, arrays["bias"]
+    if arrays["kernel_scale"] is None:
+        return _select_gather_numpy(
+            logits, arrays["kernel"], rows, k, light, arrays["bias"]
+        )
+    # int8: the selection, then the selected rows' dequantized products.
+    outputs, selected = _select_gather_numpy(
+        logits, np.zeros((logits.shape[1], 1), np.float32),
+        np.zeros((rows.shape[0], 1), np.float32), k, light, None,
     )
+    kernel = arrays["kernel"][selected].astype(np.int32)
+    if quantize_inputs:
+        quantized, row_scale = quantize_rows(rows)
+        sums = np.einsum("bd,bkd->bk", quantized.astype(np.int32), kernel)
+        values = sums.astype(np.float32) / (
+            arrays["kernel_scale"][selected] * row_scale
+        )
+    else:
+        values = np.einsum("bd,bkd->bk", rows, kernel.astype(np.float32))
+        values = values / arrays["kernel_scale"][selected]
+    if arrays["bias"] is not None:
+        values = values + arrays["bias"][selected]
+    np.put_along_axis(outputs, selected, values.astype(np.float32), axis=1)
+    return outputs, selected

@@ -19,7 +19,9 @@
  * scatter.
  *
  * `midl_sparse_forward`: the whole forward of one layer, the gate and the
- * light path included (see its comment).
+ * light path included (see its comment); `midl_sparse_forward_int8` the
+ * same with an int8 kernel (`model.quantize("int8")`), whose selected rows
+ * are read in place, a quarter of the float bytes.
  *
  * `kernel` is MIDL's `(units, dim)` layout, so each selected neuron is one
  * contiguous row that is read in place (nothing is copied). Eight neurons
@@ -115,39 +117,192 @@ static void dots(const float *const r[GROUP], const float *x, int64_t dim,
   }
 }
 
+/* int8 kernels (`model.quantize("int8")`): row j holds q[j, i] with
+ * W[i, j] ~ q[j, i] / kernel_scale[j]. Two ways to take a dot product:
+ *
+ * - quantized inputs (Keras's default AbsMaxQuantizer): each input row is
+ *   quantized as Keras quantizes it, xq = clip(round(x * s), -127, 127)
+ *   with s = 127 / (max|x| + 1e-7), the products are summed exactly in
+ *   int32, and the result is sum / (kernel_scale[j] * s): the value of
+ *   Keras's int8 path, up to float rounding in the division;
+ * - float inputs (a quantization config without an input quantizer):
+ *   the int8 weights are converted to float in registers. */
+#define QBLOCK 32
+
+#if defined(__AVX2__) && defined(__FMA__)
+static int32_t sum_lanes_i32(__m256i v) {
+  __m128i low = _mm256_castsi256_si128(v);
+  __m128i high = _mm256_extracti128_si256(v, 1);
+  low = _mm_add_epi32(low, high);
+  low = _mm_hadd_epi32(low, low);
+  low = _mm_hadd_epi32(low, low);
+  return _mm_cvtsi128_si32(low);
+}
+
+/* Integer dot products of the GROUP int8 rows r[t] with xq (whose absolute
+ * values are in ax) over [0, blocked), blocked a multiple of QBLOCK.
+ * maddubs multiplies unsigned by signed bytes: |xq| times w with the sign
+ * of xq; |xq|, |w| <= 127, so the int16 pair sums cannot saturate. */
+static void qdot_group(const int8_t *const r[GROUP], const int8_t *xq,
+                       const int8_t *ax, int64_t blocked,
+                       int32_t out[GROUP]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i a[GROUP];
+  for (int t = 0; t < GROUP; ++t) a[t] = _mm256_setzero_si256();
+  for (int64_t i = 0; i < blocked; i += QBLOCK) {
+    const __m256i xi = _mm256_loadu_si256((const __m256i *)(xq + i));
+    const __m256i ai = _mm256_loadu_si256((const __m256i *)(ax + i));
+    for (int t = 0; t < GROUP; ++t) {
+      const __m256i w = _mm256_loadu_si256((const __m256i *)(r[t] + i));
+      const __m256i p = _mm256_maddubs_epi16(ai, _mm256_sign_epi8(w, xi));
+      a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(p, ones));
+    }
+  }
+  for (int t = 0; t < GROUP; ++t) out[t] = sum_lanes_i32(a[t]);
+}
+
+/* Float inputs, int8 rows: eight weights at a time widened to float. */
+static void fdot_group_i8(const int8_t *const r[GROUP], const float *x,
+                          int64_t blocked, float out[GROUP]) {
+  __m256 a[GROUP];
+  for (int t = 0; t < GROUP; ++t) a[t] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < blocked; i += BLOCK) {
+    const __m256 xi = _mm256_loadu_ps(x + i);
+    for (int t = 0; t < GROUP; ++t) {
+      const __m128i w8 = _mm_loadl_epi64((const __m128i *)(r[t] + i));
+      const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w8));
+      a[t] = _mm256_fmadd_ps(w, xi, a[t]);
+    }
+  }
+  for (int t = 0; t < GROUP; ++t) out[t] = sum_lanes(a[t]);
+}
+#else
+static void qdot_group(const int8_t *const r[GROUP], const int8_t *xq,
+                       const int8_t *ax, int64_t blocked,
+                       int32_t out[GROUP]) {
+  (void)ax;
+  for (int t = 0; t < GROUP; ++t) {
+    int32_t sum = 0;
+    for (int64_t i = 0; i < blocked; ++i) sum += (int32_t)r[t][i] * xq[i];
+    out[t] = sum;
+  }
+}
+
+static void fdot_group_i8(const int8_t *const r[GROUP], const float *x,
+                          int64_t blocked, float out[GROUP]) {
+  float partial[GROUP][BLOCK] = {{0}};
+  for (int64_t i = 0; i < blocked; i += BLOCK) {
+    for (int t = 0; t < GROUP; ++t) {
+      for (int l = 0; l < BLOCK; ++l) {
+        partial[t][l] += (float)r[t][i + l] * x[i + l];
+      }
+    }
+  }
+  for (int t = 0; t < GROUP; ++t) {
+    float sum = 0.0f;
+    for (int l = 0; l < BLOCK; ++l) sum += partial[t][l];
+    out[t] = sum;
+  }
+}
+#endif
+
+/* Keras's AbsMaxQuantizer on one row: xq, |xq| and the scale s. */
+static float quantize_row(const float *x, int64_t dim, int8_t *xq,
+                          int8_t *ax) {
+  float peak = 0.0f;
+  for (int64_t i = 0; i < dim; ++i) {
+    const float v = fabsf(x[i]);
+    if (v > peak) peak = v;
+  }
+  const float scale = 127.0f / (peak + 1e-7f);
+  for (int64_t i = 0; i < dim; ++i) {
+    float q = nearbyintf(x[i] * scale); /* half to even, as ops.round */
+    q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+    xq[i] = (int8_t)q;
+    ax[i] = (int8_t)(q < 0 ? -q : q);
+  }
+  return scale;
+}
+
+/* What the gather reads: the kernel (float, or int8 with its per-neuron
+ * scales) and the input rows (float; for int8 with quantized inputs also
+ * their quantized values, absolute values and scales, `dim` bytes each). */
+struct full_path {
+  const float *kernel;
+  const int8_t *qkernel;
+  const float *kernel_scale;
+  const float *bias;
+  int64_t dim;
+  const float *rows;
+  const int8_t *qrows;
+  const int8_t *arows;
+  const float *row_scales;
+};
+
+/* Full-path values of neurons `neuron[0..GROUP)` for row `b`. */
+static void path_dots(const struct full_path *p, const int64_t *neuron,
+                      int64_t b, float sums[GROUP]) {
+  const int64_t dim = p->dim;
+  if (!p->qkernel) {
+    const float *r[GROUP];
+    for (int t = 0; t < GROUP; ++t) r[t] = p->kernel + neuron[t] * dim;
+    dots(r, p->rows + b * dim, dim, sums);
+  } else if (p->qrows) {
+    const int8_t *r[GROUP];
+    const int8_t *xq = p->qrows + b * dim, *ax = p->arows + b * dim;
+    int32_t acc[GROUP];
+    const int64_t blocked = dim - dim % QBLOCK;
+    for (int t = 0; t < GROUP; ++t) r[t] = p->qkernel + neuron[t] * dim;
+    qdot_group(r, xq, ax, blocked, acc);
+    for (int t = 0; t < GROUP; ++t) {
+      for (int64_t i = blocked; i < dim; ++i) acc[t] += (int32_t)r[t][i] * xq[i];
+      const float scale = p->kernel_scale[neuron[t]] * p->row_scales[b];
+      sums[t] = (float)acc[t] / scale;
+    }
+  } else {
+    const int8_t *r[GROUP];
+    const float *x = p->rows + b * dim;
+    const int64_t blocked = dim - dim % BLOCK;
+    for (int t = 0; t < GROUP; ++t) r[t] = p->qkernel + neuron[t] * dim;
+    fdot_group_i8(r, x, blocked, sums);
+    for (int t = 0; t < GROUP; ++t) {
+      for (int64_t i = blocked; i < dim; ++i) sums[t] += r[t][i] * x[i];
+      sums[t] /= p->kernel_scale[neuron[t]];
+    }
+  }
+  if (p->bias) {
+    for (int t = 0; t < GROUP; ++t) sums[t] += p->bias[neuron[t]];
+  }
+}
+
 /* One row: outputs[selected[j]] = x . kernel[selected[j]] (+ bias). */
-static void gather_row(const float *kernel, int64_t dim, const float *x,
-                       const int64_t *selected, int64_t k, const float *bias,
-                       float *outputs) {
+static void gather_row(const struct full_path *p, int64_t b,
+                       const int64_t *selected, int64_t k, float *outputs) {
   for (int64_t j = 0; j < k; j += GROUP) {
     /* A short last group repeats its last neuron. */
-    const float *r[GROUP];
+    int64_t neuron[GROUP];
     float sums[GROUP];
     for (int t = 0; t < GROUP; ++t) {
-      r[t] = kernel + selected[j + t < k ? j + t : k - 1] * dim;
+      neuron[t] = selected[j + t < k ? j + t : k - 1];
     }
-    dots(r, x, dim, sums);
-    for (int t = 0; t < GROUP && j + t < k; ++t) {
-      const int64_t neuron = selected[j + t];
-      outputs[neuron] = bias ? sums[t] + bias[neuron] : sums[t];
-    }
+    path_dots(p, neuron, b, sums);
+    for (int t = 0; t < GROUP && j + t < k; ++t) outputs[neuron[t]] = sums[t];
   }
 }
 
 #define BATCH_BLOCK 64
 
 /* Several rows: the union of their selections is read from memory once
- * per block of up to 64 rows. For each group of GROUP neurons of the
- * union (in increasing order), every row of the block that selected one
- * of them takes its dot products while the group's kernel rows are in
- * cache; a row writes only the neurons it selected. `masks`: `units`
- * words (bit b: row b of the block selected the neuron); `members`:
- * `units` indices. */
-static void gather_block(const float *kernel, int64_t dim,
-                         const float *rows, int64_t count,
-                         const int64_t *selected, int64_t k,
-                         const float *bias, float *outputs, int64_t units,
-                         uint64_t *masks, int64_t *members) {
+ * per block of up to 64 rows (`first` .. `first + count`). For each group
+ * of GROUP neurons of the union (in increasing order), every row of the
+ * block that selected one of them takes its dot products while the
+ * group's kernel rows are in cache; a row writes only the neurons it
+ * selected. `masks`: `units` words (bit b: row b of the block selected
+ * the neuron); `members`: `units` indices. */
+static void gather_block(const struct full_path *p, int64_t first,
+                         int64_t count, const int64_t *selected, int64_t k,
+                         float *outputs, int64_t units, uint64_t *masks,
+                         int64_t *members) {
   for (int64_t j = 0; j < units; ++j) masks[j] = 0;
   for (int64_t b = 0; b < count; ++b) {
     for (int64_t j = 0; j < k; ++j) {
@@ -160,38 +315,51 @@ static void gather_block(const float *kernel, int64_t dim,
   }
   for (int64_t g = 0; g < size; g += GROUP) {
     int64_t neuron[GROUP];
-    const float *r[GROUP];
     uint64_t any = 0;
     for (int t = 0; t < GROUP; ++t) {
       neuron[t] = members[g + t < size ? g + t : size - 1];
-      r[t] = kernel + neuron[t] * dim;
       any |= masks[neuron[t]];
     }
     for (int64_t b = 0; b < count; ++b) {
       const uint64_t bit = (uint64_t)1 << b;
       if (!(any & bit)) continue;
       float sums[GROUP];
-      dots(r, rows + b * dim, dim, sums);
+      path_dots(p, neuron, first + b, sums);
       float *row_outputs = outputs + b * units;
       for (int t = 0; t < GROUP && g + t < size; ++t) {
-        if (masks[neuron[t]] & bit) {
-          row_outputs[neuron[t]] =
-              bias ? sums[t] + bias[neuron[t]] : sums[t];
-        }
+        if (masks[neuron[t]] & bit) row_outputs[neuron[t]] = sums[t];
       }
     }
   }
 }
 
-/* `rows`: (count, dim); `kernel`: (units, dim); `selected`: (count, k),
- * increasing, each in [0, units); `bias`: (units,) or NULL; `outputs`:
+/* `selected`: (count, k), increasing, each in [0, units); `outputs`:
  * (count, units), written at the selected neurons only. Every array is
- * C-contiguous float32 (int64 for `selected`). */
-static void gather_selected(const float *kernel, int64_t dim,
-                            const float *rows, int64_t count,
-                            const int64_t *selected, int64_t k,
-                            const float *bias, float *outputs,
-                            int64_t units) {
+ * C-contiguous. With an int8 kernel and `quantize_inputs`, the rows are
+ * quantized first (a scratch of 2 * count * dim bytes; without memory,
+ * the float-input product runs instead). Returns 0, or -1 when `p` has
+ * neither kernel. */
+static int gather_selected(struct full_path *p, int64_t count,
+                           const int64_t *selected, int64_t k,
+                           float *outputs, int64_t units,
+                           int quantize_inputs) {
+  if (!p->kernel && !p->qkernel) return -1;
+  int8_t *quantized = NULL;
+  float *row_scales = NULL;
+  if (p->qkernel && quantize_inputs) {
+    quantized = malloc(2 * count * p->dim);
+    row_scales = malloc(count * sizeof *row_scales);
+    if (quantized && row_scales) {
+      for (int64_t b = 0; b < count; ++b) {
+        row_scales[b] = quantize_row(p->rows + b * p->dim, p->dim,
+                                     quantized + b * p->dim,
+                                     quantized + (count + b) * p->dim);
+      }
+      p->qrows = quantized;
+      p->arows = quantized + count * p->dim;
+      p->row_scales = row_scales;
+    }
+  }
   uint64_t *masks = NULL;
   int64_t *members = NULL;
   if (count > 1) {
@@ -200,18 +368,20 @@ static void gather_selected(const float *kernel, int64_t dim,
   }
   if (!masks || !members) { /* one row, or no memory: row by row */
     for (int64_t b = 0; b < count; ++b) {
-      gather_row(kernel, dim, rows + b * dim, selected + b * k, k, bias,
-                 outputs + b * units);
+      gather_row(p, b, selected + b * k, k, outputs + b * units);
     }
   } else {
     for (int64_t b = 0; b < count; b += BATCH_BLOCK) {
       const int64_t block = count - b < BATCH_BLOCK ? count - b : BATCH_BLOCK;
-      gather_block(kernel, dim, rows + b * dim, block, selected + b * k, k,
-                   bias, outputs + b * units, units, masks, members);
+      gather_block(p, b, block, selected + b * k, k, outputs + b * units,
+                   units, masks, members);
     }
   }
   free(masks);
   free(members);
+  free(quantized);
+  free(row_scales);
+  return 0;
 }
 
 /* The k-th largest of a[0..n) (1 <= k <= n), by quickselect; reorders a.
@@ -281,28 +451,20 @@ void midl_select_gather(const float *logits, int64_t units,
   for (int64_t b = 0; b < count; ++b) {
     select_row(logits + b * units, units, k, selected + b * k, scratch);
   }
-  gather_selected(kernel, dim, rows, count, selected, k, bias, outputs,
-                  units);
+  struct full_path path = {kernel, NULL, NULL, bias, dim, rows,
+                           NULL, NULL, NULL};
+  gather_selected(&path, count, selected, k, outputs, units, 0);
 }
 
-/* The whole inference forward of one MIDL layer (before the activation):
- *
- *     z = x V;  s = z G + c;  h = z U + b_lite  (or 0);
- *     y = h, with y[j] = x . kernel[j] + b[j] for the k neurons of s.
- *
- * `projection` V: (dim, rank); `gate_kernel` G, `light_kernel` U:
- * (rank, units); `gate_bias` c, `light_bias`, `bias`: (units,) or NULL
- * (`light_kernel` NULL: h = 0). `outputs`: (count, units); `selected`:
- * (count, k); `scratch`: rank + 3 * units floats. The gate's sums run in
- * this order, not BLAS's: where two logits are within rounding of each
- * other at the threshold, the selection may differ from a BLAS gate's. */
-void midl_sparse_forward(const float *rows, int64_t count, int64_t dim,
-                         const float *projection, int64_t rank,
-                         const float *gate_kernel, const float *gate_bias,
-                         const float *light_kernel, const float *light_bias,
-                         const float *kernel, const float *bias,
-                         int64_t units, int64_t k, float *outputs,
-                         int64_t *selected, float *scratch) {
+/* The gate, the light path and the selection of one layer's inference
+ * forward (see `midl_sparse_forward`). */
+static void gate_and_light(const float *rows, int64_t count, int64_t dim,
+                           const float *projection, int64_t rank,
+                           const float *gate_kernel, const float *gate_bias,
+                           const float *light_kernel,
+                           const float *light_bias, int64_t units,
+                           int64_t k, float *outputs, int64_t *selected,
+                           float *scratch) {
   float *code = scratch, *logits = scratch + rank;
   float *select_scratch = logits + units;
   for (int64_t b = 0; b < count; ++b) {
@@ -329,6 +491,54 @@ void midl_sparse_forward(const float *rows, int64_t count, int64_t dim,
     }
     select_row(logits, units, k, selected + b * k, select_scratch);
   }
-  gather_selected(kernel, dim, rows, count, selected, k, bias, outputs,
-                  units);
+}
+
+/* The whole inference forward of one MIDL layer (before the activation):
+ *
+ *     z = x V;  s = z G + c;  h = z U + b_lite  (or 0);
+ *     y = h, with y[j] = x . kernel[j] + b[j] for the k neurons of s.
+ *
+ * `projection` V: (dim, rank); `gate_kernel` G, `light_kernel` U:
+ * (rank, units); `gate_bias` c, `light_bias`, `bias`: (units,) or NULL
+ * (`light_kernel` NULL: h = 0). `outputs`: (count, units); `selected`:
+ * (count, k); `scratch`: rank + 3 * units floats. The gate's sums run in
+ * this order, not BLAS's: where two logits are within rounding of each
+ * other at the threshold, the selection may differ from a BLAS gate's. */
+void midl_sparse_forward(const float *rows, int64_t count, int64_t dim,
+                         const float *projection, int64_t rank,
+                         const float *gate_kernel, const float *gate_bias,
+                         const float *light_kernel, const float *light_bias,
+                         const float *kernel, const float *bias,
+                         int64_t units, int64_t k, float *outputs,
+                         int64_t *selected, float *scratch) {
+  gate_and_light(rows, count, dim, projection, rank, gate_kernel, gate_bias,
+                 light_kernel, light_bias, units, k, outputs, selected,
+                 scratch);
+  struct full_path path = {kernel, NULL, NULL, bias, dim, rows,
+                           NULL, NULL, NULL};
+  gather_selected(&path, count, selected, k, outputs, units, 0);
+}
+
+/* `midl_sparse_forward` with an int8 kernel (units, dim) and its
+ * per-neuron `kernel_scale` (units,): the full path of the selected
+ * neurons is `(x . q[j]) / kernel_scale[j]` (+ bias), with `x` quantized
+ * per row as Keras's AbsMaxQuantizer does when `quantize_inputs` is
+ * non-zero (see above), in float otherwise. */
+void midl_sparse_forward_int8(const float *rows, int64_t count, int64_t dim,
+                              const float *projection, int64_t rank,
+                              const float *gate_kernel,
+                              const float *gate_bias,
+                              const float *light_kernel,
+                              const float *light_bias, const int8_t *kernel,
+                              const float *kernel_scale, const float *bias,
+                              int64_t units, int64_t k, int quantize_inputs,
+                              float *outputs, int64_t *selected,
+                              float *scratch) {
+  gate_and_light(rows, count, dim, projection, rank, gate_kernel, gate_bias,
+                 light_kernel, light_bias, units, k, outputs, selected,
+                 scratch);
+  struct full_path path = {NULL, kernel, kernel_scale, bias, dim, rows,
+                           NULL, NULL, NULL};
+  gather_selected(&path, count, selected, k, outputs, units,
+                  quantize_inputs);
 }

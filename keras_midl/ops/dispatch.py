@@ -5,9 +5,13 @@ the layer's output, or `None` where the layer runs its masked path inline.
 The rule, explicit and the same for every model:
 
 * **Where the native C kernel runs** (`keras_midl.native`): in calls that
-  run eagerly, on a CPU, for a float32 layer (not quantized), with native
-  kernels enabled (`keras_midl.config`) and built. On PyTorch that is
-  every call except under `torch.compile` or `torch.jit.trace`; on
+  run eagerly, on a CPU, for a float32 layer (float or int8 kernel, no
+  LoRA), with native kernels enabled (`keras_midl.config`) and built. An
+  int8 layer (`model.quantize("int8")`) needs Keras's default input
+  quantizer, whose arithmetic the kernel reproduces, or none
+  (`native_quantizes_inputs`). On PyTorch that is every call except
+  under `torch.compile` or `torch.jit.trace` (for an int8 layer, calls
+  that record no gradient: `torch.no_grad()`, `predict`); on
   TensorFlow and JAX it is `layer(x)`, `model(x)` and a model compiled
   with `run_eagerly=True` (its `predict` too). The kernel is opaque to
   tracing, so it never runs inside a trace: Keras's `predict`,
@@ -24,11 +28,20 @@ The rule, explicit and the same for every model:
   JAX the layer's whole inference call runs as one compiled function (a
   `tf.function`, `jax.jit`), cached on the layer and keyed on everything
   the trace depends on (`k`, the activation, the paths, the dtype policy,
-  the quantization mode); on PyTorch the gathered path runs
-  through `torch.compile`, else `keras.ops`.
+  the quantization mode, LoRA's rank and scale); on PyTorch the gathered
+  path runs through `torch.compile`, else `keras.ops`.
+* **With LoRA** (`MIDL.enable_lora`) the native kernel never runs: it
+  reads the frozen kernel's buffer, without the update `W + s A B`. Such
+  a layer takes the same paths as where native kernels are off: its
+  compiled eager call on TensorFlow and JAX, `keras.ops` on PyTorch (the
+  `torch.compile`d gathered path takes no LoRA either); the `keras.ops`
+  gathered path adds the update of the selected neurons. Saving merges
+  the update into the kernel, so those weights loaded into a layer built
+  without LoRA compute the same and run natively again.
 
 `"auto"` in eager calls follows `NATIVE_AUTO_RULES`, measured with the
-native kernel (`benchmarks/latency.py`).
+native kernel (`benchmarks/latency.py`); for an int8 layer, the native
+kernel up to `NATIVE_INT8_MAX_ROWS` rows (`benchmarks/latency_int8.py`).
 """
 
 import types
@@ -37,6 +50,7 @@ import weakref
 
 import keras
 from keras import ops
+from keras import quantizers
 
 from keras_midl import backend as backends
 from keras_midl import config
@@ -76,6 +90,13 @@ NATIVE_AUTO_RULES = {
     ),
     "jax": AutoRule(max_rows=2, min_weights=4096 * 4096, max_k_ratio=0.45),
 }
+# An int8 layer's masked path quantizes its inputs and runs an integer
+# matmul, 2-10x slower than float Dense at small batch
+# (benchmarks/latency_int8.py: JAX, d = n = 4096, batch 8, 35.6 ms
+# against float Dense's 10.1 ms), while the native int8 kernel reads a
+# quarter of the float bytes: in eager calls it runs for every int8 layer
+# it applies to, up to the 64 rows of one batch block.
+NATIVE_INT8_MAX_ROWS = 64
 # Where the chunked `keras.ops` gathered path beat the masked one inside a
 # trace (the same grid, traced rows): on TensorFlow one row from d = n =
 # 4096 at k_ratio 0.25 (1.27-1.46x; at 0.45, 0.90-0.98x); on JAX 1-2 rows
@@ -108,6 +129,24 @@ def layer_weights(layer):
     return weights
 
 
+def lora_enabled(layer):
+    """Whether LoRA is enabled on the layer (`MIDL.enable_lora`)."""
+    return bool(getattr(layer, "lora_enabled", False))
+
+
+def lora_factors(layer):
+    """`(lora_kernel_a, lora_kernel_b, scale)` of a layer with LoRA, as
+    `keras_midl.ops.gathered.gathered_outputs` takes them; `None` without.
+    """
+    if not lora_enabled(layer):
+        return None
+    return (
+        layer.lora_kernel_a.value,
+        layer.lora_kernel_b.value,
+        layer.lora_scale,
+    )
+
+
 def static_rows(inputs):
     """Number of rows (product of the leading axes), `None` if not static."""
     rows = 1
@@ -118,12 +157,40 @@ def static_rows(inputs):
     return rows
 
 
+def native_quantizes_inputs(layer):
+    """For an int8 layer, how the native kernel matches its full path:
+    `True` where the layer quantizes its inputs with Keras's default
+    `AbsMaxQuantizer` (the kernel quantizes each row the same way and sums
+    in int32), `False` where it has no input quantizer (float inputs),
+    `None` for any other input quantizer (no native kernel)."""
+    quantizer = getattr(layer, "inputs_quantizer", None)
+    if not quantizer:
+        return False
+    if (
+        isinstance(quantizer, quantizers.AbsMaxQuantizer)
+        and tuple(quantizer.value_range) == (-127, 127)
+        and quantizer.epsilon == 1e-7
+        and keras.backend.standardize_dtype(quantizer.output_dtype) == "int8"
+    ):
+        return True
+    return None
+
+
 def native_applies(layer):
     """Whether the native kernel can compute this layer: float32 compute
-    and gate dtypes, not quantized, native kernels enabled and built (the
-    device and the tensors are checked by the backend at the call)."""
+    and gate dtypes, float or int8 (with an input quantizer the kernel
+    reproduces, see `native_quantizes_inputs`), no LoRA (the kernel reads
+    `W`, not `W + s A B`), native kernels enabled and built (the device
+    and the tensors are checked by the backend at the call)."""
     return (
-        layer.quantization_mode is None
+        (
+            layer.quantization_mode is None
+            or (
+                layer.quantization_mode == "int8"
+                and native_quantizes_inputs(layer) is not None
+            )
+        )
+        and not lora_enabled(layer)
         and layer.compute_dtype == "float32"
         and layer.gate_dtype == "float32"
         and config.native_kernels_enabled()
@@ -167,6 +234,18 @@ def use_gathered_path(
     )
 
 
+def native_auto_gathers(layer, rows):
+    """Whether an eager `inference_path="auto"` call on `rows` rows (`None`:
+    unknown) runs the native kernel, where it applies: by
+    `NATIVE_AUTO_RULES`, or for an int8 layer up to `NATIVE_INT8_MAX_ROWS`
+    rows."""
+    if layer.quantization_mode == "int8":
+        return rows is not None and 1 <= rows <= NATIVE_INT8_MAX_ROWS
+    return use_gathered_path(
+        rows, layer.input_dim, layer.units, layer.k_ratio
+    )
+
+
 def _large_enough(layer, rule):
     return (
         layer.input_dim * layer.units >= rule.min_weights
@@ -187,13 +266,15 @@ def inference(layer, inputs):
     path = layer.inference_path
     if not module.in_trace(inputs):
         if path != "masked" and native_applies(layer):
-            gather = path == "gathered" or use_gathered_path(
-                static_rows(inputs), layer.input_dim, layer.units,
-                layer.k_ratio,
+            gather = path == "gathered" or native_auto_gathers(
+                layer, static_rows(inputs)
             )
             if gather:
                 outputs = module.native_forward(
-                    inputs, layer_weights(layer), layer.k
+                    inputs,
+                    layer_weights(layer),
+                    layer.k,
+                    quantize_inputs=native_quantizes_inputs(layer),
                 )
                 if outputs is not None:
                     return _activate(layer, outputs)
@@ -230,7 +311,12 @@ def _gathered(layer, inputs, module):
     """The gathered forward before the activation, `keras.ops` unless the
     backend compiles it."""
     weights = layer_weights(layer)
-    if layer.quantization_mode is None and layer.compute_dtype == "float32":
+    lora = lora_factors(layer)
+    if (
+        layer.quantization_mode is None
+        and layer.compute_dtype == "float32"
+        and lora is None
+    ):
         outputs = module.compiled_gathered(inputs, weights, layer.k)
         if outputs is not None:
             return outputs
@@ -246,6 +332,7 @@ def _gathered(layer, inputs, module):
         gate_dtype=layer.gate_dtype,
         inputs_quantizer=quantizer,
         chunk=TRACED_CHUNKS.get(keras.backend.backend()),
+        lora=lora,
     )
 
 
@@ -286,6 +373,8 @@ def _call_key(layer):
         layer.activation,
         layer.quantization_mode,
         layer.dtype_policy.name,
+        # The scale is a constant of the trace.
+        (layer.lora_rank, layer.lora_alpha) if lora_enabled(layer) else None,
     )
 
 

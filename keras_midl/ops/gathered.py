@@ -161,6 +161,33 @@ def gathered_full_path(
     return values
 
 
+def selected_lora_update(
+    rows, selected, lora_kernel_a, lora_kernel_b, scale, compute_dtype="float32"
+):
+    """The LoRA update of the selected neurons: `scale * (rows A) B[:, j]`.
+
+    `values[i, j] = scale * sum_r (rows A)[i, r] * B[r, selected[i, j]]`,
+    that is `rows[i] . (scale * A B)[:, selected[i, j]]` without forming
+    `A B`: `rows * (d * r + k * r)` multiply-adds.
+
+    Args:
+        rows: Tensor `(rows, d)` in `compute_dtype`.
+        selected: int32 tensor `(rows, k)`.
+        lora_kernel_a: Tensor `(d, r)`.
+        lora_kernel_b: Tensor `(r, units)`.
+        scale: Python float, `lora_alpha / lora_rank`.
+        compute_dtype: dtype of the update.
+
+    Returns:
+        Tensor `(rows, k)`.
+    """
+    read = backends.current().read_value
+    code = ops.matmul(rows, ops.cast(read(lora_kernel_a), compute_dtype))
+    columns = ops.transpose(ops.cast(read(lora_kernel_b), compute_dtype))
+    update = _dot_selected(code, ops.take(columns, selected, axis=0))
+    return ops.multiply(update, ops.cast(scale, compute_dtype))
+
+
 def gathered_outputs(
     inputs,
     weights,
@@ -170,6 +197,7 @@ def gathered_outputs(
     gate_dtype="float32",
     inputs_quantizer=None,
     chunk=None,
+    lora=None,
 ):
     """The MIDL inference forward, full path of the selected neurons only.
 
@@ -187,6 +215,10 @@ def gathered_outputs(
         inputs_quantizer: Optional callable `(x, axis) -> (q, scale)`
             applied to the full path's inputs (int8 layers).
         chunk: See `gathered_full_path`.
+        lora: Optional `(lora_kernel_a, lora_kernel_b, scale)` of a layer
+            with LoRA (`MIDL.enable_lora`): the full path is that of `W +
+            scale * A B`, the update computed for the selected neurons
+            only (`selected_lora_update`), from the float inputs.
 
     Returns:
         Tensor `(..., units)` in `compute_dtype`.
@@ -224,6 +256,10 @@ def gathered_outputs(
         rows_scale=rows_scale,
         bias=weights.get("bias"),
     )
+    if lora is not None:
+        values = values + selected_lora_update(
+            rows, selected, *lora, compute_dtype=compute_dtype
+        )
     if weights.get("light_kernel") is None:
         base = ops.zeros(ops.shape(mask), compute_dtype)
     else:

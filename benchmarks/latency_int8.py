@@ -1,0 +1,264 @@
+"""Small-batch CPU latency of int8 MIDL against float and int8 Dense.
+
+Per backend (one child process each, `KERAS_BACKEND` being fixed per
+process), for one square layer `d = n` in {1024, 4096, 8192} and batch in
+{1, 2, 4, 8}, four one-layer `Sequential` models, all timed in one
+interleaved round robin after warm-up (`--repeats` rounds, medians):
+
+* float `keras.layers.Dense(n)`;
+* Keras's int8 Dense: the same after `model.quantize("int8")`;
+* float `keras_midl.MIDL(n, k_ratio=0.45, inference_path="auto")`;
+* int8 MIDL: the same after `model.quantize("int8")`, where the native
+  kernel reads the selected rows of the int8 kernel in place
+  (`keras_midl.native.sparse_forward`).
+
+Each is called as a user calls it: `model(x)` (on PyTorch under
+`torch.no_grad()`) and `model.predict_on_batch(x)`. On TensorFlow and
+JAX `predict_on_batch` runs a trace, where MIDL runs `keras.ops` only, so
+there the int8 MIDL gets no native kernel (see
+`keras_midl.ops.dispatch`); on PyTorch `predict_on_batch` is eager.
+
+The ceiling, for the int8 MIDL at batch 1: it reads `k * d` bytes of the
+int8 kernel and `4 * r * (d + 2n)` bytes of float gate and light path;
+float Dense reads `4 * d * n`. At equal bytes per second the speed-up is
+`4 d n / (k d + 4 r (d + 2 n))`, about 7x at d = n = 4096.
+
+The load average is read before and after each group; a group is not
+valid when either reading exceeds `1 + threads`.
+
+Usage:
+
+    python -m benchmarks.latency_int8 --output benchmarks/results/latency
+    python -m benchmarks.latency_int8 --backends torch --dims 4096 --batches 1
+
+Writes `<name>.json` and `<name>.md` (default name `latency_int8`) under
+`--output` (default: a folder in the system's temporary directory).
+"""
+
+import argparse
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from benchmarks import common
+from benchmarks.common import block
+from benchmarks.common import interleaved_medians
+from benchmarks.common import load_average
+
+BACKENDS = ("tensorflow", "jax", "torch")
+DIMS = (1024, 4096, 8192)
+BATCHES = (1, 2, 4, 8)
+K_RATIO = 0.45
+MODELS = ("float Dense", "int8 Dense", "float MIDL", "int8 MIDL")
+CALLS = ("model(x)", "predict_on_batch")
+DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "keras_midl_latency")
+
+
+def ceiling(d, n, k, rank):
+    """Float Dense bytes over int8 MIDL bytes (kernel rows, gate, light)."""
+    return 4 * d * n / (k * d + 4 * rank * (d + 2 * n))
+
+
+def build_models(d):
+    import keras
+
+    from keras_midl import MIDL
+
+    def one_layer(layer):
+        model = keras.Sequential([keras.Input((d,)), layer])
+        model.build((None, d))
+        return model
+
+    keras.utils.set_random_seed(0)
+    models = {
+        "float Dense": one_layer(keras.layers.Dense(d)),
+        "int8 Dense": one_layer(keras.layers.Dense(d)),
+        "float MIDL": one_layer(
+            MIDL(d, k_ratio=K_RATIO, inference_path="auto")
+        ),
+        "int8 MIDL": one_layer(
+            MIDL(d, k_ratio=K_RATIO, inference_path="auto")
+        ),
+    }
+    models["int8 Dense"].quantize("int8")
+    models["int8 MIDL"].quantize("int8")
+    return models
+
+
+def calls_of(models, x):
+    import keras
+
+    calls = {}
+    torch_backend = keras.backend.backend() == "torch"
+    for name, model in models.items():
+        if torch_backend:
+            import torch
+
+            def eager(model=model):
+                with torch.no_grad():
+                    return model(x)
+
+        else:
+
+            def eager(model=model):
+                return model(x)
+
+        calls[(name, "model(x)")] = eager
+        calls[(name, "predict_on_batch")] = (
+            lambda model=model: model.predict_on_batch(x)
+        )
+    return calls
+
+
+def eager_path(model, batch):
+    """What an eager call of the one-layer MIDL model runs under
+    `inference_path="auto"` (`keras_midl.ops.dispatch`): the native
+    kernel, or the masked path."""
+    from keras_midl.ops import dispatch
+
+    layer = model.layers[0]
+    if dispatch.native_applies(layer) and dispatch.native_auto_gathers(
+        layer, batch
+    ):
+        return "native"
+    return "masked"
+
+
+def measure(d, batch, models, repeats, threads):
+    import keras
+    from keras import ops
+
+    x = ops.convert_to_tensor(
+        np.random.default_rng(1).normal(size=(batch, d)), "float32"
+    )
+    calls = calls_of(models, x)
+    for call in calls.values():  # warm-up: traces, compiles, caches
+        block(call())
+        block(call())
+    named = {f"{m} | {c}": call for (m, c), call in calls.items()}
+    load_before = load_average()
+    medians = interleaved_medians(named, repeats=repeats)
+    load_after = load_average()
+    layer = models["float MIDL"].layers[0]
+    rows = []
+    for how in CALLS:
+        ms = {m: medians[f"{m} | {how}"] * 1e3 for m in MODELS}
+        rows.append({
+            "backend": keras.backend.backend(),
+            "threads": threads,
+            "d": d,
+            "batch": batch,
+            "k_ratio": K_RATIO,
+            "call": how,
+            **{f"{m} ms": ms[m] for m in MODELS},
+            "float Dense / int8 MIDL": ms["float Dense"] / ms["int8 MIDL"],
+            "int8 Dense / int8 MIDL": ms["int8 Dense"] / ms["int8 MIDL"],
+            "float Dense / float MIDL": ms["float Dense"] / ms["float MIDL"],
+            "eager path (int8 MIDL)": eager_path(models["int8 MIDL"], batch),
+            "ceiling": ceiling(d, d, layer.k, layer.effective_rank),
+            "load_before": load_before,
+            "load_after": load_after,
+            "valid": all(
+                load is not None and load <= 1 + max(threads, 1)
+                for load in (load_before, load_after)
+            ),
+        })
+    return rows
+
+
+def child(args):
+    import keras
+
+    if args.threads and keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows = []
+    for d in args.dims:
+        models = build_models(d)
+        for batch in args.batches:
+            rows.extend(measure(d, batch, models, args.repeats, args.threads))
+            print(rows[-2], flush=True)
+            print(rows[-1], flush=True)
+        del models
+    metadata = common.environment()
+    metadata["threads"] = args.threads or "backend default"
+    with open(args.child, "w") as file:
+        json.dump({"metadata": metadata, "rows": rows}, file)
+
+
+COLUMNS = [
+    ("backend", "Backend", None),
+    ("d", "d = n", None),
+    ("batch", "Batch", None),
+    ("call", "Call", None),
+    ("float Dense ms", "float Dense ms", ".3f"),
+    ("int8 Dense ms", "Keras int8 Dense ms", ".3f"),
+    ("float MIDL ms", "float MIDL ms", ".3f"),
+    ("int8 MIDL ms", "int8 MIDL ms", ".3f"),
+    ("float Dense / int8 MIDL", "float Dense / int8 MIDL", ".2f"),
+    ("int8 Dense / int8 MIDL", "Keras int8 Dense / int8 MIDL", ".2f"),
+    ("float Dense / float MIDL", "float Dense / float MIDL", ".2f"),
+    ("ceiling", "Ceiling (bytes)", ".1f"),
+    ("eager path (int8 MIDL)", "int8 MIDL's model(x) runs", None),
+    (lambda r: f"{r['load_before']:.2f} / {r['load_after']:.2f}",
+     "Load before / after", None),
+    (lambda r: "yes" if r["valid"] else "no (machine busy)", "Valid", None),
+]
+
+
+def write(outputs, args):
+    rows = [row for output in outputs.values() for row in output["rows"]]
+    metadata = next(iter(outputs.values()))["metadata"]
+    metadata["command"] = common.command_line()
+    os.makedirs(args.output, exist_ok=True)
+    stem = os.path.join(args.output, args.name)
+    common.write_json(stem + ".json", rows, metadata)
+    notes = [
+        "Medians of interleaved rounds, one thread per backend. MIDL: "
+        f"k_ratio {K_RATIO}, the default rank, `inference_path=\"auto\"`. "
+        "`model(x)` is eager (on PyTorch under `torch.no_grad()`): there "
+        "the int8 MIDL runs the native int8 kernel. `predict_on_batch` is "
+        "a trace on TensorFlow and JAX, where MIDL runs keras.ops only "
+        "(no native kernel); on PyTorch it is eager. Ceiling: float "
+        "Dense's bytes over the int8 MIDL's (the selected int8 rows plus "
+        "the float gate and light path), the speed-up at equal bytes per "
+        "second.",
+    ]
+    common.write_markdown(
+        stem + ".md", rows, metadata, COLUMNS,
+        title="Small-batch latency: int8 MIDL vs float and int8 Dense",
+        notes=notes,
+    )
+    print(f"Wrote {stem}.json and {stem}.md")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS),
+                        choices=BACKENDS)
+    parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS))
+    parser.add_argument("--batches", type=int, nargs="+",
+                        default=list(BATCHES))
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads per backend; 0: the backends' default")
+    parser.add_argument("--output", default=DEFAULT_OUTPUT)
+    parser.add_argument("--name", default="latency_int8")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args)
+        return
+    arguments = ["--repeats", str(args.repeats), "--threads",
+                 str(args.threads), "--dims", *map(str, args.dims),
+                 "--batches", *map(str, args.batches)]
+    outputs = common.run_backends("benchmarks.latency_int8", args.backends,
+                                  arguments, args.threads)
+    write(outputs, args)
+
+
+if __name__ == "__main__":
+    main()
