@@ -79,7 +79,26 @@ def _git_commit():
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None
+    commit = result.stdout.strip() or None
+    if commit and _tracked_changes():
+        commit += " + uncommitted changes"
+    return commit
+
+
+def _tracked_changes():
+    """Whether tracked files differ from HEAD (a result measured then is
+    not exactly the commit's)."""
+    try:
+        result = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return bool(result.stdout.strip())
 
 
 def _cpu_model():

@@ -202,7 +202,10 @@ COLUMNS = [
     ("int8 Dense / int8 MIDL", "Keras int8 Dense / int8 MIDL", ".2f"),
     ("float Dense / float MIDL", "float Dense / float MIDL", ".2f"),
     ("ceiling", "Ceiling (bytes)", ".1f"),
-    ("eager path (int8 MIDL)", "int8 MIDL's model(x) runs", None),
+    (lambda r: ("keras.ops (traced)" if r["call"] == "predict_on_batch"
+                and r["backend"] != "torch"
+                else r["eager path (int8 MIDL)"]),
+     "int8 MIDL runs", None),
     (lambda r: f"{r['load_before']:.2f} / {r['load_after']:.2f}",
      "Load before / after", None),
     (lambda r: "yes" if r["valid"] else "no (machine busy)", "Valid", None),
@@ -213,6 +216,7 @@ def write(outputs, args):
     rows = [row for output in outputs.values() for row in output["rows"]]
     metadata = next(iter(outputs.values()))["metadata"]
     metadata["command"] = common.command_line()
+    metadata["backend"] = ", ".join(outputs) + " (one child process each)"
     os.makedirs(args.output, exist_ok=True)
     stem = os.path.join(args.output, args.name)
     common.write_json(stem + ".json", rows, metadata)

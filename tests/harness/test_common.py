@@ -105,3 +105,12 @@ def test_thread_environment(threads):
             f"intra_op_parallelism_threads={threads}"
             in (environment["XLA_FLAGS"])
         )
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_the_commit_says_when_tracked_files_were_changed(monkeypatch, changed):
+    monkeypatch.setattr(common, "_tracked_changes", lambda: changed)
+    commit = common._git_commit()
+    if commit is None:
+        pytest.skip("not a git checkout")
+    assert commit.endswith(" + uncommitted changes") == changed
