@@ -91,9 +91,10 @@ NATIVE_AUTO_RULES = {
     "jax": AutoRule(max_rows=2, min_weights=4096 * 4096, max_k_ratio=0.45),
 }
 # An int8 layer's masked path quantizes its inputs and runs an integer
-# matmul, 2-10x slower than float Dense at small batch
-# (benchmarks/latency_int8.py: JAX, d = n = 4096, batch 8, 35.6 ms
-# against float Dense's 10.1 ms), while the native int8 kernel reads a
+# matmul, as Keras's int8 Dense does, 2-10x slower than float Dense at
+# small batch (benchmarks/results/latency/latency_int8.md; before this
+# rule, JAX's auto path at d = n = 4096, batch 8 ran it in 35.6 ms against
+# float Dense's 10.1 ms), while the native int8 kernel reads a
 # quarter of the float bytes: in eager calls it runs for every int8 layer
 # it applies to, up to the 64 rows of one batch block (measured at 1-8
 # rows, d = n in {1024, 4096, 8192}; 9-64 rows were not measured).
