@@ -68,10 +68,11 @@ def _version(package):
         return None
 
 
-def _git_commit():
+def _git(*arguments):
+    """`git <arguments>`'s output in this checkout, or `None`."""
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", *arguments],
             capture_output=True,
             text=True,
             timeout=10,
@@ -79,7 +80,11 @@ def _git_commit():
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = result.stdout.strip() or None
+    return result.stdout.strip()
+
+
+def _git_commit():
+    commit = _git("rev-parse", "--short", "HEAD") or None
     if commit and _tracked_changes():
         commit += " + uncommitted changes"
     return commit
@@ -88,17 +93,7 @@ def _git_commit():
 def _tracked_changes():
     """Whether tracked files differ from HEAD (a result measured then is
     not exactly the commit's)."""
-    try:
-        result = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return bool(result.stdout.strip())
+    return bool(_git("status", "--porcelain", "--untracked-files=no"))
 
 
 def _cpu_model():

@@ -318,41 +318,39 @@ def head_input_dim(name, data, args):
     return int(models.hidden_layers(model)[0].kernel.shape[0])
 
 
-def head_multiply_adds(name, data, args, variant, settings, hidden_units):
+def head_multiply_adds(input_dim, num_classes, hidden_units, settings=None):
     """Multiply-adds of the hidden layers and the output layer, the part
-    of the model that the baselines and recipes change."""
-    input_dim = head_input_dim(name, data, args)
-    if variant == "baseline":
+    of the model that the baselines and recipes change: Dense layers, or
+    MIDL layers with the recipe's `settings`."""
+    if settings is None:
         return flops.dense_stack_multiply_adds(input_dim, hidden_units,
-                                               data.num_classes)
+                                               num_classes)
     return flops.midl_stack_multiply_adds(
         input_dim, hidden_units, settings["k_ratio"], settings["rank"],
-        output_units=data.num_classes,
+        output_units=num_classes,
     )
 
 
-def resolve(name, data, settings, args):
+def resolve(name, settings, input_dim, num_classes):
     """A recipe's settings with `k_ratio=dense` made a number, and its
     hidden units."""
     settings = dict(settings)
     units = scaled_units(name, settings["width"])
     if settings["k_ratio"] == AT_DENSE_COST:
-        budget = head_multiply_adds(name, data, args, "baseline", None,
-                                    base_units(name))
+        budget = head_multiply_adds(input_dim, num_classes, base_units(name))
         settings["k_ratio"] = flops.k_ratio_for_budget(
-            head_input_dim(name, data, args), units, budget,
-            rank=settings["rank"], output_units=data.num_classes,
+            input_dim, units, budget, rank=settings["rank"],
+            output_units=num_classes,
         )
     return settings, units
 
 
-def iso_cost_units(name, data, settings, units, args):
+def iso_cost_units(name, settings, units, input_dim, num_classes):
     """Dense widths, proportional to the benchmark's, of the MIDL recipe's
     inference cost (`keras_midl.flops.iso_cost_units`)."""
-    budget = head_multiply_adds(name, data, args, "midl", settings, units)
-    return flops.iso_cost_units(head_input_dim(name, data, args),
-                                base_units(name), budget,
-                                output_units=data.num_classes)
+    budget = head_multiply_adds(input_dim, num_classes, units, settings)
+    return flops.iso_cost_units(input_dim, base_units(name), budget,
+                                output_units=num_classes)
 
 
 def batch_size(name, args):
@@ -478,9 +476,11 @@ def plan_runs(name, data, args):
     runs = {"baseline": {"variant": "baseline", "settings": None,
                          "units": base_units(name)}}
     recipes_resolved = []
+    input_dim = head_input_dim(name, data, args)
     for recipe, settings in args.recipe_list:
-        settings, units = resolve(name, data, settings, args)
-        iso = iso_cost_units(name, data, settings, units, args)
+        settings, units = resolve(name, settings, input_dim, data.num_classes)
+        iso = iso_cost_units(name, settings, units, input_dim,
+                             data.num_classes)
         iso_key = "iso:" + "-".join(map(str, iso))
         runs.setdefault(iso_key, {"variant": "baseline", "settings": None,
                                   "units": iso})

@@ -196,13 +196,18 @@ def select_gather(logits, kernel, rows, k, light, bias=None):
     return outputs, selected
 
 
-def _select_gather_numpy(logits, kernel, rows, k, outputs, bias):
-    """`select_gather` in NumPy, where the library is not available."""
+def _select_numpy(logits, k):
+    """The `k` indices per row `topk_mask` selects (increasing), in NumPy."""
     clean = np.where(np.isnan(logits), -np.inf, logits)
     clean = np.where(np.abs(clean) < np.finfo(np.float32).tiny, 0, clean)
     # Stable sort of the negated logits: ties to the lowest index.
     order = np.argsort(-clean, axis=1, kind="stable")[:, :k]
-    selected = np.sort(order, axis=1).astype(np.int64)
+    return np.sort(order, axis=1).astype(np.int64)
+
+
+def _select_gather_numpy(logits, kernel, rows, k, outputs, bias):
+    """`select_gather` in NumPy, where the library is not available."""
+    selected = _select_numpy(logits, k)
     values = np.einsum("bd,bkd->bk", rows, kernel[selected])
     if bias is not None:
         values = values + bias[selected]
@@ -354,10 +359,8 @@ def _sparse_forward_numpy(rows, arrays, k, quantize_inputs=True):
             logits, arrays["kernel"], rows, k, light, arrays["bias"]
         )
     # int8: the selection, then the selected rows' dequantized products.
-    outputs, selected = _select_gather_numpy(
-        logits, np.zeros((logits.shape[1], 1), np.float32),
-        np.zeros((rows.shape[0], 1), np.float32), k, light, None,
-    )
+    selected = _select_numpy(logits, k)
+    outputs = light
     kernel = arrays["kernel"][selected].astype(np.int32)
     if quantize_inputs:
         quantized, row_scale = quantize_rows(rows)
