@@ -16,11 +16,13 @@ from keras_midl.convert import convert
 from keras_midl.inspection import GateStatistics
 from keras_midl.inspection import gate_statistics
 from keras_midl.midl import MIDL
+from keras_midl.midl_conv2d import MIDLConv2D
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MIDL",
+    "MIDLConv2D",
     "convert",
     "GateStatistics",
     "gate_statistics",

@@ -57,6 +57,48 @@ def default_rank(input_dim, units, overhead=0.1, max_rank=32):
 
 
 
+def default_conv_rank(
+    kernel_size, input_channels, filters, overhead=0.1, max_rank=32
+):
+    """The rank of a `MIDLConv2D` with `rank=None`: the largest that keeps
+    the light path cheap.
+
+    Per output pixel the light path costs `kh*kw*c_in*r + r*filters`
+    multiply-adds (an `r`-filter convolution, then a 1x1 up to `filters`)
+    against the convolution's `kh*kw*c_in*filters`; the default rank is
+    the largest `r <= max_rank` (and at least 1) with `r * (kh*kw*c_in +
+    filters) <= overhead * kh*kw*c_in*filters`. The gate, `c_in*r +
+    r*filters` per example (not per pixel), is left out: it is below one
+    output pixel's light path.
+
+    Example:
+
+    >>> keras_midl.lowrank.default_conv_rank((3, 3), 64, 128)  # r * 704 <= 7373
+    10
+
+    Args:
+        kernel_size: `(kh, kw)`, or an int for a square kernel.
+        input_channels: `c_in`.
+        filters: The layer's filters.
+        overhead: Budget as a fraction of the convolution's cost.
+        max_rank: Upper bound.
+
+    Returns:
+        Python int.
+    """
+    if not 0 < overhead < 1:
+        raise ValueError(
+            "Received an invalid value for `overhead`, expected a float in "
+            f"(0, 1). Received: overhead={overhead!r}"
+        )
+    if is_integer(kernel_size):
+        kernel_size = (kernel_size, kernel_size)
+    patch = math.prod(int(size) for size in kernel_size) * input_channels
+    rank = math.floor(overhead * patch * filters / (patch + filters))
+    return int(max(1, min(max_rank, rank)))
+
+
+
 GATE_INITS = ("lowrank", "random")
 # Arguments `from_dense` takes from the Dense layer and does not accept.
 _FROM_DENSE = (
@@ -200,4 +242,128 @@ def from_dense(
     if gate_init == "lowrank":
         _assign(midl.gate_kernel, light)
         _assign(midl.gate_bias, bias if bias is not None else np.zeros(units))
+    return midl
+
+
+# Arguments `from_conv2d` takes from the Conv2D layer and does not accept.
+_FROM_CONV2D = (
+    "filters",
+    "kernel_size",
+    "strides",
+    "padding",
+    "data_format",
+    "dilation_rate",
+    "activation",
+    "use_bias",
+    "kernel_regularizer",
+    "bias_regularizer",
+    "activity_regularizer",
+    "kernel_constraint",
+    "bias_constraint",
+)
+
+
+def check_conv2d(layer):
+    if type(layer) is not keras.layers.Conv2D:
+        raise ValueError(
+            "Expected a `keras.layers.Conv2D` layer (subclasses are not "
+            f"supported). Received: layer={layer!r} of type "
+            f"{type(layer).__name__}"
+        )
+    if not layer.built:
+        raise ValueError(
+            f"The Conv2D layer '{layer.name}' is not built: build it (or "
+            "call the model on data) before converting it."
+        )
+    if layer.groups != 1:
+        raise ValueError(
+            f"The Conv2D layer '{layer.name}' has groups={layer.groups}; "
+            "only groups=1 converts to MIDLConv2D."
+        )
+    if layer.quantization_mode is not None:
+        raise ValueError(
+            f"The Conv2D layer '{layer.name}' is quantized "
+            f"(quantization_mode={layer.quantization_mode!r}); convert the "
+            "float model."
+        )
+    if getattr(layer, "lora_enabled", False):
+        raise ValueError(
+            f"The Conv2D layer '{layer.name}' has LoRA enabled. Merge or "
+            "drop the LoRA weights before converting it."
+        )
+
+
+def from_conv2d(
+    cls, layer, k_ratio=0.5, rank=None, gate_init="lowrank", **kwargs
+):
+    """Implementation of `MIDLConv2D.from_conv2d` (see its docstring)."""
+    check_conv2d(layer)
+    if gate_init not in GATE_INITS:
+        raise ValueError(
+            "Received an invalid value for `gate_init`, expected one of "
+            f"{GATE_INITS}. Received: gate_init={gate_init!r}"
+        )
+    taken = sorted(set(kwargs) & set(_FROM_CONV2D))
+    if taken:
+        raise ValueError(
+            f"`from_conv2d` takes {taken} from the Conv2D layer; do not pass "
+            f"them. Received: {', '.join(f'{k}={kwargs[k]!r}' for k in taken)}"
+        )
+    kernel = keras.ops.convert_to_numpy(layer.kernel).astype("float64")
+    *window, channels, filters = kernel.shape
+    patch = math.prod(window) * channels
+    if rank is None:
+        rank = default_conv_rank(tuple(window), channels, filters)
+    if not is_integer(rank) or not 1 <= rank <= min(patch, filters):
+        raise ValueError(
+            "Received an invalid value for `rank`, expected None or an "
+            "integer in [1, min(kh*kw*c_in, filters)] = "
+            f"[1, {min(patch, filters)}] for Conv2D layer '{layer.name}'. "
+            f"Received: rank={rank!r}"
+        )
+    kwargs.setdefault("dtype", layer.dtype_policy)
+    midl = cls(
+        filters,
+        tuple(window),
+        k_ratio=k_ratio,
+        rank=rank,
+        strides=layer.strides,
+        padding=layer.padding,
+        data_format=layer.data_format,
+        dilation_rate=layer.dilation_rate,
+        activation=layer.activation,
+        use_bias=layer.use_bias,
+        kernel_initializer=layer.kernel_initializer,
+        bias_initializer=layer.bias_initializer,
+        kernel_regularizer=layer.kernel_regularizer,
+        bias_regularizer=layer.bias_regularizer,
+        activity_regularizer=layer.activity_regularizer,
+        kernel_constraint=layer.kernel_constraint,
+        bias_constraint=layer.bias_constraint,
+        **kwargs,
+    )
+    if layer.data_format == "channels_last":
+        midl.build((None, None, None, channels))
+    else:
+        midl.build((None, channels, None, None))
+    left, light = lowrank_factors(kernel.reshape(patch, filters), rank)
+    light_conv = left.reshape(*window, channels, rank)
+    bias = None
+    if layer.use_bias:
+        bias = keras.ops.convert_to_numpy(layer.bias)
+        _assign(midl.bias, bias)
+    _assign(midl.kernel, kernel)
+    if midl.light_kernel is not None:
+        _assign(midl.light_conv_kernel, light_conv)
+        _assign(midl.light_kernel, light)
+        if midl.light_bias is not None:
+            _assign(midl.light_bias, bias)
+    if gate_init == "lowrank":
+        # `p V` is the light code of a constant image of value `p` (away
+        # from the borders): the sum of `W_r` over its taps.
+        _assign(midl.projection, light_conv.sum(axis=(0, 1)))
+        _assign(midl.gate_kernel, light)
+        _assign(
+            midl.gate_bias, bias if bias is not None else np.zeros(filters)
+        )
     return midl

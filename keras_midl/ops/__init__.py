@@ -4,12 +4,15 @@
   estimators (`topk_mask`, `straight_through`, `straight_through_mix`).
 * `keras_midl.ops.gathered`: the gathered inference path, the full path of
   the selected neurons only.
+* `keras_midl.ops.gathered_conv`: the gathered inference path of
+  `MIDLConv2D`, each example convolved with its selected filters only.
 * `keras_midl.ops.dispatch`: which inference path a layer takes, and
   where the native kernel runs.
 """
 
 from keras_midl.ops import dispatch
 from keras_midl.ops import gathered
+from keras_midl.ops import gathered_conv
 from keras_midl.ops import selection
 from keras_midl.ops.selection import kth_largest
 from keras_midl.ops.selection import straight_through
@@ -19,6 +22,7 @@ from keras_midl.ops.selection import topk_mask
 __all__ = [
     "dispatch",
     "gathered",
+    "gathered_conv",
     "kth_largest",
     "selection",
     "straight_through",

@@ -301,3 +301,41 @@ def straight_through_mix(mask, logits, full, light=None, temperature=1.0):
 
     return mix(ops.convert_to_tensor(mask), ops.convert_to_tensor(logits),
                full, light)
+
+
+def balance_loss(mask, probabilities, k, weight):
+    """The load-balancing loss of a top-k gate: `weight * var_j(f_j) /
+    (k/n)^2`.
+
+    `f_j` is the fraction of the rows (all leading axes) whose mask selects
+    unit `j` of `n`, with the straight-through gradient of the mean
+    probability (taken after the mean: the same gradient, fewer elementwise
+    ops). It is the squared coefficient of variation of the selection
+    frequencies, zero when every unit is selected equally often.
+
+    Example:
+
+    >>> from keras_midl.ops.selection import balance_loss
+    >>> mask = np.array([[1.0, 0.0], [1.0, 0.0]], dtype="float32")
+    >>> float(balance_loss(mask, 0.5 * np.ones((2, 2), "float32"), 1, 1.0))
+    1.0
+
+    Args:
+        mask: 0/1 tensor `(..., n)` with `k` ones per row.
+        probabilities: Tensor of the shape of `mask`, the gate's sigmoid,
+            whose gradient the frequencies take.
+        k: Python int, the ones per row.
+        weight: Python float, the loss's weight.
+
+    Returns:
+        Scalar float32 tensor (as Keras sums the losses).
+    """
+    units = mask.shape[-1]
+    rows = (-1, units)
+    soft = ops.mean(ops.reshape(probabilities, rows), axis=0)
+    hard = ops.mean(ops.reshape(mask, rows), axis=0)
+    frequencies = straight_through(hard, soft)
+    share = k / units
+    variance = ops.mean(ops.square(frequencies - share))
+    loss = weight * variance / (share * share)
+    return ops.cast(loss, "float32")
