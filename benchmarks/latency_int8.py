@@ -126,6 +126,17 @@ def eager_path(model, batch):
     return "masked"
 
 
+def traced_path(model, batch):
+    """What a traced call (`predict_on_batch` on TensorFlow and JAX) of
+    the one-layer MIDL model runs under `inference_path="auto"`: the
+    `keras.ops` gathered path or the masked one."""
+    from keras_midl.ops import dispatch
+
+    if dispatch.traced_auto_gathers(model.layers[0], batch):
+        return "keras.ops gathered (traced)"
+    return "keras.ops masked (traced)"
+
+
 def measure(d, batch, models, repeats, threads):
     import keras
     from keras import ops
@@ -157,6 +168,9 @@ def measure(d, batch, models, repeats, threads):
             "int8 Dense / int8 MIDL": ms["int8 Dense"] / ms["int8 MIDL"],
             "float Dense / float MIDL": ms["float Dense"] / ms["float MIDL"],
             "eager path (int8 MIDL)": eager_path(models["int8 MIDL"], batch),
+            "traced path (int8 MIDL)": traced_path(
+                models["int8 MIDL"], batch
+            ),
             "ceiling": ceiling(d, d, layer.k, layer.effective_rank),
             "load_before": load_before,
             "load_after": load_after,
@@ -202,7 +216,8 @@ COLUMNS = [
     ("int8 Dense / int8 MIDL", "Keras int8 Dense / int8 MIDL", ".2f"),
     ("float Dense / float MIDL", "float Dense / float MIDL", ".2f"),
     ("ceiling", "Ceiling (bytes)", ".1f"),
-    (lambda r: ("keras.ops (traced)" if r["call"] == "predict_on_batch"
+    (lambda r: (r["traced path (int8 MIDL)"]
+                if r["call"] == "predict_on_batch"
                 and r["backend"] != "torch"
                 else r["eager path (int8 MIDL)"]),
      "int8 MIDL runs", None),
@@ -226,7 +241,10 @@ def write(outputs, args):
         "`model(x)` is eager (on PyTorch under `torch.no_grad()`): there "
         "the int8 MIDL runs the native int8 kernel. `predict_on_batch` is "
         "a trace on TensorFlow and JAX, where MIDL runs keras.ops only "
-        "(no native kernel); on PyTorch it is eager. Ceiling: float "
+        "(no native kernel): the gathered path where "
+        "`TRACED_INT8_AUTO_RULES` says so, else the masked path, whose "
+        "int8 matmul is summed in float32; on PyTorch it is eager. "
+        "Ceiling: float "
         "Dense's bytes over the int8 MIDL's (the selected int8 rows plus "
         "the float gate and light path), the speed-up at equal bytes per "
         "second.",

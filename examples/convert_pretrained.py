@@ -1,7 +1,7 @@
 """From a trained Dense model to a cheaper MIDL one: train, convert,
-calibrate, quantize.
+calibrate, quantize, serve.
 
-    KERAS_BACKEND=jax python examples/convert_pretrained.py \\
+    KERAS_BACKEND=jax python -m examples.convert_pretrained \\
         --data-dir ../shared/datasets
 
 Trains a 784-512-256-10 Dense MLP on MNIST, converts its hidden layers with
@@ -9,6 +9,14 @@ Trains a 784-512-256-10 Dense MLP on MNIST, converts its hidden layers with
 truncated SVD of each kernel and the gate picks the neurons with the largest
 approximate pre-activation), calibrates it for one epoch, quantizes it to
 int8 with Keras's `model.quantize("int8")`, and prints one line per step.
+Then it serves: saves the int8 model, loads it back, and times batch-1
+`model(x)` of the loaded int8 MIDL model against the float Dense model
+(interleaved calls, medians). The converted layers use
+`inference_path="auto"`, so on a CPU eager calls read only the selected
+int8 rows (`keras_midl.ops.dispatch`). At the default widths the layers
+are too small for that to beat Dense (the call overhead dominates); with
+`--hidden 4096 4096` it does (benchmarks/results/latency/latency_int8.md
+measures one such layer).
 
 `--data-dir DIR` (or KERAS_MIDL_DATA_DIR) reads `DIR/mnist/mnist.npz` (the
 arrays of `keras.datasets.mnist`); without it, `keras.datasets.mnist`
@@ -18,6 +26,8 @@ subset (a quick check).
 
 import argparse
 import os
+import tempfile
+import time
 
 import keras
 import numpy as np
@@ -34,6 +44,10 @@ def parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--k-ratio", type=float, default=0.45)
     parser.add_argument("--max-examples", type=int, default=None)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[512, 256],
+                        help="widths of the hidden Dense layers")
+    parser.add_argument("--repeats", type=int, default=50,
+                        help="timed batch-1 calls per model when serving")
     return parser.parse_args(argv)
 
 
@@ -88,19 +102,23 @@ def main(argv=None):
     dense = keras.Sequential([
         keras.Input((28, 28)),
         keras.layers.Flatten(),
-        keras.layers.Dense(512, activation="relu"),
-        keras.layers.Dense(256, activation="relu"),
+        *[keras.layers.Dense(units, activation="relu")
+          for units in args.hidden],
         keras.layers.Dense(10, activation="softmax"),
     ])
     compile_and_fit(dense, args.epochs)
 
-    # 2. Convert: every Dense layer except the output becomes a MIDL layer.
-    midl = compile_and_fit(keras_midl.convert(dense, k_ratio=args.k_ratio), 0)
+    # 2. Convert: every Dense layer except the output becomes a MIDL layer;
+    #    "auto" reads only the selected rows where that was measured faster.
+    def converted():
+        return keras_midl.convert(
+            dense, k_ratio=args.k_ratio, inference_path="auto"
+        )
+
+    midl = compile_and_fit(converted(), 0)
 
     # 3. Calibrate: one epoch on the training data (a fresh copy, to compare).
-    calibrated = compile_and_fit(
-        keras_midl.convert(dense, k_ratio=args.k_ratio), 1
-    )
+    calibrated = compile_and_fit(converted(), 1)
 
     # 4. Quantize: the full-path kernels to int8, per-neuron scales.
     quantized = keras.models.clone_model(calibrated)
@@ -112,6 +130,49 @@ def main(argv=None):
     report(f"MIDL k={args.k_ratio}, no fit", midl, dense)
     report("MIDL, 1 calibration epoch", calibrated, dense)
     report("MIDL, calibrated, int8", quantized, dense)
+
+    # 5. Serve: save, load, and call with one example at a time.
+    path = os.path.join(tempfile.mkdtemp(), "midl_int8.keras")
+    quantized.save(path)
+    served = keras.saving.load_model(path)
+    x = keras.ops.convert_to_tensor(x_test[:1])
+    same = np.allclose(
+        keras.ops.convert_to_numpy(served(x)),
+        keras.ops.convert_to_numpy(quantized(x)),
+        atol=1e-5,
+    )
+    print(f"loaded int8 model predicts as the saved one: {same}")
+    times = time_batch_one({"Dense (float)": dense, "MIDL int8": served}, x,
+                           args.repeats)
+    for label, seconds in times.items():
+        print(f"{label:<28} batch-1 model(x) {seconds * 1e3:.3f} ms")
+    ratio = times["Dense (float)"] / times["MIDL int8"]
+    print(f"Dense / MIDL int8: {ratio:.2f}x (measured now, on this machine: "
+          "a busy machine moves it)")
+
+
+def time_batch_one(models, x, repeats):
+    """Median seconds of `model(x)` per model, calls interleaved (on
+    PyTorch under `torch.no_grad()`, as a server calls it)."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        no_grad = torch.no_grad
+    else:
+        import contextlib
+
+        no_grad = contextlib.nullcontext
+    times = {label: [] for label in models}
+    with no_grad():
+        for model in models.values():  # warm-up: builds, compiles
+            for _ in range(3):
+                keras.ops.convert_to_numpy(model(x))
+        for _ in range(repeats):
+            for label, model in models.items():
+                start = time.perf_counter()
+                keras.ops.convert_to_numpy(model(x))
+                times[label].append(time.perf_counter() - start)
+    return {label: float(np.median(t)) for label, t in times.items()}
 
 
 if __name__ == "__main__":

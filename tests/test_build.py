@@ -187,9 +187,78 @@ def test_compile_flags_match_the_cpu(monkeypatch):
     assert {"-mavx2", "-mfma"} <= set(build.compile_flags())
     monkeypatch.setattr(build, "_cpu_flags", lambda: {"sse4_2"})
     assert "-mavx2" not in build.compile_flags()
+    monkeypatch.setattr(
+        build,
+        "_cpu_flags",
+        lambda: {"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"},
+    )
+    assert {"-mavx2", "-mavx512vnni"} <= set(build.compile_flags())
+    monkeypatch.setattr(
+        build, "_cpu_flags", lambda: {"avx512f", "avx512bw", "avx512_vnni"}
+    )
+    assert "-mavx512vnni" not in build.compile_flags()
     monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
     monkeypatch.setattr(build, "_cpu_flags", lambda: {"avx2", "fma"})
     assert "-mavx2" not in build.compile_flags()
+
+
+def _instruction_set_flags(name):
+    """The compiler flags of one of the kernels' builds, `None` where this
+    CPU cannot run it."""
+    base = ["-O3", "-std=c99", "-shared", "-fPIC"]
+    if name == "portable":
+        return base
+    x86 = build.platform.machine().lower() in ("x86_64", "amd64")
+    sets = dict(
+        zip(("avx2", "avx512_vnni"), build.X86_INSTRUCTION_SETS)
+    )
+    extra = []
+    for key, (needed, flags) in sets.items():
+        if not x86 or not set(needed) <= build._cpu_flags():
+            return None
+        extra += flags
+        if key == name:
+            return base + extra
+    return None
+
+
+@needs_compiler
+@pytest.mark.parametrize("instruction_set", ["portable", "avx2", "avx512_vnni"])
+def test_every_int8_build_equals_numpy(
+    instruction_set, fresh_build, monkeypatch, rng
+):
+    """Each build of the int8 dot products (portable C, AVX2, AVX-512
+    VNNI) gives the exact integer sums of the NumPy fallback, for one row
+    and for blocks of rows (whose union is read a window at a time), with
+    a dim that is no multiple of the 32- or 64-byte steps."""
+    flags = _instruction_set_flags(instruction_set)
+    if flags is None:
+        pytest.skip(f"this CPU cannot run the {instruction_set} build")
+    monkeypatch.setattr(build, "compile_flags", lambda: flags)
+    assert build.library() is not None
+    for units, dim, count in ((300, 1100, 1), (300, 1100, 9), (70, 130, 66)):
+        def normal(*shape):
+            return rng.normal(size=shape).astype("float32")
+
+        kernel = rng.integers(-127, 128, size=(units, dim)).astype("int8")
+        weights = {
+            "projection": normal(dim, 4),
+            "gate_kernel": normal(4, units),
+            "gate_bias": normal(units),
+            "light_kernel": normal(4, units),
+            "light_bias": normal(units),
+            "kernel": kernel,
+            "bias": normal(units),
+            "kernel_scale": rng.uniform(0.5, 2, units).astype("float32"),
+        }
+        rows = normal(count, dim)
+        k = units // 3
+        outputs, selected = native.sparse_forward(rows, weights, k)
+        monkeypatch.setattr(config, "_enabled", False)
+        want, want_selected = native.sparse_forward(rows, weights, k)
+        monkeypatch.setattr(config, "_enabled", None)
+        np.testing.assert_array_equal(selected, want_selected)
+        np.testing.assert_allclose(outputs, want, rtol=1e-5, atol=1e-4)
 
 
 @needs_compiler

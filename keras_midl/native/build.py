@@ -81,12 +81,26 @@ def _cpu_flags():
     return set()
 
 
+# x86 instruction sets the kernels use where the CPU has them:
+# `/proc/cpuinfo` flags -> compiler flags. AVX-512 VNNI needs AVX2 too
+# (select_gather.c takes its float dot products from AVX2).
+X86_INSTRUCTION_SETS = (
+    (("avx2", "fma"), ("-mavx2", "-mfma")),
+    (
+        ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vnni"),
+    ),
+)
+
+
 def compile_flags():
     """The compiler flags for this machine."""
     flags = ["-O3", "-std=c99", "-shared", "-fPIC"]
     if platform.machine().lower() in ("x86_64", "amd64"):
-        if {"avx2", "fma"} <= _cpu_flags():
-            flags += ["-mavx2", "-mfma"]
+        cpu = _cpu_flags()
+        for needed, extra in X86_INSTRUCTION_SETS:
+            if set(needed) <= cpu:
+                flags += extra
     return flags
 
 

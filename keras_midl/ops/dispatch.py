@@ -20,7 +20,8 @@ The rule, explicit and the same for every model:
 * **Inside a trace** the layer runs `keras.ops` only, which exports:
   `inference_path="gathered"` the chunked gathered path
   (`keras_midl.ops.gathered`), `"auto"` that path where
-  `TRACED_AUTO_RULES` says it is faster than the masked one (for a batch
+  `TRACED_AUTO_RULES` (int8 layers: `TRACED_INT8_AUTO_RULES`) says it
+  is faster than the masked one (for a batch
   size unknown while tracing, TensorFlow chooses per call with `ops.cond`),
   else the masked path. On PyTorch under `torch.compile` the gathered path
   is written in torch ops and compiled with the caller's graph.
@@ -110,6 +111,17 @@ TRACED_AUTO_RULES = {
         max_rows=1, min_weights=4096 * 4096, max_k_ratio=0.25
     ),
     "jax": AutoRule(max_rows=2, min_weights=2048 * 2048, max_k_ratio=0.25),
+}
+# The same for int8 layers, whose masked path inside a trace runs a matmul
+# of the whole dequantized kernel (benchmarks/latency_int8.py, traced
+# `predict_on_batch`, k_ratio 0.45; 4096 x 4096: JAX gathered 4.4-10 ms
+# against masked 19-23 ms at 1-4 rows, TensorFlow 5.0 against 8.2 ms at
+# one row and 15 against 9 ms at four; at 1024 x 1024 within noise).
+TRACED_INT8_AUTO_RULES = {
+    "tensorflow": AutoRule(
+        max_rows=1, min_weights=4096 * 4096, max_k_ratio=0.45
+    ),
+    "jax": AutoRule(max_rows=4, min_weights=4096 * 4096, max_k_ratio=0.45),
 }
 # Rows of `W^T` gathered per step inside a trace (`gathered_full_path`).
 TRACED_CHUNKS = {"tensorflow": gathered.CHUNK_ROWS, "jax": gathered.CHUNK_ROWS}
@@ -248,6 +260,29 @@ def native_auto_gathers(layer, rows):
     )
 
 
+def traced_auto_rule(layer, backend=None):
+    """The `AutoRule` of `inference_path="auto"` inside a trace for this
+    layer (`TRACED_INT8_AUTO_RULES` for an int8 layer, else
+    `TRACED_AUTO_RULES`), `None` where the backend has none."""
+    backend = backend or keras.backend.backend()
+    if layer.quantization_mode == "int8":
+        return TRACED_INT8_AUTO_RULES.get(backend)
+    return TRACED_AUTO_RULES.get(backend)
+
+
+def traced_auto_gathers(layer, rows):
+    """Whether `inference_path="auto"` inside a trace gathers for `rows`
+    static rows (`None`: unknown while tracing, decided per call), by
+    `traced_auto_rule`."""
+    rule = traced_auto_rule(layer)
+    return (
+        rule is not None
+        and rows is not None
+        and _large_enough(layer, rule)
+        and 1 <= rows <= rule.max_rows
+    )
+
+
 def _large_enough(layer, rule):
     return (
         layer.input_dim * layer.units >= rule.min_weights
@@ -287,7 +322,7 @@ def inference(layer, inputs):
         return None
     if path == "gathered":
         return _activate(layer, _gathered(layer, inputs, module))
-    rule = TRACED_AUTO_RULES.get(keras.backend.backend())
+    rule = traced_auto_rule(layer)
     if rule is None or not _large_enough(layer, rule):
         return None
     rows = static_rows(inputs)
