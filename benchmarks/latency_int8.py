@@ -16,7 +16,11 @@ Each is called as a user calls it: `model(x)` (on PyTorch under
 `torch.no_grad()`) and `model.predict_on_batch(x)`. On TensorFlow and
 JAX `predict_on_batch` runs a trace, where MIDL runs `keras.ops` only, so
 there the int8 MIDL gets no native kernel (see
-`keras_midl.ops.dispatch`); on PyTorch `predict_on_batch` is eager.
+`keras_midl.ops.dispatch`); on PyTorch `predict_on_batch` is eager. On
+TensorFlow and JAX a third call, `predict_on_batch` of copies of the
+models compiled with `run_eagerly=True` (Keras's own switch; it turns
+off `jit_compile` too), shows what a user who serves with `predict` gets
+from that switch: an eager predict step, where the native kernel runs.
 
 The ceiling, for the int8 MIDL at batch 1: it reads `k * d` bytes of the
 int8 kernel and `4 * r * (d + 2n)` bytes of float gate and light path;
@@ -52,7 +56,8 @@ DIMS = (1024, 4096, 8192)
 BATCHES = (1, 2, 4, 8)
 K_RATIO = 0.45
 MODELS = ("float Dense", "int8 Dense", "float MIDL", "int8 MIDL")
-CALLS = ("model(x)", "predict_on_batch")
+CALLS = ("model(x)", "predict_on_batch", "predict_on_batch, run_eagerly")
+EAGER_PREDICT = "predict_on_batch, run_eagerly"
 DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "keras_midl_latency")
 
 
@@ -87,10 +92,33 @@ def build_models(d):
     return models
 
 
-def calls_of(models, x):
+def eager_copies(models):
+    """Copies of the models (same weights) compiled with
+    `run_eagerly=True`: their `predict_on_batch` runs eagerly. `{}` on
+    PyTorch, whose `predict_on_batch` is eager already."""
+    import keras
+
+    if keras.backend.backend() == "torch":
+        return {}
+    copies = {}
+    for name, model in models.items():
+        # A quantized layer's config holds its int8 policy: the clone
+        # builds int8 weights.
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+        copy.compile(run_eagerly=True)
+        copies[name] = copy
+    return copies
+
+
+def calls_of(models, x, eager_models=None):
     import keras
 
     calls = {}
+    for name, model in (eager_models or {}).items():
+        calls[(name, EAGER_PREDICT)] = (
+            lambda model=model: model.predict_on_batch(x)
+        )
     torch_backend = keras.backend.backend() == "torch"
     for name, model in models.items():
         if torch_backend:
@@ -137,14 +165,14 @@ def traced_path(model, batch):
     return "keras.ops masked (traced)"
 
 
-def measure(d, batch, models, repeats, threads):
+def measure(d, batch, models, repeats, threads, eager_models=None):
     import keras
     from keras import ops
 
     x = ops.convert_to_tensor(
         np.random.default_rng(1).normal(size=(batch, d)), "float32"
     )
-    calls = calls_of(models, x)
+    calls = calls_of(models, x, eager_models)
     for call in calls.values():  # warm-up: traces, compiles, caches
         block(call())
         block(call())
@@ -155,6 +183,8 @@ def measure(d, batch, models, repeats, threads):
     layer = models["float MIDL"].layers[0]
     rows = []
     for how in CALLS:
+        if how == EAGER_PREDICT and not eager_models:
+            continue
         ms = {m: medians[f"{m} | {how}"] * 1e3 for m in MODELS}
         rows.append({
             "backend": keras.backend.backend(),
@@ -192,11 +222,14 @@ def child(args):
     rows = []
     for d in args.dims:
         models = build_models(d)
+        eager_models = eager_copies(models)
         for batch in args.batches:
-            rows.extend(measure(d, batch, models, args.repeats, args.threads))
-            print(rows[-2], flush=True)
-            print(rows[-1], flush=True)
-        del models
+            new_rows = measure(d, batch, models, args.repeats, args.threads,
+                               eager_models)
+            for row in new_rows:
+                print(row, flush=True)
+            rows.extend(new_rows)
+        del models, eager_models
     metadata = common.environment()
     metadata["threads"] = args.threads or "backend default"
     with open(args.child, "w") as file:
