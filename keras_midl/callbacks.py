@@ -33,16 +33,18 @@ import keras
 from keras_midl._checks import is_integer
 from keras_midl._checks import is_number
 from keras_midl.midl import MIDL
+from keras_midl.midl_conv2d import MIDLConv2D
 
 
 def _midl_layers(model):
     for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, MIDL):
+        if isinstance(layer, (MIDL, MIDLConv2D)):
             yield layer
 
 
 class KRatioWarmup(keras.callbacks.Callback):
-    """Lowers every MIDL layer's `k_ratio` from `start` to its own value.
+    """Lowers every MIDL layer's `k_ratio` from `start` to its own value
+    (MIDLConv2D layers included).
 
     At the beginning of epoch `e` (counted from 0) each MIDL layer of the
     model gets

@@ -15,6 +15,11 @@ Rules, per example (batch axis excluded):
 * `MIDL(n)`: `rows * (d*r + 2*r*n + k*d)`, or `rows * (d*r + r*n + k*d)`
   with `light_path="zero"`: the gate, the light path and the full path of
   the `k` selected neurons (see `MIDL.inference_multiply_adds`).
+* `MIDLConv2D(filters)`: the gate `c_in*r + r*filters`, the light path
+  `Ho*Wo*(kh*kw*c_in*r + r*filters)` (none with `light_path="zero"`) and
+  the full path of the `k` selected filters `Ho*Wo*kh*kw*c_in*k` (see
+  `MIDLConv2D.inference_multiply_adds`; the mean over the image that feeds
+  the gate is additions only, not counted).
 * `Conv1D/2D/3D`: `output positions * prod(kernel_size) * c_in / groups *
   c_out`. `DepthwiseConv1D/2D`: `output positions * prod(kernel_size) *
   c_in * depth_multiplier`. `SeparableConv1D/2D`: the depthwise part plus a
@@ -32,7 +37,8 @@ Any other layer raises a `ValueError` naming its class; add a rule with
 
 The Dense-equivalent count (`dense_equivalent_multiply_adds`,
 `dense_multiply_adds`) counts each MIDL layer as the `Dense(units)` it
-replaces, `rows * d * n`, and every other layer as above; `flops_fraction`
+replaces, `rows * d * n`, each MIDLConv2D layer as the `Conv2D(filters)`
+it replaces, and every other layer as above; `flops_fraction`
 divides the two model totals.
 
 Example:
@@ -56,6 +62,7 @@ from keras_midl._checks import is_number
 from keras_midl.lowrank import default_rank
 from keras_midl.midl import MIDL
 from keras_midl.midl import num_selected
+from keras_midl.midl_conv2d import MIDLConv2D
 
 _ZERO_COST_NAMES = (
     # Inputs, lookups and preprocessing.
@@ -209,6 +216,11 @@ def _midl(layer, input_shape):
     return rows * layer.inference_multiply_adds(depth)
 
 
+def _midl_conv2d(layer, input_shape):
+    _check_defined(layer, tuple(input_shape)[1:], "input")
+    return layer.inference_multiply_adds(tuple(input_shape))
+
+
 def _input_shape(layer, input_shape):
     return tuple(input_shape or _layer_input_shape(layer))
 
@@ -266,6 +278,7 @@ def _separable(layer, input_shape):
 
 _RULES = (
     (MIDL, _midl),
+    (MIDLConv2D, _midl_conv2d),
     (keras.layers.Dense, _dense),
     (keras.layers.DepthwiseConv1D, _depthwise),
     (keras.layers.DepthwiseConv2D, _depthwise),
@@ -338,7 +351,8 @@ def layer_multiply_adds(layer, input_shape=None):
             return int(rule(layer, _input_shape(layer, input_shape)))
     raise ValueError(
         f"No multiply-add rule for layer {layer.name!r} of class "
-        f"{type(layer).__name__}. Supported: MIDL, Dense, convolutions and "
+        f"{type(layer).__name__}. Supported: MIDL, MIDLConv2D, Dense, "
+        "convolutions and "
         "the parameter-free layers listed in keras_midl.flops; add one with "
         "`keras_midl.flops.register_multiply_adds`."
     )
@@ -348,6 +362,7 @@ def dense_equivalent_multiply_adds(layer, input_shape=None):
     """Multiply-adds per example of one layer with MIDL counted as a `Dense`.
 
     A MIDL layer counts `rows * d * n`, the cost of the `Dense(units)` it
+    replaces, a MIDLConv2D layer the cost of the `Conv2D(filters)` it
     replaces; any other layer counts as in `layer_multiply_adds`. A nested
     model counts as the sum of its layers.
 
@@ -369,6 +384,8 @@ def dense_equivalent_multiply_adds(layer, input_shape=None):
         return dense_multiply_adds(layer)
     if isinstance(layer, MIDL):
         return _dense(layer, _input_shape(layer, input_shape))
+    if isinstance(layer, MIDLConv2D):
+        return _conv(layer, _input_shape(layer, input_shape))
     return layer_multiply_adds(layer, input_shape)
 
 
@@ -494,7 +511,7 @@ def _divide(count, denominator, model, what):
 
 def _midl_layers(model):
     for layer in model.layers:
-        if isinstance(layer, MIDL):
+        if isinstance(layer, (MIDL, MIDLConv2D)):
             yield layer
         elif isinstance(layer, keras.Model):
             yield from _midl_layers(layer)
@@ -503,9 +520,9 @@ def _midl_layers(model):
 def active_fraction(model):
     """Fraction of full-path neurons over all MIDL layers of a model.
 
-    `sum(k) / sum(units)` over the MIDL layers (nested models included), so
-    wider layers weigh more; 1.0 for a model without MIDL layers (every
-    neuron of a Dense layer is active).
+    `sum(k) / sum(units)` over the MIDL layers (nested models included;
+    `filters` for a MIDLConv2D layer), so wider layers weigh more; 1.0 for
+    a model without MIDL layers (every neuron of a Dense layer is active).
 
     Args:
         model: A `keras.Model`.
@@ -517,7 +534,8 @@ def active_fraction(model):
     if not layers:
         return 1.0
     return sum(layer.k for layer in layers) / sum(
-        layer.units for layer in layers
+        layer.filters if isinstance(layer, MIDLConv2D) else layer.units
+        for layer in layers
     )
 
 

@@ -6,16 +6,23 @@ import keras
 import numpy as np
 
 from keras_midl.midl import MIDL
+from keras_midl.midl_conv2d import MIDLConv2D
+
+# The layers whose gates are reported.
+GATED_LAYERS = (MIDL, MIDLConv2D)
 
 
 @dataclasses.dataclass(frozen=True)
 class GateStatistics:
-    """What the gate of one MIDL layer did on a batch.
+    """What the gate of one MIDL (or MIDLConv2D) layer did on a batch.
+
+    For a MIDLConv2D layer the rows are the examples and the units its
+    filters: one selection per example.
 
     Attributes:
         layer_name: Name of the MIDL layer.
         logits: Gate logits `s`, NumPy float32 array of shape
-            `(..., units)`.
+            `(..., units)` (`(batch, filters)` for MIDLConv2D).
         mask: The top-k selection `m`, 0/1 float32 array of the same shape.
         selection_frequency: Float array of shape `(units,)`: the fraction
             of rows for which each neuron took the full path.
@@ -61,19 +68,26 @@ def _layer_statistics(layer, layer_inputs):
     mask = keras.ops.convert_to_numpy(
         keras.ops.cast(gate["mask"], "float32")
     )
-    if mask.size == 0:
-        raise _empty_batch_error((*mask.shape[:-1], layer.input_dim))
+    if isinstance(layer, MIDLConv2D):
+        units = layer.filters
+        if mask.size == 0:
+            raise _empty_batch_error(tuple(layer_inputs.shape))
+    else:
+        units = layer.units
+        if mask.size == 0:
+            raise _empty_batch_error((*mask.shape[:-1], layer.input_dim))
     return GateStatistics(
         layer_name=layer.name,
         logits=keras.ops.convert_to_numpy(gate["logits"]),
         mask=mask,
-        selection_frequency=mask.reshape(-1, layer.units).mean(axis=0),
-        active_fraction=layer.k / layer.units,
+        selection_frequency=mask.reshape(-1, units).mean(axis=0),
+        active_fraction=layer.k / units,
     )
 
 
 def gate_statistics(model_or_layer, inputs, batch_size=None):
-    """Runs a batch through a model once and reports every MIDL gate.
+    """Runs a batch through a model once and reports every MIDL gate
+    (MIDL and MIDLConv2D layers).
 
     For a Sequential or Functional model, one forward pass computes the
     inputs of all its MIDL layers (the layers after the last MIDL layer are
@@ -110,7 +124,7 @@ def gate_statistics(model_or_layer, inputs, batch_size=None):
             if `inputs` has no rows (an empty batch).
     """
     _check_not_empty(inputs)
-    if isinstance(model_or_layer, MIDL):
+    if isinstance(model_or_layer, GATED_LAYERS):
         stats = _layer_statistics(model_or_layer, inputs)
         return {stats.layer_name: stats}
     model = model_or_layer
@@ -119,7 +133,9 @@ def gate_statistics(model_or_layer, inputs, batch_size=None):
             "Expected a keras.Model or a MIDL layer for `model_or_layer`. "
             f"Received: model_or_layer={model!r}"
         )
-    layers = [layer for layer in model.layers if isinstance(layer, MIDL)]
+    layers = [
+        layer for layer in model.layers if isinstance(layer, GATED_LAYERS)
+    ]
     if not layers:
         raise ValueError(
             f"Model {model.name} has no MIDL layer at its top level. "

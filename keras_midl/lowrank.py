@@ -1,5 +1,7 @@
 """Low-rank parts of a MIDL layer: the default rank, and a layer's weights
-from a trained Dense layer by truncated SVD (`MIDL.from_dense`).
+from a trained Dense layer by truncated SVD (`MIDL.from_dense`), or from a
+trained Conv2D layer (`MIDLConv2D.from_conv2d`, the SVD of its kernel
+reshaped to `(kh*kw*c_in, filters)`; `default_conv_rank`).
 
 A trained `Dense` layer maps onto MID-L's parts: the full path is the Dense
 layer itself (`W`, `b`); the light path is its best rank-`r` approximation,

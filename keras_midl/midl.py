@@ -20,6 +20,7 @@ from keras_midl.lowrank import default_rank
 from keras_midl.lowrank import from_dense
 from keras_midl.ops import dispatch
 from keras_midl.ops.selection import SELECTION_METHODS
+from keras_midl.ops.selection import balance_loss
 from keras_midl.ops.selection import straight_through
 from keras_midl.ops.selection import straight_through_mix
 from keras_midl.ops.selection import topk_mask
@@ -700,19 +701,10 @@ class MIDL(keras.layers.Layer):
     def _balance_loss(self, mask, logits):
         """`balance_weight * var_j(f_j) / (k/n)^2`, `f_j` the fraction of
         rows selecting neuron `j`, with the straight-through gradient of
-        the mean sigmoid (taken after the mean: the same gradient, fewer
-        elementwise ops)."""
-        rows = (-1, self.units)
-        soft = ops.mean(
-            ops.reshape(self._gate_probabilities(logits), rows), axis=0
+        the mean sigmoid (`keras_midl.ops.selection.balance_loss`)."""
+        return balance_loss(
+            mask, self._gate_probabilities(logits), self.k, self.balance_weight
         )
-        hard = ops.mean(ops.reshape(mask, rows), axis=0)
-        frequencies = straight_through(hard, soft)
-        share = self.k / self.units
-        variance = ops.mean(ops.square(frequencies - share))
-        # In float32, as Keras sums the losses (a float64 layer included).
-        loss = self.balance_weight * variance / (share * share)
-        return ops.cast(loss, "float32")
 
     # --- LoRA (low-rank adaptation of the full-path kernel), as in Dense --
 

@@ -75,6 +75,7 @@ from keras_midl._checks import is_finite_number
 from keras_midl._checks import is_integer
 from keras_midl._checks import is_number
 from keras_midl.midl import MIDL
+from keras_midl.midl_conv2d import MIDLConv2D
 
 _SAMPLINGS = ("linear", "log", "reverse_log")
 
@@ -683,12 +684,13 @@ class MIDLHyperModel(keras_tuner.HyperModel):
     * `build_model(hp)`, which declares its own search space (typically with
       `midl_hyperparameters`) and returns a compiled model; or
     * `build_model()`, an unchanged function returning a compiled
-      Sequential or Functional model: the `k_ratio` of each of its top-level
-      MIDL layers is then searched with `midl_hyperparameters(hp, name,
-      **search_space)`, where `name` is `None` for a model with one MIDL
-      layer and `"midl_0"`, `"midl_1"`, ... (in layer order) otherwise. The
-      model is rebuilt with the chosen values and compiled with the
-      original compile configuration (`model.get_compile_config()`).
+      Sequential or Functional model: the `k_ratio` of each of its
+      top-level MIDL (and MIDLConv2D) layers is then searched with
+      `midl_hyperparameters(hp, name, **search_space)`, where `name` is
+      `None` for a model with one MIDL layer and `"midl_0"`, `"midl_1"`,
+      ... (in layer order) otherwise. The model is rebuilt with the chosen
+      values and compiled with the original compile configuration
+      (`model.get_compile_config()`).
 
     `fit` runs `model.fit` with an `EfficiencyObjective` placed first among
     the callbacks, so every epoch logs `objective.name`.
@@ -842,7 +844,11 @@ class MIDLHyperModel(keras_tuner.HyperModel):
         return model
 
     def _with_tuned_k_ratios(self, hp, model):
-        layers = [layer for layer in model.layers if isinstance(layer, MIDL)]
+        layers = [
+            layer
+            for layer in model.layers
+            if isinstance(layer, (MIDL, MIDLConv2D))
+        ]
         if not layers:
             raise ValueError(
                 f"`build_model` returned model {model.name!r} without "
@@ -855,7 +861,7 @@ class MIDLHyperModel(keras_tuner.HyperModel):
 
         def clone_layer(layer):
             config = layer.get_config()
-            if isinstance(layer, MIDL):
+            if isinstance(layer, (MIDL, MIDLConv2D)):
                 config.update(
                     midl_hyperparameters(
                         hp, name=names[id(layer)], **self.search_space

@@ -93,3 +93,20 @@ def test_a_model_without_midl_layers_is_refused():
 def test_invalid_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         KRatioWarmup(**kwargs)
+
+
+def test_midl_conv2d_layers_warm_up_too():
+    model = keras.Sequential([
+        keras.Input((6, 6, 3)),
+        keras_midl.MIDLConv2D(8, 3, k_ratio=0.25, activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras_midl.MIDL(8, k_ratio=0.5),
+        keras.layers.Dense(2, activation="softmax"),
+    ])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    x = np.random.default_rng(0).normal(size=(8, 6, 6, 3)).astype("float32")
+    warmup = KRatioWarmup(epochs=1)
+    model.fit(x, np.zeros(8, "int32"), epochs=2, callbacks=[warmup],
+              verbose=0)
+    assert warmup.history == [[1.0, 1.0], [0.25, 0.5]]
+    assert model.layers[0].k_ratio == 0.25

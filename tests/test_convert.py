@@ -9,6 +9,7 @@ from keras import ops
 
 import keras_midl
 from keras_midl import MIDL
+from keras_midl import MIDLConv2D
 from keras_midl.convert import set_calibration_trainable
 
 
@@ -266,3 +267,113 @@ def test_converted_model_saves_and_loads(tmp_path, rng):
         loaded.predict(x, verbose=0), expected, atol=1e-6
     )
     assert isinstance(loaded.get_layer("block").get_layer("inner_0"), MIDL)
+
+
+# --- Conv2D layers ------------------------------------------------------------
+
+
+def cnn(rng, data_format="channels_last"):
+    shape = (8, 8, 3) if data_format == "channels_last" else (3, 8, 8)
+    model = keras.Sequential(
+        [
+            keras.Input(shape),
+            keras.layers.Conv2D(8, 3, activation="relu", padding="same",
+                                data_format=data_format, name="conv_0"),
+            keras.layers.Conv2D(12, 3, strides=2, activation="relu",
+                                data_format=data_format, name="conv_1"),
+            keras.layers.GlobalAveragePooling2D(data_format=data_format),
+            keras.layers.Dense(16, activation="relu", name="hidden"),
+            keras.layers.Dense(3, name="output"),
+        ]
+    )
+    for variable in model.weights:
+        variable.assign(
+            0.3 * rng.normal(size=variable.shape).astype("float32")
+        )
+    return model
+
+
+def test_conv2d_layers_are_converted_only_when_asked_for(rng):
+    model = cnn(rng)
+    types = layer_types(keras_midl.convert(model))
+    assert [types[n] for n in ("conv_0", "conv_1", "hidden", "output")] == [
+        "Conv2D", "Conv2D", "MIDL", "Dense"
+    ]
+    both = keras_midl.convert(model, layer_types=("Dense", "Conv2D"))
+    types = layer_types(both)
+    assert [types[n] for n in ("conv_0", "conv_1", "hidden", "output")] == [
+        "MIDLConv2D", "MIDLConv2D", "MIDL", "Dense"
+    ]
+    convs = keras_midl.convert(model, layer_types="Conv2D")
+    assert layer_types(convs)["hidden"] == "Dense"
+    named = keras_midl.convert(model, layers=["conv_1", "hidden"])
+    types = layer_types(named)
+    assert [types[n] for n in ("conv_0", "conv_1", "hidden")] == [
+        "Conv2D", "MIDLConv2D", "MIDL"
+    ]
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_converted_cnn_with_k_ratio_one_predicts_the_original(
+    data_format, rng
+):
+    model = cnn(rng, data_format)
+    converted = keras_midl.convert(
+        model, k_ratio=1.0, layer_types=("Dense", "Conv2D")
+    )
+    shape = (6, 8, 8, 3) if data_format == "channels_last" else (6, 3, 8, 8)
+    x = rng.normal(size=shape).astype("float32")
+    np.testing.assert_allclose(
+        converted.predict(x, verbose=0),
+        model.predict(x, verbose=0),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_converted_cnn_passes_arguments_trains_and_saves(tmp_path, rng):
+    model = cnn(rng)
+    converted = keras_midl.convert(
+        model,
+        k_ratio=0.5,
+        layers=["conv_0", "conv_1"],
+        rank=2,
+        trainable="gate_and_light",
+        inference_path="auto",
+        conv_kwargs={"k_multiple": 4},
+    )
+    layer = converted.get_layer("conv_1")
+    assert isinstance(layer, MIDLConv2D)
+    assert (layer.k, layer.rank, layer.inference_path) == (8, 2, "auto")
+    names = sorted(v.name for v in converted.trainable_variables)
+    assert names == sorted(
+        ["projection", "gate_kernel", "gate_bias", "light_conv_kernel",
+         "light_kernel", "light_bias"] * 2
+    )
+    x = rng.normal(size=(8, 8, 8, 3)).astype("float32")
+    converted.compile(keras.optimizers.SGD(0.01), "mse")
+    converted.fit(x, rng.normal(size=(8, 3)), epochs=1, verbose=0)
+    expected = converted.predict(x, verbose=0)
+    path = os.path.join(tmp_path, "converted_cnn.keras")
+    converted.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), expected, atol=1e-6
+    )
+
+
+def test_convert_conv2d_errors(rng):
+    model = cnn(rng)
+    with pytest.raises(ValueError, match="layer_types=\\('Conv3D',\\)"):
+        keras_midl.convert(model, layer_types=("Conv3D",))
+    with pytest.raises(ValueError, match="is a Conv2D"):
+        keras_midl.convert(model, layers=["conv_0"], layer_types="Dense")
+    grouped = keras.Sequential(
+        [keras.Input((6, 6, 4)),
+         keras.layers.Conv2D(4, 3, groups=2, name="grouped"),
+         keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
+    with pytest.raises(ValueError, match="no Conv2D layer to convert"):
+        keras_midl.convert(grouped, layer_types="Conv2D")
+    with pytest.raises(ValueError, match="groups=2"):
+        keras_midl.convert(grouped, layers=["grouped"])

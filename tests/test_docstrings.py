@@ -39,9 +39,11 @@ EXPECTED_MODULES = {
     "keras_midl.flops",
     "keras_midl.lowrank",
     "keras_midl.midl",
+    "keras_midl.midl_conv2d",
     "keras_midl.native.kernels",
     "keras_midl.ops.dispatch",
     "keras_midl.ops.gathered",
+    "keras_midl.ops.gathered_conv",
     "keras_midl.ops.selection",
 }
 _BACKEND_MODULES = keras_midl.__name__ + ".backend."

@@ -21,6 +21,8 @@ import pytest
 from backend_utils import BACKEND
 
 from keras_midl import MIDL
+from keras_midl import MIDLConv2D
+from keras_midl import midl_conv2d
 
 ATOL = 1e-5
 
@@ -130,5 +132,90 @@ def test_onnx_export_serves_same_predictions(tmp_path):
     session = onnxruntime.InferenceSession(path)
     (input_spec,) = session.get_inputs()
     x = _inputs((6, 12))
+    (served,) = session.run(None, {input_spec.name: x})
+    np.testing.assert_allclose(served, model.predict(x, verbose=0), atol=ATOL)
+
+
+# --- MIDLConv2D --------------------------------------------------------------
+
+
+def _conv_model(inference_path, batch_size=None):
+    """Two MIDLConv2D layers (light path low-rank, then zero) on 6x6x3."""
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 3), batch_size=batch_size),
+            MIDLConv2D(
+                8,
+                3,
+                k_ratio=0.5,
+                padding="same",
+                activation="relu",
+                bias_initializer="random_normal",
+                inference_path=inference_path,
+            ),
+            MIDLConv2D(
+                6,
+                3,
+                k_ratio=0.5,
+                strides=2,
+                light_path="zero",
+                inference_path=inference_path,
+            ),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.predict(_inputs((batch_size or 2, 6, 6, 3)), verbose=0)
+    return model
+
+
+@pytest.mark.parametrize(
+    "inference_path, batch_size", [("masked", None), ("gathered", 1)]
+)
+def test_conv_tf_saved_model_reloads(
+    inference_path, batch_size, tmp_path, monkeypatch
+):
+    """On TensorFlow the gathered path is exported for a model of static
+    batch size 1 (`keras.Input(batch_size=1)`); the masked one for any
+    batch size. Keras's JAX export makes the batch size symbolic
+    (shape-polymorphic) even then, so the layer exports its masked path
+    there."""
+    if BACKEND not in ("tensorflow", "jax"):
+        pytest.skip(
+            "Keras exports TF SavedModels from the TensorFlow and JAX "
+            "backends only"
+        )
+    tf = pytest.importorskip("tensorflow")
+    model = _conv_model(inference_path, batch_size)
+    traced = []
+    original = midl_conv2d.gathered_conv
+
+    def spy(*args, **kwargs):
+        traced.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(midl_conv2d, "gathered_conv", spy)
+    path = str(tmp_path / "saved_model")
+    model.export(path, format="tf_saved_model", verbose=False)
+    gathers = inference_path == "gathered" and BACKEND == "tensorflow"
+    assert bool(traced) == gathers
+    served = tf.saved_model.load(path)
+    x = _inputs((batch_size or 5, 6, 6, 3), seed=1)
+    np.testing.assert_allclose(
+        served.serve(x).numpy(), model.predict(x, verbose=0), atol=ATOL
+    )
+
+
+def test_conv_onnx_export_serves_same_predictions(tmp_path):
+    _onnx_case()
+    pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = _conv_model("masked")
+    path = str(tmp_path / "conv.onnx")
+    model.export(path, format="onnx", verbose=False)
+    session = onnxruntime.InferenceSession(path)
+    (input_spec,) = session.get_inputs()
+    x = _inputs((4, 6, 6, 3), seed=2)
     (served,) = session.run(None, {input_spec.name: x})
     np.testing.assert_allclose(served, model.predict(x, verbose=0), atol=ATOL)

@@ -4,6 +4,7 @@ import keras
 import pytest
 
 from keras_midl import MIDL
+from keras_midl import MIDLConv2D
 from keras_midl import flops
 
 
@@ -411,3 +412,79 @@ def test_k_ratio_for_budget_is_the_largest_within_it():
 def test_budget_functions_name_the_invalid_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- MIDLConv2D ---------------------------------------------------------------
+
+
+def midl_conv_cnn(data_format="channels_last", light_path="lowrank"):
+    """Conv stem, MIDLConv2D(16) with k = 6, pooling, Dense head."""
+    shape = (10, 10, 3) if data_format == "channels_last" else (3, 10, 10)
+    return sequential(
+        shape,
+        keras.layers.Conv2D(8, 3, data_format=data_format, name="stem"),
+        MIDLConv2D(
+            16,
+            3,
+            k_ratio=0.375,
+            rank=2,
+            padding="same",
+            light_path=light_path,
+            data_format=data_format,
+            name="midl_conv",
+        ),
+        keras.layers.GlobalAveragePooling2D(data_format=data_format),
+        keras.layers.Dense(4, name="head"),
+    )
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("light_path", ["lowrank", "zero"])
+def test_midl_conv2d_counts(data_format, light_path):
+    model = midl_conv_cnn(data_format, light_path)
+    stem = 8 * 8 * 27 * 8  # 8x8 output pixels
+    # MIDLConv2D on 8x8x8, same padding: 64 pixels, patch 72, r = 2, k = 6.
+    gate = 8 * 2 + 2 * 16
+    light = 64 * (72 * 2 + 2 * 16) if light_path == "lowrank" else 0
+    full = 64 * 72 * 6
+    head = 16 * 4
+    midl_conv = model.get_layer("midl_conv")
+    assert flops.layer_multiply_adds(midl_conv) == gate + light + full
+    assert flops.model_multiply_adds(model) == stem + gate + light + full + head
+    as_conv = 64 * 72 * 16
+    assert flops.dense_equivalent_multiply_adds(midl_conv) == as_conv
+    assert flops.dense_multiply_adds(model) == stem + as_conv + head
+    assert flops.active_fraction(model) == 6 / 16
+    assert flops.flops_fraction(model) == pytest.approx(
+        (stem + gate + light + full + head) / (stem + as_conv + head)
+    )
+
+
+def test_midl_conv2d_dense_equivalent_is_the_conv2d_count():
+    layer = MIDLConv2D(12, (3, 2), strides=2, k_ratio=0.5)
+    conv = keras.layers.Conv2D(12, (3, 2), strides=2)
+    shape = (None, 9, 9, 5)
+    assert flops.dense_equivalent_multiply_adds(
+        layer, input_shape=shape
+    ) == flops.layer_multiply_adds(conv, input_shape=shape)
+
+
+def test_midl_conv2d_in_summary_and_active_fraction_with_midl():
+    model = sequential(
+        (6, 6, 3),
+        MIDLConv2D(8, 3, k_ratio=0.5, rank=1, name="c"),
+        keras.layers.Flatten(),
+        MIDL(8, k_ratio=0.25, rank=2, name="m"),
+    )
+    text = flops.summary(model, print_fn=lambda text: None)
+    row = text.splitlines()[1].split()
+    assert row[:2] == ["c", "MIDLConv2D"]
+    # k = 4 of 8 filters and 2 of 8 units.
+    assert flops.active_fraction(model) == 6 / 16
+    assert text.splitlines()[-1].endswith("MIDL active fraction: 0.375")
+
+
+def test_midl_conv2d_with_undefined_spatial_axes_raises():
+    model = sequential((None, None, 3), MIDLConv2D(4, 3, name="c"))
+    with pytest.raises(ValueError, match="undefined axes"):
+        flops.model_multiply_adds(model)

@@ -23,6 +23,7 @@ def to_numpy(x):
     [
         ("masked", 1, False),
         ("auto", None, False),
+        ("auto", "batch", False),  # a symbolic size
         ("auto", 0, False),
         ("auto", 1, True),
         ("auto", GATHERED_CONV_MAX_ROWS, True),

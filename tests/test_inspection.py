@@ -4,6 +4,7 @@ import pytest
 from keras import ops
 
 from keras_midl import MIDL
+from keras_midl import MIDLConv2D
 from keras_midl import gate_statistics
 
 
@@ -134,3 +135,32 @@ def test_statistics_report_the_selection_the_layer_made(policy, rng):
     report = gate_statistics(layer, x)[layer.name]
     np.testing.assert_array_equal(report.mask, used)
     np.testing.assert_allclose(report.selection_frequency, used.mean(axis=0))
+
+
+def test_midl_conv2d_statistics(rng):
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 3)),
+            MIDLConv2D(8, 3, k_ratio=0.25, activation="relu", name="conv"),
+            keras.layers.GlobalAveragePooling2D(),
+            MIDL(16, k_ratio=0.5, name="dense"),
+            keras.layers.Dense(2),
+        ]
+    )
+    x = rng.normal(size=(12, 6, 6, 3)).astype("float32")
+    stats = gate_statistics(model, x)
+    assert list(stats) == ["conv", "dense"]
+    conv = stats["conv"]
+    assert conv.mask.shape == conv.logits.shape == (12, 8)
+    np.testing.assert_array_equal(conv.mask.sum(axis=-1), 2)
+    np.testing.assert_array_equal(
+        conv.mask, ops.convert_to_numpy(model.layers[0].gate(x)["mask"])
+    )
+    assert conv.selection_frequency.shape == (8,)
+    assert conv.selection_frequency.sum() == pytest.approx(2)
+    assert conv.active_fraction == 0.25
+    assert stats["dense"].mask.shape == (12, 16)
+    layer_stats = gate_statistics(model.layers[0], x)
+    np.testing.assert_array_equal(layer_stats["conv"].mask, conv.mask)
+    with pytest.raises(ValueError, match="empty batch"):
+        gate_statistics(model.layers[0], np.zeros((0, 6, 6, 3), "float32"))

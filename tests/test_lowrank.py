@@ -7,6 +7,7 @@ from backend_utils import built_dense
 from keras import ops
 
 from keras_midl import MIDL
+from keras_midl import MIDLConv2D
 from keras_midl.lowrank import lowrank_factors
 
 
@@ -153,3 +154,104 @@ def test_from_dense_errors(rng):
     quantized.quantize("int8")
     with pytest.raises(ValueError, match="quantized.*Convert the float"):
         MIDL.from_dense(quantized)
+
+
+# --- from_conv2d ------------------------------------------------------------
+
+
+def built_conv2d(rng, data_format="channels_last", use_bias=True, **kwargs):
+    kwargs.setdefault("activation", "relu")
+    layer = keras.layers.Conv2D(
+        8, (3, 3), data_format=data_format, use_bias=use_bias, **kwargs
+    )
+    shape = (None, 6, 6, 3) if data_format == "channels_last" else (
+        None, 3, 6, 6
+    )
+    layer.build(shape)
+    for variable in layer.weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    return layer
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_from_conv2d_with_k_ratio_one_is_the_conv2d_layer(
+    data_format, use_bias, rng
+):
+    conv = built_conv2d(
+        rng, data_format, use_bias, strides=2, padding="same"
+    )
+    layer = MIDLConv2D.from_conv2d(conv, k_ratio=1.0, rank=3)
+    assert (layer.strides, layer.padding, layer.data_format) == (
+        (2, 2), "same", data_format
+    )
+    assert layer.use_bias is use_bias and layer.activation is conv.activation
+    shape = (4, 6, 6, 3) if data_format == "channels_last" else (4, 3, 6, 6)
+    x = rng.normal(size=shape).astype("float32")
+    np.testing.assert_allclose(
+        to_numpy(layer(x)), to_numpy(conv(x)), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_from_conv2d_copies_weights_and_svd(rng):
+    conv = built_conv2d(rng)
+    layer = MIDLConv2D.from_conv2d(conv, k_ratio=0.5, rank=4)
+    kernel = to_numpy(conv.kernel)
+    np.testing.assert_array_equal(to_numpy(layer.kernel), kernel)
+    light_conv = to_numpy(layer.light_conv_kernel).reshape(27, 4)
+    light = to_numpy(layer.light_kernel)
+    singular = np.linalg.svd(kernel.reshape(27, 8), compute_uv=False)
+    error = np.linalg.norm(kernel.reshape(27, 8) - light_conv @ light)
+    np.testing.assert_allclose(
+        error, np.linalg.norm(singular[4:]), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        to_numpy(layer.projection),
+        to_numpy(layer.light_conv_kernel).sum(axis=(0, 1)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_array_equal(to_numpy(layer.gate_kernel), light)
+    for name in ("gate_bias", "light_bias"):
+        np.testing.assert_array_equal(
+            to_numpy(getattr(layer, name)), to_numpy(conv.bias)
+        )
+
+
+def test_from_conv2d_lowrank_gate_ranks_the_mean_preactivation(rng):
+    """At full rank, on a constant image and away from the borders, the
+    gate logits are the convolution's pre-activation."""
+    conv = built_conv2d(rng, activation=None)
+    layer = MIDLConv2D.from_conv2d(conv, k_ratio=0.25, rank=8)
+    x = np.ones((2, 6, 6, 3), "float32") * np.array(
+        [[[[0.5, -1.0, 2.0]]], [[[1.0, 0.3, -0.2]]]], "float32"
+    )
+    logits = to_numpy(layer.gate(x)["logits"])
+    np.testing.assert_allclose(
+        logits, to_numpy(conv(x))[:, 1, 1, :], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_from_conv2d_random_gate_and_errors(rng):
+    conv = built_conv2d(rng)
+    keras.utils.set_random_seed(5)
+    layer = MIDLConv2D.from_conv2d(conv, gate_init="random", rank=2)
+    assert not np.allclose(
+        to_numpy(layer.gate_kernel), to_numpy(layer.light_kernel)
+    )
+    assert layer.effective_rank == 2
+    assert MIDLConv2D.from_conv2d(conv).effective_rank == 1  # the default
+    with pytest.raises(ValueError, match="Conv2D"):
+        MIDLConv2D.from_conv2d(keras.layers.Dense(3))
+    with pytest.raises(ValueError, match="not built"):
+        MIDLConv2D.from_conv2d(keras.layers.Conv2D(4, 3))
+    grouped = keras.layers.Conv2D(4, 3, groups=2)
+    grouped.build((None, 6, 6, 4))
+    with pytest.raises(ValueError, match="groups=2"):
+        MIDLConv2D.from_conv2d(grouped)
+    with pytest.raises(ValueError, match="rank=9"):
+        MIDLConv2D.from_conv2d(conv, rank=9)
+    with pytest.raises(ValueError, match="gate_init='svd'"):
+        MIDLConv2D.from_conv2d(conv, gate_init="svd")
+    with pytest.raises(ValueError, match="padding"):
+        MIDLConv2D.from_conv2d(conv, padding="same")

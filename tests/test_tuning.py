@@ -10,6 +10,7 @@ import pytest
 from backend_utils import run_layer_test
 
 from keras_midl import MIDL
+from keras_midl import MIDLConv2D
 from keras_midl import flops
 from keras_midl import tuning
 from keras_midl.lowrank import default_rank
@@ -984,3 +985,52 @@ def test_hypermodel_rejects_an_invalid_budget(budget):
         ValueError, match=r"`budget`.*" + re.escape(f"budget={budget!r}")
     ):
         tuning.MIDLHyperModel(_build_with_hp, budget=budget)
+
+
+def test_midl_conv2d_k_ratio_is_searched_with_or_without_hp(rng):
+    def layers(conv_kwargs, dense_kwargs):
+        return [
+            keras.Input((6, 6, 3)),
+            MIDLConv2D(8, 3, activation="relu", **conv_kwargs),
+            keras.layers.GlobalAveragePooling2D(),
+            MIDL(UNITS, **dense_kwargs),
+            keras.layers.Dense(CLASSES, activation="softmax"),
+        ]
+
+    def compiled(model):
+        model.compile("adam", "sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        return model
+
+    def build_with_hp(hp):
+        return compiled(
+            keras.Sequential(
+                layers(
+                    tuning.midl_hyperparameters(hp, name="conv"),
+                    tuning.midl_hyperparameters(hp, name="dense"),
+                )
+            )
+        )
+
+    def build():
+        return compiled(keras.Sequential(layers({}, {})))
+
+    hp = keras_tuner.HyperParameters()
+    hp.values.update({"conv/k_ratio": 0.25, "dense/k_ratio": 0.5})
+    model = build_with_hp(hp)
+    assert (model.layers[0].k, model.layers[2].k) == (2, 16)
+    assert 0 < flops.flops_fraction(model) < 1
+
+    hypermodel = tuning.MIDLHyperModel(
+        build, search_space={"k_ratio": (0.25, 1.0), "k_ratio_step": 0.25}
+    )
+    hp = keras_tuner.HyperParameters()
+    hp.values.update({"midl_0/k_ratio": 0.75, "midl_1/k_ratio": 0.25})
+    tuned = hypermodel.build(hp)
+    assert isinstance(tuned.layers[0], MIDLConv2D)
+    assert [tuned.layers[i].k for i in (0, 2)] == [6, 8]
+    x = rng.normal(size=(8, 6, 6, 3)).astype("float32")
+    y = rng.integers(0, 2, size=(8,))
+    history = hypermodel.fit(hp, tuned, x, y, validation_data=(x, y),
+                             epochs=1, verbose=0)
+    assert hypermodel.efficiency.name in history.history

@@ -29,6 +29,7 @@ batch size must be static and small: `use_gathered_conv` is the rule.
 from keras import ops
 
 from keras_midl import backend as backends
+from keras_midl._checks import is_integer
 from keras_midl.ops.gathered import selected_indices
 
 # `inference_path="auto"` gathers up to this many examples (a static
@@ -47,7 +48,8 @@ def use_gathered_conv(inference_path, batch_size):
     Python, each convolved alone). `"auto"`: for a static batch size of 1
     to `GATHERED_CONV_MAX_ROWS` (the small batches where one convolution
     per example of `k` filters should beat one of all `filters`). A batch
-    size unknown while tracing (`None`) or empty takes the masked path.
+    size unknown while tracing (`None`, or a symbolic size as in JAX's
+    shape-polymorphic export) or empty takes the masked path.
 
     Example:
 
@@ -64,7 +66,8 @@ def use_gathered_conv(inference_path, batch_size):
     Returns:
         Python bool.
     """
-    if inference_path == "masked" or batch_size is None:
+    if inference_path == "masked" or not is_integer(batch_size):
+        # `None`, or a symbolic size (JAX's shape-polymorphic export).
         return False
     if inference_path == "auto":
         return 1 <= batch_size <= GATHERED_CONV_MAX_ROWS
