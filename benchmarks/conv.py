@@ -14,6 +14,12 @@ softmax on the flattened features):
   ReLU, padding same) in the second and third blocks, `Conv2D` in the
   first (see `benchmarks.models.conv_cnn` for why).
 
+`--convert-epochs N` trains the MIDL model another way: the conv model
+for `epochs - N` epochs, then `keras_midl.convert` of its MIDL blocks
+(`MIDLConv2D.from_conv2d`), then N more epochs with a fresh Adam: the same
+total epochs (the row's "MIDL recipe"; the conv and iso-cost models are
+trained as without it).
+
 Protocol: the same training examples, epochs (`--epochs`, default 8),
 batch size (128) and optimizer (Adam, fixed learning rate 1e-3) for every
 model; a stratified `--validation-fraction` (default 0.1) of the training
@@ -57,6 +63,7 @@ if os.environ.get("KERAS_BACKEND") == "jax":
 
 import keras  # noqa: E402
 
+import keras_midl  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import datasets  # noqa: E402
 from benchmarks import models  # noqa: E402
@@ -85,6 +92,11 @@ def parse_args(argv=None):
                         default=list(models.CONV_FILTERS),
                         help="filters of each conv block (same-width model)")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument(
+        "--convert-epochs", type=int, default=0,
+        help="MIDL recipe: train the conv model for epochs - N epochs, "
+        "convert its MIDL blocks with keras_midl.convert, train N more "
+        "(the same total epochs); 0: MIDL trained from scratch")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3,
                         help="Adam learning rate, fixed, every model")
@@ -289,18 +301,35 @@ def train_one(data, split, variant, width, seed, args):
     epoch)."""
     x_train, y_train = split["train"]
     keras.utils.set_random_seed(seed)
+    converting = variant == "midl" and args.convert_epochs > 0
     model = models.conv_cnn(
-        data.x_train.shape[1:], data.num_classes, variant,
+        data.x_train.shape[1:], data.num_classes,
+        "conv" if converting else variant,
         filters=tuple(args.filters), width=width, k_ratio=args.k_ratio,
         rank=args.rank, seed=seed,
     )
-    model.compile(optimizer=keras.optimizers.Adam(args.learning_rate),
-                  loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
     timer = EpochTimer()
     loads = [common.load_average()]
-    model.fit(x_train, y_train, epochs=args.epochs,
-              batch_size=args.batch_size, callbacks=[timer], verbose=0)
+    phases = [(model, args.epochs - args.convert_epochs if converting
+               else args.epochs)]
+    if converting:
+        phases.append((None, args.convert_epochs))
+    for phase_model, epochs in phases:
+        if phase_model is None:
+            # The conv model trained so far, its MIDL blocks converted
+            # (`MIDLConv2D.from_conv2d`: the same full path, an SVD light
+            # path and a gate initialized from it), a fresh Adam.
+            model = keras_midl.convert(
+                model, k_ratio=args.k_ratio, rank=args.rank, seed=seed,
+                layers=[f"conv_{i}" for i in models.MIDL_BLOCKS],
+            )
+        model.compile(optimizer=keras.optimizers.Adam(args.learning_rate),
+                      loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        if epochs:
+            model.fit(x_train, y_train, epochs=epochs,
+                      batch_size=args.batch_size, callbacks=[timer],
+                      verbose=0)
     accuracy = {}
     for where in ("validation", "test"):
         x_eval, y_eval = split[where]
@@ -344,6 +373,23 @@ def run_dataset(name, data, args, progress, on_seed=None):
     return row
 
 
+def check_convert_epochs(args):
+    if not 0 <= args.convert_epochs < args.epochs:
+        raise SystemExit(
+            "--convert-epochs must be in [0, --epochs); received "
+            f"--convert-epochs {args.convert_epochs} with --epochs "
+            f"{args.epochs}"
+        )
+
+
+def recipe(args):
+    """How the MIDL model was trained: `"scratch"` or
+    `"convert_epochs=N"` (`--convert-epochs`)."""
+    if args.convert_epochs > 0:
+        return f"convert_epochs={args.convert_epochs}"
+    return "scratch"
+
+
 def make_row(name, args, split, setup, accuracy, times, loads):
     done = len(accuracy["conv"]["test"])
     macs = setup["multiply_adds"]
@@ -356,6 +402,7 @@ def make_row(name, args, split, setup, accuracy, times, loads):
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,
         "k_ratio": args.k_ratio,
+        "recipe": recipe(args),
         "rank": args.rank,
         "train_examples": int(len(split["train"][1])),
         "validation_examples": int(len(split["validation"][1])),
@@ -427,6 +474,7 @@ def _run_only(function):
 COLUMNS = [
     ("dataset", "Dataset", None),
     ("backend", "Backend", None),
+    (lambda r: r.get("recipe", "scratch"), "MIDL recipe", None),
     (_run_only(lambda r: str(len(r["seeds"]))), "Seeds", None),
     ("epochs", "Epochs", None),
     ("train_examples", "Train examples", ",d"),
@@ -454,6 +502,7 @@ COLUMNS = [
 SEED_COLUMNS = [
     ("dataset", "Dataset", None),
     ("backend", "Backend", None),
+    (lambda r: r.get("recipe", "scratch"), "MIDL recipe", None),
     ("seed", "Seed", None),
     *[(f"{v}_{k}", f"{v} {w}", ".2f") for v in VARIANTS
       for k, w in (("val", "validation"), ("test", "test"))],
@@ -468,7 +517,7 @@ def seed_rows(rows):
             continue
         for index, seed in enumerate(row["seeds"]):
             entry = {"dataset": row["dataset"], "backend": row["backend"],
-                     "seed": seed}
+                     "recipe": row.get("recipe", "scratch"), "seed": seed}
             for variant in VARIANTS:
                 per_seed = row["accuracy_per_seed"][variant]
                 entry[f"{variant}_val"] = 100 * per_seed["validation"][index]
@@ -502,7 +551,7 @@ def paths(args):
 
 
 def row_key(row):
-    return (row["dataset"], row.get("backend"))
+    return (row["dataset"], row.get("backend"), row.get("recipe", "scratch"))
 
 
 def sort_key(row):
@@ -573,6 +622,7 @@ def write(rows, metadata, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_convert_epochs(args)
     metadata = common.environment()
     rows = []
     loaded = {}

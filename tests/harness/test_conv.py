@@ -257,6 +257,38 @@ def test_tiny_run_writes_results(tmp_path, rng):
     assert "not run here" in markdown
 
 
+def test_convert_recipe_trains_conv_then_midl(tmp_path, rng, monkeypatch):
+    """`--convert-epochs 1`: the MIDL model is the conv model trained for
+    `epochs - 1` epochs, converted, then trained 1 epoch; its row is
+    keyed apart from the from-scratch one."""
+    _write_cifar10(tmp_path / "data", rng)
+    output = tmp_path / "out"
+    converted = []
+    convert = conv.keras_midl.convert
+
+    def spy(model, **kwargs):
+        converted.append((model.name, kwargs["layers"]))
+        return convert(model, **kwargs)
+
+    monkeypatch.setattr(conv.keras_midl, "convert", spy)
+    arguments = [
+        "--data-dir", str(tmp_path / "data"), "--datasets", "cifar10",
+        "--seeds", "0", "--epochs", "2", "--batch-size", "32",
+        "--filters", "4", "8", "8", "--train-limit", "32",
+        "--output", str(output),
+    ]
+    conv.main(arguments + ["--convert-epochs", "1"])
+    assert converted == [("conv_cnn_conv", ["conv_1", "conv_2"])]
+    conv.main(arguments)  # from scratch: merged beside it
+    rows = json.loads((output / "conv.json").read_text())["rows"]
+    assert sorted(row["recipe"] for row in rows) == [
+        "convert_epochs=1", "scratch"
+    ]
+    assert "convert_epochs=1" in (output / "conv.md").read_text()
+    with pytest.raises(SystemExit):
+        conv.main(arguments + ["--convert-epochs", "2"])
+
+
 def test_svhn_and_cifar100_load_through_tfds(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     args = conv.parse_args(["--data-dir", str(tmp_path), "--tfds"])
