@@ -711,3 +711,32 @@ def test_model_quantize_skips_the_layer_with_a_warning(rng):
 def test_exported_from_the_package():
     assert "MIDLConv2D" in keras_midl.__all__
     assert keras_midl.MIDLConv2D is MIDLConv2D
+
+
+@pytest.mark.parametrize("inference_path", ["masked", "gathered", "auto"])
+def test_eager_calls_run_one_compiled_function_per_setting(
+    inference_path, rng
+):
+    """On TensorFlow and JAX an eager inference call runs as one compiled
+    function, cached on the layer (op by op, JAX compiled the selection's
+    loop again at every call); the outputs are those of the paths."""
+    layer = MIDLConv2D(8, 3, k_ratio=0.5, inference_path=inference_path)
+    x = rng.normal(size=(1, 6, 6, 3)).astype("float32")
+    layer.build(x.shape)
+    first = ops.convert_to_numpy(layer(x))
+    second = ops.convert_to_numpy(layer(x))
+    np.testing.assert_allclose(first, second)
+    reference = (
+        layer._activate(layer.gathered_outputs(x))
+        if layer.uses_gathered_path(x)
+        else layer.masked_outputs(x, training=False)
+    )
+    np.testing.assert_allclose(
+        first, ops.convert_to_numpy(reference), rtol=1e-5, atol=1e-5
+    )
+    assert len(layer.compiled_calls) == 1
+    layer.k_ratio = 0.25  # a new trace: `k` is one of its constants
+    layer(x)
+    assert len(layer.compiled_calls) == 2
+    compiled = [f for f in layer.compiled_calls.values() if f is not None]
+    assert bool(compiled) == (BACKEND in ("tensorflow", "jax"))

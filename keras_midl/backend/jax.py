@@ -45,9 +45,9 @@ def native_forward(inputs, weights, k, quantize_inputs=True):
     return jnp.asarray(outputs.reshape(*rows.shape[:-1], units))
 
 
-def compile_layer_call(call):
+def compile_layer_call(call, static_shapes=False):
     """`call(trainable, non_trainable, x)` under `jax.jit`: run op by op,
     MIDL's gate (a `fori_loop` for the bisection) costs 10-50x a Dense
-    layer."""
+    layer. Its shapes are always static (one trace per input shape)."""
     return jax.jit(call)
 

@@ -74,12 +74,14 @@ def read_value(value):
     return tf.convert_to_tensor(value)
 
 
-def compile_layer_call(call):
+def compile_layer_call(call, static_shapes=False):
     """`call(trainable, non_trainable, x)` as one `tf.function` (without
     XLA, as Keras's `predict`): run op by op, MIDL's gate costs 10-50x a
     Dense layer. Traced again for a new input shape until the shapes
-    differ, then once for any batch size (`reduce_retracing`)."""
-    return tf.function(call, reduce_retracing=True)
+    differ, then once for any batch size (`reduce_retracing`); with
+    `static_shapes`, once per input shape (a layer whose path depends on
+    the static batch size, as `MIDLConv2D`'s gathered path)."""
+    return tf.function(call, reduce_retracing=not static_shapes)
 
 
 def compiled_selection(select, scores):

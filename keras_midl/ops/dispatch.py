@@ -315,7 +315,7 @@ def inference(layer, inputs):
                 )
                 if outputs is not None:
                     return _activate(layer, outputs)
-        compiled = _compiled_layer_call(layer, module)
+        compiled = compiled_layer_call(layer, module)
         if compiled is not None:
             return compiled(inputs)
     if path == "masked":
@@ -415,9 +415,14 @@ def _call_key(layer):
     )
 
 
-def _compiled_layer_call(layer, module):
+def compiled_layer_call(layer, module=None, static_shapes=False):
     """The layer's inference call as one compiled function, for an eager
-    call on TensorFlow or JAX; `None` elsewhere."""
+    call on TensorFlow or JAX; `None` elsewhere. `layer` is a MIDL or
+    MIDLConv2D layer (it has `compiled_calls`); `module`: the backend
+    module, default the current one; `static_shapes`: trace once per
+    input shape, never for an unknown batch size (see the backends'
+    `compile_layer_call`)."""
+    module = module or backends.current()
     cache = layer.compiled_calls
     key = _call_key(layer)
     if key not in cache:
@@ -439,7 +444,7 @@ def _compiled_layer_call(layer, module):
             call.__defaults__,
             call.__closure__,
         )
-        cache[key] = module.compile_layer_call(call)
+        cache[key] = module.compile_layer_call(call, static_shapes)
     function = cache[key]
     if function is None:
         return None
