@@ -186,22 +186,30 @@ def _assign(variable, value):
     variable.assign(ops.cast(np.asarray(value), variable.dtype))
 
 
-def from_dense(
-    cls, layer, k_ratio=0.5, rank=None, gate_init="lowrank", **kwargs
-):
-    """Implementation of `MIDL.from_dense` (see its docstring)."""
-    check_dense(layer)
+def _check_conversion_arguments(method, kind, taken_from_layer, gate_init,
+                                kwargs):
+    """`gate_init` is one of `GATE_INITS`, and `kwargs` passes none of the
+    arguments `method` takes from the `kind` layer."""
     if gate_init not in GATE_INITS:
         raise ValueError(
             "Received an invalid value for `gate_init`, expected one of "
             f"{GATE_INITS}. Received: gate_init={gate_init!r}"
         )
-    taken = sorted(set(kwargs) & set(_FROM_DENSE))
+    taken = sorted(set(kwargs) & set(taken_from_layer))
     if taken:
         raise ValueError(
-            f"`from_dense` takes {taken} from the Dense layer; do not pass "
+            f"`{method}` takes {taken} from the {kind} layer; do not pass "
             f"them. Received: {', '.join(f'{k}={kwargs[k]!r}' for k in taken)}"
         )
+
+
+def from_dense(
+    cls, layer, k_ratio=0.5, rank=None, gate_init="lowrank", **kwargs
+):
+    """Implementation of `MIDL.from_dense` (see its docstring)."""
+    check_dense(layer)
+    _check_conversion_arguments("from_dense", "Dense", _FROM_DENSE,
+                                gate_init, kwargs)
     kernel = keras.ops.convert_to_numpy(layer.kernel).astype("float64")
     input_dim, units = kernel.shape
     if rank is None:
@@ -300,17 +308,8 @@ def from_conv2d(
 ):
     """Implementation of `MIDLConv2D.from_conv2d` (see its docstring)."""
     check_conv2d(layer)
-    if gate_init not in GATE_INITS:
-        raise ValueError(
-            "Received an invalid value for `gate_init`, expected one of "
-            f"{GATE_INITS}. Received: gate_init={gate_init!r}"
-        )
-    taken = sorted(set(kwargs) & set(_FROM_CONV2D))
-    if taken:
-        raise ValueError(
-            f"`from_conv2d` takes {taken} from the Conv2D layer; do not pass "
-            f"them. Received: {', '.join(f'{k}={kwargs[k]!r}' for k in taken)}"
-        )
+    _check_conversion_arguments("from_conv2d", "Conv2D", _FROM_CONV2D,
+                                gate_init, kwargs)
     kernel = keras.ops.convert_to_numpy(layer.kernel).astype("float64")
     *window, channels, filters = kernel.shape
     patch = math.prod(window) * channels

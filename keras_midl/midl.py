@@ -109,6 +109,59 @@ def _check_k_ratio(k_ratio):
         )
 
 
+def check_gate_arguments(
+    k_ratio,
+    rank,
+    light_path,
+    temperature,
+    gate_noise,
+    balance_weight,
+    selection,
+    inference_path,
+):
+    """Validates the arguments that `MIDL` and `MIDLConv2D` share: a
+    `ValueError` naming the argument and the value received."""
+    _check_k_ratio(k_ratio)
+    if rank is not None and (not is_integer(rank) or rank < 1):
+        raise ValueError(
+            "Received an invalid value for `rank`, expected a positive "
+            f"integer or None. Received: rank={rank!r}"
+        )
+    if light_path not in LIGHT_PATHS:
+        raise ValueError(
+            "Received an invalid value for `light_path`, expected one "
+            f"of {LIGHT_PATHS}. Received: light_path={light_path!r}"
+        )
+    if not is_finite_number(temperature) or not temperature > 0:
+        raise ValueError(
+            "Received an invalid value for `temperature`, expected a "
+            f"positive finite float. Received: temperature={temperature!r}"
+        )
+    if not is_finite_number(gate_noise) or not gate_noise >= 0:
+        raise ValueError(
+            "Received an invalid value for `gate_noise`, expected a "
+            "non-negative finite float. "
+            f"Received: gate_noise={gate_noise!r}"
+        )
+    if not is_finite_number(balance_weight) or not balance_weight >= 0:
+        raise ValueError(
+            "Received an invalid value for `balance_weight`, expected a "
+            "non-negative finite float. "
+            f"Received: balance_weight={balance_weight!r}"
+        )
+    if selection is not None and selection not in SELECTION_METHODS:
+        raise ValueError(
+            "Received an invalid value for `selection`, expected None or "
+            f"one of {SELECTION_METHODS}. Received: selection={selection!r}"
+        )
+    if inference_path not in INFERENCE_PATHS:
+        raise ValueError(
+            "Received an invalid value for `inference_path`, expected one "
+            f"of {INFERENCE_PATHS}. "
+            f"Received: inference_path={inference_path!r}"
+        )
+
+
 @keras.saving.register_keras_serializable(package="keras_midl")
 class MIDL(keras.layers.Layer):
     """Matrix-Interpolated Dropout Layer: a Dense layer with learned top-k
@@ -296,45 +349,16 @@ class MIDL(keras.layers.Layer):
                 "Received an invalid value for `units`, expected a positive "
                 f"integer. Received: units={units!r}"
             )
-        _check_k_ratio(k_ratio)
-        if rank is not None and (not is_integer(rank) or rank < 1):
-            raise ValueError(
-                "Received an invalid value for `rank`, expected a positive "
-                f"integer or None. Received: rank={rank!r}"
-            )
-        if light_path not in LIGHT_PATHS:
-            raise ValueError(
-                "Received an invalid value for `light_path`, expected one "
-                f"of {LIGHT_PATHS}. Received: light_path={light_path!r}"
-            )
-        if not is_finite_number(temperature) or not temperature > 0:
-            raise ValueError(
-                "Received an invalid value for `temperature`, expected a "
-                f"positive finite float. Received: temperature={temperature!r}"
-            )
-        if not is_finite_number(gate_noise) or not gate_noise >= 0:
-            raise ValueError(
-                "Received an invalid value for `gate_noise`, expected a "
-                "non-negative finite float. "
-                f"Received: gate_noise={gate_noise!r}"
-            )
-        if not is_finite_number(balance_weight) or not balance_weight >= 0:
-            raise ValueError(
-                "Received an invalid value for `balance_weight`, expected a "
-                "non-negative finite float. "
-                f"Received: balance_weight={balance_weight!r}"
-            )
-        if selection is not None and selection not in SELECTION_METHODS:
-            raise ValueError(
-                "Received an invalid value for `selection`, expected None or "
-                f"one of {SELECTION_METHODS}. Received: selection={selection!r}"
-            )
-        if inference_path not in INFERENCE_PATHS:
-            raise ValueError(
-                "Received an invalid value for `inference_path`, expected one "
-                f"of {INFERENCE_PATHS}. "
-                f"Received: inference_path={inference_path!r}"
-            )
+        check_gate_arguments(
+            k_ratio,
+            rank,
+            light_path,
+            temperature,
+            gate_noise,
+            balance_weight,
+            selection,
+            inference_path,
+        )
         if lora_rank is not None:
             _check_lora_rank(lora_rank, "lora_rank")
         if lora_alpha is not None:

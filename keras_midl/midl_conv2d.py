@@ -11,21 +11,18 @@ from keras import ops
 from keras import regularizers
 
 from keras_midl import backend
-from keras_midl._checks import is_finite_number
 from keras_midl._checks import is_integer
 from keras_midl.lowrank import default_conv_rank
 from keras_midl.lowrank import from_conv2d
 from keras_midl.midl import _FASTEST_SELECTION
-from keras_midl.midl import INFERENCE_PATHS
-from keras_midl.midl import LIGHT_PATHS
 from keras_midl.midl import TOP_K_MAX_ROWS
 from keras_midl.midl import _check_k_ratio
 from keras_midl.midl import _initializer_for
+from keras_midl.midl import check_gate_arguments
 from keras_midl.midl import num_selected
 from keras_midl.ops import dispatch
 from keras_midl.ops.gathered_conv import gathered_conv
 from keras_midl.ops.gathered_conv import use_gathered_conv
-from keras_midl.ops.selection import SELECTION_METHODS
 from keras_midl.ops.selection import balance_loss
 from keras_midl.ops.selection import straight_through
 from keras_midl.ops.selection import straight_through_mix
@@ -282,45 +279,16 @@ class MIDLConv2D(keras.layers.Layer):
                 f"or one of {DATA_FORMATS}. "
                 f"Received: data_format={data_format!r}"
             )
-        _check_k_ratio(k_ratio)
-        if rank is not None and (not is_integer(rank) or rank < 1):
-            raise ValueError(
-                "Received an invalid value for `rank`, expected a positive "
-                f"integer or None. Received: rank={rank!r}"
-            )
-        if light_path not in LIGHT_PATHS:
-            raise ValueError(
-                "Received an invalid value for `light_path`, expected one "
-                f"of {LIGHT_PATHS}. Received: light_path={light_path!r}"
-            )
-        if not is_finite_number(temperature) or not temperature > 0:
-            raise ValueError(
-                "Received an invalid value for `temperature`, expected a "
-                f"positive finite float. Received: temperature={temperature!r}"
-            )
-        if not is_finite_number(gate_noise) or not gate_noise >= 0:
-            raise ValueError(
-                "Received an invalid value for `gate_noise`, expected a "
-                "non-negative finite float. "
-                f"Received: gate_noise={gate_noise!r}"
-            )
-        if not is_finite_number(balance_weight) or not balance_weight >= 0:
-            raise ValueError(
-                "Received an invalid value for `balance_weight`, expected a "
-                "non-negative finite float. "
-                f"Received: balance_weight={balance_weight!r}"
-            )
-        if selection is not None and selection not in SELECTION_METHODS:
-            raise ValueError(
-                "Received an invalid value for `selection`, expected None or "
-                f"one of {SELECTION_METHODS}. Received: selection={selection!r}"
-            )
-        if inference_path not in INFERENCE_PATHS:
-            raise ValueError(
-                "Received an invalid value for `inference_path`, expected one "
-                f"of {INFERENCE_PATHS}. "
-                f"Received: inference_path={inference_path!r}"
-            )
+        check_gate_arguments(
+            k_ratio,
+            rank,
+            light_path,
+            temperature,
+            gate_noise,
+            balance_weight,
+            selection,
+            inference_path,
+        )
         if k_multiple is not None and (
             not is_integer(k_multiple) or k_multiple < 1
         ):
