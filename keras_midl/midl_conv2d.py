@@ -180,9 +180,10 @@ class MIDLConv2D(keras.layers.Layer):
             example convolved with its `k` selected filters only
             (`keras_midl.ops.gathered_conv`), for a static batch size of
             at most `GATHERED_CONV_MAX_UNROLL` examples; masked otherwise.
-            `"auto"`: gathered for a static batch size of at most
-            `GATHERED_CONV_MAX_ROWS`, masked otherwise
-            (`keras_midl.ops.gathered_conv.use_gathered_conv`).
+            `"auto"`: gathered where that was measured faster than masked
+            (`keras_midl.ops.gathered_conv.use_gathered_conv`: one
+            example, PyTorch from 256 filters, JAX from 512, never on
+            TensorFlow), masked otherwise.
         k_multiple: Optional positive integer: `k` is rounded up to a
             multiple of it (at most `filters`), for hardware that
             computes channels in groups.
@@ -560,7 +561,9 @@ class MIDLConv2D(keras.layers.Layer):
         `inference_path` and the static batch size."""
         if training or backend.current().exporting():
             return False
-        return use_gathered_conv(self.inference_path, inputs.shape[0])
+        return use_gathered_conv(
+            self.inference_path, inputs.shape[0], filters=self.filters
+        )
 
     def call(self, inputs, training=None):
         if not training:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_midl.ops.gathered_conv import GATHERED_CONV_MAX_ROWS
+from keras_midl.ops.gathered_conv import GATHERED_CONV_AUTO_RULES
 from keras_midl.ops.gathered_conv import GATHERED_CONV_MAX_UNROLL
 from keras_midl.ops.gathered_conv import channel_index
 from keras_midl.ops.gathered_conv import gathered_conv
@@ -22,14 +22,10 @@ def to_numpy(x):
     "path, batch_size, expected",
     [
         ("masked", 1, False),
-        ("auto", None, False),
-        ("auto", "batch", False),  # a symbolic size
-        ("auto", 0, False),
-        ("auto", 1, True),
-        ("auto", GATHERED_CONV_MAX_ROWS, True),
-        ("auto", GATHERED_CONV_MAX_ROWS + 1, False),
-        ("auto", 32, False),
         ("gathered", None, False),
+        ("gathered", "batch", False),  # a symbolic size
+        ("gathered", 0, False),
+        ("gathered", 1, True),
         ("gathered", 32, GATHERED_CONV_MAX_UNROLL >= 32),
         ("gathered", GATHERED_CONV_MAX_UNROLL, True),
         ("gathered", GATHERED_CONV_MAX_UNROLL + 1, False),
@@ -37,6 +33,27 @@ def to_numpy(x):
 )
 def test_use_gathered_conv(path, batch_size, expected):
     assert use_gathered_conv(path, batch_size) is expected
+
+
+@pytest.mark.parametrize(
+    "backend, filters, batch_size, expected",
+    [
+        ("torch", 256, 1, True),
+        ("torch", 255, 1, False),
+        ("torch", 512, 2, False),
+        ("torch", 512, None, False),
+        ("jax", 512, 1, True),
+        ("jax", 256, 1, False),
+        ("tensorflow", 4096, 1, False),
+    ],
+)
+def test_auto_follows_the_measured_rules(
+    backend, filters, batch_size, expected
+):
+    assert set(GATHERED_CONV_AUTO_RULES) == {"torch", "jax"}
+    assert (
+        use_gathered_conv("auto", batch_size, filters, backend) is expected
+    )
 
 
 def test_channel_index():

@@ -17,7 +17,7 @@ import keras_midl
 from keras_midl import MIDLConv2D
 from keras_midl import midl_conv2d
 from keras_midl.lowrank import default_conv_rank
-from keras_midl.ops.gathered_conv import GATHERED_CONV_MAX_ROWS
+from keras_midl.ops import gathered_conv as gathered_conv_module
 from keras_midl.ops.selection import balance_loss
 
 FORMATS = ["channels_last", "channels_first"]
@@ -349,11 +349,26 @@ def gathered_calls(monkeypatch):
     return calls
 
 
-def test_auto_gathers_small_static_batches_only(gathered_calls, rng):
+MAX_ROWS = 4
+
+
+@pytest.fixture
+def auto_rule(monkeypatch):
+    """`auto` gathers up to `MAX_ROWS` examples of any layer here."""
+    monkeypatch.setitem(
+        gathered_conv_module.GATHERED_CONV_AUTO_RULES,
+        BACKEND,
+        gathered_conv_module.ConvAutoRule(max_rows=MAX_ROWS, min_filters=1),
+    )
+
+
+def test_auto_gathers_small_static_batches_only(
+    auto_rule, gathered_calls, rng
+):
     layer = MIDLConv2D(8, 3, k_ratio=0.5, inference_path="auto")
-    for batch in (1, GATHERED_CONV_MAX_ROWS, GATHERED_CONV_MAX_ROWS + 1, 32):
+    for batch in (1, MAX_ROWS, MAX_ROWS + 1, 32):
         layer(rng.normal(size=(batch, 6, 6, 3)).astype("float32"))
-    assert gathered_calls == [1, GATHERED_CONV_MAX_ROWS]
+    assert gathered_calls == [1, MAX_ROWS]
     # Unknown batch size (a symbolic call): masked.
     del gathered_calls[:]
     model = keras.Sequential([keras.Input((6, 6, 3)), layer])
@@ -372,7 +387,7 @@ def test_masked_never_gathers(gathered_calls, rng):
     assert gathered_calls == []
 
 
-def test_auto_and_gathered_predict_match_masked(rng):
+def test_auto_and_gathered_predict_match_masked(auto_rule, rng):
     x = rng.normal(size=(5, 6, 6, 3)).astype("float32")
     outputs = {}
     for path in ("masked", "auto", "gathered"):

@@ -26,42 +26,69 @@ Examples are looped over in Python (each its own convolution), so the
 batch size must be static and small: `use_gathered_conv` is the rule.
 """
 
+import typing
+
+import keras
 from keras import ops
 
 from keras_midl import backend as backends
 from keras_midl._checks import is_integer
 from keras_midl.ops.gathered import selected_indices
 
-# `inference_path="auto"` gathers up to this many examples (a static
-# batch size), the masked path above. A first guess, to be measured.
-GATHERED_CONV_MAX_ROWS = 4
+
+
+class ConvAutoRule(typing.NamedTuple):
+    """Where `inference_path="auto"` gathers, for one backend: a static
+    batch of `1 <= rows <= max_rows` examples, layers of at least
+    `min_filters` filters; masked otherwise."""
+
+    max_rows: int
+    min_filters: int
+
+
+# Where the gathered path beat the masked one in an eager call
+# (`model(x)`, one thread, batch 1, 3x3 convs, k_ratio 0.45, padding
+# same; masked / gathered time): PyTorch 1.09 at 16x16, 256 -> 256 and
+# 1.69 at 8x8, 512 -> 512 (1.01 at 32x32, 128 -> 128; 0.86 at 64 -> 64);
+# JAX 1.42 at 8x8, 512 -> 512 (0.69-0.96 below); TensorFlow never
+# (0.79-0.94). Only batch 1 was measured. See
+# benchmarks/results/latency_conv/latency_conv.md for both against Conv2D.
+GATHERED_CONV_AUTO_RULES = {
+    "torch": ConvAutoRule(max_rows=1, min_filters=256),
+    "jax": ConvAutoRule(max_rows=1, min_filters=512),
+}
 # `inference_path="gathered"` gathers up to this many examples: the loop
 # over the examples is unrolled into the trace, one convolution each.
 GATHERED_CONV_MAX_UNROLL = 16
 
 
-def use_gathered_conv(inference_path, batch_size):
+def use_gathered_conv(inference_path, batch_size, filters=0, backend=None):
     """Whether a `MIDLConv2D` inference call takes the gathered path.
 
     `"masked"`: never. `"gathered"`: for a static batch size of 1 to
     `GATHERED_CONV_MAX_UNROLL` examples (the examples are looped over in
-    Python, each convolved alone). `"auto"`: for a static batch size of 1
-    to `GATHERED_CONV_MAX_ROWS` (the small batches where one convolution
-    per example of `k` filters should beat one of all `filters`). A batch
-    size unknown while tracing (`None`, or a symbolic size as in JAX's
-    shape-polymorphic export) or empty takes the masked path.
+    Python, each convolved alone). `"auto"`: where
+    `GATHERED_CONV_AUTO_RULES` says the gathered path was measured faster
+    than the masked one (PyTorch from 256 filters, JAX from 512, one
+    example; never on TensorFlow). A batch size unknown while tracing
+    (`None`, or a symbolic size as in JAX's shape-polymorphic export) or
+    empty takes the masked path.
 
     Example:
 
     >>> from keras_midl.ops.gathered_conv import use_gathered_conv
-    >>> use_gathered_conv("auto", 1), use_gathered_conv("auto", 32)
-    (True, False)
+    >>> use_gathered_conv("auto", 1, filters=512, backend="torch")
+    True
+    >>> use_gathered_conv("auto", 1, filters=64, backend="torch")
+    False
     >>> use_gathered_conv("gathered", None)
     False
 
     Args:
         inference_path: `"auto"`, `"masked"` or `"gathered"`.
         batch_size: Python int, or `None` when not known statically.
+        filters: The layer's `filters` (for `"auto"`).
+        backend: Backend name; default the current one.
 
     Returns:
         Python bool.
@@ -70,7 +97,14 @@ def use_gathered_conv(inference_path, batch_size):
         # `None`, or a symbolic size (JAX's shape-polymorphic export).
         return False
     if inference_path == "auto":
-        return 1 <= batch_size <= GATHERED_CONV_MAX_ROWS
+        rule = GATHERED_CONV_AUTO_RULES.get(
+            backend or keras.backend.backend()
+        )
+        return (
+            rule is not None
+            and 1 <= batch_size <= rule.max_rows
+            and filters >= rule.min_filters
+        )
     return 1 <= batch_size <= GATHERED_CONV_MAX_UNROLL
 
 
