@@ -40,9 +40,8 @@ def native_forward(inputs, weights, k, quantize_inputs=True):
     (`tf.convert_to_tensor`), and `np.asarray` of that tensor is a view
     of its buffer: no copy (`np.asarray` of the variable itself, and
     `tensor.numpy()`, copy: 1.7-2.4 ms for a 4096 x 4096 int8 kernel
-    here). Before, the call ran a private
-    `tf.function` around a `tf.numpy_function`, whose dispatch alone took
-    about 0.45 ms.
+    here). Before, the call ran a private `tf.function` around a
+    `tf.numpy_function`, whose dispatch alone took about 0.45 ms.
     """
     if not _computes_on_cpu() or not generic.native_dtypes(
         weights, lambda w: w.dtype == tf.float32, lambda w: w.dtype == tf.int8

@@ -113,10 +113,13 @@ TRACED_AUTO_RULES = {
     "jax": AutoRule(max_rows=2, min_weights=2048 * 2048, max_k_ratio=0.25),
 }
 # The same for int8 layers, whose masked path inside a trace runs a matmul
-# of the whole dequantized kernel (benchmarks/latency_int8.py, traced
-# `predict_on_batch`, k_ratio 0.45; 4096 x 4096: JAX gathered 4.4-10 ms
-# against masked 19-23 ms at 1-4 rows, TensorFlow 5.0 against 8.2 ms at
-# one row and 15 against 9 ms at four; at 1024 x 1024 within noise).
+# of the whole dequantized kernel. Measured with traced `predict_on_batch`
+# of one-layer models, k_ratio 0.45, in a side-by-side comparison at a
+# load average near 2 (ratios of 2-5x, not small differences): at 4096 x
+# 4096, JAX gathered 4.4-10 ms against masked 19-23 ms at 1-4 rows,
+# TensorFlow 5.0 against 8.2 ms at one row and 15 against 9 ms at four;
+# at 1024 x 1024 within noise. Current timings:
+# benchmarks/results/latency/latency_int8.md.
 TRACED_INT8_AUTO_RULES = {
     "tensorflow": AutoRule(
         max_rows=1, min_weights=4096 * 4096, max_k_ratio=0.45

@@ -36,7 +36,6 @@ from keras_midl._checks import is_integer
 from keras_midl.ops.gathered import selected_indices
 
 
-
 class ConvAutoRule(typing.NamedTuple):
     """Where `inference_path="auto"` gathers, for one backend: a static
     batch of `1 <= rows <= max_rows` examples, layers of at least
