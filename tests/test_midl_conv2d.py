@@ -3,6 +3,9 @@ the gate, the masked, gathered and auto paths, training, mixed precision,
 arguments, serialization, cost and quantization)."""
 
 import inspect
+import os
+import subprocess
+import sys
 import warnings
 
 import keras
@@ -755,3 +758,54 @@ def test_eager_calls_run_one_compiled_function_per_setting(
     assert len(layer.compiled_calls) == 2
     compiled = [f for f in layer.compiled_calls.values() if f is not None]
     assert bool(compiled) == (BACKEND in ("tensorflow", "jax"))
+
+
+_PREDICT_ON_ANOTHER_BACKEND = """
+import sys
+
+import keras
+import numpy as np
+
+import keras_midl  # noqa: F401  (registers the layers)
+
+assert keras.backend.backend() == sys.argv[1]
+model = keras.saving.load_model(sys.argv[2])
+np.save(sys.argv[4], model.predict(np.load(sys.argv[3]), verbose=0))
+"""
+
+
+@pytest.mark.parametrize(
+    "other", [b for b in ("tensorflow", "jax", "torch") if b != BACKEND]
+)
+def test_a_saved_model_predicts_the_same_on_another_backend(
+    other, tmp_path, rng
+):
+    """`.keras` files are backend-neutral: saved here, loaded and run in a
+    process of another backend."""
+    model = keras.Sequential([
+        keras.Input((6, 6, 3)),
+        MIDLConv2D(8, 3, k_ratio=0.5, padding="same", activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+    ])
+    x = rng.normal(size=(3, 6, 6, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    model.save(tmp_path / "model.keras")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _PREDICT_ON_ANOTHER_BACKEND,
+            other,
+            str(tmp_path / "model.keras"),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+        ],
+        env={**os.environ, "KERAS_BACKEND": other, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    np.testing.assert_allclose(
+        np.load(tmp_path / "y.npy"), model.predict(x, verbose=0), atol=1e-5
+    )
