@@ -33,8 +33,8 @@
  * (more accumulators than AVX2 has registers).
  *
  * Built by keras_midl/native/build.py with the system C compiler; with
- * AVX2 and FMA (and AVX-512 VNNI for the int8 sums) where the CPU has them,
- * portable C otherwise.
+ * AVX2 and FMA (and AVX-512 VNNI for the int8 sums, MIDL_AVX512_VNNI)
+ * where the CPU has them, portable C otherwise.
  */
 #include <float.h>
 #include <math.h>
@@ -128,8 +128,11 @@ static void dots(const float *const r[GROUP], const float *x, int64_t dim,
  *   Keras's int8 path, up to float rounding in the division;
  * - float inputs (a quantization config without an input quantizer):
  *   the int8 weights are converted to float in registers. */
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-/* AVX-512 VNNI (`-mavx512vnni`, where the CPU has it): `dpbusd` sums four
+#if defined(MIDL_AVX512_VNNI) && defined(__AVX2__) && \
+    (defined(__GNUC__) || defined(__clang__))
+/* AVX-512 VNNI (build.py defines MIDL_AVX512_VNNI where the CPU has it;
+ * only this function is compiled for AVX-512, through its `target`
+ * attribute, so the float paths keep their AVX2 code): `dpbusd` sums four
  * unsigned-by-signed byte products into each int32 lane, 64 bytes per
  * instruction. The inputs are offset to unsigned, u = xq + 128 (in `ax`),
  * and the offset's share, 128 * sum_i w[i], is subtracted by a second
@@ -141,6 +144,7 @@ static void dots(const float *const r[GROUP], const float *x, int64_t dim,
 #define QBLOCK 64
 #define QDOT_OFFSET 1
 
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
 static void qdot_group(const int8_t *const r[GROUP], const int8_t *xq,
                        const int8_t *ax, int64_t blocked,
                        int32_t out[GROUP]) {
