@@ -186,6 +186,23 @@ def _assign(variable, value):
     variable.assign(ops.cast(np.asarray(value), variable.dtype))
 
 
+def _copied_arguments(layer):
+    """The arguments a converted layer takes from its `Dense` or `Conv2D`
+    layer besides the shape: activation, bias use, initializers,
+    regularizers and constraints."""
+    return {
+        "activation": layer.activation,
+        "use_bias": layer.use_bias,
+        "kernel_initializer": layer.kernel_initializer,
+        "bias_initializer": layer.bias_initializer,
+        "kernel_regularizer": layer.kernel_regularizer,
+        "bias_regularizer": layer.bias_regularizer,
+        "activity_regularizer": layer.activity_regularizer,
+        "kernel_constraint": layer.kernel_constraint,
+        "bias_constraint": layer.bias_constraint,
+    }
+
+
 def _check_conversion_arguments(method, kind, taken_from_layer, gate_init,
                                 kwargs):
     """`gate_init` is one of `GATE_INITS`, and `kwargs` passes none of the
@@ -226,15 +243,7 @@ def from_dense(
         units,
         k_ratio=k_ratio,
         rank=rank,
-        activation=layer.activation,
-        use_bias=layer.use_bias,
-        kernel_initializer=layer.kernel_initializer,
-        bias_initializer=layer.bias_initializer,
-        kernel_regularizer=layer.kernel_regularizer,
-        bias_regularizer=layer.bias_regularizer,
-        activity_regularizer=layer.activity_regularizer,
-        kernel_constraint=layer.kernel_constraint,
-        bias_constraint=layer.bias_constraint,
+        **_copied_arguments(layer),
         **kwargs,
     )
     midl.build((None, input_dim))
@@ -332,15 +341,7 @@ def from_conv2d(
         padding=layer.padding,
         data_format=layer.data_format,
         dilation_rate=layer.dilation_rate,
-        activation=layer.activation,
-        use_bias=layer.use_bias,
-        kernel_initializer=layer.kernel_initializer,
-        bias_initializer=layer.bias_initializer,
-        kernel_regularizer=layer.kernel_regularizer,
-        bias_regularizer=layer.bias_regularizer,
-        activity_regularizer=layer.activity_regularizer,
-        kernel_constraint=layer.kernel_constraint,
-        bias_constraint=layer.bias_constraint,
+        **_copied_arguments(layer),
         **kwargs,
     )
     if layer.data_format == "channels_last":
