@@ -7,10 +7,17 @@ process) this measures, interleaved in one run after warm-up:
   `keras_midl.ops.selection.SELECTION_METHODS`, against the full-path matmul
   `x @ W` of the same layer (what Dense computes), for a few layer shapes;
   the selection's cost is reported as a fraction of that matmul;
+* `native`: the C selection (`keras_midl.native.kernels.topk_mask`, the
+  same mask) as training runs it where it runs: eager on PyTorch, a
+  `tf.numpy_function` in a `tf.function` without XLA on TensorFlow (as
+  Keras's `fit` on a CPU); JAX has no such row;
 * the training-step time of an MLP 784-512-256-10 with MIDL hidden layers
   (`k_ratio=0.45`), per method, against the same MLP with Dense layers,
   at batch 128 (`train_on_batch` with Keras's default compilation: XLA
   on JAX; on a CPU-only machine no XLA on TensorFlow, eager on PyTorch).
+  Where the native selection runs in training (PyTorch, TensorFlow
+  without XLA) every method's MIDL trains with it: their rows differ by
+  noise only.
 
 Each backend runs with `--threads` threads (default 1: the machine these
 results come from has 2 cores shared with other jobs). The selection and
@@ -68,6 +75,25 @@ def compiled(fn):
     raise NotImplementedError(backend)
 
 
+def native_selection(k):
+    """The C selection as a training step calls it, or `None` where it
+    does not run (JAX, or the library not built)."""
+    import keras
+
+    from keras_midl import native
+    from keras_midl.ops import dispatch
+
+    backend = keras.backend.backend()
+    if backend not in ("tensorflow", "torch") or not native.available():
+        return None
+    select = lambda s: dispatch.training_topk_mask(s, k, "top_k")  # noqa: E731
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(select)
+    return select
+
+
 def selection_rows(repeats):
     rows = []
     for batch, input_dim, units in SHAPES:
@@ -96,6 +122,11 @@ def measure_selection(batch, input_dim, units, repeats):
     for method in SELECTION_METHODS:
         select = compiled(lambda s, m=method: topk_mask(s, k, method=m))
         candidates[method] = lambda select=select: select(scores)
+    methods = list(SELECTION_METHODS)
+    native = native_selection(k)
+    if native is not None:
+        candidates["native"] = lambda: native(scores)
+        methods.append("native")
     medians = common.interleaved_medians(candidates, warmup=2, repeats=repeats)
     return [
         {
@@ -110,7 +141,7 @@ def measure_selection(batch, input_dim, units, repeats):
             "matmul_ms": medians["matmul"] * 1e3,
             "fraction_of_matmul": medians[method] / medians["matmul"],
         }
-        for method in SELECTION_METHODS
+        for method in methods
     ]
 
 

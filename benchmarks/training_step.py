@@ -39,6 +39,12 @@ means the same on every backend):
   remains over Dense is the gate and light-path matmuls, their gradients
   and the optimizer's updates of their weights.
 
+`--jit-compile` compiles the training steps with `jit_compile=True`,
+Dense's and MIDL's alike (XLA on TensorFlow, which Keras does not use
+on a CPU by default; `torch.compile` on PyTorch; JAX's steps are
+XLA-compiled either way), and times the training steps only: what a
+user gets from that one switch. Results go to `<name>_jit` files.
+
 The 1-minute load average is read before and after each backend's
 timings. A timing is evidence only if both readings are below 1 plus the
 benchmark's own threads (its busy thread counts in the load average);
@@ -48,6 +54,7 @@ Usage:
 
     python -m benchmarks.training_step --profile
     python -m benchmarks.training_step --backends jax --repeats 5
+    python -m benchmarks.training_step --jit-compile
 """
 
 import argparse
@@ -75,6 +82,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="add the ablation variants of the MIDL step")
+    parser.add_argument("--jit-compile", action="store_true",
+                        help="compile the training steps with "
+                        "jit_compile=True (training rows only)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--name", default="training_step",
                         help="stem of the result files")
@@ -160,7 +170,7 @@ def timed_rows(calls, args, **labels):
     ]
 
 
-def mlp(hidden, layer_class=None):
+def mlp(hidden, layer_class=None, jit_compile="auto"):
     """An MLP 784-hidden-10; `layer_class=None` is Dense."""
     import keras
 
@@ -179,6 +189,7 @@ def mlp(hidden, layer_class=None):
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
     )
     return model
 
@@ -202,7 +213,11 @@ def training_rows(args):
         }
         if args.profile and hidden == MLPS[0][0]:
             variants.update(profile_layers())
-        models = {name: mlp(hidden, cls) for name, cls in variants.items()}
+        jit_compile = True if args.jit_compile else "auto"
+        models = {
+            name: mlp(hidden, cls, jit_compile)
+            for name, cls in variants.items()
+        }
         calls = {
             name: (lambda m=model, x=x, y=y: m.train_on_batch(x, y))
             for name, model in models.items()
@@ -210,7 +225,8 @@ def training_rows(args):
         rows += timed_rows(
             calls,
             args,
-            case="train_on_batch",
+            case="train_on_batch, jit_compile" if args.jit_compile
+            else "train_on_batch",
             model="MLP 784-" + "-".join(map(str, hidden)) + "-10",
             batch=batch,
         )
@@ -248,7 +264,9 @@ def inference_rows(args):
 
 
 def child(args):
-    rows = training_rows(args) + inference_rows(args)
+    rows = training_rows(args)
+    if not args.jit_compile:
+        rows += inference_rows(args)
     metadata = common.environment()
     with open(args.child, "w") as file:
         json.dump({"metadata": metadata, "rows": rows}, file)
@@ -262,6 +280,8 @@ def run_children(args):
                 str(args.repeats), "--warmup", str(args.warmup)]
     if args.profile:
         settings.append("--profile")
+    if args.jit_compile:
+        settings.append("--jit-compile")
     return common.run_backends(
         "benchmarks.training_step", args.backends, settings, args.threads
     )
@@ -269,6 +289,7 @@ def run_children(args):
 
 TARGETS = {
     ("train_on_batch", "MLP 784-1024-1024-10"): 1.3,
+    ("train_on_batch, jit_compile", "MLP 784-1024-1024-10"): 1.3,
     ("train_on_batch", "MLP 784-512-256-10"): 1.5,
     ("inference (masked)", "one 4096 -> 4096 layer"): 1.15,
 }
@@ -325,11 +346,13 @@ def main(argv=None):
         backend: output["metadata"] for backend, output in outputs.items()
     }
     rows = finish_rows(outputs, args.threads)
-    stem = common.output_path(args.output, args.name)
+    name = args.name + ("_jit" if args.jit_compile else "")
+    stem = common.output_path(args.output, name)
     common.write_json(stem + ".json", rows, metadata,
                       settings={"threads": args.threads,
                                 "repeats": args.repeats,
                                 "warmup": args.warmup,
+                                "jit_compile": args.jit_compile,
                                 "k_ratio": K_RATIO})
     notes = [
         f"{args.repeats} interleaved rounds after {args.warmup} warm-up "

@@ -22,8 +22,6 @@ from keras_midl.ops import dispatch
 from keras_midl.ops.selection import SELECTION_METHODS
 from keras_midl.ops.selection import balance_loss
 from keras_midl.ops.selection import straight_through
-from keras_midl.ops.selection import straight_through_mix
-from keras_midl.ops.selection import topk_mask
 
 LIGHT_PATHS = ("lowrank", "zero")
 # Outside training on TensorFlow, `top_k` selects up to this many rows
@@ -262,7 +260,10 @@ class MIDL(keras.layers.Layer):
         selection: How the top-k mask is found: `"top_k"` or
             `"bisection"`; both give the same mask (see
             `keras_midl.ops.topk_mask`). `None` picks the faster one
-            for the current backend.
+            for the current backend. Where the native kernel runs on a
+            CPU (eager PyTorch, `torch.compile`, eager TensorFlow and
+            its training graphs without XLA) the mask comes from its C
+            selection instead, the same mask bit for bit.
         inference_path: How the full path is computed outside training
             (training always uses the masked path); all give the same
             outputs up to float rounding. `"masked"`: one matmul `x W` for
@@ -617,6 +618,8 @@ class MIDL(keras.layers.Layer):
 
     def _gate_probabilities(self, logits):
         """`sigmoid(s / temperature)`, whose gradient the mask takes."""
+        if self.temperature == 1.0:  # the same values, one pass fewer
+            return ops.sigmoid(logits)
         return ops.sigmoid(logits / self.temperature)
 
     def _select(self, logits, training):
@@ -630,7 +633,7 @@ class MIDL(keras.layers.Layer):
             return dispatch.training_topk_mask(
                 scores, self.k, self.selection_method
             )
-        return topk_mask(
+        return dispatch.inference_topk_mask(
             scores,
             self.k,
             method=self.inference_selection_method(
@@ -718,8 +721,8 @@ class MIDL(keras.layers.Layer):
             gate = ops.cast(straight_through(mask, soft), self.compute_dtype)
             outputs = gate * full
             return outputs if light is None else outputs + (1 - gate) * light
-        return straight_through_mix(
-            mask, logits, full, light, temperature=self.temperature
+        return dispatch.straight_through_mix(
+            mask, logits, full, light, self.temperature
         )
 
     def _balance_loss(self, mask, logits):

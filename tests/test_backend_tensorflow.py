@@ -1,7 +1,8 @@
 """`keras_midl.backend.tensorflow`: the native kernel in eager calls only,
 eager calls compiled as one `tf.function`, `"auto"` inside Keras's
-`predict` once its batch size is relaxed, the training selection compiled
-with XLA, and the gathered path in a SavedModel."""
+`predict` once its batch size is relaxed, the training selection in C
+(a `tf.numpy_function` in training graphs without XLA) or compiled with
+XLA, and the gathered path in a SavedModel."""
 
 import logging
 import os
@@ -313,8 +314,17 @@ def _scores(rng):
     return scores
 
 
+@pytest.fixture
+def without_native(monkeypatch):
+    """The native library not built (as where it cannot be): the training
+    selection is the XLA-compiled one."""
+    from keras_midl.native import build
+
+    monkeypatch.setattr(build, "_state", {"library": None})
+
+
 def test_one_xla_function_per_selection_and_signature(
-    tf_backend, monkeypatch, rng
+    tf_backend, without_native, monkeypatch, rng
 ):
     monkeypatch.setattr(tf_backend, "_selections", {})
     scores = _scores(rng)
@@ -344,14 +354,79 @@ def test_xla_selection_can_be_turned_off(tf_backend, monkeypatch, rng):
     assert not tf_backend._selections
 
 
-def test_xla_selection_in_fit(tf_backend, monkeypatch, rng):
-    """`fit` (a graph without XLA) calls the XLA-compiled selection."""
+def test_xla_selection_in_fit(tf_backend, without_native, monkeypatch, rng):
+    """`fit` (a graph without XLA) calls the XLA-compiled selection where
+    the native kernel is not built."""
     monkeypatch.setattr(tf_backend, "_selections", {})
     model = keras.Sequential([keras.Input((INPUT_DIM,)), MIDL(UNITS)])
     model.compile(loss="mse", optimizer="sgd")
     x = rng.normal(size=(4, INPUT_DIM)).astype("float32")
     model.fit(x, np.zeros((4, UNITS), "float32"), verbose=0)
     assert tf_backend._selections
+
+
+# --- The training selection (native) --------------------------------------
+
+
+@pytest.fixture
+def selection_calls(monkeypatch):
+    """Records the native selection's calls; skips where the library is
+    not built here."""
+    from keras_midl.native import build
+    from keras_midl.native import kernels
+
+    if build.library() is None:
+        pytest.skip("the native kernel could not be built here")
+    calls = []
+    original = kernels.topk_mask
+
+    def spy(scores, k):
+        calls.append(scores.shape)
+        return original(scores, k)
+
+    monkeypatch.setattr(kernels, "topk_mask", spy)
+    return calls
+
+
+def test_native_selection_equals_topk_mask(selection_calls, rng):
+    """Eager and in a training graph: the C selection, bit for bit."""
+    import tensorflow as tf
+
+    scores = _scores(rng)
+    want = as_numpy(topk_mask(scores, 9, method="top_k"))
+    eager = dispatch.training_topk_mask(scores, 9, "bisection")
+    graph = tf.function(
+        lambda s: dispatch.training_topk_mask(s, 9, "bisection")
+    )(scores)
+    assert len(selection_calls) == 2
+    np.testing.assert_array_equal(as_numpy(eager), want)
+    np.testing.assert_array_equal(as_numpy(graph), want)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_native_selection_in_fit_but_not_under_xla(
+    jit_compile, tf_backend, selection_calls, monkeypatch, rng
+):
+    """`fit` without XLA (Keras's default on a CPU) runs the C selection
+    as a `tf.numpy_function`; with `jit_compile=True` XLA, which cannot
+    compile a Python call, compiles the `keras.ops` selection."""
+    monkeypatch.setattr(tf_backend, "_selections", {})
+    model = keras.Sequential([keras.Input((INPUT_DIM,)), MIDL(UNITS)])
+    model.compile(loss="mse", optimizer="sgd", jit_compile=jit_compile)
+    x = rng.normal(size=(4, INPUT_DIM)).astype("float32")
+    history = model.fit(x, np.zeros((4, UNITS), "float32"), verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert bool(selection_calls) == (not jit_compile)
+
+
+def test_no_native_selection_in_an_inference_graph(selection_calls, rng):
+    """`predict` and the exports trace `training=False`: no Python call in
+    their graphs."""
+    model = keras.Sequential(
+        [keras.Input((INPUT_DIM,)), MIDL(UNITS, inference_path="masked")]
+    )
+    model.predict(rng.normal(size=(4, INPUT_DIM)).astype("float32"), verbose=0)
+    assert not selection_calls
 
 
 # --- SavedModel ---------------------------------------------------------------

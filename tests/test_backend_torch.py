@@ -427,3 +427,145 @@ def test_select_gather_reads_a_bias_that_outlives_the_call(
         outputs.gather(1, chosen).numpy(), want.numpy(), rtol=1e-5,
         atol=1e-5,
     )
+
+
+# --- The training selection and mix in C ------------------------------------
+
+
+@pytest.fixture
+def training_calls(monkeypatch):
+    """Records the calls of the native training kernels; skips where the
+    library is not built here."""
+    from keras_midl.native import kernels
+
+    if build.library() is None:
+        pytest.skip("the native kernel could not be built here")
+    calls = []
+    for name in ("topk_mask_pointers", "mix_pointers", "mix_backward_pointers"):
+        original = getattr(kernels, name)
+
+        def spy(*args, original=original, name=name):
+            calls.append(name)
+            return original(*args)
+
+        monkeypatch.setattr(kernels, name, spy)
+    return calls
+
+
+def _training_gradients(layer, x, seed):
+
+    for variable in layer.trainable_variables:
+        variable.value.grad = None
+    outputs = layer(_tensor(x), training=True)
+    (outputs * seed).sum().backward()
+    return [as_numpy(outputs)] + [
+        variable.value.grad.numpy().copy()
+        for variable in layer.trainable_variables
+    ]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("light_path", ["lowrank", "zero"])
+def test_native_training_step_equals_the_keras_ops_path(
+    temperature, light_path, training_calls, monkeypatch, rng
+):
+    """A training call runs the C selection and mix (forward and
+    backward); its outputs equal the `keras.ops` path's bit for bit, its
+    gradients to float32 rounding."""
+    layer = MIDL(
+        UNITS,
+        k_ratio=0.4,
+        rank=3,
+        temperature=temperature,
+        light_path=light_path,
+        gate_noise=0.0,
+        activation="relu",
+    )
+    x = rng.normal(size=(6, INPUT_DIM)).astype("float32")
+    x[0] = 0.0  # a row of tied logits (the gate bias only)
+    layer.build(x.shape)
+    seed = _tensor(rng.normal(size=(6, UNITS)).astype("float32"))
+    native_results = _training_gradients(layer, x, seed)
+    assert sorted(set(training_calls)) == [
+        "mix_backward_pointers", "mix_pointers", "topk_mask_pointers"
+    ]
+    monkeypatch.setattr(config, "_enabled", False)
+    reference = _training_gradients(layer, x, seed)
+    np.testing.assert_array_equal(native_results[0], reference[0])
+    for native, want in zip(native_results[1:], reference[1:]):
+        np.testing.assert_allclose(native, want, rtol=1e-5, atol=1e-6)
+
+
+def test_no_native_training_kernel_where_torch_jit_traces(
+    training_calls, rng
+):
+    """`torch.jit.trace` (the ONNX exporter) records torch ops: ONNX has
+    no operator for the C calls."""
+    import torch
+
+    layer = MIDL(UNITS, k_ratio=0.4, inference_path="masked")
+    x = _tensor(rng.normal(size=(3, INPUT_DIM)).astype("float32"))
+    layer(x)
+    training_calls.clear()
+
+    class Training(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, inputs):
+            return self.layer(inputs, training=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings
+        torch.jit.trace(Training(layer), (x,), check_trace=False)
+    assert training_calls == []
+    layer(x, training=True)
+    assert "topk_mask_pointers" in training_calls
+
+
+def test_native_mix_needs_float32_tensors_of_one_shape(torch_backend):
+    import torch
+
+    if build.library() is None:
+        pytest.skip("the native kernel could not be built here")
+    mask = torch.ones((2, 3))
+    full = torch.ones((2, 3))
+    assert torch_backend.native_mix(mask, full, full, None, 1.0) is not None
+    assert torch_backend.native_mix(mask[:1], full, full, None, 1.0) is None
+    half = full.to(torch.float16)
+    assert torch_backend.native_mix(mask, full, half, None, 1.0) is None
+    assert torch_backend.native_topk_mask(half, 2, training=True) is None
+
+
+def test_torch_compile_records_the_native_training_operators(
+    training_calls, rng
+):
+    """Under `torch.compile` (Keras's `jit_compile=True`) the C selection
+    and mix run as the operators `keras_midl::topk_mask` and
+    `keras_midl::mix`, with the eager call's values and gradients."""
+    import torch
+
+    layer = MIDL(UNITS, k_ratio=0.4, rank=3, activation="relu")
+    x = rng.normal(size=(6, INPUT_DIM)).astype("float32")
+    layer.build(x.shape)
+    seed = _tensor(rng.normal(size=(6, UNITS)).astype("float32"))
+    eager = _training_gradients(layer, x, seed)
+    training_calls.clear()
+
+    def step(inputs):
+        return layer(inputs, training=True)
+
+    compiled = torch.compile(step, dynamic=False)
+    for variable in layer.trainable_variables:
+        variable.value.grad = None
+    outputs = compiled(_tensor(x))
+    (outputs * seed).sum().backward()
+    assert sorted(set(training_calls)) == [
+        "mix_backward_pointers", "mix_pointers", "topk_mask_pointers"
+    ]
+    np.testing.assert_array_equal(as_numpy(outputs), eager[0])
+    for variable, want in zip(layer.trainable_variables, eager[1:]):
+        np.testing.assert_allclose(
+            variable.value.grad.numpy(), want, rtol=1e-5, atol=1e-6
+        )

@@ -315,3 +315,79 @@ def test_an_int8_kernel_needs_its_scales_and_a_float_one_none():
         native.sparse_forward(
             rows, dict(weights, kernel_scale=np.ones(5, "float32")), 3
         )
+
+
+# --- The training kernels: selection mask and straight-through mix ---------
+
+
+def _training_library():
+    if build.library() is None:
+        pytest.skip("the native kernel could not be built here")
+
+
+@pytest.mark.parametrize(
+    "shape, k",
+    [((1, 7), 3), ((70, 64), 29), ((3, 4, 40), 40), ((5, 9), 1), ((0, 6), 2)],
+)
+@pytest.mark.parametrize(
+    "kind", ["normal", "ties", "nan_and_subnormal", "infinities", "tied_rows"]
+)
+def test_topk_mask_equals_topk_mask(shape, k, kind, rng):
+    """The C selection marks what `topk_mask` marks, bit for bit: NaN
+    lowest, subnormals and -0.0 as zero, ties to the lowest index."""
+    _training_library()
+    scores = rng.normal(size=shape).astype("float32")
+    if kind == "ties":
+        scores = np.round(scores)
+    elif kind == "nan_and_subnormal" and scores.size:
+        scores[..., 0] = np.nan
+        scores[..., -1] = 1e-40
+        scores[..., shape[-1] // 2] = -0.0
+    elif kind == "infinities" and scores.size:
+        scores[..., ::3] = np.inf
+        scores[..., 1::4] = -np.inf
+    elif kind == "tied_rows":
+        scores[...] = 0.25
+    mask = native.kernels.topk_mask(scores, k)
+    assert mask.dtype == np.float32 and mask.shape == scores.shape
+    for method in ("top_k", "bisection"):
+        want = keras.ops.convert_to_numpy(topk_mask(scores, k, method=method))
+        np.testing.assert_array_equal(mask, want)
+
+
+def test_topk_mask_rejects_a_bad_k():
+    _training_library()
+    with pytest.raises(ValueError, match=r"`k` must be in \[1, 4\]"):
+        native.kernels.topk_mask(np.zeros((2, 4), "float32"), 5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+@pytest.mark.parametrize("with_light", [True, False])
+def test_mix_and_its_gradients_in_c(temperature, with_light, rng):
+    """`mix` is `where(mask, full, light)`; `mix_backward` the gradients
+    of `straight_through_mix`, the same float32 operations in the same
+    order (bit for bit against NumPy's float32 arithmetic)."""
+    _training_library()
+    shape = (37, 19)  # not a multiple of the vector width
+    mask = (rng.random(shape) < 0.4).astype("float32")
+    logits, full, upstream = (
+        rng.normal(size=shape).astype("float32") for _ in range(3)
+    )
+    light = rng.normal(size=shape).astype("float32") if with_light else None
+    zero = np.zeros(shape, "float32")
+    base = zero if light is None else light
+    np.testing.assert_array_equal(
+        native.kernels.mix(mask, full, light), np.where(mask > 0, full, base)
+    )
+    scaled = logits if temperature == 1.0 else logits / np.float32(temperature)
+    soft = (1 / (1 + np.exp(-scaled.astype("float64")))).astype("float32")
+    d_full, d_light, d_logits = native.kernels.mix_backward(
+        upstream, mask, soft, full, light, temperature
+    )
+    np.testing.assert_array_equal(d_full, np.where(mask > 0, upstream, 0))
+    if with_light:
+        np.testing.assert_array_equal(d_light, np.where(mask > 0, 0, upstream))
+    else:
+        assert d_light is None
+    slope = soft * (np.float32(1) - soft) / np.float32(temperature)
+    np.testing.assert_array_equal(d_logits, (upstream * (full - base)) * slope)

@@ -22,6 +22,12 @@ on backends without a module of their own, such as NumPy's):
   must not take the variable itself.
 * `compiled_selection(select, scores)`: the training selection
   `select(scores)`, compiled where that pays (XLA on TensorFlow).
+* `native_topk_mask(scores, k, training)`: `topk_mask(scores, k)` in the
+  native kernel (torch eager; TensorFlow eager, and its training graphs
+  without XLA), or `None` where it does not run.
+* `native_mix(mask, logits, full, light, temperature)`:
+  `straight_through_mix` with a native forward and backward (torch
+  eager), or `None`.
 """
 
 import keras

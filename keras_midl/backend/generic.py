@@ -42,6 +42,16 @@ def compiled_selection(select, scores):
     return select(scores)
 
 
+def native_topk_mask(scores, k, training):
+    """No native selection: `None`, the caller runs `topk_mask`."""
+    return None
+
+
+def native_mix(mask, logits, full, light, temperature):
+    """No native mix: `None`, the caller runs `straight_through_mix`."""
+    return None
+
+
 def native_dtypes(weights, is_float32, is_int8):
     """Whether the native kernel takes these weights: all float32, or an
     int8 `kernel` with its `kernel_scale` and the rest float32."""

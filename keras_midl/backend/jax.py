@@ -10,6 +10,8 @@ from keras_midl.native import kernels
 # The same as on a backend without a module of its own.
 exporting = generic.exporting
 compiled_gathered = generic.compiled_gathered
+native_topk_mask = generic.native_topk_mask
+native_mix = generic.native_mix
 read_value = generic.read_value
 compiled_selection = generic.compiled_selection
 

@@ -1,11 +1,13 @@
 """TensorFlow: the native kernel in eager calls, compiled eager calls, and
-the training selection compiled with XLA."""
+the training selection in C (a `tf.numpy_function` in training graphs
+without XLA) or compiled with XLA."""
 
 import numpy as np
 import tensorflow as tf
 
 from keras_midl import config
 from keras_midl.backend import generic
+from keras_midl.native import build
 from keras_midl.native import kernels
 
 _on_cpu = []
@@ -15,6 +17,7 @@ _selections = {}
 # The same as on a backend without a module of its own.
 exporting = generic.exporting
 compiled_gathered = generic.compiled_gathered
+native_mix = generic.native_mix
 
 
 def in_trace(inputs):
@@ -65,6 +68,39 @@ def native_forward(inputs, weights, k, quantize_inputs=True):
         rows.reshape(-1, input_dim), arrays, k, quantize_inputs=quantize_inputs
     )
     return tf.convert_to_tensor(outputs.reshape(*rows.shape[:-1], units))
+
+
+def native_topk_mask(scores, k, training):
+    """`keras_midl.ops.topk_mask(scores, k)` in the native kernel (the
+    same mask, bit for bit), with no gradient; `None` where it does not
+    run: a GPU, scores not float32, inside XLA (`jit_compile=True`), or
+    a graph built outside training (a `predict` or an export, which must
+    not hold a Python call).
+
+    In a training graph (Keras's `fit` and `train_on_batch` on a CPU run
+    graphs without XLA) the kernel runs as a `tf.numpy_function`: one op
+    in place of the selection's dozens (31 bisection steps), which cost
+    more to launch than their work even as a separately XLA-compiled
+    function."""
+    if (
+        scores.dtype != tf.float32
+        or not _computes_on_cpu()
+        or build.library() is None
+    ):
+        return None
+    if tf.executing_eagerly():
+        return tf.convert_to_tensor(kernels.topk_mask(np.asarray(scores), k))
+    if not training or tf.__internal__.get_enclosing_xla_context() is not None:
+        return None
+    mask = tf.numpy_function(
+        lambda values: kernels.topk_mask(values, k),
+        [tf.stop_gradient(scores)],
+        tf.float32,
+        stateful=False,
+        name="midl_topk_mask",
+    )
+    mask.set_shape(scores.shape)
+    return mask
 
 
 def read_value(value):

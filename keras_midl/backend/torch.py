@@ -1,6 +1,7 @@
 """PyTorch: the native kernel (with an autograd function where gradients
-are recorded), and `torch.compile` of the gathered path where the native
-kernel cannot run."""
+are recorded), `torch.compile` of the gathered path where the native
+kernel cannot run, and the training selection and straight-through mix
+in C (eager calls)."""
 
 import types
 import warnings
@@ -10,6 +11,7 @@ import torch
 from keras_midl import config
 from keras_midl.backend import WEIGHT_NAMES
 from keras_midl.backend import generic
+from keras_midl.native import build
 from keras_midl.native import kernels
 
 FLOAT32_TINY = 1.1754944e-38  # smallest normal float32
@@ -174,6 +176,156 @@ class SelectGather(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_base = grad.scatter(1, selected, 0.0)
         return None, grad_rows, grad_kernel, grad_bias, grad_base, None
+
+
+def _native_ready(*tensors):
+    """Whether the native training kernels take these tensors: the
+    library loaded, every tensor a float32 CPU tensor of one shape, and
+    the call not recorded by `torch.jit.trace` (the ONNX exporter, which
+    has no operator for them). `torch.compile` records them as the
+    custom operators `keras_midl::topk_mask` and `keras_midl::mix`."""
+    if not config.native_kernels_enabled() or build.library() is None:
+        return False
+    if torch.jit.is_tracing():
+        return False
+    shape = tensors[0].shape
+    cpu = torch.device("cpu")
+    return all(
+        t is None or (
+            t.dtype == torch.float32 and t.device == cpu and t.shape == shape
+        )
+        for t in tensors
+    )
+
+
+def native_topk_mask(scores, k, training):
+    """`keras_midl.ops.topk_mask(scores, k)` in one C call (the same mask,
+    bit for bit), with no gradient, in training or not; `None` where the
+    kernel cannot run (see `_native_ready`). Its `top_k` and the half
+    dozen elementwise passes around it took 3-4 ms at 256 x 1024 here,
+    the C call 1 ms."""
+    if not _native_ready(scores) or scores.ndim == 0:
+        return None
+    return topk_mask_op(scores.detach(), k)
+
+
+@torch.library.custom_op("keras_midl::topk_mask", mutates_args=())
+def topk_mask_op(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """`midl_topk_mask` as a torch operator (float32, CPU)."""
+    scores = scores.contiguous()
+    mask = torch.empty_like(scores)
+    if mask.numel():
+        units = scores.shape[-1]
+        kernels.topk_mask_pointers(
+            scores.data_ptr(), mask.numel() // units, units, k,
+            mask.data_ptr(),
+        )
+    return mask
+
+
+@topk_mask_op.register_fake
+def _(scores, k):
+    return torch.empty_like(scores)
+
+
+def native_mix(mask, logits, full, light, temperature):
+    """`keras_midl.ops.straight_through_mix` as the operator
+    `keras_midl::mix`, whose forward and backward are one C pass each;
+    `None` where the kernel cannot run (see `_native_ready`).
+
+    The value is `where(mask, full, light)`; the gradients `d_full = mask
+    * g`, `d_light = (1 - mask) * g` and `d_logits = g * (full - light) *
+    a * (1 - a) / temperature`, `a = sigmoid(logits / temperature)`
+    (torch's). In torch ops the mix and its gradient are eight passes over
+    the tensors, and `torch.where` is the slowest of them on a CPU."""
+    if not _native_ready(full, mask, logits, light):
+        return None
+    return mix_op(mask.detach(), logits, full, light, float(temperature))
+
+
+@torch.library.custom_op("keras_midl::mix", mutates_args=())
+def mix_op(
+    mask: torch.Tensor,
+    logits: torch.Tensor,
+    full: torch.Tensor,
+    light: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """`midl_mix` as a torch operator (float32, CPU, one shape)."""
+    mask, full = mask.contiguous(), full.contiguous()
+    light = None if light is None else light.contiguous()
+    outputs = torch.empty_like(full)
+    if outputs.numel():
+        kernels.mix_pointers(
+            mask.data_ptr(),
+            full.data_ptr(),
+            0 if light is None else light.data_ptr(),
+            outputs.numel(),
+            outputs.data_ptr(),
+        )
+    return outputs
+
+
+@mix_op.register_fake
+def _(mask, logits, full, light, temperature):
+    return torch.empty_like(full)
+
+
+@torch.library.custom_op("keras_midl::mix_backward", mutates_args=())
+def mix_backward_op(
+    upstream: torch.Tensor,
+    mask: torch.Tensor,
+    soft: torch.Tensor,
+    full: torch.Tensor,
+    light: torch.Tensor | None,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`midl_mix_backward` as a torch operator: `(d_full, d_light,
+    d_logits)`, `d_light` empty where `light` is `None`."""
+    upstream, soft = upstream.contiguous(), soft.contiguous()
+    mask, full = mask.contiguous(), full.contiguous()
+    light = None if light is None else light.contiguous()
+    d_full, d_logits = torch.empty_like(full), torch.empty_like(full)
+    d_light = full.new_empty((0,)) if light is None else torch.empty_like(full)
+    if full.numel():
+        kernels.mix_backward_pointers(
+            upstream.data_ptr(),
+            mask.data_ptr(),
+            soft.data_ptr(),
+            full.data_ptr(),
+            0 if light is None else light.data_ptr(),
+            full.numel(),
+            temperature,
+            d_full.data_ptr(),
+            0 if light is None else d_light.data_ptr(),
+            d_logits.data_ptr(),
+        )
+    return d_full, d_light, d_logits
+
+
+@mix_backward_op.register_fake
+def _(upstream, mask, soft, full, light, temperature):
+    d_light = full.new_empty((0,)) if light is None else torch.empty_like(full)
+    return torch.empty_like(full), d_light, torch.empty_like(full)
+
+
+def _mix_setup_context(ctx, inputs, output):
+    mask, logits, full, light, temperature = inputs
+    ctx.save_for_backward(mask, logits, full, light)
+    ctx.temperature = temperature
+
+
+def _mix_backward(ctx, upstream):
+    mask, logits, full, light = ctx.saved_tensors
+    temperature = ctx.temperature
+    scaled = logits if temperature == 1.0 else logits / temperature
+    d_full, d_light, d_logits = mix_backward_op(
+        upstream, mask, torch.sigmoid(scaled), full, light, temperature
+    )
+    return None, d_logits, d_full, None if light is None else d_light, None
+
+
+mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
 
 
 def torch_forward(

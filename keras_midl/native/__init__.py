@@ -5,7 +5,9 @@
 * `keras_midl.native.build`: compiling it with the system C compiler into
   a private per-user cache folder, and loading it.
 * `keras_midl.native.kernels`: the NumPy entry points, `select_gather` and
-  `sparse_forward` (re-exported here), with a NumPy fallback.
+  `sparse_forward` (re-exported here), with a NumPy fallback; the
+  training kernels `topk_mask`, `mix` and `mix_backward` (no fallback:
+  their callers run `keras.ops` where the library is not built).
 
 `available()` says whether the library is built and loaded; it is not
 where native kernels are off (`keras_midl.config`) or where no compiler

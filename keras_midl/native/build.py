@@ -242,6 +242,14 @@ def _build():
     lib.midl_sparse_forward_int8.argtypes += [size, size, ctypes.c_int]
     lib.midl_sparse_forward_int8.argtypes += [pointer] * 3
     lib.midl_sparse_forward_int8.restype = None
+    # The training selection and the straight-through mix.
+    lib.midl_topk_mask.argtypes = [pointer, size, size, size, pointer, pointer]
+    lib.midl_topk_mask.restype = None
+    lib.midl_mix.argtypes = [pointer] * 3 + [size, pointer]
+    lib.midl_mix.restype = None
+    lib.midl_mix_backward.argtypes = [pointer] * 5 + [size, ctypes.c_float]
+    lib.midl_mix_backward.argtypes += [pointer] * 3
+    lib.midl_mix_backward.restype = None
     return lib
 
 

@@ -42,7 +42,7 @@ def select_gather_pointers(
     neurons) and int64 `selected (count, k)`, `1 <= k <= units`, all
     alive until the call returns.
     """
-    scratch = np.empty(2 * units, np.float32)
+    scratch = np.empty(3 * units, np.float32)
     build.library().midl_select_gather(
         logits,
         units,
@@ -77,7 +77,7 @@ def sparse_forward_pointers(
     for name in REQUIRED_WEIGHTS:
         if not weights.get(name):
             raise ValueError(f"`{name}` is required; received none")
-    scratch = np.empty(rank + 3 * units, np.float32)
+    scratch = np.empty(rank + 4 * units, np.float32)
     library = build.loaded_library() or build.library()
     gate = (
         rows,
@@ -114,6 +114,99 @@ def sparse_forward_pointers(
         selected,
         scratch.ctypes.data,
     )
+
+
+def topk_mask_pointers(scores, count, units, k, mask):
+    """`midl_topk_mask` on raw addresses: `keras_midl.ops.topk_mask` of
+    the C-contiguous float32 `scores (count, units)` into the float32
+    `mask (count, units)`, `1 <= k <= units`."""
+    scratch = np.empty(3 * units, np.float32)
+    build.loaded_library().midl_topk_mask(
+        scores, count, units, k, mask, scratch.ctypes.data
+    )
+
+
+def mix_pointers(mask, full, light, size, outputs):
+    """`midl_mix` on raw addresses (`light` 0: a zero light path):
+    `where(mask > 0, full, light)` over `size` float32 elements."""
+    build.loaded_library().midl_mix(mask, full, light or None, size, outputs)
+
+
+def mix_backward_pointers(
+    upstream, mask, soft, full, light, size, temperature, d_full, d_light,
+    d_logits,
+):
+    """`midl_mix_backward` on raw addresses (`light`, `d_light` 0 for a
+    zero light path): the gradients of `straight_through_mix` from
+    `soft = sigmoid(logits / temperature)`, over `size` float32
+    elements."""
+    build.loaded_library().midl_mix_backward(
+        upstream,
+        mask,
+        soft,
+        full,
+        light or None,
+        size,
+        temperature,
+        d_full,
+        d_light or None,
+        d_logits,
+    )
+
+
+def topk_mask(scores, k):
+    """`keras_midl.ops.topk_mask(scores, k)` in C, on a float32 NumPy
+    array of any rank >= 1 (the same mask, bit for bit; the library must
+    be loaded, `build.library()`)."""
+    scores = np.ascontiguousarray(scores, np.float32)
+    units = scores.shape[-1]
+    _check_k(k, units)
+    mask = np.empty(scores.shape, np.float32)
+    if mask.size:
+        topk_mask_pointers(
+            scores.ctypes.data, mask.size // units, units, k, mask.ctypes.data
+        )
+    return mask
+
+
+def _address(array):
+    return 0 if array is None else array.ctypes.data
+
+
+def _float32_arrays(*arrays):
+    return [
+        None if a is None else np.ascontiguousarray(a, np.float32)
+        for a in arrays
+    ]
+
+
+def mix(mask, full, light=None):
+    """The value of `straight_through_mix` in C: float32 NumPy arrays of
+    one shape (`light=None`: zero)."""
+    mask, full, light = _float32_arrays(mask, full, light)
+    outputs = np.empty(full.shape, np.float32)
+    mix_pointers(
+        mask.ctypes.data, full.ctypes.data, _address(light), full.size,
+        outputs.ctypes.data,
+    )
+    return outputs
+
+
+def mix_backward(upstream, mask, soft, full, light=None, temperature=1.0):
+    """The gradients of `straight_through_mix` in C: `(d_full, d_light,
+    d_logits)` (`d_light` `None` where `light` is), float32 NumPy arrays
+    of one shape; `soft = sigmoid(logits / temperature)`."""
+    upstream, mask, soft, full, light = _float32_arrays(
+        upstream, mask, soft, full, light
+    )
+    d_full, d_logits = np.empty_like(full), np.empty_like(full)
+    d_light = None if light is None else np.empty_like(full)
+    mix_backward_pointers(
+        upstream.ctypes.data, mask.ctypes.data, soft.ctypes.data,
+        full.ctypes.data, _address(light), full.size, temperature,
+        d_full.ctypes.data, _address(d_light), d_logits.ctypes.data,
+    )
+    return d_full, d_light, d_logits
 
 
 def _check_shape(name, array, shape):

@@ -23,6 +23,11 @@
  * same with an int8 kernel (`model.quantize("int8")`), whose selected rows
  * are read in place, a quarter of the float bytes.
  *
+ * `midl_topk_mask`, `midl_mix` and `midl_mix_backward`: the training
+ * selection (the same mask as `topk_mask`) and the straight-through mix
+ * with its gradients, each one pass where eager frameworks run a dozen
+ * kernels (keras_midl/backend/torch.py, tensorflow.py).
+ *
  * `kernel` is MIDL's `(units, dim)` layout, so each selected neuron is one
  * contiguous row that is read in place (nothing is copied). Eight neurons
  * are reduced at a time, one accumulator each: eight independent chains of
@@ -40,6 +45,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define GROUP 8
 
@@ -457,51 +463,81 @@ static int gather_selected(struct full_path *p, int64_t count,
   return 0;
 }
 
-/* The k-th largest of a[0..n) (1 <= k <= n), by quickselect; reorders a.
- * No NaN in a. */
-static float kth_largest(float *a, int64_t n, int64_t k) {
-  int64_t low = 0, high = n - 1;
-  const int64_t target = k - 1; /* position in decreasing order */
-  while (low < high) {
-    const float pivot = a[low + (high - low) / 2];
-    int64_t i = low, j = high;
-    while (i <= j) {
-      while (a[i] > pivot) ++i;
-      while (a[j] < pivot) --j;
-      if (i <= j) {
-        const float swap = a[i];
-        a[i] = a[j];
-        a[j] = swap;
-        ++i;
-        --j;
-      }
-    }
-    /* a[low..j] >= pivot, a[i..high] <= pivot, a[j+1..i-1] == pivot. */
-    if (target <= j) {
-      high = j;
-    } else if (target >= i) {
-      low = i;
-    } else {
-      return a[target];
-    }
-  }
-  return a[target];
+/* A float's key in an unsigned order that is the float order (no NaN;
+ * -0.0 is cleaned to 0.0 before): the sign bit set for non-negative
+ * floats, every bit flipped for negative ones. */
+static uint32_t sortable_key(float value) {
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof bits);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-/* The k neurons of one row of logits that `topk_mask` selects, into
- * `selected` (increasing). `scratch`: 2 * units floats. */
-static void select_row(const float *logits, int64_t units, int64_t k,
-                       int64_t *selected, float *scratch) {
-  float *clean = scratch, *order = scratch + units;
+static float key_to_float(uint32_t key) {
+  const uint32_t bits = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+  float value;
+  memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+/* The k-th largest of keys[0..n) (1 <= k <= n), by a radix selection on
+ * 8-bit digits from the top: a histogram of the candidates' digit, the
+ * digit that holds the k-th largest, and only the candidates with that
+ * digit kept for the next digit. Each step is a branch-free pass over the
+ * candidates, and few are left after the first two; quickselect, whose
+ * comparisons mispredict half the time on random scores, took 3-4x
+ * longer at 1024 scores. `candidates`: n keys of scratch. */
+static uint32_t kth_largest_key(const uint32_t *keys, int64_t n, int64_t k,
+                                uint32_t *candidates) {
+  const uint32_t *from = keys;
+  int64_t count = n;
+  uint32_t prefix = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    int64_t histogram[256] = {0};
+    for (int64_t i = 0; i < count; ++i) ++histogram[(from[i] >> shift) & 255];
+    int digit = 255;
+    while (histogram[digit] < k) k -= histogram[digit--];
+    prefix |= (uint32_t)digit << shift;
+    if (shift == 0 || histogram[digit] == count) continue;
+    int64_t kept = 0; /* keep the candidates with this digit */
+    for (int64_t i = 0; i < count; ++i) {
+      candidates[kept] = from[i];
+      kept += (int64_t)(((from[i] >> shift) & 255) == (uint32_t)digit);
+    }
+    from = candidates;
+    count = kept;
+  }
+  return prefix;
+}
+
+/* One row's scores as `topk_mask` ranks them (NaN as -inf, subnormals as
+ * zero) into `clean`, and their k-th largest; `*above` is set to the
+ * number of scores above it. `keys`: 2 * units keys of scratch. */
+static float row_threshold(const float *logits, int64_t units, int64_t k,
+                           float *clean, uint32_t *keys, int64_t *above) {
   for (int64_t j = 0; j < units; ++j) {
     float v = logits[j];
     if (isnan(v)) v = -INFINITY;
-    if (fabsf(v) < FLT_MIN) v = 0.0f;
-    clean[j] = order[j] = v;
+    if (fabsf(v) < FLT_MIN) v = 0.0f; /* -0.0 too */
+    clean[j] = v;
+    keys[j] = sortable_key(v);
   }
-  const float threshold = kth_largest(order, units, k);
-  int64_t above = 0;
-  for (int64_t j = 0; j < units; ++j) above += clean[j] > threshold;
+  const float threshold =
+      key_to_float(kth_largest_key(keys, units, k, keys + units));
+  int64_t count = 0;
+  for (int64_t j = 0; j < units; ++j) count += clean[j] > threshold;
+  *above = count;
+  return threshold;
+}
+
+/* The k neurons of one row of logits that `topk_mask` selects, into
+ * `selected` (increasing). `scratch`: 3 * units floats. */
+static void select_row(const float *logits, int64_t units, int64_t k,
+                       int64_t *selected, float *scratch) {
+  float *clean = scratch;
+  int64_t above;
+  const float threshold =
+      row_threshold(logits, units, k, clean,
+                    (uint32_t *)(scratch + units), &above);
   int64_t tied_needed = k - above, slot = 0;
   for (int64_t j = 0; j < units && slot < k; ++j) {
     if (clean[j] > threshold) {
@@ -513,10 +549,91 @@ static void select_row(const float *logits, int64_t units, int64_t k,
   }
 }
 
+/* `keras_midl.ops.topk_mask` of each row of `scores` (count, units): 1.0f
+ * at the k selected neurons, 0.0f elsewhere, into `mask` (count, units).
+ * `scratch`: 3 * units floats. 1 <= k <= units. */
+void midl_topk_mask(const float *scores, int64_t count, int64_t units,
+                    int64_t k, float *mask, float *scratch) {
+  float *clean = scratch;
+  for (int64_t b = 0; b < count; ++b) {
+    float *out = mask + b * units;
+    int64_t above;
+    const float threshold =
+        row_threshold(scores + b * units, units, k, clean,
+                      (uint32_t *)(scratch + units), &above);
+    int64_t at_least = 0;
+    for (int64_t j = 0; j < units; ++j) at_least += clean[j] >= threshold;
+    if (at_least == k) { /* no tie to break: one vectorized pass */
+      for (int64_t j = 0; j < units; ++j) {
+        out[j] = clean[j] >= threshold ? 1.0f : 0.0f;
+      }
+      continue;
+    }
+    int64_t tied_needed = k - above;
+    for (int64_t j = 0; j < units; ++j) {
+      const int tied = clean[j] == threshold && tied_needed > 0;
+      tied_needed -= tied;
+      out[j] = (clean[j] > threshold || tied) ? 1.0f : 0.0f;
+    }
+  }
+}
+
+/* The value of `keras_midl.ops.straight_through_mix`: `outputs[i] =
+ * full[i]` where `mask[i] > 0`, `light[i]` (0 where `light` is NULL)
+ * elsewhere; `size` elements of each. */
+void midl_mix(const float *mask, const float *full, const float *light,
+              int64_t size, float *outputs) {
+  if (light) {
+    for (int64_t i = 0; i < size; ++i) {
+      outputs[i] = mask[i] > 0.0f ? full[i] : light[i];
+    }
+  } else {
+    for (int64_t i = 0; i < size; ++i) {
+      outputs[i] = mask[i] > 0.0f ? full[i] : 0.0f;
+    }
+  }
+}
+
+/* Its gradients, in one pass (the same products, in the same order, as
+ * the `keras.ops` gradient of `straight_through_mix`):
+ *
+ *     d_full  = mask ? upstream : 0;   d_light = mask ? 0 : upstream;
+ *     d_logits = (upstream * (full - light)) * (soft * (1 - soft) / t)
+ *
+ * `soft` = sigmoid(logits / t); `light` and `d_light` may be NULL (a zero
+ * light path). */
+void midl_mix_backward(const float *restrict upstream,
+                       const float *restrict mask,
+                       const float *restrict soft,
+                       const float *restrict full,
+                       const float *restrict light, int64_t size,
+                       float temperature, float *restrict d_full,
+                       float *restrict d_light, float *restrict d_logits) {
+  /* Two branch-free loops the compiler vectorizes; x / 1.0f == x, so
+   * dividing by a temperature of 1 changes nothing. */
+  if (light) {
+    for (int64_t i = 0; i < size; ++i) {
+      const float u = upstream[i];
+      const int selected = mask[i] > 0.0f;
+      d_full[i] = selected ? u : 0.0f;
+      d_light[i] = selected ? 0.0f : u;
+      const float slope = soft[i] * (1.0f - soft[i]) / temperature;
+      d_logits[i] = (u * (full[i] - light[i])) * slope;
+    }
+  } else {
+    for (int64_t i = 0; i < size; ++i) {
+      const float u = upstream[i];
+      d_full[i] = mask[i] > 0.0f ? u : 0.0f;
+      const float slope = soft[i] * (1.0f - soft[i]) / temperature;
+      d_logits[i] = (u * (full[i] - 0.0f)) * slope;
+    }
+  }
+}
+
 /* `logits`: (count, units) float32; `kernel`: (units, dim); `rows`:
  * (count, dim); `bias`: (units,) or NULL; `outputs`: (count, units), the
  * light path on entry; `selected`: (count, k) int64, written; `scratch`:
- * 2 * units floats. 1 <= k <= units. */
+ * 3 * units floats. 1 <= k <= units. */
 void midl_select_gather(const float *logits, int64_t units,
                         const float *kernel, int64_t dim, const float *rows,
                         int64_t count, int64_t k, const float *bias,
@@ -574,7 +691,7 @@ static void gate_and_light(const float *rows, int64_t count, int64_t dim,
  * `projection` V: (dim, rank); `gate_kernel` G, `light_kernel` U:
  * (rank, units); `gate_bias` c, `light_bias`, `bias`: (units,) or NULL
  * (`light_kernel` NULL: h = 0). `outputs`: (count, units); `selected`:
- * (count, k); `scratch`: rank + 3 * units floats. The gate's sums run in
+ * (count, k); `scratch`: rank + 4 * units floats. The gate's sums run in
  * this order, not BLAS's: where two logits are within rounding of each
  * other at the threshold, the selection may differ from a BLAS gate's. */
 void midl_sparse_forward(const float *rows, int64_t count, int64_t dim,

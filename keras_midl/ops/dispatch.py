@@ -57,6 +57,7 @@ from keras_midl import backend as backends
 from keras_midl import config
 from keras_midl import native
 from keras_midl.ops import gathered
+from keras_midl.ops import selection
 from keras_midl.ops.selection import topk_mask
 
 WEIGHT_NAMES = backends.WEIGHT_NAMES
@@ -478,6 +479,35 @@ def training_topk_mask(scores, k, method):
     Returns:
         Float32 tensor of the shape of `scores` holding 0s and 1s.
     """
-    mask = backends.current().compiled_selection(_Selection(k, method), scores)
+    backend = backends.current()
+    mask = backend.native_topk_mask(scores, k, training=True)
+    if mask is None:
+        mask = backend.compiled_selection(_Selection(k, method), scores)
     return ops.stop_gradient(mask)
+
+
+def inference_topk_mask(scores, k, method, check_ties_first):
+    """The selection of the masked path outside training: the native
+    kernel's where it runs (torch and TensorFlow, eager), else
+    `topk_mask(scores, k, method, check_ties_first)`."""
+    mask = backends.current().native_topk_mask(scores, k, training=False)
+    if mask is None:
+        mask = topk_mask(
+            scores, k, method=method, check_ties_first=check_ties_first
+        )
+    return mask
+
+
+def straight_through_mix(mask, logits, full, light, temperature):
+    """`keras_midl.ops.straight_through_mix`, in the native kernel where
+    it runs (eager torch: a forward and a backward of one C pass each),
+    else in `keras.ops`."""
+    outputs = backends.current().native_mix(
+        mask, logits, full, light, temperature
+    )
+    if outputs is None:
+        outputs = selection.straight_through_mix(
+            mask, logits, full, light, temperature=temperature
+        )
+    return outputs
 

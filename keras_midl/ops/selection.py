@@ -36,11 +36,16 @@ def kth_largest(scores, k, method="top_k"):
     return threshold
 
 
-def _kth_largest_and_count(scores, k, method):
+def _kth_largest_and_count(scores, k, method, early_exit=False):
     """`(threshold, count)`: the k-th largest value of each row and the
     number of the row's values at least as large (`>= k`; above `k` when
     the threshold is tied), both of shape `(..., 1)`. `count` is `None`
-    where the method does not find it on the way (`"top_k"`)."""
+    where the method does not find it on the way (`"top_k"`).
+
+    With `early_exit`, the bisection may stop once every row has exactly
+    `k` values at or above its threshold: the threshold is then a lower
+    bound of the k-th largest that selects the same `k` values (what
+    `topk_mask` needs), not the k-th largest itself."""
     scores = ops.cast(scores, "float32")
     if method == "top_k":
         # The smallest of the k largest values: no need to sort them, which
@@ -52,7 +57,7 @@ def _kth_largest_and_count(scores, k, method):
             return ops.zeros((*values.shape[:-1], 1), "float32"), None
         return ops.min(values, axis=-1, keepdims=True), None
     if method == "bisection":
-        return _kth_largest_bisection(scores, k)
+        return _kth_largest_bisection(scores, k, early_exit)
     raise ValueError(
         "Received an invalid value for `method`, expected one of "
         f"{SELECTION_METHODS}. Received: method={method!r}"
@@ -76,7 +81,7 @@ def _keys_to_floats(keys):
     return ops.view(ops.where(keys < 0, flipped, keys), "float32")
 
 
-def _kth_largest_bisection(scores, k):
+def _kth_largest_bisection(scores, k, early_exit=False):
     keys = _sortable_keys(scores)
 
     # Counts summed in float32, exact up to 2**24 per row, are about twice
@@ -98,18 +103,36 @@ def _kth_largest_bisection(scores, k):
     # Then set each lower bit, from bit 30 down, when at least k keys stay
     # at or above it. A loop rather than 31 unrolled steps: the same run
     # time, half the XLA compile time.
-    def set_bit_if_room(step, state):
-        answer, count = state
+    def set_bit_if_room(step, answer, count):
         bit = ops.left_shift(ops.ones_like(answer), 30 - step)
         candidate = ops.bitwise_or(answer, bit)
         candidate_count = count_at_least(candidate)
         room = candidate_count >= k
         return (
+            step + 1,
             ops.where(room, candidate, answer),
             ops.where(room, candidate_count, count),
         )
 
-    answer, count = ops.fori_loop(0, 31, set_bit_if_room, (answer, count))
+    if early_exit:
+        # Once every row has exactly k keys at or above its answer, the
+        # lower bits change the answer but not which keys are above it:
+        # float logits separate their k-th and (k+1)-th largest after
+        # about 20 of the 31 bits.
+        _, answer, count = ops.while_loop(
+            lambda step, answer, count: ops.logical_and(
+                step < 31, ops.any(count != k)
+            ),
+            set_bit_if_room,
+            (ops.convert_to_tensor(0, "int32"), answer, count),
+        )
+    else:
+        answer, count = ops.fori_loop(
+            0,
+            31,
+            lambda step, state: set_bit_if_room(step, *state)[1:],
+            (answer, count),
+        )
     return _keys_to_floats(answer[..., None]), count[..., None]
 
 
@@ -173,7 +196,9 @@ def topk_mask(scores, k, method="top_k", check_ties_first=False):
     scores = ops.where(ops.abs(scores) < FLOAT32_TINY, 0.0, scores)
     if n is not None and k == n:
         return ops.ones_like(scores)
-    threshold, count = _kth_largest_and_count(scores, k, method)
+    threshold, count = _kth_largest_and_count(
+        scores, k, method, early_exit=True
+    )
 
     def lowest_tied_indices_first():
         above = scores > threshold

@@ -86,3 +86,13 @@ def test_profile_layers_replace_the_selection_and_the_mix(rng):
         ops.convert_to_numpy(fixed(x, training=True)),
         rtol=1e-6,
     )
+
+
+def test_jit_compile_reaches_every_model():
+    from keras_midl import MIDL
+
+    for layer_class in (None, MIDL):
+        model = training_step.mlp((8,), layer_class, jit_compile=True)
+        assert model.jit_compile is True
+    args = training_step.parse_args(["--jit-compile"])
+    assert args.jit_compile
