@@ -161,3 +161,90 @@ def test_savedmodel_export_of_the_gathered_path(path, tmp_path, rng):
     np.testing.assert_allclose(
         served_outputs(model, x, str(tmp_path)), expected, rtol=1e-5, atol=1e-5
     )
+
+
+# --- The training selection as an XLA FFI call ------------------------------
+
+
+def _scores(rng):
+    scores = rng.normal(size=(12, 40)).astype("float32")
+    scores[0] = 0.5  # all tied
+    scores[1, ::3] = np.nan
+    scores[2, 5] = 1e-40  # subnormal: ranks as zero
+    scores[3, 10:30] = scores[3, 10]  # ties at the threshold
+    return scores
+
+
+@pytest.fixture
+def ffi_selection(jax_backend):
+    if not jax_backend._ffi_selection_ready():
+        pytest.skip("the FFI handler could not be built here")
+    return jax_backend
+
+
+def test_ffi_selection_equals_topk_mask(ffi_selection, rng):
+    """Eager, under `jax.jit` and under `jax.vmap`: the C selection, bit
+    for bit, as one FFI call in the compiled function."""
+    import jax
+
+    from keras_midl.ops.selection import topk_mask
+
+    scores = _scores(rng)
+    want = as_numpy(topk_mask(scores, 9, method="bisection"))
+
+    def select(s):
+        return dispatch.training_topk_mask(s, 9, "bisection")
+
+    assert ffi_selection.FFI_TARGET in str(jax.make_jaxpr(select)(scores))
+    np.testing.assert_array_equal(as_numpy(select(scores)), want)
+    np.testing.assert_array_equal(as_numpy(jax.jit(select)(scores)), want)
+    batched = jax.vmap(select)(np.stack([scores, scores[::-1]]))
+    np.testing.assert_array_equal(as_numpy(batched[0]), want)
+    np.testing.assert_array_equal(as_numpy(batched[1]), want[::-1])
+    gradient = jax.grad(lambda s: (select(s) * s).sum())(scores)
+    np.testing.assert_array_equal(as_numpy(gradient)[4:], want[4:])
+
+
+def test_no_ffi_call_outside_training(ffi_selection, rng):
+    """Inference functions stay exportable: no custom call in them."""
+    import jax
+
+    layer = MIDL(UNITS, inference_path="masked")
+    x = rng.normal(size=(4, INPUT_DIM)).astype("float32")
+    layer.build(x.shape)
+    jaxpr = str(jax.make_jaxpr(_stateless(layer))(x))
+    assert ffi_selection.FFI_TARGET not in jaxpr
+
+
+def test_fit_trains_with_the_ffi_selection(ffi_selection, monkeypatch, rng):
+    calls = []
+    original = ffi_selection.native_topk_mask
+
+    def spy(scores, k, training):
+        mask = original(scores, k, training)
+        calls.append(mask is not None)
+        return mask
+
+    monkeypatch.setattr(ffi_selection, "native_topk_mask", spy)
+    model = keras.Sequential([keras.Input((INPUT_DIM,)), MIDL(UNITS)])
+    model.compile(loss="mse", optimizer="adam")
+    x = rng.normal(size=(8, INPUT_DIM)).astype("float32")
+    history = model.fit(x, np.zeros((8, UNITS), "float32"), verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert True in calls
+
+
+def test_without_the_ffi_handler_the_bisection_selects(
+    jax_backend, monkeypatch, rng
+):
+    from keras_midl.native import build
+    from keras_midl.ops.selection import topk_mask
+
+    monkeypatch.setattr(jax_backend, "_ffi_registered", [])
+    monkeypatch.setattr(build, "_state", {"jax_ffi": None})
+    scores = _scores(rng)
+    assert jax_backend.native_topk_mask(scores, 9, training=True) is None
+    np.testing.assert_array_equal(
+        as_numpy(dispatch.training_topk_mask(scores, 9, "bisection")),
+        as_numpy(topk_mask(scores, 9)),
+    )

@@ -277,3 +277,50 @@ def test_portable_build_equals_numpy(fresh_build, monkeypatch, rng):
     monkeypatch.setattr(config, "_enabled", False)
     want, _ = native.select_gather(logits, kernel, rows, 7, light)
     np.testing.assert_allclose(outputs, want, rtol=1e-5, atol=1e-5)
+
+
+# --- The JAX FFI handler ---------------------------------------------------
+
+
+def _jax_include_dir():
+    jax = pytest.importorskip("jax")
+    return jax.ffi.include_dir()
+
+
+@pytest.mark.skipif(
+    not (HAS_COMPILER and shutil.which("c++")), reason="no C/C++ compiler"
+)
+def test_the_jax_ffi_handler_builds_once_into_the_private_folder(
+    fresh_build,
+):
+    include_dir = _jax_include_dir()
+    library = build.jax_ffi_library(include_dir)
+    assert library is not None and library.MidlTopkMask
+    (path,) = fresh_build.glob("jax_ffi-*.so")
+    assert mode(fresh_build) == 0o700 and mode(path) == 0o700
+    modified = os.stat(path).st_mtime_ns
+    build._state.clear()
+    assert build.jax_ffi_library(include_dir) is not None
+    assert os.stat(path).st_mtime_ns == modified  # loaded, not rebuilt
+
+
+def test_no_cxx_compiler_warns_once_and_gives_no_handler(
+    fresh_build, monkeypatch
+):
+    monkeypatch.setattr(build, "cxx_compiler", lambda: None)
+    include_dir = _jax_include_dir()
+    with pytest.warns(RuntimeWarning, match="no C and C.. compilers found"):
+        assert build.jax_ffi_library(include_dir) is None
+    assert build.jax_ffi_library(include_dir) is None  # no second warning
+
+
+def test_a_missing_cxx_is_an_error_not_another_compiler(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(RuntimeError, match="C\\+\\+ compiler in \\$CXX"):
+        build.cxx_compiler()
+
+
+def test_the_jax_ffi_handler_respects_the_opt_out(fresh_build, monkeypatch):
+    monkeypatch.setenv(config.COMPILE_ENV, "0")
+    assert build.jax_ffi_library("/nonexistent") is None
+    assert not fresh_build.exists()

@@ -1,7 +1,10 @@
 """Native kernels of keras_midl: C, built on first use, loaded with ctypes.
 
 * `select_gather.c`: the C sources (the selection and the selected rows'
-  dot products; the whole inference forward of a layer).
+  dot products; the whole inference forward of a layer; the training
+  selection and straight-through mix).
+* `jax_ffi.cc`: the training selection as an XLA FFI handler for JAX,
+  built with the C++ compiler against the installed jaxlib's headers.
 * `keras_midl.native.build`: compiling it with the system C compiler into
   a private per-user cache folder, and loading it.
 * `keras_midl.native.kernels`: the NumPy entry points, `select_gather` and

@@ -35,6 +35,7 @@ import warnings
 from keras_midl import config
 
 SOURCE = os.path.join(os.path.dirname(__file__), "select_gather.c")
+JAX_FFI_SOURCE = os.path.join(os.path.dirname(__file__), "jax_ffi.cc")
 CACHE_ENV = "KERAS_MIDL_CACHE"
 
 _state = {}
@@ -53,16 +54,27 @@ def compiler():
         RuntimeError: If `$CC` is set but its program is not found (it is
             never silently replaced by another compiler).
     """
-    requested = os.environ.get("CC", "").strip()
+    return _compiler("C", "CC", ("cc", "gcc", "clang"))
+
+
+def cxx_compiler():
+    """The C++ compiler command (`$CXX`, else `c++`, `g++` or `clang++`),
+    as `compiler()` finds the C compiler; for the JAX FFI handler only."""
+    return _compiler("C++", "CXX", ("c++", "g++", "clang++"))
+
+
+def _compiler(language, variable, names):
+    requested = os.environ.get(variable, "").strip()
     if requested:
         command = shlex.split(requested)
         program = shutil.which(command[0])
         if program is None:
             raise RuntimeError(
-                f"the C compiler in $CC is not found: CC={requested!r}"
+                f"the {language} compiler in ${variable} is not found: "
+                f"{variable}={requested!r}"
             )
         return [program, *command[1:]]
-    for name in ("cc", "gcc", "clang"):
+    for name in names:
         program = shutil.which(name)
         if program:
             return [program]
@@ -251,6 +263,61 @@ def _build():
     lib.midl_mix_backward.argtypes += [pointer] * 3
     lib.midl_mix_backward.restype = None
     return lib
+
+
+def _build_jax_ffi(include_dir):
+    """`select_gather.c` compiled by the C compiler with the flags of
+    `library()`, linked with `jax_ffi.cc` by the C++ compiler against the
+    FFI headers in `include_dir`."""
+    c_command, cxx_command = compiler(), cxx_compiler()
+    if c_command is None or cxx_command is None:
+        raise RuntimeError("no C and C++ compilers found ($CC, $CXX)")
+    flags = [flag for flag in compile_flags() if flag != "-shared"]
+    cxx_flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-I", include_dir]
+    headers = [
+        os.path.join(include_dir, "xla", "ffi", "api", name)
+        for name in ("api.h", "c_api.h", "ffi.h")
+    ]
+    texts = []
+    for path in (SOURCE, JAX_FFI_SOURCE, *headers):
+        with open(path, "rb") as file:
+            texts.append(file.read())
+
+    def build(work, output):
+        compiled = os.path.join(work, "select_gather.o")
+        run([*c_command, *flags, "-c", SOURCE, "-o", compiled])
+        run([*cxx_command, *cxx_flags, JAX_FFI_SOURCE, compiled, "-o", output])
+
+    return cached_library(
+        "jax_ffi",
+        [*texts, " ".join(c_command), " ".join(cxx_command), " ".join(flags)],
+        build,
+    )
+
+
+def jax_ffi_library(include_dir):
+    """The library holding the XLA FFI handler `MidlTopkMask` (the
+    training selection for JAX, see `jax_ffi.cc`), built on first call
+    from JAX's FFI headers in `include_dir` and cached as `library()`
+    is; `None` where native kernels are off or where it could not be
+    built or safely loaded (one warning)."""
+    if not config.native_kernels_enabled():
+        return None
+    if "jax_ffi" not in _state:
+        try:
+            _state["jax_ffi"] = _build_jax_ffi(include_dir)
+        except Exception as error:  # no compiler, build or load failure
+            _state["jax_ffi"] = None
+            warnings.warn(
+                "keras_midl: the native training selection is not used on "
+                f"JAX ({type(error).__name__}: {error}); MIDL trains with "
+                "its keras.ops selection (the same mask, slower). Call "
+                "keras_midl.config.disable_native_kernels() or set "
+                f"{config.COMPILE_ENV}=0 to skip building it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _state["jax_ffi"]
 
 
 def library():
