@@ -1169,9 +1169,11 @@ class MIDL(keras.layers.Layer):
         return super().from_config(config)
 
 
-# The faster selection per backend for a training step, as measured by
-# benchmarks/selection.py. Bisection is 32 fused passes under XLA but
-# hundreds of separate kernels in PyTorch's eager mode.
+# The faster `keras.ops` selection per backend for a training step, as
+# measured by benchmarks/selection.py; where the native selection runs
+# (keras_midl/ops/dispatch.py: training_topk_mask) it takes its place.
+# Bisection is 20-32 fused passes under XLA but hundreds of separate
+# kernels in PyTorch's eager mode.
 _FASTEST_SELECTION = {
     "jax": "bisection",
     "tensorflow": "bisection",
