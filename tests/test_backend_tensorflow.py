@@ -365,6 +365,25 @@ def test_xla_selection_in_fit(tf_backend, without_native, monkeypatch, rng):
     assert tf_backend._selections
 
 
+@pytest.mark.parametrize("rows, compiled", [(20, True), (4, False)])
+def test_xla_selection_in_inference_graphs_of_many_rows(
+    rows, compiled, tf_backend, monkeypatch, rng
+):
+    """Inside a graph (Keras's `predict`) the masked path's bisection, at
+    more than 16 static rows, runs XLA-compiled; `top_k` below (what
+    ONNX converters take) stays as it is. The outputs are the eager
+    call's."""
+    import tensorflow as tf
+
+    monkeypatch.setattr(tf_backend, "_selections", {})
+    layer = MIDL(UNITS, k_ratio=0.4, inference_path="masked")
+    x = rng.normal(size=(rows, INPUT_DIM)).astype("float32")
+    eager = as_numpy(layer(x))
+    graph = as_numpy(tf.function(lambda x: layer(x, training=False))(x))
+    np.testing.assert_allclose(graph, eager, rtol=1e-5, atol=1e-5)
+    assert bool(tf_backend._selections) == compiled
+
+
 # --- The training selection (native) --------------------------------------
 
 
