@@ -272,3 +272,22 @@ def test_the_int8_full_path_is_an_integer_dot(rng):
     np.testing.assert_allclose(
         outputs[mask], full[mask], rtol=1e-5, atol=1e-5
     )
+
+
+def test_one_int8_row_is_computed_as_two(rng):
+    """XLA's int8 matrix-vector product is ~20x slower than its two-row
+    product: a single row gets a zero row added, with the same values."""
+    import jax
+
+    layer = MIDL(UNITS, k_ratio=0.5, inference_path="masked")
+    x = rng.normal(size=(3, INPUT_DIM)).astype("float32")
+    layer.build(x.shape)
+    layer.quantize("int8")
+    jaxpr = str(jax.make_jaxpr(_stateless(layer))(x[:1]))
+    assert "concatenate" in jaxpr and "preferred_element_type=int32" in jaxpr
+    np.testing.assert_allclose(
+        as_numpy(_stateless(layer)(x[:1])),
+        as_numpy(_stateless(layer)(x))[:1],
+        rtol=1e-6,
+        atol=1e-6,
+    )

@@ -120,16 +120,14 @@ TRACED_AUTO_RULES = {
 # 4096, JAX gathered 4.4-10 ms against masked 19-23 ms at 1-4 rows,
 # TensorFlow 5.0 against 8.2 ms at one row and 15 against 9 ms at four;
 # at 1024 x 1024 within noise. Since JAX's masked int8 path is XLA's int8
-# dot (`MIDL._int8_full_path`) it takes 1.8-2.2 ms at 2-4 rows there,
-# against 5-11 ms gathered; at one row XLA's int8 matrix-vector product
-# is slow (about 18 ms) and gathering stays faster. Current timings:
-# benchmarks/results/latency/latency_int8.md (latency_int8_jax.md since
-# the int8 dot).
+# dot (`midl._int8_dot_jax`) it is faster than gathering at every batch
+# size there (1.5-2.2 ms at 2-4 rows against 5-11 ms gathered): JAX has
+# no rule. Current timings: benchmarks/results/latency/latency_int8.md,
+# latency_int8_jax.md for JAX since the int8 dot.
 TRACED_INT8_AUTO_RULES = {
     "tensorflow": AutoRule(
         max_rows=1, min_weights=4096 * 4096, max_k_ratio=0.45
     ),
-    "jax": AutoRule(max_rows=1, min_weights=4096 * 4096, max_k_ratio=0.45),
 }
 # Rows of `W^T` gathered per step inside a trace (`gathered_full_path`).
 TRACED_CHUNKS = {"tensorflow": gathered.CHUNK_ROWS, "jax": gathered.CHUNK_ROWS}
