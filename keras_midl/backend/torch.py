@@ -1,7 +1,8 @@
 """PyTorch: the native kernel (with an autograd function where gradients
 are recorded), `torch.compile` of the gathered path where the native
-kernel cannot run, and the training selection and straight-through mix
-in C (eager calls)."""
+kernel cannot run, and the selection and straight-through mix in C (the
+operators `keras_midl::topk_mask` and `keras_midl::mix`, eager and under
+`torch.compile`)."""
 
 import types
 import warnings

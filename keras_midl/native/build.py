@@ -3,7 +3,10 @@
 `select_gather.c` is compiled once per machine by the system C compiler
 (`$CC`, which may hold arguments, e.g. `CC="clang -m64"`; else `cc`, `gcc`
 or `clang`), with AVX2 and FMA where the CPU reports them, and loaded with
-`ctypes`. The library is cached in a folder only its user can write:
+`ctypes`. On JAX it is also linked with `jax_ffi.cc` (the training
+selection as an XLA FFI handler) by the C++ compiler (`$CXX`, else
+`c++`, `g++` or `clang++`) against the installed jaxlib's headers. The
+libraries are cached in a folder only their user can write:
 
 * `$KERAS_MIDL_CACHE` if set, else `$XDG_CACHE_HOME/keras_midl`, else
   `~/.cache/keras_midl`;

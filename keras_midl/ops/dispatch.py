@@ -475,8 +475,10 @@ class _Selection:
 
 def training_topk_mask(scores, k, method):
     """The training selection, `topk_mask(scores, k, method,
-    check_ties_first=True)`, compiled where the backend gains from it (XLA
-    on TensorFlow), with no gradient.
+    check_ties_first=True)`, with no gradient: the native kernel's (the
+    same mask) where it runs on a CPU (torch; TensorFlow eager and in
+    graphs without XLA; JAX as an XLA FFI call), else compiled where the
+    backend gains from it (XLA on TensorFlow).
 
     Returns:
         Float32 tensor of the shape of `scores` holding 0s and 1s.
@@ -508,8 +510,8 @@ def inference_topk_mask(scores, k, method, check_ties_first):
 
 def straight_through_mix(mask, logits, full, light, temperature):
     """`keras_midl.ops.straight_through_mix`, in the native kernel where
-    it runs (eager torch: a forward and a backward of one C pass each),
-    else in `keras.ops`."""
+    it runs (torch, eager and under `torch.compile`: a forward and a
+    backward of one C pass each), else in `keras.ops`."""
     outputs = backends.current().native_mix(
         mask, logits, full, light, temperature
     )
