@@ -718,7 +718,10 @@ def test_auto_runs_the_native_int8_kernel_up_to_a_batch_block(
 ):
     """For an int8 layer `auto` takes the native kernel in eager calls up
     to `NATIVE_INT8_MAX_ROWS` rows, whatever the layer's size (the float
-    rule would run this small layer masked)."""
+    rule would run this small layer masked); on JAX for one row only,
+    where its compiled masked call (XLA's int8 dot) is faster."""
+    if BACKEND == "jax" and rows > 1:
+        native_expected = False
     layer = MIDL(UNITS, k_ratio=0.25, inference_path="auto")
     layer.build((None, INPUT_DIM))
     assert not dispatch.use_gathered_path(rows, INPUT_DIM, UNITS, 0.25)

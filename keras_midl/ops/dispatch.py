@@ -101,6 +101,12 @@ NATIVE_AUTO_RULES = {
 # it applies to, up to the 64 rows of one batch block (measured at 1-8
 # rows, d = n in {1024, 4096, 8192}; 9-64 rows were not measured).
 NATIVE_INT8_MAX_ROWS = 64
+# Except on JAX, whose compiled masked int8 call (XLA's int8 dot,
+# `midl._int8_dot_jax`) took 2.0-2.9 ms at 2-8 rows of a 4096 x 4096
+# layer against the native kernel's 2.7-4.7 ms in eager calls, and
+# 4.9-8.9 against 6.1-12.5 ms at 8192 (latency_int8_jax.md): the native
+# kernel there for one row only.
+NATIVE_INT8_MAX_ROWS_BY_BACKEND = {"jax": 1}
 # Where the chunked `keras.ops` gathered path beat the masked one inside a
 # trace (the same grid, traced rows): on TensorFlow one row from d = n =
 # 4096 at k_ratio 0.25 (1.27-1.46x; at 0.45, 0.90-0.98x); on JAX 1-2 rows
@@ -258,9 +264,12 @@ def native_auto_gathers(layer, rows):
     """Whether an eager `inference_path="auto"` call on `rows` rows (`None`:
     unknown) runs the native kernel, where it applies: by
     `NATIVE_AUTO_RULES`, or for an int8 layer up to `NATIVE_INT8_MAX_ROWS`
-    rows."""
+    rows (`NATIVE_INT8_MAX_ROWS_BY_BACKEND` where it differs)."""
     if layer.quantization_mode == "int8":
-        return rows is not None and 1 <= rows <= NATIVE_INT8_MAX_ROWS
+        max_rows = NATIVE_INT8_MAX_ROWS_BY_BACKEND.get(
+            keras.backend.backend(), NATIVE_INT8_MAX_ROWS
+        )
+        return rows is not None and 1 <= rows <= max_rows
     return use_gathered_path(
         rows, layer.input_dim, layer.units, layer.k_ratio
     )
