@@ -304,23 +304,12 @@ def jax_ffi_library(include_dir):
     from JAX's FFI headers in `include_dir` and cached as `library()`
     is; `None` where native kernels are off or where it could not be
     built or safely loaded (one warning)."""
-    if not config.native_kernels_enabled():
-        return None
-    if "jax_ffi" not in _state:
-        try:
-            _state["jax_ffi"] = _build_jax_ffi(include_dir)
-        except Exception as error:  # no compiler, build or load failure
-            _state["jax_ffi"] = None
-            warnings.warn(
-                "keras_midl: the native training selection is not used on "
-                f"JAX ({type(error).__name__}: {error}); MIDL trains with "
-                "its keras.ops selection (the same mask, slower). Call "
-                "keras_midl.config.disable_native_kernels() or set "
-                f"{config.COMPILE_ENV}=0 to skip building it.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return _state["jax_ffi"]
+    return _built_once(
+        "jax_ffi",
+        lambda: _build_jax_ffi(include_dir),
+        "the native training selection is not used on JAX",
+        "MIDL trains with its keras.ops selection (the same mask, slower)",
+    )
 
 
 def library():
@@ -328,23 +317,34 @@ def library():
     `None` where native kernels are off
     (`keras_midl.config.native_kernels_enabled()`) or where it could not
     be built or safely loaded (one warning)."""
+    return _built_once(
+        "library",
+        _build,
+        "the native kernel is not used",
+        "MIDL runs its keras.ops path",
+    )
+
+
+def _built_once(name, build, not_used, fallback):
+    """`build()`'s library, kept in `_state[name]`; `None` where native
+    kernels are off, or after one warning (`not_used (error); fallback.`)
+    where it fails (no compiler, a build or load failure)."""
     if not config.native_kernels_enabled():
         return None
-    if "library" not in _state:
+    if name not in _state:
         try:
-            _state["library"] = _build()
+            _state[name] = build()
         except Exception as error:  # no compiler, build or load failure
-            _state["library"] = None
+            _state[name] = None
             warnings.warn(
-                "keras_midl: the native kernel is not used "
-                f"({type(error).__name__}: {error}); MIDL runs its "
-                "keras.ops path. Call "
+                f"keras_midl: {not_used} ({type(error).__name__}: "
+                f"{error}); {fallback}. Call "
                 "keras_midl.config.disable_native_kernels() or set "
                 f"{config.COMPILE_ENV}=0 to skip building it.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-    return _state["library"]
+    return _state[name]
 
 
 def loaded_library():

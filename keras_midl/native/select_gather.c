@@ -510,10 +510,12 @@ static uint32_t kth_largest_key(const uint32_t *keys, int64_t n, int64_t k,
 }
 
 /* One row's scores as `topk_mask` ranks them (NaN as -inf, subnormals as
- * zero) into `clean`, and their k-th largest; `*above` is set to the
- * number of scores above it. `keys`: 2 * units keys of scratch. */
+ * zero) into `clean`, and their k-th largest; `*above` and `*at_least`
+ * are set to the numbers of scores above it and at least as large, in one
+ * pass. `keys`: 2 * units keys of scratch. */
 static float row_threshold(const float *logits, int64_t units, int64_t k,
-                           float *clean, uint32_t *keys, int64_t *above) {
+                           float *clean, uint32_t *keys, int64_t *above,
+                           int64_t *at_least) {
   for (int64_t j = 0; j < units; ++j) {
     float v = logits[j];
     if (isnan(v)) v = -INFINITY;
@@ -523,9 +525,13 @@ static float row_threshold(const float *logits, int64_t units, int64_t k,
   }
   const float threshold =
       key_to_float(kth_largest_key(keys, units, k, keys + units));
-  int64_t count = 0;
-  for (int64_t j = 0; j < units; ++j) count += clean[j] > threshold;
-  *above = count;
+  int64_t count_above = 0, count_at_least = 0;
+  for (int64_t j = 0; j < units; ++j) {
+    count_above += clean[j] > threshold;
+    count_at_least += clean[j] >= threshold;
+  }
+  *above = count_above;
+  *at_least = count_at_least;
   return threshold;
 }
 
@@ -534,10 +540,10 @@ static float row_threshold(const float *logits, int64_t units, int64_t k,
 static void select_row(const float *logits, int64_t units, int64_t k,
                        int64_t *selected, float *scratch) {
   float *clean = scratch;
-  int64_t above;
+  int64_t above, at_least;
   const float threshold =
       row_threshold(logits, units, k, clean,
-                    (uint32_t *)(scratch + units), &above);
+                    (uint32_t *)(scratch + units), &above, &at_least);
   int64_t tied_needed = k - above, slot = 0;
   for (int64_t j = 0; j < units && slot < k; ++j) {
     if (clean[j] > threshold) {
@@ -557,12 +563,10 @@ void midl_topk_mask(const float *scores, int64_t count, int64_t units,
   float *clean = scratch;
   for (int64_t b = 0; b < count; ++b) {
     float *out = mask + b * units;
-    int64_t above;
+    int64_t above, at_least;
     const float threshold =
         row_threshold(scores + b * units, units, k, clean,
-                      (uint32_t *)(scratch + units), &above);
-    int64_t at_least = 0;
-    for (int64_t j = 0; j < units; ++j) at_least += clean[j] >= threshold;
+                      (uint32_t *)(scratch + units), &above, &at_least);
     if (at_least == k) { /* no tie to break: one vectorized pass */
       for (int64_t j = 0; j < units; ++j) {
         out[j] = clean[j] >= threshold ? 1.0f : 0.0f;
