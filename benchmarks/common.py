@@ -377,18 +377,29 @@ def block(value):
     return value
 
 
-def interleaved_medians(candidates, warmup=0, repeats=10):
+def interleaved_medians(candidates, warmup=0, repeats=10, rest=1.0):
     """Median seconds of each callable, run in turn after a warm-up.
+
+    After each timed round the process sleeps `rest` times the round's
+    duration. A benchmark that never sleeps keeps one core busy, and on a
+    2-core machine its own thread alone lifts the 1-minute load average
+    to about 1, the level above which a timing is not evidence; resting
+    as long as it works holds that reading near 0.5, so what the load
+    records is the machine's other work.
 
     Args:
         candidates: Dict `name -> zero-argument callable`.
         warmup: Rounds run first and discarded (compilation, caches).
         repeats: Timed rounds; each round runs every candidate once, in
             a rotating order, so slow phases of a shared machine hit all.
+        rest: Sleep after each timed round, as a multiple of its
+            duration; 0 never sleeps.
 
     Returns:
         Dict `name -> median seconds`.
     """
+    if rest < 0:
+        raise ValueError(f"`rest` must be >= 0. Received: rest={rest!r}")
     names = list(candidates)
     for _ in range(warmup):
         for name in names:
@@ -396,10 +407,13 @@ def interleaved_medians(candidates, warmup=0, repeats=10):
     times = {name: [] for name in names}
     for round_index in range(repeats):
         shift = round_index % len(names)
+        round_start = time.perf_counter()
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
             block(candidates[name]())
             times[name].append(time.perf_counter() - start)
+        if rest:
+            time.sleep(rest * (time.perf_counter() - round_start))
     return {name: statistics.median(values) for name, values in times.items()}
 
 

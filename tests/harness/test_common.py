@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -92,6 +93,25 @@ def test_interleaved_medians_runs_every_candidate():
     assert set(medians) == {"a", "b"}
     assert calls == {"a": 5, "b": 5}
     assert all(value >= 0 for value in medians.values())
+
+
+def test_interleaved_medians_rests_as_long_as_it_works():
+    def work():
+        time.sleep(0.01)
+
+    start = time.perf_counter()
+    common.interleaved_medians({"a": work, "b": work}, repeats=3, rest=1.0)
+    elapsed = time.perf_counter() - start
+    # 3 rounds of two 10 ms calls, then as long again asleep: >= 120 ms.
+    assert elapsed >= 0.12
+    start = time.perf_counter()
+    common.interleaved_medians({"a": work, "b": work}, repeats=3, rest=0)
+    assert time.perf_counter() - start < elapsed
+
+
+def test_interleaved_medians_rejects_a_negative_rest():
+    with pytest.raises(ValueError, match="rest=-1"):
+        common.interleaved_medians({"a": lambda: None}, rest=-1)
 
 
 @pytest.mark.parametrize("threads", [0, 1, 4])

@@ -63,9 +63,9 @@ def test_finish_rows_flag_targets_and_load():
         {**row, "variant": "MIDL", "ratio_to_dense": 1.0,
          "ratio_to_best_dense": 1.25},
         {**row, "variant": "MIDL", "ratio_to_dense": 1.0,
-         "ratio_to_best_dense": 1.35, "load_after": 2.5},
+         "ratio_to_best_dense": 1.35, "load_after": 1.1},
     ]}}
-    dense, met, missed = training_step.finish_rows(outputs, threads=1)
+    dense, met, missed = training_step.finish_rows(outputs)
     assert dense["target_met"] is None and dense["valid"] == "yes"
     assert met["target"] == 1.3 and met["target_met"] == "yes"
     assert missed["target_met"] == "no" and missed["valid"] == "no (load)"
