@@ -132,6 +132,47 @@ def load_average():
         return None
 
 
+# A timing is evidence only if the 1-minute load average read before and
+# after it is at most this, per thread the benchmark runs (the project's
+# standard on its 2-core machines; `load_limit`).
+LOAD_LIMIT = 1.0
+# Before each group of timings, `wait_for_quiet` waits for the load to
+# fall to this: the group's warm-up (compilation, building models) keeps
+# a core busy and lifts it.
+QUIET_LOAD = 0.5
+
+
+def load_limit(threads):
+    """The highest load average at which a timing on `threads` threads is
+    evidence: `LOAD_LIMIT` per thread (`threads=0`, the backends' default
+    threading, counts every CPU)."""
+    return LOAD_LIMIT * max(threads or os.cpu_count() or 1, 1)
+
+
+def load_valid(loads, threads=1):
+    """Whether every reading in `loads` is known and at most
+    `load_limit(threads)`."""
+    limit = load_limit(threads)
+    return all(load is not None and load <= limit for load in loads)
+
+
+def wait_for_quiet(limit=QUIET_LOAD, timeout=180.0, poll=5.0):
+    """Sleeps until the 1-minute load average is at most `limit`, or for
+    `timeout` seconds; returns the last reading (`None` where the load
+    cannot be read, at once).
+
+    Call it after a group's warm-up and before its timings, and record
+    what it returns as the load before: a busy machine shows in that
+    reading, and the group is flagged (`load_valid`).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        load = load_average()
+        if load is None or load <= limit or time.monotonic() >= deadline:
+            return load
+        time.sleep(poll)
+
+
 def environment():
     """Metadata for a result file: command, backend, versions, machine, date.
 

@@ -46,8 +46,11 @@ leaves the backends' default threading.
 
 The 1-minute load average is read before and after each group of
 measurements (one `d` and batch); a group is flagged not valid when either
-reading exceeds `1 + threads` (the benchmark's own threads count in the
-load average; a reading above that means another job ran).
+reading exceeds 1 per thread (`common.load_valid`). After a group's
+warm-up the benchmark waits for the load to fall to 0.5
+(`common.wait_for_quiet`), and its timing loop rests as long as it
+works, so its own thread adds about 0.5: a higher reading means another
+job ran.
 Compilation (the native kernel once, about 1 s; `jax.jit`, `tf.function`)
 happens during the warm-up, before any timing: with `--wait-for FILE` each child
 compiles everything, creates `FILE.ready`, and starts timing only once
@@ -323,13 +326,10 @@ def measure_group(group, repeats, threads):
     d, batch = group["d"], group["batch"]
     for call in group["calls"].values():  # one more warm round
         block(call())
-    load_before = load_average()
+    load_before = common.wait_for_quiet()
     medians = interleaved_medians(group["calls"], repeats=repeats)
     load_after = load_average()
-    valid = all(
-        load is not None and load <= 1 + max(threads, 1)
-        for load in (load_before, load_after)
-    )
+    valid = common.load_valid((load_before, load_after), threads)
 
     def ratio(numerator, denominator):
         if numerator is None or denominator is None:
@@ -475,7 +475,7 @@ def measure_e2e(e2e, repeats, threads, width):
     backend = keras.backend.backend()
     for call in e2e["calls"].values():
         block(call())
-    load_before = load_average()
+    load_before = common.wait_for_quiet()
     medians = interleaved_medians(e2e["calls"], repeats=repeats)
     load_after = load_average()
     rows = []
@@ -499,10 +499,7 @@ def measure_e2e(e2e, repeats, threads, width):
                 "dense_over_midl": dense_s / midl_s,
                 "load_before": load_before,
                 "load_after": load_after,
-                "valid": all(
-                    load is not None and load <= 1 + max(threads, 1)
-                    for load in (load_before, load_after)
-                ),
+                "valid": common.load_valid((load_before, load_after), threads),
             }
         )
     return rows
@@ -822,7 +819,8 @@ def write_rows(rows, metadata, args):
             "--gathered-max-mib MiB gathered per chunk; native kernel: "
             "batch 256 at d >= 4096, for time). Ratios above 1: MIDL "
             "faster. Ceiling: n*d / (k*d + r*(d + 2n)). Valid: both load "
-            "readings at most 1 + threads."
+            "readings at most 1 per thread (`common.load_valid`); each "
+            "group waits for the load to fall to 0.5 after its warm-up."
         ),
     )
     with open(stem + ".md", "a") as file:

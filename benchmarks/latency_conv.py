@@ -38,8 +38,9 @@ export recorded: the gathered path has per-example `Gather`s of the
 kernel). Every callable of a shape is timed in one interleaved round
 robin after two warm-up calls each (`common.interleaved_medians`, medians
 of `--repeats` rounds). The load average is read before and after each
-shape; a shape's timings are not valid when either reading exceeds
-`1 + threads`. Reported: milliseconds per call, Conv2D time / variant
+shape, after waiting for it to fall to 0.5 (`common.wait_for_quiet`);
+a shape's timings are not valid when either reading exceeds 1 per thread
+(`common.load_valid`). Reported: milliseconds per call, Conv2D time / variant
 time per backend and runtime, and the multiply-adds ratio (Conv2D over
 the MIDL layer's, gate and light path included), the ceiling at equal
 speed per multiply-add.
@@ -291,14 +292,13 @@ def measure(shape, args, folder):
         block(call())
         block(call())
     named = {f"{v} | {r}": call for (v, r), call in calls.items()}
-    load_before = load_average()
+    load_before = common.wait_for_quiet()
     medians = interleaved_medians(named, repeats=args.repeats)
     load_after = load_average()
     counts = {name: multiply_adds(model) for name, model in models.items()}
     ks = {name: int(model.layers[-1].k) for name, model in models.items()
           if hasattr(model.layers[-1], "k")}
-    valid = all(load is not None and load <= 1 + max(args.threads, 1)
-                for load in (load_before, load_after))
+    valid = common.load_valid((load_before, load_after), args.threads)
     rows = []
     for runtime in runtimes_of(backend):
         present = [v for v in models if (v, runtime) in calls]

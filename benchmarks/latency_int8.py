@@ -28,7 +28,9 @@ float Dense reads `4 * d * n`. At equal bytes per second the speed-up is
 `4 d n / (k d + 4 r (d + 2 n))`, about 7x at d = n = 4096.
 
 The load average is read before and after each group; a group is not
-valid when either reading exceeds `1 + threads`.
+valid when either reading exceeds 1 per thread (`common.load_valid`).
+Before its timings each group waits for the load to fall to 0.5 after
+its warm-up (`common.wait_for_quiet`).
 
 Usage:
 
@@ -177,7 +179,7 @@ def measure(d, batch, models, repeats, threads, eager_models=None):
         block(call())
         block(call())
     named = {f"{m} | {c}": call for (m, c), call in calls.items()}
-    load_before = load_average()
+    load_before = common.wait_for_quiet()
     medians = interleaved_medians(named, repeats=repeats)
     load_after = load_average()
     layer = models["float MIDL"].layers[0]
@@ -204,10 +206,7 @@ def measure(d, batch, models, repeats, threads, eager_models=None):
             "ceiling": ceiling(d, d, layer.k, layer.effective_rank),
             "load_before": load_before,
             "load_after": load_after,
-            "valid": all(
-                load is not None and load <= 1 + max(threads, 1)
-                for load in (load_before, load_after)
-            ),
+            "valid": common.load_valid((load_before, load_after), threads),
         })
     return rows
 
@@ -276,11 +275,14 @@ def write(outputs, args):
         "a trace on TensorFlow and JAX, where MIDL runs keras.ops only "
         "(no native kernel): the gathered path where "
         "`TRACED_INT8_AUTO_RULES` says so, else the masked path, whose "
-        "int8 matmul is summed in float32; on PyTorch it is eager. "
+        "int8 matmul is summed in float32 on TensorFlow and is XLA's "
+        "int8 dot on JAX; on PyTorch it is eager. "
         "Ceiling: float "
         "Dense's bytes over the int8 MIDL's (the selected int8 rows plus "
         "the float gate and light path), the speed-up at equal bytes per "
-        "second.",
+        "second. Each group waits for the load average to fall to "
+        f"{common.QUIET_LOAD:g} after its warm-up; valid: both readings at "
+        "most 1 per thread.",
     ]
     common.write_markdown(
         stem + ".md", rows, metadata, COLUMNS,

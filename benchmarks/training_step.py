@@ -49,8 +49,9 @@ The 1-minute load average is read before and after each group of
 timings. The timing loop rests as long as it works
 (`common.interleaved_medians`), so the benchmark's own thread holds that
 reading near 0.5 on a 2-core machine; a timing is evidence only if both
-readings are at most 1 (`LOAD_LIMIT`), and the result files flag the
-others as not valid.
+readings are at most 1 (`common.LOAD_LIMIT`); each group first waits
+for the load to settle after its warm-up (`common.wait_for_quiet`). The
+result files flag the others as not valid.
 
 Usage:
 
@@ -152,10 +153,11 @@ def timed_rows(calls, args, **labels):
     """Times `calls` interleaved (Dense among them); one row per call,
     with `labels`, its median, its ratio to Dense and the load average
     read before and after."""
-    before = common.load_average()
-    medians = common.interleaved_medians(
-        calls, warmup=args.warmup, repeats=args.repeats
-    )
+    for _ in range(args.warmup):
+        for call in calls.values():
+            common.block(call())
+    before = common.wait_for_quiet()
+    medians = common.interleaved_medians(calls, repeats=args.repeats)
     after = common.load_average()
     best = min(medians[name] for name in BASELINES if name in medians)
     return [
@@ -289,9 +291,6 @@ def run_children(args):
     )
 
 
-# Above this 1-minute load average, on 2 cores, a timing is not evidence.
-LOAD_LIMIT = 1.0
-
 TARGETS = {
     ("train_on_batch", "MLP 784-1024-1024-10"): 1.3,
     ("train_on_batch, jit_compile", "MLP 784-1024-1024-10"): 1.3,
@@ -300,13 +299,12 @@ TARGETS = {
 }
 
 
-def finish_rows(outputs):
+def finish_rows(outputs, threads=1):
     rows = []
-    limit = LOAD_LIMIT
     for backend, output in outputs.items():
         for row in output["rows"]:
             loads = [row["load_before"], row["load_after"]]
-            valid = all(load is not None and load <= limit for load in loads)
+            valid = common.load_valid(loads, threads)
             target = TARGETS.get((row["case"], row["model"]))
             met = None
             if row["variant"] == "MIDL" and target is not None:
@@ -350,7 +348,7 @@ def main(argv=None):
     metadata["children"] = {
         backend: output["metadata"] for backend, output in outputs.items()
     }
-    rows = finish_rows(outputs)
+    rows = finish_rows(outputs, args.threads)
     name = args.name + ("_jit" if args.jit_compile else "")
     stem = common.output_path(args.output, name)
     common.write_json(stem + ".json", rows, metadata,
@@ -367,8 +365,9 @@ def main(argv=None):
         "`Dense, W^T layout` (the same matmul in MIDL's kernel layout), "
         "MIDL's own overhead; targets apply to it. The timing loop "
         "rests as long as it works, so its own thread adds about 0.5 "
-        f"to the load average. Valid: both load readings at most "
-        f"{LOAD_LIMIT:g}.",
+        f"to the load average; each group waits for the load to fall to "
+        f"{common.QUIET_LOAD:g} after its warm-up. Valid: both load readings "
+        f"at most {common.LOAD_LIMIT:g}.",
         "Profile variants (`--profile`): `fixed mask` replaces the "
         "selection by a constant mask; `fixed mask, plain mix` also "
         "replaces the straight-through mix by a plain one with no "

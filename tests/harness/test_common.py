@@ -109,6 +109,40 @@ def test_interleaved_medians_rests_as_long_as_it_works():
     assert time.perf_counter() - start < elapsed
 
 
+@pytest.mark.parametrize(
+    "readings, expected, sleeps",
+    [([0.4], 0.4, 0), ([1.5, 0.9, 0.45], 0.45, 2), ([None], None, 0)],
+)
+def test_wait_for_quiet_waits_for_the_load_to_fall(
+    monkeypatch, readings, expected, sleeps
+):
+    readings = list(readings)
+    slept = []
+    monkeypatch.setattr(common, "load_average", lambda: readings.pop(0))
+    monkeypatch.setattr(common.time, "sleep", slept.append)
+    assert common.wait_for_quiet(limit=0.5, poll=5.0) == expected
+    assert slept == [5.0] * sleeps
+
+
+def test_wait_for_quiet_gives_up_after_its_timeout(monkeypatch):
+    monkeypatch.setattr(common, "load_average", lambda: 3.0)
+    monkeypatch.setattr(common.time, "sleep", lambda seconds: None)
+    assert common.wait_for_quiet(limit=0.5, timeout=0.0) == 3.0
+
+
+@pytest.mark.parametrize(
+    "loads, threads, valid",
+    [
+        ((0.5, 1.0), 1, True),
+        ((0.5, 1.01), 1, False),
+        ((None, 0.2), 1, False),
+        ((1.5, 1.9), 2, True),
+    ],
+)
+def test_load_valid_allows_one_per_thread(loads, threads, valid):
+    assert common.load_valid(loads, threads) is valid
+
+
 def test_interleaved_medians_rejects_a_negative_rest():
     with pytest.raises(ValueError, match="rest=-1"):
         common.interleaved_medians({"a": lambda: None}, rest=-1)
