@@ -413,10 +413,10 @@ def child_latency(args):
             for _ in range(10):
                 common.block(function(tensor))
             functions[key] = (lambda f, t: lambda: f(t))(function, tensor)
-        load_before = common.load_average()
+        load_before = common.wait_for_quiet()
         medians = common.interleaved_medians(functions, repeats=args.repeats)
         load_after = common.load_average()
-        busy = max(load_before or 0, load_after or 0) > 2.0
+        busy = not common.load_valid((load_before, load_after))
         for key, seconds in medians.items():
             rows.append({
                 "backend": keras.backend.backend(),
@@ -471,8 +471,9 @@ def run_latency(args):
         "inference function as in `benchmarks/latency.py` (jax.jit, "
         "tf.function, torch eager under no_grad). MIDL: the hidden Dense "
         "layers converted at k_ratio 0.45; int8: `model.quantize('int8')` "
-        "(the output Dense layer too). A measurement with a load average "
-        "above 2 (1 + the benchmark's own thread) before or after is not "
+        "(the output Dense layer too). Each backend's timings start once "
+        "the load average has fallen to 0.5 after the warm-up; a "
+        "measurement with a load average above 1 before or after is not "
         "reported. File: `model.save` of the "
         "uncompiled model (`.keras`, no optimizer state).",
     ]
