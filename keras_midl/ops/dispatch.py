@@ -77,14 +77,18 @@ class AutoRule(typing.NamedTuple):
 # latency.md: one thread, d = n in {1024, ..., 8192}, batch 1-256,
 # k_ratio 0.25-0.75) measured the eager native call faster than the
 # masked path in a compiled forward (an eager masked call also pays
-# Keras's eager layer call, so these rules lean towards masked):
-# * torch: 1-8 rows at every measured size;
-# * tensorflow: 1-8 rows from d = n = 4096 (one cell at 0.94x, k_ratio
-#   0.75, batch 1); at 1024 and 2048 the private tf.function's dispatch
-#   costs more than the kernel saves;
+# Keras's eager layer call, so these rules lean towards masked). First
+# measured on an AMD EPYC; the rerun on a Xeon (commit 56bf3a9) holds
+# them but for the cells named:
+# * torch: 1-8 rows at every measured size (one cell at 0.99x, 8192,
+#   k_ratio 0.75, batch 2);
+# * tensorflow: 1-8 rows from d = n = 4096 (two cells at 0.88-0.91x,
+#   k_ratio 0.75, batch 8); at 1024 and 2048 the eager call's overhead
+#   costs about what the kernel saves;
 # * jax: 1-2 rows from d = n = 4096 with k_ratio <= 0.45 (at 4096,
-#   batch 1, k_ratio 0.45, 0.83x of the compiled masked path, which an
-#   eager call does not reach either).
+#   k_ratio 0.45, 0.86x and 1.00x of the compiled masked path at 1 and 2
+#   rows in the rerun, 1.48x at one row in latency_target.md: JAX's
+#   timings move most between runs).
 NATIVE_AUTO_RULES = {
     "torch": AutoRule(max_rows=8, min_weights=1024 * 1024, max_k_ratio=0.75),
     "tensorflow": AutoRule(
