@@ -140,6 +140,11 @@ LOAD_LIMIT = 1.0
 # fall to this: the group's warm-up (compilation, building models) keeps
 # a core busy and lifts it.
 QUIET_LOAD = 0.5
+# How long it waits at most, in seconds. The environment variable
+# `QUIET_TIMEOUT_ENV` overrides it, in child processes too: the harness
+# tests set 0, as they time nothing that is reported.
+QUIET_TIMEOUT = 180.0
+QUIET_TIMEOUT_ENV = "KERAS_MIDL_BENCH_QUIET_TIMEOUT"
 
 
 def load_limit(threads):
@@ -156,15 +161,38 @@ def load_valid(loads, threads=1):
     return all(load is not None and load <= limit for load in loads)
 
 
-def wait_for_quiet(limit=QUIET_LOAD, timeout=180.0, poll=5.0):
+def quiet_timeout():
+    """`QUIET_TIMEOUT`, or the seconds set in `$KERAS_MIDL_BENCH_QUIET_TIMEOUT`.
+
+    Raises:
+        ValueError: If the variable is set but not a number >= 0.
+    """
+    value = os.environ.get(QUIET_TIMEOUT_ENV)
+    if value is None:
+        return QUIET_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(
+            f"${QUIET_TIMEOUT_ENV} must be a number of seconds >= 0. "
+            f"Received: {QUIET_TIMEOUT_ENV}={value!r}"
+        )
+    return seconds
+
+
+def wait_for_quiet(limit=QUIET_LOAD, timeout=None, poll=5.0):
     """Sleeps until the 1-minute load average is at most `limit`, or for
-    `timeout` seconds; returns the last reading (`None` where the load
-    cannot be read, at once).
+    `timeout` seconds (`None`: `quiet_timeout()`); returns the last
+    reading (`None` where the load cannot be read, at once).
 
     Call it after a group's warm-up and before its timings, and record
     what it returns as the load before: a busy machine shows in that
     reading, and the group is flagged (`load_valid`).
     """
+    if timeout is None:
+        timeout = quiet_timeout()
     deadline = time.monotonic() + timeout
     while True:
         load = load_average()

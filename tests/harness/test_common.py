@@ -120,7 +120,9 @@ def test_wait_for_quiet_waits_for_the_load_to_fall(
     slept = []
     monkeypatch.setattr(common, "load_average", lambda: readings.pop(0))
     monkeypatch.setattr(common.time, "sleep", slept.append)
-    assert common.wait_for_quiet(limit=0.5, poll=5.0) == expected
+    assert common.wait_for_quiet(limit=0.5, timeout=60.0, poll=5.0) == (
+        expected
+    )
     assert slept == [5.0] * sleeps
 
 
@@ -128,6 +130,30 @@ def test_wait_for_quiet_gives_up_after_its_timeout(monkeypatch):
     monkeypatch.setattr(common, "load_average", lambda: 3.0)
     monkeypatch.setattr(common.time, "sleep", lambda seconds: None)
     assert common.wait_for_quiet(limit=0.5, timeout=0.0) == 3.0
+
+
+@pytest.mark.parametrize(
+    "value, seconds", [(None, common.QUIET_TIMEOUT), ("0", 0.0), ("2.5", 2.5)]
+)
+def test_quiet_timeout_from_the_environment(monkeypatch, value, seconds):
+    if value is None:
+        monkeypatch.delenv(common.QUIET_TIMEOUT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(common.QUIET_TIMEOUT_ENV, value)
+    assert common.quiet_timeout() == seconds
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan"])
+def test_quiet_timeout_rejects_a_bad_value(monkeypatch, value):
+    monkeypatch.setenv(common.QUIET_TIMEOUT_ENV, value)
+    with pytest.raises(ValueError, match=common.QUIET_TIMEOUT_ENV):
+        common.quiet_timeout()
+
+
+def test_harness_tests_do_not_wait_for_a_quiet_machine():
+    # tests/harness/conftest.py: no test waits minutes for the load of a
+    # busy CI machine to fall, in process or in the children it starts.
+    assert common.quiet_timeout() == 0.0
 
 
 @pytest.mark.parametrize(
