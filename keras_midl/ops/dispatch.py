@@ -132,8 +132,8 @@ TRACED_AUTO_RULES = {
 # at 1024 x 1024 within noise. Since JAX's masked int8 path is XLA's int8
 # dot (`midl._int8_dot_jax`) it is faster than gathering at every batch
 # size there (1.5-2.2 ms at 2-4 rows against 5-11 ms gathered): JAX has
-# no rule. Current timings: benchmarks/results/latency/latency_int8.md,
-# latency_int8_jax.md for JAX since the int8 dot.
+# no rule. Current timings, every backend:
+# benchmarks/results/latency/latency_int8.md.
 TRACED_INT8_AUTO_RULES = {
     "tensorflow": AutoRule(
         max_rows=1, min_weights=4096 * 4096, max_k_ratio=0.45
