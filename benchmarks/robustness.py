@@ -1,4 +1,5 @@
-"""Robustness of MIDL against Dense and Dense + Dropout(0.5).
+"""Robustness of MIDL against Dense (same width and same cost) and Dense +
+Dropout(0.5).
 
 The paper claims MID-L is more robust "under overfitting and noisy data".
 Three experiments on MLPs of the same size, several seeds each:
@@ -14,7 +15,9 @@ Three experiments on MLPs of the same size, several seeds each:
    accuracy, test accuracy and their gap.
 
 Models (hidden sizes 512-256 by default, ReLU, softmax classifier):
-`dense` (Dense layers), `dropout` (Dense + Dropout(0.5) after each hidden
+`dense` (Dense layers), `iso_cost` (Dense layers narrowed to the MIDL
+model's inference multiply-adds, `iso_cost_hidden`: a user's real
+alternative to MIDL), `dropout` (Dense + Dropout(0.5) after each hidden
 layer) and `midl` (MIDL layers with the library defaults, k_ratio 0.5).
 The gates of the clean-label MIDL models are summarized with
 `keras_midl.analysis.summarize_gates`, and drawn for the first seed.
@@ -48,11 +51,12 @@ import numpy as np
 from benchmarks import common  # noqa: E402
 from benchmarks import datasets  # noqa: E402
 from keras_midl import MIDL  # noqa: E402
+from keras_midl import flops  # noqa: E402
 from keras_midl import gate_statistics  # noqa: E402
 from keras_midl.analysis import summarize_gates  # noqa: E402
 from keras_midl.plotting import save_gate_plots  # noqa: E402
 
-MODEL_KINDS = ("dense", "dropout", "midl")
+MODEL_KINDS = ("dense", "iso_cost", "dropout", "midl")
 # MIDL ranks of the hidden layers in the committed runs (the library's
 # default rank rule was clip(min(d, n) // 16, 4, 32) then; it is now a 10%
 # cost budget, which would give 22 and 12 here).
@@ -65,8 +69,23 @@ DEFAULT_DATA_DIR = os.path.join(
 )
 
 
+def iso_cost_hidden(input_dim, num_classes, hidden_units):
+    """Hidden widths of the `iso_cost` MLP: `hidden_units` scaled by one
+    factor to the inference multiply-adds of the `midl` MLP (gate, light
+    path and output layer included; `keras_midl.flops.iso_cost_units`)."""
+    midl = build_mlp("midl", input_dim, num_classes, hidden_units)
+    return flops.iso_cost_units(
+        input_dim,
+        hidden_units,
+        flops.model_multiply_adds(midl),
+        output_units=num_classes,
+    )
+
+
 def build_mlp(kind, input_dim, num_classes, hidden_units):
-    """The MLP of one kind: `dense`, `dropout` or `midl`."""
+    """The MLP of one kind: `dense`, `iso_cost`, `dropout` or `midl`."""
+    if kind == "iso_cost":
+        hidden_units = iso_cost_hidden(input_dim, num_classes, hidden_units)
     layers = [keras.Input((input_dim,))]
     for index, units in enumerate(hidden_units):
         name = f"hidden_{index}"
@@ -267,6 +286,18 @@ def main(argv=None):
         kind: Runner(kind, input_dim, num_classes, tuple(args.hidden), args.lr)
         for kind in MODEL_KINDS
     }
+    # Inference multiply-adds per example of each model (whether or not
+    # it runs: `MODEL_KINDS` may be narrowed).
+    midl_cost, dense_cost, iso_cost = (
+        flops.model_multiply_adds(
+            build_mlp(kind, input_dim, num_classes, tuple(args.hidden))
+        )
+        for kind in ("midl", "dense", "iso_cost")
+    )
+    iso_hidden = "-".join(
+        str(u)
+        for u in iso_cost_hidden(input_dim, num_classes, tuple(args.hidden))
+    )
     total = len(seeds) * len(MODEL_KINDS) * (len(args.label_noise) + 1)
     progress = common.Progress(total, label=f"robustness {args.dataset}")
 
@@ -349,6 +380,10 @@ def main(argv=None):
     metadata = common.environment()
     settings = {key: value for key, value in vars(args).items()}
     settings["data_source"] = data.source
+    settings["iso_cost_hidden"] = iso_hidden
+    settings["multiply_adds"] = {
+        "dense": dense_cost, "iso_cost": iso_cost, "midl": midl_cost,
+    }
     settings["load_average_before"] = load_before
     settings["load_average_after"] = load_average()
     settings["gate_subset"] = (
@@ -417,12 +452,16 @@ def main(argv=None):
 
     hidden = "-".join(str(u) for u in args.hidden)
     body = "\n".join([
-        f"# Robustness on {args.dataset}: Dense vs Dense + Dropout(0.5) vs "
-        "MIDL\n",
+        f"# Robustness on {args.dataset}: Dense (same width, same cost) vs "
+        "Dense + Dropout(0.5) vs MIDL\n",
         f"MLP {input_dim}-{hidden}-{num_classes}, Adam lr {args.lr}, batch "
         f"{args.batch_size}; mean ± std over {len(seeds)} seeds. MIDL: "
         "library defaults (k_ratio 0.5), ranks "
-        f"{', '.join(str(r) for r in MIDL_RANKS[: len(args.hidden)])}.\n",
+        f"{', '.join(str(r) for r in MIDL_RANKS[: len(args.hidden)])}; "
+        f"{midl_cost:,} inference multiply-adds per example against "
+        f"{dense_cost:,} for `dense`. `iso_cost`: Dense of hidden widths "
+        f"{iso_hidden}, {iso_cost:,} multiply-adds (the MIDL model's cost, "
+        "gate and light path included).\n",
         f"## Symmetric label noise ({args.train_size} training examples, "
         f"{args.epochs} epochs)\n",
         label_table + "\n",

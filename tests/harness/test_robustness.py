@@ -74,3 +74,46 @@ def test_gate_subset_larger_than_the_split_takes_all():
     labels = np.repeat(np.arange(3), 2)
     index = robustness.gate_subset(labels, 100)
     np.testing.assert_array_equal(np.sort(index), np.arange(6))
+
+
+@pytest.mark.parametrize(
+    "input_dim, hidden",
+    [(784, (512, 256)), (3072, (512, 256)), (784, (1024, 512))],
+)
+def test_iso_cost_mlp_costs_at_most_the_midl_mlp(input_dim, hidden):
+    midl = robustness.flops.model_multiply_adds(
+        robustness.build_mlp("midl", input_dim, 10, hidden)
+    )
+    iso = robustness.build_mlp("iso_cost", input_dim, 10, hidden)
+    widths = robustness.iso_cost_hidden(input_dim, 10, hidden)
+    assert [layer.units for layer in iso.layers[:-1]] == list(widths)
+    # MIDL at k_ratio 0.5 costs less than the Dense of its width.
+    assert all(w < h for w, h in zip(widths, hidden))
+    cost = robustness.flops.model_multiply_adds(iso)
+    # At most the MIDL model's cost, and within one unit's worth of it.
+    assert midl - (input_dim + hidden[-1] + 10) <= cost <= midl
+
+
+def test_every_model_kind_is_reported(tmp_path, rng, monkeypatch):
+    write_sorted_mnist(tmp_path / "data", rng)
+    monkeypatch.setattr(robustness, "save_gate_plots", lambda *a, **k: None)
+    output = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [
+        "robustness", "--data-dir", str(tmp_path / "data"), "--seeds", "1",
+        "--hidden", "8", "4", "--train-size", "30", "--epochs", "1",
+        "--label-noise", "0", "--sigmas", "0", "--small-size", "20",
+        "--small-epochs", "1", "--batch-size", "10", "--gate-examples", "20",
+        "--output", str(output),
+    ])
+    robustness.main()
+    payload = json.loads((output / "robustness.json").read_text())
+    assert [row["model"] for row in payload["rows"]] == list(
+        robustness.MODEL_KINDS
+    )
+    assert [row["model"] for row in payload["small_data"]] == list(
+        robustness.MODEL_KINDS
+    )
+    costs = payload["settings"]["multiply_adds"]
+    # (MIDL layers this small cost more than Dense: iso_cost is wider.)
+    assert costs["dense"] < costs["iso_cost"] <= costs["midl"]
+    assert "| iso_cost |" in (output / "robustness.md").read_text()
