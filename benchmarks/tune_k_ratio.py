@@ -8,12 +8,14 @@ training set,
 
 where `flops_fraction` is the model's inference multiply-adds (MIDL's gate
 and light path included) over those of the same model with a Dense hidden
-layer. The same Dense model is trained as the baseline. Prints one row per
-trial and writes `tune_k_ratio.json`, a Markdown table (`.md`) and a plot
-of accuracy against FLOPs (`.png`) to `--output` (default: a folder outside
-the repository; `--output benchmarks/results/tune_k_ratio` updates the
-committed results). The short version a user copies is
-`examples/tune_k_ratio.py`.
+layer. Two Dense baselines are trained the same way: the model of the
+same width, and for each MIDL trial cheaper than it, a narrower Dense of
+the trial's inference cost (`iso_cost_units`: what a user would train
+instead). Prints one row per trial and writes `tune_k_ratio.json`, a
+Markdown table (`.md`) and a plot of accuracy against FLOPs (`.png`) to
+`--output` (default: a folder outside the repository; `--output
+benchmarks/results/tune_k_ratio` updates the committed results). The
+short version a user copies is `examples/tune_k_ratio.py`.
 
 MNIST comes from `--data-dir` (default: `../shared/datasets` beside the
 project when it exists, else `$KERAS_MIDL_DATA_DIR`, else TensorFlow
@@ -39,6 +41,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks import datasets
 from keras_midl import MIDL
+from keras_midl import flops
 from keras_midl import tuning
 
 SHARED_DATA = os.path.join(os.path.dirname(common.ROOT), "shared", "datasets")
@@ -155,7 +158,9 @@ class RunRecorder(keras.callbacks.Callback):
         (midl,) = [
             layer for layer in self.model.layers if isinstance(layer, MIDL)
         ]
-        self.runs.append({"k_ratio": midl.k_ratio, "epochs": []})
+        self.runs.append(
+            {"k_ratio": midl.k_ratio, "units": midl.units, "epochs": []}
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         self.runs[-1]["epochs"].append(dict(logs or {}))
@@ -198,12 +203,13 @@ def best_accuracy(run):
     return max(epoch["val_accuracy"] for epoch in run["epochs"])
 
 
-def train_dense_baseline(args, data):
-    """Best-epoch validation accuracies of the Dense model, one per run."""
+def train_dense(args, data, units):
+    """Best-epoch validation accuracies of the Dense model of `units`
+    hidden units, one per run."""
     (x, y), validation, _, _ = data
     accuracies = []
     for _ in range(args.executions):
-        model = make_model(keras.layers.Dense(args.units, activation="relu"))
+        model = make_model(keras.layers.Dense(units, activation="relu"))
         history = model.fit(
             x,
             y,
@@ -244,6 +250,7 @@ def trial_rows(tuner, recorder, executions):
                 "model": "MIDL",
                 "trial": trial.trial_id,
                 "k_ratio": k_ratio,
+                "units": runs[0]["units"],
                 "epochs": len(runs[0]["epochs"]),
                 "val_accuracy": accuracy,
                 "val_accuracy_std": accuracy_std,
@@ -257,19 +264,96 @@ def trial_rows(tuner, recorder, executions):
     return rows
 
 
+def dense_row(args, data, units, k_ratio=None):
+    """The row of a Dense model of `units` hidden units (`k_ratio`: the
+    MIDL trial whose cost it matches, or `None`)."""
+    accuracies = train_dense(args, data, units)
+    accuracy, accuracy_std = mean_std(accuracies)
+    fraction = dense_model_cost(units) / dense_model_cost(args.units)
+    return {
+        "model": "Dense" if k_ratio is None else "Dense, same cost",
+        "trial": None,
+        "k_ratio": k_ratio,
+        "units": units,
+        "epochs": args.epochs,
+        "val_accuracy": accuracy,
+        "val_accuracy_std": accuracy_std,
+        "val_accuracies": accuracies,
+        "flops_fraction": fraction,
+        "flops_saving": 1.0 / fraction,
+        "objective": accuracy - args.lam * fraction,
+        "best": False,
+    }
+
+
+def dense_model_cost(units):
+    """Inference multiply-adds of 784 -> Dense(units) -> Dense(10)."""
+    return flops.dense_stack_multiply_adds(784, [units], output_units=10)
+
+
+def iso_cost_dense_units(units, flops_fraction):
+    """Hidden units of the Dense model that costs `flops_fraction` of the
+    Dense model of `units` (at most that, `keras_midl.flops.iso_cost_units`).
+    """
+    budget = flops_fraction * dense_model_cost(units)
+    (iso,) = flops.iso_cost_units(784, [units], budget, output_units=10)
+    return iso
+
+
+def iso_cost_rows(args, data, midl_rows):
+    """For each MIDL trial cheaper than the Dense model, the row of the
+    narrower Dense of the trial's cost, right after it."""
+    rows = []
+    for row in midl_rows:
+        rows.append(row)
+        if row["flops_fraction"] < 1.0:
+            units = iso_cost_dense_units(args.units, row["flops_fraction"])
+            rows.append(dense_row(args, data, units, row["k_ratio"]))
+    return rows
+
+
+def iso_cost_comparison(rows):
+    """One sentence comparing the best MIDL trial with the narrower Dense
+    of its cost, and the best objectives of MIDL and of those Dense."""
+    midl = [r for r in rows if r["model"] == "MIDL"]
+    iso = [r for r in rows if r["model"] == "Dense, same cost"]
+    best = [r for r in midl if r["best"]]
+    if not best or not iso:
+        return "No MIDL trial cheaper than the Dense model: no same-cost Dense."
+    (best,) = best
+    paired = [r for r in iso if r["k_ratio"] == best["k_ratio"]]
+    best_iso = max(iso, key=lambda r: r["objective"])
+    text = []
+    if paired:
+        (paired,) = paired
+        delta = 100 * (best["val_accuracy"] - paired["val_accuracy"])
+        text.append(
+            f"The best trial (k_ratio {best['k_ratio']:.2f}) is "
+            f"{delta:+.2f} points of validation accuracy against the Dense "
+            f"of its cost ({paired['units']} hidden units)."
+        )
+    text.append(
+        f"Best objective: MIDL {best['objective']:.4f} (k_ratio "
+        f"{best['k_ratio']:.2f}), narrower Dense {best_iso['objective']:.4f} "
+        f"({best_iso['units']} hidden units, the cost of k_ratio "
+        f"{best_iso['k_ratio']:.2f})."
+    )
+    return " ".join(text)
+
+
 def format_table(rows):
     header = (
-        "| model | k_ratio | val accuracy (mean ± std) | FLOPs vs Dense "
-        "| saving | objective |"
+        "| model | k_ratio | hidden units | val accuracy (mean ± std) "
+        "| FLOPs vs Dense | saving | objective |"
     )
-    lines = [header, "|---|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         k_ratio = "—" if row["k_ratio"] is None else f"{row['k_ratio']:.2f}"
         mark = " (best)" if row.get("best") else ""
         std = row["val_accuracy_std"]
         spread = "" if std is None else f" ± {std:.4f}"
         lines.append(
-            f"| {row['model']}{mark} | {k_ratio} "
+            f"| {row['model']}{mark} | {k_ratio} | {row['units']} "
             f"| {row['val_accuracy']:.4f}{spread} "
             f"| {row['flops_fraction']:.3f} | {row['flops_saving']:.2f}x "
             f"| {row['objective']:.4f} |"
@@ -288,7 +372,21 @@ def plot(rows, lam, path, title):
         key=lambda r: r["flops_fraction"],
     )
     dense = [r for r in rows if r["model"] == "Dense"]
+    iso = sorted(
+        (r for r in rows if r["model"] == "Dense, same cost"),
+        key=lambda r: r["flops_fraction"],
+    )
     figure, axis = plt.subplots(figsize=(6.0, 4.2))
+    if iso:
+        axis.errorbar(
+            [r["flops_fraction"] for r in iso],
+            [r["val_accuracy"] for r in iso],
+            yerr=[r["val_accuracy_std"] or 0.0 for r in iso],
+            fmt="s--",
+            color="tab:gray",
+            capsize=3,
+            label="narrower Dense of each trial's cost",
+        )
     axis.errorbar(
         [r["flops_fraction"] for r in midl],
         [r["val_accuracy"] for r in midl],
@@ -417,25 +515,11 @@ def main(argv=None):
         verbose=0,
     )
     search_seconds = time.perf_counter() - search_start
-    rows = trial_rows(tuner, recorder, args.executions)
-
-    dense_accuracies = train_dense_baseline(args, data)
-    accuracy, accuracy_std = mean_std(dense_accuracies)
-    rows.append(
-        {
-            "model": "Dense",
-            "trial": None,
-            "k_ratio": None,
-            "epochs": args.epochs,
-            "val_accuracy": accuracy,
-            "val_accuracy_std": accuracy_std,
-            "val_accuracies": dense_accuracies,
-            "flops_fraction": 1.0,
-            "flops_saving": 1.0,
-            "objective": accuracy - args.lam * 1.0,
-            "best": False,
-        }
+    rows = iso_cost_rows(
+        args, data, trial_rows(tuner, recorder, args.executions)
     )
+    rows.append(dense_row(args, data, args.units))
+    comparison = iso_cost_comparison(rows)
 
     (best_model,) = tuner.get_best_models(1)
     best_hp = tuner.get_best_hyperparameters(1)[0]
@@ -446,6 +530,7 @@ def main(argv=None):
 
     table = format_table(rows)
     print(table)
+    print(comparison)
     print(
         f"Best k_ratio {best_hp.get('k_ratio'):.2f}: test accuracy "
         f"{test['accuracy']:.4f}. Search {search_seconds:.0f} s, "
@@ -464,6 +549,7 @@ def main(argv=None):
         "search_seconds": search_seconds,
         "total_seconds": seconds,
         "data_source": source,
+        "iso_cost_comparison": comparison,
     }
     with open(base + ".json", "w") as file:
         json.dump(
@@ -488,6 +574,10 @@ def main(argv=None):
             f"(validation accuracy at each run's best epoch), objective = "
             f"val_accuracy - {args.lam:g} * FLOPs fraction.\n\n"
             f"{table}\n\n"
+            "Dense, same cost: a Dense hidden layer narrowed to the MIDL "
+            "trial's inference multiply-adds (gate and light path "
+            "included; at most that cost), trained the same way.\n\n"
+            f"{comparison}\n\n"
             f"Best k_ratio {best_hp.get('k_ratio'):.2f}: MNIST test accuracy "
             f"{test['accuracy']:.4f} (one model). Search {search_seconds:.0f} "
             f"s, whole script {seconds:.0f} s.\n"
