@@ -2,8 +2,9 @@
 
 The paper claims that MID-L's selected neurons are "more informative", by
 Sliced Mutual Information (SMI) with the labels. This script trains a Dense
-MLP and a MIDL MLP of the same size (as in `benchmarks/robustness.py`),
-then estimates, on held-out test examples, the SMI with the class of each
+MLP and a MIDL MLP of the same size, and a Dense MLP narrowed to the MIDL
+MLP's inference cost (`iso_cost`, as in `benchmarks/robustness.py`), then
+estimates, on held-out test examples, the SMI with the class of each
 hidden layer's representation (`keras_midl.analysis.
 sliced_mutual_information`, nats):
 
@@ -11,6 +12,7 @@ sliced_mutual_information`, nats):
 * `dense_top_k`: the Dense layer's outputs with all but the `k` largest
   of each row set to 0 (a post-hoc top-k with MIDL's `k`: the selection
   without a learned gate);
+* `iso_cost`: all outputs of the narrower Dense layer of the same cost;
 * `midl`: all outputs of the MIDL layer;
 * `midl_selected`: MIDL's outputs on the `k` gate-selected neurons only
   (the others set to 0);
@@ -49,6 +51,7 @@ from keras_midl.analysis import sliced_mutual_information  # noqa: E402
 REPRESENTATIONS = (
     "dense",
     "dense_top_k",
+    "iso_cost",
     "midl",
     "midl_selected",
     "midl_unselected",
@@ -87,6 +90,13 @@ def random_k_mask(shape, k, rng):
     return mask
 
 
+def model_of(representation):
+    """The model (`robustness.MODEL_KINDS`) a representation comes from."""
+    if representation == "iso_cost":
+        return "iso_cost"
+    return "dense" if representation.startswith("dense") else "midl"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="mnist",
@@ -120,9 +130,10 @@ def main():
     hidden = tuple(args.hidden)
     runners = {
         kind: robustness.Runner(kind, input_dim, num_classes, hidden, args.lr)
-        for kind in ("dense", "midl")
+        for kind in ("dense", "iso_cost", "midl")
     }
-    progress = common.Progress(len(seeds) * 2, label="smi")
+    iso_hidden = robustness.iso_cost_hidden(input_dim, num_classes, hidden)
+    progress = common.Progress(len(seeds) * len(runners), label="smi")
 
     def smi(features, seed):
         return sliced_mutual_information(
@@ -145,12 +156,13 @@ def main():
                           f"test {accuracies[kind]:.4f}")
         dense_outputs, _ = layer_outputs["dense"]
         midl_outputs, midl_masks = layer_outputs["midl"]
-        for index, units in enumerate(hidden):
+        for index in range(len(hidden)):
             mask = midl_masks[index].astype(np.float32)
             k = int(round(mask.sum(axis=1).mean()))
             features = {
                 "dense": dense_outputs[index],
                 "dense_top_k": top_k_per_row(dense_outputs[index], k),
+                "iso_cost": layer_outputs["iso_cost"][0][index],
                 "midl": midl_outputs[index],
                 "midl_selected": midl_outputs[index] * mask,
                 "midl_unselected": midl_outputs[index] * (1 - mask),
@@ -161,7 +173,7 @@ def main():
                 values = features[name]
                 records.append({
                     "layer": index,
-                    "units": units,
+                    "units": values.shape[1],
                     "k": k,
                     "representation": name,
                     "seed": seed,
@@ -169,9 +181,7 @@ def main():
                     "all_zero_rows": float(
                         np.mean(~np.any(values != 0, axis=1))
                     ),
-                    "test_accuracy": accuracies[
-                        "dense" if name.startswith("dense") else "midl"
-                    ],
+                    "test_accuracy": accuracies[model_of(name)],
                 })
             progress.note(
                 f"seed {seed} layer {index}: "
@@ -189,6 +199,7 @@ def main():
     settings = dict(vars(args))
     del settings["output"]
     settings["data_source"] = data.source
+    settings["iso_cost_hidden"] = list(iso_hidden)
     common.write_json(
         common.output_path(args.output, "smi.json"),
         rows,
@@ -216,7 +227,10 @@ def main():
         f"MLP {input_dim}-{'-'.join(map(str, hidden))}-{num_classes}, "
         f"{args.train_size} training examples, {args.epochs} epochs, "
         f"mean ± std over {len(seeds)} seeds; {args.projections} random "
-        "projections, kNN estimator (Ross 2014, scikit-learn, k = 3).",
+        "projections, kNN estimator (Ross 2014, scikit-learn, k = 3). "
+        f"`iso_cost`: the Dense MLP of hidden widths "
+        f"{'-'.join(map(str, iso_hidden))}, the MIDL MLP's inference "
+        "multiply-adds (gate and light path included).",
     ]
     markdown_path = common.output_path(args.output, "smi.md")
     common.write_markdown(
