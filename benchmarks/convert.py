@@ -16,7 +16,9 @@ for each `k_ratio`, `keras_midl.convert` its hidden Dense layers and report
 
 The Dense model trained one more epoch ("Dense +1 epoch") is a control:
 calibration is one more epoch of training, so it is the fair reference for
-"after calibration" numbers.
+"after calibration" numbers. For each `k_ratio`, a Dense model narrowed to
+the converted model's inference cost (`iso_cost_hidden`), trained from
+scratch for the same epochs plus one, is what a user could train instead.
 
 `--part latency` measures batch-1 inference latency instead, on every
 backend (one child process each, one thread): float Dense, int8 Dense and
@@ -146,6 +148,27 @@ def converted_layer_flops_ratio(model):
     return dense / midl
 
 
+def iso_cost_hidden(dense, converted):
+    """Hidden widths, proportional to `dense`'s, of a Dense model of the
+    same architecture that costs at most `converted`'s inference
+    multiply-adds (`keras_midl.flops.iso_cost_units`; the layers before
+    the hidden ones, the CNN's convolutions, are the same in both)."""
+    from benchmarks import models
+    from keras_midl import flops
+
+    hidden = models.hidden_layers(dense)
+    input_dim = int(hidden[0].kernel.shape[0])
+    units = [layer.units for layer in hidden]
+    num_classes = int(dense.outputs[0].shape[-1])
+    head = flops.dense_stack_multiply_adds(input_dim, units, num_classes)
+    budget = flops.model_multiply_adds(converted) - (
+        flops.model_multiply_adds(dense) - head
+    )
+    return flops.iso_cost_units(
+        input_dim, units, budget, output_units=num_classes
+    )
+
+
 def run_dataset(name, args, progress, folder, done=None):
     import keras
 
@@ -187,6 +210,14 @@ def run_dataset(name, args, progress, folder, done=None):
             row = dict(base, k_ratio=k_ratio)
             converted = keras_midl.convert(dense, k_ratio=k_ratio)
             row["flops_ratio"] = converted_layer_flops_ratio(converted)
+            widths = iso_cost_hidden(dense, converted)
+            keras.utils.set_random_seed(seed)
+            iso = models.build(name, "baseline", data.x_train.shape[1:],
+                               data.num_classes, hidden_units=widths)
+            compiled(iso, args.learning_rate)
+            iso.fit(data.x_train, data.y_train, epochs=epochs + 1, **fit)
+            row["iso_cost_hidden"] = list(widths)
+            row["iso_cost_acc"] = accuracy(iso, data)
             row["before_acc"] = accuracy(converted, data)
             row["before_random_gate_acc"] = None
             row["calibrated_gate_light_acc"] = None
@@ -221,6 +252,7 @@ METRICS = (
     "dense_acc",
     "dense_plus1_acc",
     "dense_int8_acc",
+    "iso_cost_acc",
     "before_acc",
     "before_random_gate_acc",
     "calibrated_acc",
@@ -254,6 +286,10 @@ def summarize(rows):
             out[gap] = common.mean_std(
                 [100 * (r[metric] - r["dense_acc"]) for r in group]
             )[0]
+        out["iso_cost_hidden"] = "-".join(map(str, group[0]["iso_cost_hidden"]))
+        out["calibrated_vs_iso_cost"] = common.mean_std(
+            [100 * (r["calibrated_acc"] - r["iso_cost_acc"]) for r in group]
+        )
         out["int8_vs_calibrated"] = common.mean_std(
             [100 * (r["int8_acc"] - r["calibrated_acc"]) for r in group]
         )[0]
@@ -323,6 +359,10 @@ def write_accuracy(args, rows, metadata):
         (pm("dense_plus1_acc"), "Dense +1 epoch", None),
         (pm("int8_acc"), "Converted int8", None),
         (pm("dense_int8_acc"), "Dense int8", None),
+        (pm("iso_cost_acc"), "Iso-cost Dense, +1 epoch", None),
+        ("iso_cost_hidden", "Iso-cost widths", None),
+        (lambda row: "{:+.2f} ± {:.2f}".format(*row["calibrated_vs_iso_cost"]),
+         "Calibrated − iso-cost Dense", None),
     ]
     targets = [
         ("dataset", "Dataset", None),
@@ -348,8 +388,13 @@ def write_accuracy(args, rows, metadata):
         + f" (Adam {args.learning_rate}, batch {args.batch_size}); "
         "calibration: 1 epoch, same optimizer settings, fresh Adam. "
         "FLOPs ratio: Dense multiply-adds of the converted layers over "
-        "their MIDL multiply-adds (gate and light path included). File "
-        "sizes: `convert_latency.md`.",
+        "their MIDL multiply-adds (gate and light path included). "
+        "Iso-cost Dense: the same architecture with hidden widths scaled "
+        "to the converted model's inference multiply-adds (at most), "
+        "trained from scratch for the Dense epochs + 1 (the converted "
+        "model's training: the Dense epochs and 1 calibration epoch); "
+        "the last column is the mean ± std of the per-seed differences. "
+        "File sizes: `convert_latency.md`.",
         "",
         "## Targets (issue 13), mean gaps in points",
         "",
