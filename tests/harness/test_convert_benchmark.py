@@ -2,16 +2,15 @@
 shared data)."""
 
 import json
-import os
 
 import keras
-import numpy as np
 import pytest
 
 import keras_midl
 from benchmarks import convert
 from benchmarks import models
 from keras_midl import flops
+from tests.harness.fake_data import write_mnist
 
 
 @pytest.mark.parametrize(
@@ -37,15 +36,7 @@ def test_iso_cost_dense_costs_at_most_the_converted_model(
 
 
 def test_accuracy_run_reports_the_iso_cost_dense(tmp_path, rng):
-    folder = tmp_path / "data" / "mnist"
-    os.makedirs(folder)
-    np.savez(
-        folder / "mnist.npz",
-        x_train=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
-        y_train=np.arange(40) % 10,
-        x_test=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
-        y_test=np.arange(20) % 10,
-    )
+    write_mnist(tmp_path / "data", rng, train=40, test_per_class=2, side=28)
     output = tmp_path / "out"
     convert.main([
         "--data-dir", str(tmp_path / "data"), "--datasets", "mnist",

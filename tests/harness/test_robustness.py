@@ -1,26 +1,29 @@
 """Tests of benchmarks.robustness on tiny synthetic data (no shared data)."""
 
 import json
-import os
 import sys
 
 import numpy as np
 import pytest
 
 from benchmarks import robustness
+from tests.harness.fake_data import write_mnist
 
 
-def write_sorted_mnist(folder, rng, test_per_class=8):
-    """A tiny MNIST-like folder whose test split is sorted by class."""
-    os.makedirs(folder / "mnist")
-    y_test = np.repeat(np.arange(10), test_per_class)
-    np.savez(
-        folder / "mnist" / "mnist.npz",
-        x_train=rng.integers(0, 256, (60, 4, 4), dtype=np.uint8),
-        y_train=np.arange(60) % 10,
-        x_test=rng.integers(0, 256, (len(y_test), 4, 4), dtype=np.uint8),
-        y_test=y_test,
-    )
+def tiny_run(tmp_path, rng, monkeypatch, gate_examples=40):
+    """Runs `robustness.main()` on a tiny MNIST-like folder whose test
+    split is sorted by class; returns the output folder."""
+    write_mnist(tmp_path / "data", rng)
+    output = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", [
+        "robustness", "--data-dir", str(tmp_path / "data"), "--seeds", "1",
+        "--hidden", "8", "4", "--train-size", "30", "--epochs", "1",
+        "--label-noise", "0", "--sigmas", "0", "--small-size", "20",
+        "--small-epochs", "1", "--batch-size", "10",
+        "--gate-examples", str(gate_examples), "--output", str(output),
+    ])
+    robustness.main()
+    return output
 
 
 def test_gate_statistics_use_every_class_of_a_sorted_test_split(
@@ -29,7 +32,6 @@ def test_gate_statistics_use_every_class_of_a_sorted_test_split(
     # Audit defect 8: the first 2,000 rows of the (class-sorted) CIFAR-10
     # test split hold classes 0-3 only. The gate statistics must see every
     # class, in proportion.
-    write_sorted_mnist(tmp_path / "data", rng)
     seen = []
     summarize = robustness.summarize_gates
 
@@ -41,15 +43,7 @@ def test_gate_statistics_use_every_class_of_a_sorted_test_split(
     monkeypatch.setattr(robustness, "save_gate_plots", lambda *a, **k: None)
     # Only the MIDL model has gates: skip the others to keep the test fast.
     monkeypatch.setattr(robustness, "MODEL_KINDS", ("midl",))
-    output = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", [
-        "robustness", "--data-dir", str(tmp_path / "data"), "--seeds", "1",
-        "--hidden", "8", "4", "--train-size", "30", "--epochs", "1",
-        "--label-noise", "0", "--sigmas", "0", "--small-size", "20",
-        "--small-epochs", "1", "--batch-size", "10", "--gate-examples", "40",
-        "--output", str(output),
-    ])
-    robustness.main()
+    output = tiny_run(tmp_path, rng, monkeypatch)
     assert len(seen) == 1
     np.testing.assert_array_equal(np.bincount(seen[0], minlength=10),
                                   [4] * 10)
@@ -95,17 +89,8 @@ def test_iso_cost_mlp_costs_at_most_the_midl_mlp(input_dim, hidden):
 
 
 def test_every_model_kind_is_reported(tmp_path, rng, monkeypatch):
-    write_sorted_mnist(tmp_path / "data", rng)
     monkeypatch.setattr(robustness, "save_gate_plots", lambda *a, **k: None)
-    output = tmp_path / "out"
-    monkeypatch.setattr(sys, "argv", [
-        "robustness", "--data-dir", str(tmp_path / "data"), "--seeds", "1",
-        "--hidden", "8", "4", "--train-size", "30", "--epochs", "1",
-        "--label-noise", "0", "--sigmas", "0", "--small-size", "20",
-        "--small-epochs", "1", "--batch-size", "10", "--gate-examples", "20",
-        "--output", str(output),
-    ])
-    robustness.main()
+    output = tiny_run(tmp_path, rng, monkeypatch, gate_examples=20)
     payload = json.loads((output / "robustness.json").read_text())
     assert [row["model"] for row in payload["rows"]] == list(
         robustness.MODEL_KINDS

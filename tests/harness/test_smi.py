@@ -6,11 +6,11 @@ import sys
 import numpy as np
 
 from benchmarks import smi
-from tests.harness.test_robustness import write_sorted_mnist
+from tests.harness.fake_data import write_mnist
 
 
 def test_every_representation_is_estimated(tmp_path, rng, monkeypatch):
-    write_sorted_mnist(tmp_path / "data", rng)
+    write_mnist(tmp_path / "data", rng)
     # The estimator is tested in tests/test_analysis.py; scikit-learn's kNN
     # takes about 20 s here for the 15 estimates.
     widths = []

@@ -2,12 +2,11 @@
 data)."""
 
 import json
-import os
 
-import numpy as np
 import pytest
 
 from benchmarks import tune_k_ratio
+from tests.harness.fake_data import write_mnist
 
 
 @pytest.mark.parametrize("units", [64, 256])
@@ -57,15 +56,7 @@ def test_each_cheaper_trial_gets_the_dense_of_its_cost(monkeypatch):
 
 
 def test_search_writes_both_dense_baselines(tmp_path, rng):
-    folder = tmp_path / "data" / "mnist"
-    os.makedirs(folder)
-    np.savez(
-        folder / "mnist.npz",
-        x_train=rng.integers(0, 256, (80, 28, 28), dtype=np.uint8),
-        y_train=np.arange(80) % 10,
-        x_test=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
-        y_test=np.arange(20) % 10,
-    )
+    write_mnist(tmp_path / "data", rng, train=80, test_per_class=2, side=28)
     output = tmp_path / "out"
     tune_k_ratio.main([
         "--data-dir", str(tmp_path / "data"), "--units", "64",
