@@ -1,7 +1,5 @@
 """The Matrix-Interpolated Dropout Layer (MID-L)."""
 
-import itertools
-import math
 
 import keras
 from keras import activations
@@ -15,24 +13,14 @@ from keras import regularizers
 from keras_midl import backend
 from keras_midl._checks import is_finite_number
 from keras_midl._checks import is_integer
-from keras_midl._checks import is_number
+from keras_midl.gating import GatedLayer
+from keras_midl.gating import check_gate_arguments
+from keras_midl.gating import num_selected
 from keras_midl.lowrank import default_rank
 from keras_midl.lowrank import from_dense
 from keras_midl.ops import dispatch
-from keras_midl.ops.selection import SELECTION_METHODS
 from keras_midl.ops.selection import balance_loss
 from keras_midl.ops.selection import straight_through
-
-LIGHT_PATHS = ("lowrank", "zero")
-# Outside training on TensorFlow, `top_k` selects up to this many rows
-# (and in traces of an unknown batch size), the bisection above it.
-TOP_K_MAX_ROWS = 16
-INFERENCE_PATHS = ("auto", "masked", "gathered")
-
-
-def num_selected(k_ratio, units):
-    """`k = max(1, round(k_ratio * units))`, rounding halves up."""
-    return int(min(units, max(1, math.floor(k_ratio * units + 0.5))))
 
 
 def _matmul_transposed(inputs, kernel):
@@ -78,32 +66,6 @@ def _int8_dot_jax(inputs, kernel):
     return ops.cast(outputs, "float32")
 
 
-def _initializer_for(initializer, index):
-    """A copy of `initializer` that gives the weight number `index` its own
-    draw.
-
-    Keras initializers are stateless: one instance returns the same values
-    on every call, so sharing it between weights of the same shape makes
-    them identical (and those of other shapes correlated). An unseeded
-    initializer is cloned from its config, which draws a fresh seed; a
-    seeded one gets a seed derived from its own and `index`, so the layer
-    stays reproducible with distinct weights. An initializer seeded with a
-    `keras.random.SeedGenerator` is shared as it is: its generator advances
-    at every draw. A plain function is called as it is.
-    """
-    if not isinstance(initializer, initializers.Initializer):
-        return initializer
-    if isinstance(
-        getattr(initializer, "seed", None), keras.random.SeedGenerator
-    ):
-        return initializer
-    config = initializer.get_config()
-    seed = config.get("seed")
-    if is_integer(seed):
-        config["seed"] = (seed * 1_000_003 + index) % (2**31 - 1)
-    return initializer.__class__.from_config(config)
-
-
 def _check_lora_rank(rank, name):
     if not is_integer(rank) or rank < 1:
         raise ValueError(
@@ -120,69 +82,8 @@ def _check_lora_alpha(lora_alpha):
         )
 
 
-def _check_k_ratio(k_ratio):
-    if not is_number(k_ratio) or not 0.0 < k_ratio <= 1.0:
-        raise ValueError(
-            "Received an invalid value for `k_ratio`, expected a float "
-            f"in the interval (0, 1]. Received: k_ratio={k_ratio!r}"
-        )
-
-
-def check_gate_arguments(
-    k_ratio,
-    rank,
-    light_path,
-    temperature,
-    gate_noise,
-    balance_weight,
-    selection,
-    inference_path,
-):
-    """Validates the arguments that `MIDL` and `MIDLConv2D` share: a
-    `ValueError` naming the argument and the value received."""
-    _check_k_ratio(k_ratio)
-    if rank is not None and (not is_integer(rank) or rank < 1):
-        raise ValueError(
-            "Received an invalid value for `rank`, expected a positive "
-            f"integer or None. Received: rank={rank!r}"
-        )
-    if light_path not in LIGHT_PATHS:
-        raise ValueError(
-            "Received an invalid value for `light_path`, expected one "
-            f"of {LIGHT_PATHS}. Received: light_path={light_path!r}"
-        )
-    if not is_finite_number(temperature) or not temperature > 0:
-        raise ValueError(
-            "Received an invalid value for `temperature`, expected a "
-            f"positive finite float. Received: temperature={temperature!r}"
-        )
-    if not is_finite_number(gate_noise) or not gate_noise >= 0:
-        raise ValueError(
-            "Received an invalid value for `gate_noise`, expected a "
-            "non-negative finite float. "
-            f"Received: gate_noise={gate_noise!r}"
-        )
-    if not is_finite_number(balance_weight) or not balance_weight >= 0:
-        raise ValueError(
-            "Received an invalid value for `balance_weight`, expected a "
-            "non-negative finite float. "
-            f"Received: balance_weight={balance_weight!r}"
-        )
-    if selection is not None and selection not in SELECTION_METHODS:
-        raise ValueError(
-            "Received an invalid value for `selection`, expected None or "
-            f"one of {SELECTION_METHODS}. Received: selection={selection!r}"
-        )
-    if inference_path not in INFERENCE_PATHS:
-        raise ValueError(
-            "Received an invalid value for `inference_path`, expected one "
-            f"of {INFERENCE_PATHS}. "
-            f"Received: inference_path={inference_path!r}"
-        )
-
-
 @keras.saving.register_keras_serializable(package="keras_midl")
-class MIDL(keras.layers.Layer):
+class MIDL(GatedLayer):
     """Matrix-Interpolated Dropout Layer: a Dense layer with learned top-k
     neuron selection.
 
@@ -415,58 +316,6 @@ class MIDL(keras.layers.Layer):
         self._compiled_calls = dispatch.CompiledCalls()
 
     @property
-    def selection_method(self):
-        """The training selection method (`selection`, or the backend's
-        fastest)."""
-        if self.selection is not None:
-            return self.selection
-        return _FASTEST_SELECTION.get(keras.backend.backend(), "top_k")
-
-    def inference_selection_method(self, rows=None):
-        """The selection method outside training, for `rows` input rows
-        (`None`: not known statically).
-
-        `selection` if set, else the backend's, except on TensorFlow for
-        an unknown batch size (an export's traces) or at most
-        `TOP_K_MAX_ROWS` rows: `"top_k"` there, which ONNX converters
-        accept (they reject the bisection's bitcasts) and which costs no
-        more at small batches; the bisection for larger static batches
-        (at 256 rows of 4096 logits it took 25 ms against `top_k`'s 48 ms
-        here). Both give the same masks.
-        """
-        if self.selection is not None:
-            return self.selection
-        if keras.backend.backend() == "tensorflow" and (
-            rows is None or rows <= TOP_K_MAX_ROWS
-        ):
-            return "top_k"
-        return self.selection_method
-
-    @property
-    def compiled_calls(self):
-        """The compiled inference calls of this layer's eager calls
-        (`keras_midl.ops.dispatch`), keyed on what their traces depend on;
-        cleared by `quantize` and `enable_lora`."""
-        return self._compiled_calls
-
-    @property
-    def k_ratio(self):
-        """Fraction of the units on the full path; settable at any time.
-
-        Setting it validates the value as the constructor does and updates
-        `k` and `get_config()` together (no weight depends on `k`). Code
-        already traced keeps the `k` it was traced with: after changing
-        `k_ratio` between `fit` calls, call `model.compile(...)` again so
-        that compiled training and prediction functions are rebuilt.
-        """
-        return self._k_ratio
-
-    @k_ratio.setter
-    def k_ratio(self, value):
-        _check_k_ratio(value)
-        self._k_ratio = float(value)
-
-    @property
     def k(self):
         """Neurons on the full path per row, `num_selected(k_ratio, units)`;
         read-only (set `k_ratio` instead)."""
@@ -479,14 +328,6 @@ class MIDL(keras.layers.Layer):
             f"`k_ratio` and `units`. Set `layer.k_ratio` instead (in "
             f"(0, 1]). Received: k={value!r}"
         )
-
-    def _require_built(self, method):
-        if not self.built:
-            raise ValueError(
-                f"Layer {self.name} is not built yet, so `{method}` has no "
-                "weights to use. Call the layer on inputs, or call "
-                "`layer.build(input_shape)`, first."
-            )
 
     def build(self, input_shape):
         if len(input_shape) < 2:
@@ -506,32 +347,8 @@ class MIDL(keras.layers.Layer):
         self.effective_rank = rank
         self.input_dim = input_dim
 
-        # Each weight gets its own draw (see `_initializer_for`).
-        weight_index = itertools.count()
-
-        def kernel(name, shape, autocast=True):
-            return self.add_weight(
-                name=name,
-                shape=shape,
-                initializer=_initializer_for(
-                    self.kernel_initializer, next(weight_index)
-                ),
-                regularizer=self.kernel_regularizer,
-                constraint=self.kernel_constraint,
-                autocast=autocast,
-            )
-
-        def bias(name, regularized=True, autocast=True):
-            return self.add_weight(
-                name=name,
-                shape=(self.units,),
-                initializer=_initializer_for(
-                    self.bias_initializer, next(weight_index)
-                ),
-                regularizer=self.bias_regularizer if regularized else None,
-                constraint=self.bias_constraint if regularized else None,
-                autocast=autocast,
-            )
+        # Each weight gets its own draw (see `initializer_for`).
+        kernel, bias = self._weight_makers(self.units)
 
         if self.quantization_mode is None:
             self.kernel = kernel("kernel", (self.units, input_dim))
@@ -558,13 +375,6 @@ class MIDL(keras.layers.Layer):
             # As `Dense`; `enable_lora` needs the layer marked built.
             self.built = True
             self.enable_lora(self.lora_rank, lora_alpha=self.lora_alpha)
-
-    @property
-    def gate_dtype(self):
-        """dtype of the gate: `"float64"` for a float64 layer, else
-        `"float32"` (also under 16-bit and mixed policies)."""
-        dtype = keras.backend.standardize_dtype(self.variable_dtype)
-        return "float64" if dtype == "float64" else "float32"
 
     def gate_logits(self, code):
         """Gate logits `s = z G + c` in `gate_dtype`, from the low-rank code."""
@@ -636,34 +446,6 @@ class MIDL(keras.layers.Layer):
         mask = ops.cast(self._select(logits, training), dtype)
         code = ops.cast(gate_code, self.compute_dtype)
         return code, logits, mask
-
-    def _gate_probabilities(self, logits):
-        """`sigmoid(s / temperature)`, whose gradient the mask takes."""
-        if self.temperature == 1.0:  # the same values, one pass fewer
-            return ops.sigmoid(logits)
-        return ops.sigmoid(logits / self.temperature)
-
-    def _select(self, logits, training):
-        scores = logits
-        if training and self.gate_noise > 0:
-            scores = scores + self.gate_noise * keras.random.normal(
-                ops.shape(logits), dtype=logits.dtype, seed=self.seed_generator
-            )
-        if training:
-            # XLA-compiled on TensorFlow (keras_midl/backend/tensorflow.py).
-            return dispatch.training_topk_mask(
-                scores, self.k, self.selection_method
-            )
-        return dispatch.inference_topk_mask(
-            scores,
-            self.k,
-            method=self.inference_selection_method(
-                dispatch.static_rows(logits)
-            ),
-            # Not while torch traces: `torch.jit.trace` would freeze the
-            # branch it sees.
-            check_ties_first=not backend.current().exporting(),
-        )
 
     def call(self, inputs, training=None):
         if not training:
@@ -1191,14 +973,3 @@ class MIDL(keras.layers.Layer):
         )
         return super().from_config(config)
 
-
-# The faster `keras.ops` selection per backend for a training step, as
-# measured by benchmarks/selection.py; where the native selection runs
-# (keras_midl/ops/dispatch.py: training_topk_mask) it takes its place.
-# Bisection is 20-32 fused passes under XLA but hundreds of separate
-# kernels in PyTorch's eager mode.
-_FASTEST_SELECTION = {
-    "jax": "bisection",
-    "tensorflow": "bisection",
-    "torch": "top_k",
-}

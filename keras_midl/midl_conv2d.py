@@ -1,6 +1,5 @@
 """Convolutional MID-L: a Conv2D layer with learned top-k filter selection."""
 
-import itertools
 import math
 
 import keras
@@ -12,14 +11,11 @@ from keras import regularizers
 
 from keras_midl import backend
 from keras_midl._checks import is_integer
+from keras_midl.gating import GatedLayer
+from keras_midl.gating import check_gate_arguments
+from keras_midl.gating import num_selected
 from keras_midl.lowrank import default_conv_rank
 from keras_midl.lowrank import from_conv2d
-from keras_midl.midl import _FASTEST_SELECTION
-from keras_midl.midl import TOP_K_MAX_ROWS
-from keras_midl.midl import _check_k_ratio
-from keras_midl.midl import _initializer_for
-from keras_midl.midl import check_gate_arguments
-from keras_midl.midl import num_selected
 from keras_midl.ops import dispatch
 from keras_midl.ops.gathered_conv import gathered_conv
 from keras_midl.ops.gathered_conv import use_gathered_conv
@@ -63,7 +59,7 @@ def _output_size(size, kernel, stride, dilation, padding):
 
 
 @keras.saving.register_keras_serializable(package="keras_midl")
-class MIDLConv2D(keras.layers.Layer):
+class MIDLConv2D(GatedLayer):
     """Convolutional MID-L: a Conv2D layer with learned top-k filter
     selection.
 
@@ -219,6 +215,10 @@ class MIDLConv2D(keras.layers.Layer):
         Layer-wise Neuron Selection", arXiv:2505.11416.
     """
 
+    # Outside training the mask is `topk_mask`'s (`MIDL` asks
+    # `dispatch.inference_topk_mask`, which may run the native kernel).
+    _inference_topk_mask = staticmethod(topk_mask)
+
     def __init__(
         self,
         filters,
@@ -326,26 +326,7 @@ class MIDLConv2D(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(ndim=4)
         self._compiled_calls = dispatch.CompiledCalls()
 
-    @property
-    def compiled_calls(self):
-        """The compiled inference calls of this layer's eager calls on
-        TensorFlow and JAX (`keras_midl.ops.dispatch.compiled_layer_call`),
-        keyed on what their traces depend on."""
-        return self._compiled_calls
-
-    # --- k, k_ratio and the selection method, as in MIDL ------------------
-
-    @property
-    def k_ratio(self):
-        """Fraction of the filters on the full path; settable at any time
-        (validated; `k` and `get_config()` follow). Code already traced
-        keeps its `k`: call `model.compile(...)` again after changing it."""
-        return self._k_ratio
-
-    @k_ratio.setter
-    def k_ratio(self, value):
-        _check_k_ratio(value)
-        self._k_ratio = float(value)
+    # --- k (k_ratio and the selection methods: `GatedLayer`) --------------
 
     @property
     def k(self):
@@ -365,27 +346,6 @@ class MIDLConv2D(keras.layers.Layer):
             f"instead (in (0, 1]). Received: k={value!r}"
         )
 
-    @property
-    def selection_method(self):
-        """The training selection method (`selection`, or the backend's
-        fastest)."""
-        if self.selection is not None:
-            return self.selection
-        return _FASTEST_SELECTION.get(keras.backend.backend(), "top_k")
-
-    def inference_selection_method(self, rows=None):
-        """The selection method outside training for `rows` examples
-        (`None`: not known statically), by `MIDL`'s rule: `"top_k"` on
-        TensorFlow up to `TOP_K_MAX_ROWS` rows or an unknown batch size
-        (exportable to ONNX), else `selection_method`."""
-        if self.selection is not None:
-            return self.selection
-        if keras.backend.backend() == "tensorflow" and (
-            rows is None or rows <= TOP_K_MAX_ROWS
-        ):
-            return "top_k"
-        return self.selection_method
-
     # --- Weights -----------------------------------------------------------
 
     @property
@@ -395,14 +355,6 @@ class MIDLConv2D(keras.layers.Layer):
     @property
     def _spatial_axes(self):
         return (1, 2) if self.data_format == "channels_last" else (2, 3)
-
-    def _require_built(self, method):
-        if not self.built:
-            raise ValueError(
-                f"Layer {self.name} is not built yet, so `{method}` has no "
-                "weights to use. Call the layer on inputs, or call "
-                "`layer.build(input_shape)`, first."
-            )
 
     def build(self, input_shape):
         if len(input_shape) != 4:
@@ -426,31 +378,7 @@ class MIDLConv2D(keras.layers.Layer):
         self.effective_rank = rank
         self.input_channels = channels
         self.built_input_shape = tuple(input_shape)
-        weight_index = itertools.count()
-
-        def kernel(name, shape, autocast=True):
-            return self.add_weight(
-                name=name,
-                shape=shape,
-                initializer=_initializer_for(
-                    self.kernel_initializer, next(weight_index)
-                ),
-                regularizer=self.kernel_regularizer,
-                constraint=self.kernel_constraint,
-                autocast=autocast,
-            )
-
-        def bias(name, regularized=True, autocast=True):
-            return self.add_weight(
-                name=name,
-                shape=(self.filters,),
-                initializer=_initializer_for(
-                    self.bias_initializer, next(weight_index)
-                ),
-                regularizer=self.bias_regularizer if regularized else None,
-                constraint=self.bias_constraint if regularized else None,
-                autocast=autocast,
-            )
+        kernel, bias = self._weight_makers(self.filters)
 
         window = self.kernel_size + (channels,)
         self.kernel = kernel("kernel", window + (self.filters,))
@@ -472,13 +400,6 @@ class MIDLConv2D(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(
             ndim=4, axes={self._channel_axis: channels}
         )
-
-    @property
-    def gate_dtype(self):
-        """dtype of the gate: `"float64"` for a float64 layer, else
-        `"float32"` (also under 16-bit and mixed policies)."""
-        dtype = keras.backend.standardize_dtype(self.variable_dtype)
-        return "float64" if dtype == "float64" else "float32"
 
     # --- The gate ----------------------------------------------------------
 
@@ -531,26 +452,6 @@ class MIDLConv2D(keras.layers.Layer):
         logits = ops.add(logits, ops.cast(self.gate_bias, dtype))
         mask = ops.cast(self._select(logits, training), dtype)
         return logits, mask
-
-    def _gate_probabilities(self, logits):
-        return ops.sigmoid(logits / self.temperature)
-
-    def _select(self, logits, training):
-        scores = logits
-        if training and self.gate_noise > 0:
-            scores = scores + self.gate_noise * keras.random.normal(
-                ops.shape(logits), dtype=logits.dtype, seed=self.seed_generator
-            )
-        if training:
-            return dispatch.training_topk_mask(
-                scores, self.k, self.selection_method
-            )
-        return topk_mask(
-            scores,
-            self.k,
-            method=self.inference_selection_method(logits.shape[0]),
-            check_ties_first=not backend.current().exporting(),
-        )
 
     # --- The paths ---------------------------------------------------------
 

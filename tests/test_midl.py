@@ -20,7 +20,6 @@ from keras_midl import MIDL
 from keras_midl import backend as backends
 from keras_midl import native
 from keras_midl.lowrank import default_rank
-from keras_midl.midl import num_selected
 from keras_midl.ops import dispatch
 
 
@@ -65,14 +64,6 @@ def test_gate_selects_exactly_k_per_row(input_shape, k_ratio, expected_k, rng):
     assert mask.shape == input_shape[:-1] + (20,)
     np.testing.assert_array_equal(mask.sum(axis=-1), expected_k)
     assert set(np.unique(mask)) <= {0.0, 1.0}
-
-
-@pytest.mark.parametrize(
-    "k_ratio, units, expected",
-    [(0.45, 512, 230), (0.5, 5, 3), (0.25, 6, 2), (0.001, 10, 1), (1.0, 7, 7)],
-)
-def test_num_selected_rounds_half_up(k_ratio, units, expected):
-    assert num_selected(k_ratio, units) == expected
 
 
 @pytest.mark.parametrize(
@@ -398,67 +389,6 @@ def test_learns_a_simple_task(task, k_ratio, rng):
 # --- Regression tests of issue 11 ---------------------------------------
 
 
-def _seed_generator_initializer():
-    return keras.initializers.RandomNormal(seed=keras.random.SeedGenerator(5))
-
-
-INITIALIZERS = {
-    "unseeded": lambda: "glorot_uniform",
-    "seeded": lambda: keras.initializers.GlorotUniform(seed=5),
-    "seeded_normal": lambda: keras.initializers.RandomNormal(seed=5),
-    "seed_generator": _seed_generator_initializer,
-}
-
-
-@pytest.mark.parametrize("initializer", list(INITIALIZERS))
-def test_every_weight_gets_its_own_draw(initializer):
-    """W, V, G, U (and b, b_lite, c) are independent draws.
-
-    Keras initializers are stateless: one instance shared by the weights
-    made `G == U` exactly and the overlapping values of W, V, G and U
-    perfectly correlated (issue 11, defect 1).
-    """
-    layer = MIDL(
-        16,
-        rank=8,
-        kernel_initializer=INITIALIZERS[initializer](),
-        bias_initializer=keras.initializers.RandomNormal(seed=9),
-    )
-    layer.build((None, 16))
-    assert not np.array_equal(
-        to_numpy(layer.gate_kernel), to_numpy(layer.light_kernel)
-    )
-    kernels = [layer.kernel, layer.projection, layer.gate_kernel]
-    kernels.append(layer.light_kernel)
-    draws = [to_numpy(v).reshape(-1)[:128] for v in kernels]
-    biases = [layer.bias, layer.gate_bias, layer.light_bias]
-    bias_draws = [to_numpy(v) for v in biases]
-    for group in (draws, bias_draws):
-        for i in range(len(group)):
-            for j in range(i + 1, len(group)):
-                correlation = np.corrcoef(group[i], group[j])[0, 1]
-                # Independent: |r| ~ 1 / sqrt(128) = 0.09 (0.25 for 16).
-                assert abs(correlation) < 0.8, (initializer, i, j)
-
-
-@pytest.mark.parametrize("seed", [5, 2**31 - 2])
-def test_seeded_initializer_is_reproducible(seed):
-    def weights(seed):
-        layer = MIDL(
-            12,
-            rank=4,
-            kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
-            bias_initializer=keras.initializers.RandomNormal(seed=seed),
-        )
-        layer.build((None, 10))
-        return [to_numpy(w) for w in layer.weights]
-
-    first, again, other = weights(seed), weights(seed), weights(seed - 1)
-    for a, b, c in zip(first, again, other):
-        np.testing.assert_array_equal(a, b)
-        assert not np.array_equal(a, c)
-
-
 def test_light_path_survives_relu_at_initialization(rng):
     """Defect 1's consequence: with `G == U` the gate sent to the light
     path the neurons whose light output was lowest, so few of those outputs
@@ -492,16 +422,6 @@ def test_one_sgd_step_trains_the_light_path():
     after = [to_numpy(layer.light_kernel), to_numpy(layer.light_bias)]
     for name, old, new in zip(("light_kernel", "light_bias"), before, after):
         assert not np.allclose(old, new), name
-
-
-def test_initializer_function_is_called_as_is(rng):
-    def ones(shape, dtype=None):
-        return ops.ones(shape, dtype=dtype)
-
-    layer = MIDL(4, rank=2, kernel_initializer=ones)
-    layer.build((None, 3))
-    for kernel in (layer.kernel, layer.gate_kernel, layer.light_kernel):
-        np.testing.assert_array_equal(to_numpy(kernel), 1.0)
 
 
 @pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
@@ -1354,20 +1274,6 @@ def test_reloaded_layer_trains_identically(tmp_path, rng):
         ops.convert_to_numpy(restored.layers[0](x, training=True)),
         ops.convert_to_numpy(model.layers[0](x, training=True)),
     )
-
-
-@pytest.mark.parametrize("rows", [None, 1, 16, 17, 256])
-def test_inference_selection_method(rows):
-    """Exportable `top_k` on TensorFlow for traces of an unknown batch
-    size and small batches, the backend's training method elsewhere; an
-    explicit `selection` everywhere."""
-    layer = MIDL(8)
-    if BACKEND == "tensorflow" and (rows is None or rows <= 16):
-        assert layer.inference_selection_method(rows) == "top_k"
-    else:
-        assert layer.inference_selection_method(rows) == layer.selection_method
-    explicit = MIDL(8, selection="bisection")
-    assert explicit.inference_selection_method(rows) == "bisection"
 
 
 # --- LoRA (`enable_lora`, as Dense's) ---------------------------------------
