@@ -90,10 +90,29 @@ def _git_commit():
     return commit
 
 
+# Tracked paths whose changes do not change what a benchmark measures:
+# results (a queue of runs writes them one after the other) and prose.
+UNMEASURED_PATHS = ("benchmarks/results/", "docs/")
+UNMEASURED_SUFFIXES = (".md",)
+
+
 def _tracked_changes():
-    """Whether tracked files differ from HEAD (a result measured then is
-    not exactly the commit's)."""
-    return bool(_git("status", "--porcelain", "--untracked-files=no"))
+    """Whether tracked files that a measurement depends on differ from
+    HEAD (a result measured then is not exactly the commit's): every
+    tracked file but results and prose (`UNMEASURED_PATHS`,
+    `UNMEASURED_SUFFIXES`)."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return any(
+        not _unmeasured(line[3:].split(" -> ")[-1].strip('"'))
+        for line in (status or "").splitlines()
+        if line.strip()
+    )
+
+
+def _unmeasured(path):
+    return path.startswith(UNMEASURED_PATHS) or path.endswith(
+        UNMEASURED_SUFFIXES
+    )
 
 
 def _cpu_model():

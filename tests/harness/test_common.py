@@ -194,3 +194,24 @@ def test_the_commit_says_when_tracked_files_were_changed(monkeypatch, changed):
     if commit is None:
         pytest.skip("not a git checkout")
     assert commit.endswith(" + uncommitted changes") == changed
+
+
+@pytest.mark.parametrize(
+    "status, changed",
+    [
+        ("", False),
+        (" M benchmarks/results/smi/smi.md\n M docs/analysis.md\n", False),
+        (" M README.md\nM  benchmarks/results/convert/convert.json\n", False),
+        (" M keras_midl/midl.py\n", True),
+        (" M docs/layer.md\n M benchmarks/common.py\n", True),
+        ("R  benchmarks/old.py -> benchmarks/new.py\n", True),
+        ('R  "docs/a b.md" -> "docs/c d.md"\n', False),
+    ],
+)
+def test_results_and_prose_are_not_changes_a_result_depends_on(
+    monkeypatch, status, changed
+):
+    """A queue of runs writes results one after the other: the later runs
+    measure the same code, not 'uncommitted changes'."""
+    monkeypatch.setattr(common, "_git", lambda *arguments: status)
+    assert common._tracked_changes() == changed
