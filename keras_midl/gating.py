@@ -30,7 +30,15 @@ INFERENCE_PATHS = ("auto", "masked", "gathered")
 
 
 def num_selected(k_ratio, units):
-    """`k = max(1, round(k_ratio * units))`, rounding halves up."""
+    """`k = max(1, round(k_ratio * units))`, rounding halves up.
+
+    Example:
+
+    >>> keras_midl.gating.num_selected(0.45, 512)
+    230
+    >>> keras_midl.gating.num_selected(0.5, 5)    # 2.5 rounds up
+    3
+    """
     return int(min(units, max(1, math.floor(k_ratio * units + 0.5))))
 
 
@@ -137,10 +145,25 @@ FASTEST_SELECTION = {
 class GatedLayer(keras.layers.Layer):
     """Base of the layers with a learned per-example top-k gate.
 
+    For gate logits `s` (one row per example, one logit per unit or
+    filter), the mask is `m = topk_mask(s + noise, k)`, exactly `k` ones
+    per row, with `k = num_selected(k_ratio, units)` (`MIDLConv2D` may
+    round it up) and the Gaussian `noise` in training only; its
+    straight-through gradient comes from `sigmoid(s / temperature)`.
+
     A subclass sets, in its constructor, `_k_ratio`, `selection`,
     `temperature`, `gate_noise`, `seed_generator` and `_compiled_calls`
     (a `keras_midl.ops.dispatch.CompiledCalls`), and defines `k`. Its
     weights are made by `_weight_makers` in `build`.
+
+    Example:
+
+    >>> layer = keras_midl.MIDL(10, k_ratio=0.5)
+    >>> isinstance(layer, keras_midl.gating.GatedLayer), layer.k
+    (True, 5)
+    >>> layer.k_ratio = 0.2
+    >>> layer.k
+    2
     """
 
     # The masked path's selection outside training: `topk_mask`'s

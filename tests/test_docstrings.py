@@ -37,6 +37,7 @@ EXPECTED_MODULES = {
     "keras_midl.config",
     "keras_midl.convert",
     "keras_midl.flops",
+    "keras_midl.gating",
     "keras_midl.lowrank",
     "keras_midl.midl",
     "keras_midl.midl_conv2d",
