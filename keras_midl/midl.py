@@ -1,6 +1,5 @@
 """The Matrix-Interpolated Dropout Layer (MID-L)."""
 
-
 import keras
 from keras import activations
 from keras import constraints
