@@ -1,0 +1,233 @@
+"""What bounds int8 MIDL at batch 1: Keras's call and the kernel's reads.
+
+Issue 22 asks `model(x)` of one int8 MIDL layer (d = n = 4096, k_ratio
+0.45, batch 1, one thread) to take at most float Dense's time / 3.5. This
+benchmark measures, per backend (one child process each), in one
+interleaved round robin (`common.interleaved_medians`, medians):
+
+* `float Dense`: `model(x)` of a one-layer `Sequential` Dense model;
+* `int8 MIDL`: `model(x)` of the one-layer int8 MIDL model (native int8
+  kernel, `inference_path="auto"`);
+* `MIDL.call`: the same layer's `call(x)`, without Keras's
+  `Layer.__call__` and the model around it: keras_midl's dispatch, the
+  reads of the weights and the kernel;
+* `kernel`: the native kernel alone (`keras_midl.native.sparse_forward`
+  on NumPy copies of the layer's weights);
+* `empty model`: `model(x)` of a one-layer `Sequential` model whose layer
+  returns its input (`keras.layers.Identity`): what Keras itself costs
+  per call.
+
+The calls run in turn, so each finds its data evicted by the others
+(float Dense reads 64 MiB per call), as in `benchmarks/latency_int8.py`.
+The floor of `int8 MIDL` is `empty model + kernel`: Keras's call plus the
+kernel's work, with nothing of keras_midl's own Python. `float Dense /
+floor` is then the most any implementation behind Keras's `model(x)`
+can reach here; where it is below the target, the target is out of reach
+on this machine.
+
+On PyTorch every call runs under `torch.no_grad()`, as a user serves.
+
+Usage:
+
+    python -m benchmarks.int8_floor --output benchmarks/results/latency
+
+Writes `int8_floor.json` and `int8_floor.md` under `--output` (default: a
+folder in the system's temporary directory).
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from benchmarks import common
+
+BACKENDS = ("tensorflow", "jax", "torch")
+CALLS = ("float Dense", "int8 MIDL", "MIDL.call", "kernel", "empty model")
+K_RATIO = 0.45
+TARGET = 3.5
+DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "keras_midl_latency")
+
+
+def build(d):
+    """The float Dense, int8 MIDL and empty one-layer models."""
+    import keras
+
+    from keras_midl import MIDL
+
+    def one_layer(layer):
+        model = keras.Sequential([keras.Input((d,)), layer])
+        model.build((None, d))
+        return model
+
+    keras.utils.set_random_seed(0)
+    dense = one_layer(keras.layers.Dense(d))
+    midl = one_layer(MIDL(d, k_ratio=K_RATIO, inference_path="auto"))
+    midl.quantize("int8")
+    return dense, midl, one_layer(keras.layers.Identity())
+
+
+def calls_of(d, dense, midl, empty, x):
+    """The five timed callables (see the module docstring)."""
+    import keras
+
+    from keras_midl import native
+    from keras_midl.ops import dispatch
+
+    layer = midl.layers[0]
+    if not dispatch.native_applies(layer):
+        raise RuntimeError(
+            "The native int8 kernel does not run here (no C compiler, or "
+            "native kernels disabled): nothing to bound."
+        )
+    arrays = {
+        name: None if value is None else keras.ops.convert_to_numpy(value)
+        for name, value in dispatch.layer_weights(layer).items()
+    }
+    rows = keras.ops.convert_to_numpy(x)
+    if keras.backend.backend() == "torch":
+        import torch
+
+        context = torch.no_grad
+    else:
+        context = contextlib.nullcontext
+
+    def run(function):
+        def call():
+            with context():
+                return function()
+
+        return call
+
+    return {
+        "float Dense": run(lambda: dense(x)),
+        "int8 MIDL": run(lambda: midl(x)),
+        "MIDL.call": run(lambda: layer.call(x)),
+        "kernel": run(lambda: native.sparse_forward(rows, arrays, layer.k)),
+        "empty model": run(lambda: empty(x)),
+    }
+
+
+def measure(d, repeats):
+    """The row of one backend: the five medians and what follows."""
+    import keras
+
+    dense, midl, empty = build(d)
+    x = keras.ops.convert_to_tensor(
+        np.random.default_rng(1).normal(size=(1, d)), "float32"
+    )
+    calls = calls_of(d, dense, midl, empty, x)
+    for call in calls.values():  # warm-up: builds, caches
+        for _ in range(3):
+            common.block(call())
+    # The C kernel computes what the layer computes.
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(calls["int8 MIDL"]()),
+        calls["kernel"]()[0],
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    load_before = common.wait_for_quiet()
+    medians = common.interleaved_medians(calls, repeats=repeats)
+    load_after = common.load_average()
+    ms = {name: 1e3 * medians[name] for name in CALLS}
+    floor = ms["empty model"] + ms["kernel"]
+    row = {
+        "backend": keras.backend.backend(),
+        "d": d,
+        "batch": 1,
+        "k_ratio": K_RATIO,
+        **{f"{name} ms": ms[name] for name in CALLS},
+        "floor ms": floor,
+        "target ms": ms["float Dense"] / TARGET,
+        "float Dense / int8 MIDL": ms["float Dense"] / ms["int8 MIDL"],
+        "float Dense / floor": ms["float Dense"] / floor,
+        "Keras call ms": ms["int8 MIDL"] - ms["MIDL.call"],
+        "keras_midl Python ms": ms["MIDL.call"] - ms["kernel"],
+        "load_before": load_before,
+        "load_after": load_after,
+        "valid": common.load_valid((load_before, load_after), 1),
+    }
+    return row
+
+
+def child(args):
+    import keras
+
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch.set_num_threads(1)
+    row = measure(args.d, args.repeats)
+    print(row, flush=True)
+    metadata = common.environment()
+    metadata["threads"] = 1
+    with open(args.child, "w") as file:
+        json.dump({"metadata": metadata, "rows": [row]}, file)
+
+
+COLUMNS = [
+    ("backend", "Backend", None),
+    ("float Dense ms", "float Dense", ".3f"),
+    ("int8 MIDL ms", "int8 MIDL", ".3f"),
+    ("MIDL.call ms", "MIDL.call", ".3f"),
+    ("kernel ms", "kernel", ".3f"),
+    ("empty model ms", "empty model", ".3f"),
+    ("floor ms", "floor (empty + kernel)", ".3f"),
+    ("target ms", f"target (Dense / {TARGET:g})", ".3f"),
+    ("float Dense / int8 MIDL", "Dense / int8 MIDL", ".2f"),
+    ("float Dense / floor", "Dense / floor", ".2f"),
+    (lambda r: f"{r['load_before']:.2f} / {r['load_after']:.2f}",
+     "Load before / after", None),
+    (lambda r: "yes" if r["valid"] else "no (machine busy)", "Valid", None),
+]
+
+
+def write(outputs, args):
+    rows = [row for output in outputs.values() for row in output["rows"]]
+    metadata = next(iter(outputs.values()))["metadata"]
+    metadata["command"] = common.command_line()
+    metadata["backend"] = ", ".join(outputs) + " (one child process each)"
+    os.makedirs(args.output, exist_ok=True)
+    stem = os.path.join(args.output, "int8_floor")
+    common.write_json(stem + ".json", rows, metadata)
+    notes = [
+        f"Milliseconds, medians of {args.repeats} interleaved rounds, one "
+        f"thread, d = n = {args.d}, batch 1, MIDL k_ratio {K_RATIO} (int8, "
+        "native kernel). Floor: `empty model` (Keras's own `model(x)`) + "
+        "`kernel` (the native kernel alone); `Dense / floor` is the most "
+        "any implementation behind `model(x)` reaches here. The target "
+        f"of issue 22 is `Dense / int8 MIDL >= {TARGET:g}`. Each backend "
+        f"waits for the load average to fall to {common.QUIET_LOAD:g} "
+        "after its warm-up; valid: both readings at most 1.",
+    ]
+    common.write_markdown(
+        stem + ".md", rows, metadata, COLUMNS,
+        title="int8 MIDL at batch 1: what bounds it", notes=notes,
+    )
+    print(f"Wrote {stem}.json and {stem}.md")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS),
+                        choices=BACKENDS)
+    parser.add_argument("--d", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--output", default=DEFAULT_OUTPUT)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args)
+        return
+    arguments = ["--repeats", str(args.repeats), "--d", str(args.d)]
+    outputs = common.run_backends("benchmarks.int8_floor", args.backends,
+                                  arguments, 1)
+    write(outputs, args)
+
+
+if __name__ == "__main__":
+    main()
