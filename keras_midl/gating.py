@@ -12,8 +12,11 @@ import itertools
 import math
 
 import keras
+from keras import activations
+from keras import constraints
 from keras import initializers
 from keras import ops
+from keras import regularizers
 
 from keras_midl import backend
 from keras_midl._checks import is_finite_number
@@ -151,10 +154,9 @@ class GatedLayer(keras.layers.Layer):
     round it up) and the Gaussian `noise` in training only; its
     straight-through gradient comes from `sigmoid(s / temperature)`.
 
-    A subclass sets, in its constructor, `_k_ratio`, `selection`,
-    `temperature`, `gate_noise`, `seed_generator` and `_compiled_calls`
-    (a `keras_midl.ops.dispatch.CompiledCalls`), and defines `k`. Its
-    weights are made by `_weight_makers` in `build`.
+    A subclass passes the shared constructor arguments to
+    `_set_gate_arguments` and defines `k`; its weights are made by
+    `_weight_makers` in `build`.
 
     Example:
 
@@ -169,6 +171,62 @@ class GatedLayer(keras.layers.Layer):
     # The masked path's selection outside training: `topk_mask`'s
     # signature `(scores, k, method, check_ties_first)`.
     _inference_topk_mask = staticmethod(dispatch.inference_topk_mask)
+
+    def _set_gate_arguments(
+        self,
+        *,
+        k_ratio,
+        rank,
+        light_path,
+        temperature,
+        gate_noise,
+        balance_weight,
+        activation,
+        use_bias,
+        kernel_initializer,
+        bias_initializer,
+        kernel_regularizer,
+        bias_regularizer,
+        kernel_constraint,
+        bias_constraint,
+        selection,
+        inference_path,
+        seed,
+    ):
+        """Validates the constructor arguments the gated layers share
+        (`check_gate_arguments`: a `ValueError` naming the argument and
+        the value), then sets them, the gate noise's seed generator and
+        the cache of compiled calls."""
+        check_gate_arguments(
+            k_ratio,
+            rank,
+            light_path,
+            temperature,
+            gate_noise,
+            balance_weight,
+            selection,
+            inference_path,
+        )
+        self.k_ratio = k_ratio  # also sets `k` (see the property)
+        self.rank = rank
+        self.light_path = light_path
+        self.temperature = float(temperature)
+        self.gate_noise = float(gate_noise)
+        self.balance_weight = float(balance_weight)
+        self.activation = activations.get(activation)
+        self.use_bias = use_bias
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+        self.selection = selection
+        self.inference_path = inference_path
+        self.seed = seed
+        if self.gate_noise > 0:
+            self.seed_generator = keras.random.SeedGenerator(seed)
+        self._compiled_calls = dispatch.CompiledCalls()
 
     @property
     def compiled_calls(self):

@@ -13,7 +13,6 @@ from keras_midl import backend
 from keras_midl._checks import is_finite_number
 from keras_midl._checks import is_integer
 from keras_midl.gating import GatedLayer
-from keras_midl.gating import check_gate_arguments
 from keras_midl.gating import num_selected
 from keras_midl.lowrank import default_rank
 from keras_midl.lowrank import from_dense
@@ -271,48 +270,37 @@ class MIDL(GatedLayer):
                 "Received an invalid value for `units`, expected a positive "
                 f"integer. Received: units={units!r}"
             )
-        check_gate_arguments(
-            k_ratio,
-            rank,
-            light_path,
-            temperature,
-            gate_noise,
-            balance_weight,
-            selection,
-            inference_path,
+        self._set_gate_arguments(
+            k_ratio=k_ratio,
+            rank=rank,
+            light_path=light_path,
+            temperature=temperature,
+            gate_noise=gate_noise,
+            balance_weight=balance_weight,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            selection=selection,
+            inference_path=inference_path,
+            seed=seed,
         )
         if lora_rank is not None:
             _check_lora_rank(lora_rank, "lora_rank")
         if lora_alpha is not None:
             _check_lora_alpha(lora_alpha)
         self.units = units
-        self.k_ratio = k_ratio  # also sets `k` (see the property)
-        self.rank = rank
-        self.light_path = light_path
-        self.temperature = float(temperature)
-        self.gate_noise = float(gate_noise)
-        self.balance_weight = float(balance_weight)
-        self.activation = activations.get(activation)
-        self.use_bias = use_bias
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.get(kernel_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
-        self.selection = selection
-        self.inference_path = inference_path
-        self.seed = seed
         # As in `Dense`: `lora_alpha` defaults to the rank.
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha if lora_alpha is not None else lora_rank
         self.lora_enabled = False
         self.quantization_config = quantization_config
-        if self.gate_noise > 0:
-            self.seed_generator = keras.random.SeedGenerator(seed)
         self.input_spec = keras.layers.InputSpec(min_ndim=2)
         self.supports_masking = True
-        self._compiled_calls = dispatch.CompiledCalls()
 
     @property
     def k(self):

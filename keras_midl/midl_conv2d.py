@@ -12,7 +12,6 @@ from keras import regularizers
 from keras_midl import backend
 from keras_midl._checks import is_integer
 from keras_midl.gating import GatedLayer
-from keras_midl.gating import check_gate_arguments
 from keras_midl.gating import num_selected
 from keras_midl.lowrank import default_conv_rank
 from keras_midl.lowrank import from_conv2d
@@ -280,15 +279,24 @@ class MIDLConv2D(GatedLayer):
                 f"or one of {DATA_FORMATS}. "
                 f"Received: data_format={data_format!r}"
             )
-        check_gate_arguments(
-            k_ratio,
-            rank,
-            light_path,
-            temperature,
-            gate_noise,
-            balance_weight,
-            selection,
-            inference_path,
+        self._set_gate_arguments(
+            k_ratio=k_ratio,
+            rank=rank,
+            light_path=light_path,
+            temperature=temperature,
+            gate_noise=gate_noise,
+            balance_weight=balance_weight,
+            activation=activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_constraint=bias_constraint,
+            selection=selection,
+            inference_path=inference_path,
+            seed=seed,
         )
         if k_multiple is not None and (
             not is_integer(k_multiple) or k_multiple < 1
@@ -300,31 +308,11 @@ class MIDLConv2D(GatedLayer):
         self.filters = filters
         self.kernel_size = kernel_size
         self.k_multiple = k_multiple
-        self.k_ratio = k_ratio  # also sets `k` (see the property)
-        self.rank = rank
-        self.light_path = light_path
-        self.temperature = float(temperature)
-        self.gate_noise = float(gate_noise)
-        self.balance_weight = float(balance_weight)
         self.strides = strides
         self.padding = padding.lower()
         self.data_format = data_format.lower()
         self.dilation_rate = dilation_rate
-        self.activation = activations.get(activation)
-        self.use_bias = use_bias
-        self.kernel_initializer = initializers.get(kernel_initializer)
-        self.bias_initializer = initializers.get(bias_initializer)
-        self.kernel_regularizer = regularizers.get(kernel_regularizer)
-        self.bias_regularizer = regularizers.get(bias_regularizer)
-        self.kernel_constraint = constraints.get(kernel_constraint)
-        self.bias_constraint = constraints.get(bias_constraint)
-        self.selection = selection
-        self.inference_path = inference_path
-        self.seed = seed
-        if self.gate_noise > 0:
-            self.seed_generator = keras.random.SeedGenerator(seed)
         self.input_spec = keras.layers.InputSpec(ndim=4)
-        self._compiled_calls = dispatch.CompiledCalls()
 
     # --- k (k_ratio and the selection methods: `GatedLayer`) --------------
 
