@@ -1,24 +1,31 @@
 """What bounds int8 MIDL at batch 1: Keras's call and the kernel's reads.
 
 Issue 22 asks `model(x)` of one int8 MIDL layer (d = n = 4096, k_ratio
-0.45, batch 1, one thread) to take at most float Dense's time / 3.5. This
-benchmark measures, per backend (one child process each), in one
-interleaved round robin (`common.interleaved_medians`, medians):
+0.45, batch 1, one thread) to take at most float Dense's time / 3.5, in
+the setting of `benchmarks/latency_int8.py`: the four models of its table
+called in turn. This benchmark measures, per backend (one child process
+each), in one interleaved round robin (`common.interleaved_medians`,
+medians), those four models' `model(x)`:
 
-* `float Dense`: `model(x)` of a one-layer `Sequential` Dense model;
-* `int8 MIDL`: `model(x)` of the one-layer int8 MIDL model (native int8
-  kernel, `inference_path="auto"`);
+* `float Dense`, `int8 Dense` (Keras's, after `quantize("int8")`),
+  `float MIDL` and `int8 MIDL` (native int8 kernel,
+  `inference_path="auto"`), one-layer `Sequential` models;
+
+and three more calls that take the int8 MIDL apart:
+
 * `MIDL.call`: the same layer's `call(x)`, without Keras's
   `Layer.__call__` and the model around it: keras_midl's dispatch, the
   reads of the weights and the kernel;
 * `kernel`: the native kernel alone (`keras_midl.native.sparse_forward`
-  on NumPy copies of the layer's weights);
+  on NumPy views of the layer's own weights, so that it reads the same
+  memory);
 * `empty model`: `model(x)` of a one-layer `Sequential` model whose layer
   returns its input (`keras.layers.Identity`): what Keras itself costs
   per call.
 
 The calls run in turn, so each finds its data evicted by the others
-(float Dense reads 64 MiB per call), as in `benchmarks/latency_int8.py`.
+(float Dense reads 64 MiB per call, the float MIDL about 30), as in
+`benchmarks/latency_int8.py`.
 The floor of `int8 MIDL` is `empty model + kernel`: Keras's call plus the
 kernel's work, with nothing of keras_midl's own Python. `float Dense /
 floor` is then the most any implementation behind Keras's `model(x)`
@@ -46,14 +53,15 @@ import numpy as np
 from benchmarks import common
 
 BACKENDS = ("tensorflow", "jax", "torch")
-CALLS = ("float Dense", "int8 MIDL", "MIDL.call", "kernel", "empty model")
+MODELS = ("float Dense", "int8 Dense", "float MIDL", "int8 MIDL")
+CALLS = (*MODELS, "MIDL.call", "kernel", "empty model")
 K_RATIO = 0.45
 TARGET = 3.5
 DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "keras_midl_latency")
 
 
 def build(d):
-    """The float Dense, int8 MIDL and empty one-layer models."""
+    """The four models of `latency_int8` (a dict) and the empty one."""
     import keras
 
     from keras_midl import MIDL
@@ -64,29 +72,57 @@ def build(d):
         return model
 
     keras.utils.set_random_seed(0)
-    dense = one_layer(keras.layers.Dense(d))
-    midl = one_layer(MIDL(d, k_ratio=K_RATIO, inference_path="auto"))
-    midl.quantize("int8")
-    return dense, midl, one_layer(keras.layers.Identity())
+    models = {
+        "float Dense": one_layer(keras.layers.Dense(d)),
+        "int8 Dense": one_layer(keras.layers.Dense(d)),
+        "float MIDL": one_layer(
+            MIDL(d, k_ratio=K_RATIO, inference_path="auto")
+        ),
+        "int8 MIDL": one_layer(
+            MIDL(d, k_ratio=K_RATIO, inference_path="auto")
+        ),
+    }
+    models["int8 Dense"].quantize("int8")
+    models["int8 MIDL"].quantize("int8")
+    return models, one_layer(keras.layers.Identity())
 
 
-def calls_of(d, dense, midl, empty, x):
-    """The five timed callables (see the module docstring)."""
+def weight_views(layer):
+    """NumPy views (no copies) of the tensors the native kernel reads."""
+    import keras
+
+    from keras_midl.ops import dispatch
+
+    views = {}
+    for name, value in dispatch.layer_weights(layer).items():
+        if value is None:
+            views[name] = None
+        elif keras.backend.backend() == "torch":
+            views[name] = value.detach().numpy()
+        elif keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            # A read of the variable, whose buffer the view keeps alive.
+            views[name] = np.asarray(tf.convert_to_tensor(value))
+        else:
+            views[name] = np.asarray(value)
+    return views
+
+
+def calls_of(models, empty, x):
+    """The timed callables (see the module docstring)."""
     import keras
 
     from keras_midl import native
     from keras_midl.ops import dispatch
 
-    layer = midl.layers[0]
+    layer = models["int8 MIDL"].layers[0]
     if not dispatch.native_applies(layer):
         raise RuntimeError(
             "The native int8 kernel does not run here (no C compiler, or "
             "native kernels disabled): nothing to bound."
         )
-    arrays = {
-        name: None if value is None else keras.ops.convert_to_numpy(value)
-        for name, value in dispatch.layer_weights(layer).items()
-    }
+    arrays = weight_views(layer)
     rows = keras.ops.convert_to_numpy(x)
     if keras.backend.backend() == "torch":
         import torch
@@ -102,9 +138,12 @@ def calls_of(d, dense, midl, empty, x):
 
         return call
 
+    calls = {
+        name: run(lambda model=model: model(x))
+        for name, model in models.items()
+    }
     return {
-        "float Dense": run(lambda: dense(x)),
-        "int8 MIDL": run(lambda: midl(x)),
+        **calls,
         "MIDL.call": run(lambda: layer.call(x)),
         "kernel": run(lambda: native.sparse_forward(rows, arrays, layer.k)),
         "empty model": run(lambda: empty(x)),
@@ -115,11 +154,11 @@ def measure(d, repeats):
     """The row of one backend: the five medians and what follows."""
     import keras
 
-    dense, midl, empty = build(d)
+    models, empty = build(d)
     x = keras.ops.convert_to_tensor(
         np.random.default_rng(1).normal(size=(1, d)), "float32"
     )
-    calls = calls_of(d, dense, midl, empty, x)
+    calls = calls_of(models, empty, x)
     for call in calls.values():  # warm-up: builds, caches
         for _ in range(3):
             common.block(call())
@@ -144,6 +183,7 @@ def measure(d, repeats):
         "floor ms": floor,
         "target ms": ms["float Dense"] / TARGET,
         "float Dense / int8 MIDL": ms["float Dense"] / ms["int8 MIDL"],
+        "int8 Dense / int8 MIDL": ms["int8 Dense"] / ms["int8 MIDL"],
         "float Dense / floor": ms["float Dense"] / floor,
         "Keras call ms": ms["int8 MIDL"] - ms["MIDL.call"],
         "keras_midl Python ms": ms["MIDL.call"] - ms["kernel"],
@@ -172,6 +212,8 @@ def child(args):
 COLUMNS = [
     ("backend", "Backend", None),
     ("float Dense ms", "float Dense", ".3f"),
+    ("int8 Dense ms", "Keras int8 Dense", ".3f"),
+    ("float MIDL ms", "float MIDL", ".3f"),
     ("int8 MIDL ms", "int8 MIDL", ".3f"),
     ("MIDL.call ms", "MIDL.call", ".3f"),
     ("kernel ms", "kernel", ".3f"),
@@ -179,6 +221,7 @@ COLUMNS = [
     ("floor ms", "floor (empty + kernel)", ".3f"),
     ("target ms", f"target (Dense / {TARGET:g})", ".3f"),
     ("float Dense / int8 MIDL", "Dense / int8 MIDL", ".2f"),
+    ("int8 Dense / int8 MIDL", "int8 Dense / int8 MIDL", ".2f"),
     ("float Dense / floor", "Dense / floor", ".2f"),
     (lambda r: f"{r['load_before']:.2f} / {r['load_after']:.2f}",
      "Load before / after", None),
