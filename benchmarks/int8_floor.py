@@ -51,40 +51,25 @@ import tempfile
 import numpy as np
 
 from benchmarks import common
+from benchmarks import latency_int8
 
 BACKENDS = ("tensorflow", "jax", "torch")
-MODELS = ("float Dense", "int8 Dense", "float MIDL", "int8 MIDL")
+MODELS = latency_int8.MODELS
 CALLS = (*MODELS, "MIDL.call", "kernel", "empty model")
-K_RATIO = 0.45
+K_RATIO = latency_int8.K_RATIO
 TARGET = 3.5
 DEFAULT_OUTPUT = os.path.join(tempfile.gettempdir(), "keras_midl_latency")
 
 
 def build(d):
-    """The four models of `latency_int8` (a dict) and the empty one."""
+    """The four models of `latency_int8` (a dict, the same weights) and
+    the empty one."""
     import keras
 
-    from keras_midl import MIDL
-
-    def one_layer(layer):
-        model = keras.Sequential([keras.Input((d,)), layer])
-        model.build((None, d))
-        return model
-
-    keras.utils.set_random_seed(0)
-    models = {
-        "float Dense": one_layer(keras.layers.Dense(d)),
-        "int8 Dense": one_layer(keras.layers.Dense(d)),
-        "float MIDL": one_layer(
-            MIDL(d, k_ratio=K_RATIO, inference_path="auto")
-        ),
-        "int8 MIDL": one_layer(
-            MIDL(d, k_ratio=K_RATIO, inference_path="auto")
-        ),
-    }
-    models["int8 Dense"].quantize("int8")
-    models["int8 MIDL"].quantize("int8")
-    return models, one_layer(keras.layers.Identity())
+    models = latency_int8.build_models(d)
+    empty = keras.Sequential([keras.Input((d,)), keras.layers.Identity()])
+    empty.build((None, d))
+    return models, empty
 
 
 def weight_views(layer):
