@@ -453,6 +453,30 @@ def run_backends(module, backends, arguments, threads):
     return outputs
 
 
+def combined_outputs(outputs, backend_note=" (one child process each)"):
+    """The rows of `run_backends`' outputs, in backend order, and the first
+    child's metadata with this run's command and the backends
+    (`backend_note` after their names).
+
+    Returns:
+        `(rows, metadata)`.
+    """
+    rows = [row for output in outputs.values() for row in output["rows"]]
+    metadata = next(iter(outputs.values()))["metadata"]
+    metadata["command"] = command_line()
+    metadata["backend"] = ", ".join(outputs) + backend_note
+    return rows, metadata
+
+
+# The last columns of a timing table whose rows hold `load_before`,
+# `load_after` and `valid` (`load_valid`).
+LOAD_COLUMNS = [
+    (lambda r: f"{r['load_before']:.2f} / {r['load_after']:.2f}",
+     "Load before / after", None),
+    (lambda r: "yes" if r["valid"] else "no (machine busy)", "Valid", None),
+]
+
+
 def block(value):
     """Waits for an asynchronous result (JAX, TensorFlow) and returns it."""
     if isinstance(value, (list, tuple)):

@@ -208,17 +208,12 @@ COLUMNS = [
     ("float Dense / int8 MIDL", "Dense / int8 MIDL", ".2f"),
     ("int8 Dense / int8 MIDL", "int8 Dense / int8 MIDL", ".2f"),
     ("float Dense / floor", "Dense / floor", ".2f"),
-    (lambda r: f"{r['load_before']:.2f} / {r['load_after']:.2f}",
-     "Load before / after", None),
-    (lambda r: "yes" if r["valid"] else "no (machine busy)", "Valid", None),
+    *common.LOAD_COLUMNS,
 ]
 
 
 def write(outputs, args):
-    rows = [row for output in outputs.values() for row in output["rows"]]
-    metadata = next(iter(outputs.values()))["metadata"]
-    metadata["command"] = common.command_line()
-    metadata["backend"] = ", ".join(outputs) + " (one child process each)"
+    rows, metadata = common.combined_outputs(outputs)
     os.makedirs(args.output, exist_ok=True)
     stem = os.path.join(args.output, "int8_floor")
     common.write_json(stem + ".json", rows, metadata)

@@ -782,10 +782,7 @@ def merge(paths, args):
 
 
 def write_results(outputs, args):
-    rows = [row for output in outputs.values() for row in output["rows"]]
-    metadata = next(iter(outputs.values()))["metadata"]
-    metadata["command"] = common.command_line()
-    metadata["backend"] = ", ".join(outputs)
+    rows, metadata = common.combined_outputs(outputs, backend_note="")
     metadata["threads"] = args.threads or "backend default"
     write_rows(rows, metadata, args)
 

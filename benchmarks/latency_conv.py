@@ -395,19 +395,13 @@ def columns(variants):
         (lambda r: ", ".join(f"{v} {x:.2f}"
                              for v, x in r["multiply_adds_ratio"].items())
          or "—", "Multiply-adds ratio (Conv2D / MIDL)", None),
-        (lambda r: f"{r['load_before']:.2f} / {r['load_after']:.2f}",
-         "Load before / after", None),
-        (lambda r: "yes" if r["valid"] else "no (machine busy)", "Valid",
-         None),
+        *common.LOAD_COLUMNS,
     ]
     return result
 
 
 def write(outputs, args):
-    rows = [row for output in outputs.values() for row in output["rows"]]
-    metadata = next(iter(outputs.values()))["metadata"]
-    metadata["command"] = common.command_line()
-    metadata["backend"] = ", ".join(outputs) + " (one child process each)"
+    rows, metadata = common.combined_outputs(outputs)
     metadata["load_average_after"] = load_average()
     os.makedirs(args.output, exist_ok=True)
     stem = os.path.join(args.output, args.name)

@@ -256,12 +256,9 @@ def main():
     outputs = common.run_backends(
         __spec__.name, args.backends, repeats, args.threads
     )
-    rows = [row for output in outputs.values() for row in output["rows"]]
-    metadata = next(iter(outputs.values()))["metadata"]
-    metadata["command"] = common.command_line()
+    rows, metadata = common.combined_outputs(outputs, backend_note="")
     metadata["load_average"] = load_before
     metadata["load_average_after"] = common.load_average()
-    metadata["backend"] = ", ".join(outputs)
     choice = fastest(rows)
     common.write_json(
         common.output_path(args.output, "selection.json"),

@@ -215,3 +215,30 @@ def test_results_and_prose_are_not_changes_a_result_depends_on(
     measure the same code, not 'uncommitted changes'."""
     monkeypatch.setattr(common, "_git", lambda *arguments: status)
     assert common._tracked_changes() == changed
+
+
+def test_combined_outputs_keeps_backend_order_and_the_first_metadata(
+    monkeypatch,
+):
+    monkeypatch.setattr(common, "command_line", lambda: "python -m x")
+    outputs = {
+        "tensorflow": {"metadata": {"machine": "a"}, "rows": [{"r": 1}]},
+        "jax": {"metadata": {"machine": "b"}, "rows": [{"r": 2}, {"r": 3}]},
+    }
+    rows, metadata = common.combined_outputs(outputs)
+    assert rows == [{"r": 1}, {"r": 2}, {"r": 3}]
+    assert metadata == {
+        "machine": "a",
+        "command": "python -m x",
+        "backend": "tensorflow, jax (one child process each)",
+    }
+    _, metadata = common.combined_outputs(outputs, backend_note="")
+    assert metadata["backend"] == "tensorflow, jax"
+
+
+@pytest.mark.parametrize("valid, text", [(True, "yes"), (False, "no")])
+def test_load_columns(valid, text):
+    row = {"load_before": 0.4, "load_after": 0.555, "valid": valid}
+    cells = [cell(row) for cell, _, _ in common.LOAD_COLUMNS]
+    assert cells[0] == "0.40 / 0.56"
+    assert cells[1].startswith(text)
