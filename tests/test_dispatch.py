@@ -535,6 +535,40 @@ def test_int8_torch_calls_recording_gradients_take_the_keras_ops_path(
     np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_native_kernel_reads_the_weights_assigned_after_a_call(
+    int8, native_calls, rng
+):
+    """Nothing read from the variables outlives a call: after
+    `set_weights`, the native kernel computes with the new weights (on
+    TensorFlow it reads each variable's handle, `_current_value`)."""
+    masked, gathered = make_pair((1, INPUT_DIM), k_ratio=0.25)
+    _, source = make_pair((1, INPUT_DIM), k_ratio=0.25)
+    for layer in (masked, gathered, source):
+        layer.inference_path = "gathered"
+        if int8:
+            layer.quantize("int8")
+    x = rng.normal(size=(1, INPUT_DIM)).astype("float32")
+
+    def call(layer):
+        if BACKEND == "torch":
+            import torch
+
+            with torch.no_grad():
+                return as_numpy(layer(x, training=False))
+        return as_numpy(layer(x, training=False))
+
+    before = call(gathered)
+    gathered.set_weights(source.get_weights())
+    del native_calls[:]
+    after = call(gathered)
+    assert "sparse_forward_pointers" in native_calls
+    assert not np.allclose(before, after, rtol=0, atol=1e-4)
+    masked.set_weights(source.get_weights())
+    expected = as_numpy(masked.masked_outputs(x, training=False))
+    np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_native_forward_equals_the_reference(native_calls, rng):
     """Each backend's `native_forward` (torch: with gradients recorded)
     computes the `keras.ops` gathered path, empty batches included."""

@@ -290,6 +290,22 @@ def test_int8_sparse_forward_is_kerass_int8_arithmetic(
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_sparse_forward_arrays_is_sparse_forward_without_checks(int8, rng):
+    """The backends' entry point computes what `sparse_forward` does."""
+    if not native.available():
+        pytest.skip("the native library cannot be built here")
+    rows, weights = int8_case(rng, 40, 100, 3, 5)
+    if not int8:
+        kernel = rng.normal(size=weights["kernel"].shape).astype("float32")
+        weights = dict(weights, kernel=kernel, kernel_scale=None)
+    arrays = {name: weights[name] for name in native.FORWARD_WEIGHTS}
+    want = native.sparse_forward(rows, weights, 13)
+    got = native.kernels.sparse_forward_arrays(rows, arrays, 13)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_int8_library_equals_the_numpy_fallback(monkeypatch, rng):
     if not native.available():
         pytest.skip("the native library cannot be built here")

@@ -4,6 +4,8 @@ The backend modules take from here the functions where they do the same
 (nothing to export specially, nothing compiled, values read as they
 are)."""
 
+import numpy as np
+
 
 def in_trace(inputs):
     """Whether the call is traced; never on this backend."""
@@ -65,3 +67,12 @@ def native_dtypes(weights, is_float32, is_int8):
         elif not is_float32(weight):
             return False
     return True
+
+
+def native_arrays(arrays):
+    """`native_dtypes` of NumPy arrays (views of a layer's weights)."""
+    return native_dtypes(
+        arrays,
+        lambda array: array.dtype == np.float32,
+        lambda array: array.dtype == np.int8,
+    )

@@ -76,22 +76,27 @@ def native_forward(inputs, weights, k, quantize_inputs=True):
     buffers (CPU arrays share their memory with NumPy); `None` where it
     cannot run (the default backend is not the CPU, an array neither
     float32 nor the int8 kernel of a quantized layer). `quantize_inputs`:
-    int8 only, see `keras_midl.native.sparse_forward`."""
-    if jax.default_backend() != "cpu" or not generic.native_dtypes(
-        weights, lambda w: w.dtype == jnp.float32, lambda w: w.dtype == jnp.int8
-    ):
+    int8 only, see `keras_midl.native.sparse_forward`. The shapes are the
+    built layer's, so the kernel runs without `sparse_forward`'s checks."""
+    if jax.default_backend() != "cpu":
         return None
-    kernel = weights["kernel"]
-    units, input_dim = kernel.shape
     # NumPy views of the CPU buffers; the outputs are shaped in NumPy and
     # cross into JAX once (each JAX op in an eager call costs 10-30 us).
-    rows = np.asarray(inputs, np.float32)
     arrays = {
-        name: None if weights[name] is None else np.asarray(weights[name])
+        name: None if weights[name] is None else np.ascontiguousarray(
+            weights[name]
+        )
         for name in kernels.FORWARD_WEIGHTS
     }
-    outputs, _ = kernels.sparse_forward(
-        rows.reshape(-1, input_dim), arrays, k, quantize_inputs=quantize_inputs
+    if not generic.native_arrays(arrays):
+        return None
+    rows = np.ascontiguousarray(inputs, np.float32)
+    units, input_dim = arrays["kernel"].shape
+    flat = rows.reshape(-1, input_dim)
+    if not flat.shape[0]:
+        return jnp.zeros((*rows.shape[:-1], units), jnp.float32)
+    outputs, _ = kernels.sparse_forward_arrays(
+        flat, arrays, k, quantize_inputs=quantize_inputs
     )
     return jnp.asarray(outputs.reshape(*rows.shape[:-1], units))
 
