@@ -102,8 +102,10 @@ def _tracked_changes():
     tracked file but results and prose (`UNMEASURED_PATHS`,
     `UNMEASURED_SUFFIXES`)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
+    # `_git` strips the output, and with it the first line's leading
+    # space (" M path"): the path is what follows the status letters.
     return any(
-        not _unmeasured(line[3:].split(" -> ")[-1].strip('"'))
+        not _unmeasured(line.split(None, 1)[1].split(" -> ")[-1].strip('"'))
         for line in (status or "").splitlines()
         if line.strip()
     )

@@ -206,6 +206,9 @@ def test_the_commit_says_when_tracked_files_were_changed(monkeypatch, changed):
         (" M docs/layer.md\n M benchmarks/common.py\n", True),
         ("R  benchmarks/old.py -> benchmarks/new.py\n", True),
         ('R  "docs/a b.md" -> "docs/c d.md"\n', False),
+        # As `_git` returns it: stripped, the first line's space too.
+        ("M benchmarks/results/a.json\n M benchmarks/results/b.md", False),
+        ("M keras_midl/midl.py\n M docs/layer.md", True),
     ],
 )
 def test_results_and_prose_are_not_changes_a_result_depends_on(

@@ -30,6 +30,19 @@ def test_row_holds_every_call_and_the_floor():
     )
 
 
+def test_each_part_runs_after_a_model_that_evicts_its_weights():
+    """The kernel and the layer's call are timed as the first readers of
+    the int8 MIDL's weights after another model's, as `int8 MIDL` is."""
+    order = int8_floor.ORDER
+    assert sorted(order) == sorted(int8_floor.CALLS)
+    for part, before in [
+        ("kernel", "float Dense"),
+        ("MIDL.call", "int8 Dense"),
+        ("int8 MIDL", "float MIDL"),
+    ]:
+        assert order.index(part) == order.index(before) + 1
+
+
 def test_table_is_written(tmp_path):
     row = int8_floor.measure(32, 1)
     outputs = {
