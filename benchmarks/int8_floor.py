@@ -27,11 +27,10 @@ The calls run in turn (`ORDER`), so that each part of the int8 MIDL
 finds its weights evicted, as `int8 MIDL` does after `float MIDL` in
 `benchmarks/latency_int8.py` (float Dense reads 64 MiB per call, Keras's
 int8 Dense 16, the float MIDL about 30): `kernel` runs after float
-Dense, `MIDL.call` after Keras's int8 Dense. (Run right after another
-read of the same weights, the kernel took 0.5-0.7 ms here, against
-0.8-1.1 ms as the first reader after float Dense: an earlier version of
-this benchmark ran the kernel third in a row and so understated the
-floor.)
+Dense, `MIDL.call` after Keras's int8 Dense. (The first version of
+this benchmark ran the kernel right after two other reads of the same
+weights: 0.60-0.61 ms at commit 909427e, against 0.99-1.11 ms as the
+first reader after float Dense at 218bffd; it understated the floor.)
 The floor of `int8 MIDL` is `empty model + kernel`: Keras's call plus the
 kernel's work, with nothing of keras_midl's own Python. `float Dense /
 floor` is then the most any implementation behind Keras's `model(x)`
