@@ -6,6 +6,8 @@ are)."""
 
 import numpy as np
 
+from keras_midl.native import kernels
+
 
 def in_trace(inputs):
     """Whether the call is traced; never on this backend."""
@@ -69,10 +71,33 @@ def native_dtypes(weights, is_float32, is_int8):
     return True
 
 
-def native_arrays(arrays):
-    """`native_dtypes` of NumPy arrays (views of a layer's weights)."""
-    return native_dtypes(
+def forward_on_arrays(rows, arrays, k, quantize_inputs=True):
+    """The native forward on NumPy views of a built layer's inputs and
+    weights, for the backends whose CPU tensors share their buffers with
+    NumPy (TensorFlow, JAX).
+
+    Args:
+        rows: Array `(..., input_dim)`, the inputs.
+        arrays: Dict of arrays over `kernels.FORWARD_WEIGHTS`, the
+            layer's weights (`None` where absent), C-contiguous.
+        k: Neurons selected per row.
+        quantize_inputs: int8 only, see `kernels.sparse_forward`.
+
+    Returns:
+        Float32 array `(..., units)`, or `None` where the weights' dtypes
+        are not the kernel's (`native_dtypes`).
+    """
+    if not native_dtypes(
         arrays,
         lambda array: array.dtype == np.float32,
         lambda array: array.dtype == np.int8,
+    ):
+        return None
+    units, input_dim = arrays["kernel"].shape
+    flat = np.ascontiguousarray(rows.reshape(-1, input_dim), np.float32)
+    if not flat.shape[0]:
+        return np.zeros((*rows.shape[:-1], units), np.float32)
+    outputs, _ = kernels.sparse_forward_arrays(
+        flat, arrays, k, quantize_inputs=quantize_inputs
     )
+    return outputs.reshape(*rows.shape[:-1], units)

@@ -88,17 +88,10 @@ def native_forward(inputs, weights, k, quantize_inputs=True):
         )
         for name in kernels.FORWARD_WEIGHTS
     }
-    if not generic.native_arrays(arrays):
-        return None
-    rows = np.ascontiguousarray(inputs, np.float32)
-    units, input_dim = arrays["kernel"].shape
-    flat = rows.reshape(-1, input_dim)
-    if not flat.shape[0]:
-        return jnp.zeros((*rows.shape[:-1], units), jnp.float32)
-    outputs, _ = kernels.sparse_forward_arrays(
-        flat, arrays, k, quantize_inputs=quantize_inputs
+    outputs = generic.forward_on_arrays(
+        np.asarray(inputs), arrays, k, quantize_inputs=quantize_inputs
     )
-    return jnp.asarray(outputs.reshape(*rows.shape[:-1], units))
+    return None if outputs is None else jnp.asarray(outputs)
 
 
 def compile_layer_call(call, static_shapes=False):

@@ -59,19 +59,12 @@ def native_forward(inputs, weights, k, quantize_inputs=True):
         name: None if tensor is None else np.asarray(tensor)
         for name, tensor in tensors.items()
     }
-    if not generic.native_arrays(arrays):
-        return None
     if inputs.dtype != tf.float32:
         inputs = tf.cast(inputs, tf.float32)
-    rows = np.asarray(inputs)
-    units, input_dim = arrays["kernel"].shape
-    flat = rows.reshape(-1, input_dim)
-    if not flat.shape[0]:
-        return tf.zeros((*rows.shape[:-1], units), tf.float32)
-    outputs, _ = kernels.sparse_forward_arrays(
-        flat, arrays, k, quantize_inputs=quantize_inputs
+    outputs = generic.forward_on_arrays(
+        np.asarray(inputs), arrays, k, quantize_inputs=quantize_inputs
     )
-    return tf.constant(outputs.reshape(*rows.shape[:-1], units))
+    return None if outputs is None else tf.constant(outputs)
 
 
 def _current_value(value):
