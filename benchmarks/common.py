@@ -455,6 +455,16 @@ def run_backends(module, backends, arguments, threads):
     return outputs
 
 
+def write_child_output(path, rows, **metadata):
+    """A child's output for `run_backends`: its rows and this machine's
+    `environment()` with `metadata` added (such as `threads`), as JSON at
+    `path`."""
+    with open(path, "w") as file:
+        json.dump(
+            {"metadata": {**environment(), **metadata}, "rows": rows}, file
+        )
+
+
 def combined_outputs(outputs, backend_note=" (one child process each)"):
     """The rows of `run_backends`' outputs, in backend order, and the first
     child's metadata with this run's command and the backends

@@ -49,7 +49,6 @@ folder in the system's temporary directory).
 
 import argparse
 import contextlib
-import json
 import os
 import tempfile
 
@@ -203,10 +202,7 @@ def child(args):
         torch.set_num_threads(1)
     row = measure(args.d, args.repeats)
     print(row, flush=True)
-    metadata = common.environment()
-    metadata["threads"] = 1
-    with open(args.child, "w") as file:
-        json.dump({"metadata": metadata, "rows": [row]}, file)
+    common.write_child_output(args.child, [row], threads=1)
 
 
 COLUMNS = [

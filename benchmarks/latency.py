@@ -537,10 +537,9 @@ def child(args):
         print(rows[-1], flush=True)
     if args.wait_for:
         open(args.wait_for + ".done", "w").close()
-    metadata = common.environment()
-    metadata["threads"] = args.threads or "backend default"
-    with open(args.child, "w") as file:
-        json.dump({"metadata": metadata, "rows": rows}, file)
+    common.write_child_output(
+        args.child, rows, threads=args.threads or "backend default"
+    )
 
 
 def run_backends(args):

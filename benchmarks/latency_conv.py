@@ -57,7 +57,6 @@ Writes `<name>.json` and `<name>.md` (default name `latency_conv`) under
 """
 
 import argparse
-import json
 import os
 import re
 import tempfile
@@ -361,10 +360,9 @@ def child(args):
                 rows.append(row)
                 print({k: row[k] for k in ("backend", "shape", "runtime",
                                            "ms", "conv_over")}, flush=True)
-    metadata = common.environment()
-    metadata["threads"] = args.threads or "backend default"
-    with open(args.child, "w") as file:
-        json.dump({"metadata": metadata, "rows": rows}, file)
+    common.write_child_output(
+        args.child, rows, threads=args.threads or "backend default"
+    )
 
 
 def _cell(key, variant, spec):

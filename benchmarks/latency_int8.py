@@ -42,7 +42,6 @@ Writes `<name>.json` and `<name>.md` (default name `latency_int8`) under
 """
 
 import argparse
-import json
 import os
 import tempfile
 
@@ -229,10 +228,9 @@ def child(args):
                 print(row, flush=True)
             rows.extend(new_rows)
         del models, eager_models
-    metadata = common.environment()
-    metadata["threads"] = args.threads or "backend default"
-    with open(args.child, "w") as file:
-        json.dump({"metadata": metadata, "rows": rows}, file)
+    common.write_child_output(
+        args.child, rows, threads=args.threads or "backend default"
+    )
 
 
 COLUMNS = [

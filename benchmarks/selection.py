@@ -37,7 +37,6 @@ the committed results).
 """
 
 import argparse
-import json
 import os
 
 import numpy as np
@@ -211,10 +210,9 @@ def training_rows(repeats):
 def child(path, repeats):
     set_threads()
     rows = selection_rows(repeats) + training_rows(repeats)
-    metadata = common.environment()
-    metadata["threads"] = os.environ.get("OMP_NUM_THREADS")
-    with open(path, "w") as file:
-        json.dump({"metadata": metadata, "rows": rows}, file)
+    common.write_child_output(
+        path, rows, threads=os.environ.get("OMP_NUM_THREADS")
+    )
 
 
 def set_threads():

@@ -61,7 +61,6 @@ Usage:
 """
 
 import argparse
-import json
 
 from benchmarks import common
 from benchmarks import latency
@@ -271,9 +270,7 @@ def child(args):
     rows = training_rows(args)
     if not args.jit_compile:
         rows += inference_rows(args)
-    metadata = common.environment()
-    with open(args.child, "w") as file:
-        json.dump({"metadata": metadata, "rows": rows}, file)
+    common.write_child_output(args.child, rows)
 
 
 # --- Parent: one child per backend, then the result files -----------------

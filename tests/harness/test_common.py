@@ -6,6 +6,7 @@ import os
 import sys
 import time
 
+import keras
 import pytest
 
 from benchmarks import common
@@ -245,3 +246,16 @@ def test_load_columns(valid, text):
     cells = [cell(row) for cell, _, _ in common.LOAD_COLUMNS]
     assert cells[0] == "0.40 / 0.56"
     assert cells[1].startswith(text)
+
+
+def test_child_output_holds_the_rows_and_the_environment(tmp_path):
+    """What a child writes is what `run_backends` reads back."""
+    path = tmp_path / "out.json"
+    rows = [{"backend": "numpy", "ms": 1.5}]
+    common.write_child_output(str(path), rows, threads=1)
+    output = json.loads(path.read_text())
+    assert output["rows"] == rows
+    metadata = output["metadata"]
+    assert set(metadata) == set(common.environment()) | {"threads"}
+    assert metadata["threads"] == 1
+    assert metadata["backend"] == keras.backend.backend()
