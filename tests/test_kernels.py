@@ -343,17 +343,38 @@ def _training_library():
 
 @pytest.mark.parametrize(
     "shape, k",
-    [((1, 7), 3), ((70, 64), 29), ((3, 4, 40), 40), ((5, 9), 1), ((0, 6), 2)],
+    [
+        ((1, 7), 3),
+        ((70, 64), 29),
+        ((3, 4, 40), 40),
+        ((5, 9), 1),
+        ((0, 6), 2),
+        ((6, 1024), 461),
+        ((2, 4099), 4098),
+    ],
 )
 @pytest.mark.parametrize(
-    "kind", ["normal", "ties", "nan_and_subnormal", "infinities", "tied_rows"]
+    "kind",
+    [
+        "normal",
+        "ties",
+        "nan_and_subnormal",
+        "infinities",
+        "tied_rows",
+        "low_bits",
+    ],
 )
 def test_topk_mask_equals_topk_mask(shape, k, kind, rng):
     """The C selection marks what `topk_mask` marks, bit for bit: NaN
-    lowest, subnormals and -0.0 as zero, ties to the lowest index."""
+    lowest, subnormals and -0.0 as zero, ties to the lowest index.
+    `low_bits`: scores that differ only in their last mantissa bits, so
+    the radix selection runs to its last digit with many candidates."""
     _training_library()
     scores = rng.normal(size=shape).astype("float32")
-    if kind == "ties":
+    if kind == "low_bits":
+        steps = rng.integers(0, 600, size=shape)
+        scores = (1.0 + steps * 2.0**-23).astype("float32")
+    elif kind == "ties":
         scores = np.round(scores)
     elif kind == "nan_and_subnormal" and scores.size:
         scores[..., 0] = np.nan

@@ -463,12 +463,10 @@ static int gather_selected(struct full_path *p, int64_t count,
   return 0;
 }
 
-/* A float's key in an unsigned order that is the float order (no NaN;
- * -0.0 is cleaned to 0.0 before): the sign bit set for non-negative
- * floats, every bit flipped for negative ones. */
-static uint32_t sortable_key(float value) {
-  uint32_t bits;
-  memcpy(&bits, &value, sizeof bits);
+/* The key of a float, from its bits, in an unsigned order that is the
+ * float order (no NaN; -0.0 is cleaned to 0.0 before): the sign bit set
+ * for non-negative floats, every bit flipped for negative ones. */
+static uint32_t sortable_key(uint32_t bits) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
@@ -479,60 +477,106 @@ static float key_to_float(uint32_t key) {
   return value;
 }
 
+/* The k-th largest of a few keys (1 <= k <= n): the largest key with at
+ * least k keys at or above it. */
+static uint32_t kth_largest_of_few(const uint32_t *keys, int64_t n,
+                                   int64_t k) {
+  uint32_t kth = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t at_least = 0;
+    for (int64_t j = 0; j < n; ++j) at_least += keys[j] >= keys[i];
+    if (at_least >= k && keys[i] > kth) kth = keys[i];
+  }
+  return kth;
+}
+
+/* Below this many candidates the radix selection stops and compares
+ * them all (its remaining steps would each scan a 256-bin histogram). */
+#define FEW_KEYS 16
+
 /* The k-th largest of keys[0..n) (1 <= k <= n), by a radix selection on
  * 8-bit digits from the top: a histogram of the candidates' digit, the
  * digit that holds the k-th largest, and only the candidates with that
- * digit kept for the next digit. Each step is a branch-free pass over the
- * candidates, and few are left after the first two; quickselect, whose
- * comparisons mispredict half the time on random scores, took 3-4x
- * longer at 1024 scores. `candidates`: n keys of scratch. */
+ * digit kept for the next digit, until few are left. Each step is a
+ * branch-free pass over the candidates; quickselect, whose comparisons
+ * mispredict half the time on random scores, took 3-4x longer at 1024
+ * scores. `top_histogram`: the histogram of the top digit of all n keys
+ * (the caller counts it while it makes the keys). `candidates`: n keys
+ * of scratch. */
 static uint32_t kth_largest_key(const uint32_t *keys, int64_t n, int64_t k,
+                                const uint32_t *top_histogram,
                                 uint32_t *candidates) {
   const uint32_t *from = keys;
   int64_t count = n;
   uint32_t prefix = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
-    int64_t histogram[256] = {0};
-    for (int64_t i = 0; i < count; ++i) ++histogram[(from[i] >> shift) & 255];
+    uint32_t histogram[256];
+    if (shift == 24) {
+      memcpy(histogram, top_histogram, sizeof histogram);
+    } else {
+      memset(histogram, 0, sizeof histogram);
+      for (int64_t i = 0; i < count; ++i) {
+        ++histogram[(from[i] >> shift) & 255];
+      }
+    }
     int digit = 255;
-    while (histogram[digit] < k) k -= histogram[digit--];
+    while ((int64_t)histogram[digit] < k) k -= histogram[digit--];
     prefix |= (uint32_t)digit << shift;
-    if (shift == 0 || histogram[digit] == count) continue;
-    int64_t kept = 0; /* keep the candidates with this digit */
+    if (shift == 0 || (int64_t)histogram[digit] == count) continue;
+    /* Keep the candidates with this digit: those in [prefix, prefix +
+     * 2^shift), their higher digits being the prefix's already. */
+    const uint32_t width = 1u << shift;
+    int64_t kept = 0;
     for (int64_t i = 0; i < count; ++i) {
       candidates[kept] = from[i];
-      kept += (int64_t)(((from[i] >> shift) & 255) == (uint32_t)digit);
+      kept += (int64_t)(from[i] - prefix < width);
     }
     from = candidates;
     count = kept;
+    if (count <= FEW_KEYS) return kth_largest_of_few(from, count, k);
   }
   return prefix;
 }
 
-/* One row's scores as `topk_mask` ranks them (NaN as -inf, subnormals as
- * zero) into `clean`, and their k-th largest; `*above` and `*at_least`
- * are set to the numbers of scores above it and at least as large, in one
- * pass. `keys`: 2 * units keys of scratch. */
+/* One row's scores as `topk_mask` ranks them (NaN as -inf, subnormals and
+ * -0.0 as 0.0) into `clean`, and their k-th largest. The clean-up works
+ * on the bits (a loop the compiler vectorizes); the histogram of the keys'
+ * top digit is counted in four parts, so that equal digits in a row (most
+ * scores share a few exponents) do not wait on each other's increment.
+ * `keys`: 2 * units keys of scratch. */
 static float row_threshold(const float *logits, int64_t units, int64_t k,
-                           float *clean, uint32_t *keys, int64_t *above,
-                           int64_t *at_least) {
+                           float *clean, uint32_t *keys) {
   for (int64_t j = 0; j < units; ++j) {
-    float v = logits[j];
-    if (isnan(v)) v = -INFINITY;
-    if (fabsf(v) < FLT_MIN) v = 0.0f; /* -0.0 too */
-    clean[j] = v;
-    keys[j] = sortable_key(v);
+    uint32_t bits;
+    memcpy(&bits, logits + j, sizeof bits);
+    const uint32_t magnitude = bits & 0x7FFFFFFFu;
+    bits = magnitude > 0x7F800000u ? 0xFF800000u : bits; /* NaN: -inf */
+    bits = magnitude < 0x00800000u ? 0u : bits; /* below FLT_MIN: 0 */
+    memcpy(clean + j, &bits, sizeof bits);
+    keys[j] = sortable_key(bits);
   }
-  const float threshold =
-      key_to_float(kth_largest_key(keys, units, k, keys + units));
-  int64_t count_above = 0, count_at_least = 0;
-  for (int64_t j = 0; j < units; ++j) {
-    count_above += clean[j] > threshold;
-    count_at_least += clean[j] >= threshold;
+  uint32_t parts[4][256];
+  memset(parts, 0, sizeof parts);
+  int64_t j = 0;
+  for (; j + 4 <= units; j += 4) {
+    ++parts[0][keys[j] >> 24];
+    ++parts[1][keys[j + 1] >> 24];
+    ++parts[2][keys[j + 2] >> 24];
+    ++parts[3][keys[j + 3] >> 24];
   }
-  *above = count_above;
-  *at_least = count_at_least;
-  return threshold;
+  for (; j < units; ++j) ++parts[0][keys[j] >> 24];
+  for (int digit = 0; digit < 256; ++digit) {
+    parts[0][digit] += parts[1][digit] + parts[2][digit] + parts[3][digit];
+  }
+  return key_to_float(kth_largest_key(keys, units, k, parts[0], keys + units));
+}
+
+/* The number of `clean` scores above `threshold`. */
+static int64_t count_above(const float *clean, int64_t units,
+                           float threshold) {
+  int64_t above = 0;
+  for (int64_t j = 0; j < units; ++j) above += clean[j] > threshold;
+  return above;
 }
 
 /* The k neurons of one row of logits that `topk_mask` selects, into
@@ -540,11 +584,9 @@ static float row_threshold(const float *logits, int64_t units, int64_t k,
 static void select_row(const float *logits, int64_t units, int64_t k,
                        int64_t *selected, float *scratch) {
   float *clean = scratch;
-  int64_t above, at_least;
-  const float threshold =
-      row_threshold(logits, units, k, clean,
-                    (uint32_t *)(scratch + units), &above, &at_least);
-  int64_t tied_needed = k - above, slot = 0;
+  const float threshold = row_threshold(logits, units, k, clean,
+                                        (uint32_t *)(scratch + units));
+  int64_t tied_needed = k - count_above(clean, units, threshold), slot = 0;
   for (int64_t j = 0; j < units && slot < k; ++j) {
     if (clean[j] > threshold) {
       selected[slot++] = j;
@@ -563,17 +605,19 @@ void midl_topk_mask(const float *scores, int64_t count, int64_t units,
   float *clean = scratch;
   for (int64_t b = 0; b < count; ++b) {
     float *out = mask + b * units;
-    int64_t above, at_least;
     const float threshold =
         row_threshold(scores + b * units, units, k, clean,
-                      (uint32_t *)(scratch + units), &above, &at_least);
-    if (at_least == k) { /* no tie to break: one vectorized pass */
-      for (int64_t j = 0; j < units; ++j) {
-        out[j] = clean[j] >= threshold ? 1.0f : 0.0f;
-      }
-      continue;
+                      (uint32_t *)(scratch + units));
+    /* The mask of the scores at least the threshold, counted as it is
+     * written: right unless ties at the threshold are more than needed. */
+    int64_t at_least = 0;
+    for (int64_t j = 0; j < units; ++j) {
+      const int chosen = clean[j] >= threshold;
+      at_least += chosen;
+      out[j] = chosen ? 1.0f : 0.0f;
     }
-    int64_t tied_needed = k - above;
+    if (at_least == k) continue;
+    int64_t tied_needed = k - count_above(clean, units, threshold);
     for (int64_t j = 0; j < units; ++j) {
       const int tied = clean[j] == threshold && tied_needed > 0;
       tied_needed -= tied;
