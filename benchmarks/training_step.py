@@ -38,6 +38,10 @@ means the same on every backend):
   straight-through estimator and the mix, forward and backward. What
   remains over Dense is the gate and light-path matmuls, their gradients
   and the optimizer's updates of their weights.
+* `rank 16`: MIDL with `rank=16` in place of the default rank (28 and 32
+  for these layers): what half the gate and light-path work saves, a
+  choice whose accuracy `benchmarks.paper_table` measures (recipe
+  `rank=16`).
 
 `--jit-compile` compiles the training steps with `jit_compile=True`,
 Dense's and MIDL's alike (XLA on TensorFlow, which Keras does not use
@@ -144,8 +148,13 @@ def profile_layers():
             mask = ops.cast(mask, full.dtype)
             return mask * full + (1.0 - mask) * light
 
+    class Rank16(MIDL):
+        def __init__(self, units, rank=16, **kwargs):
+            super().__init__(units, rank=rank, **kwargs)
+
     return {"fixed mask": FixedMask,
-            "fixed mask, plain mix": FixedMaskPlainMix}
+            "fixed mask, plain mix": FixedMaskPlainMix,
+            "rank 16": Rank16}
 
 
 def timed_rows(calls, args, **labels):
@@ -368,7 +377,8 @@ def main(argv=None):
         "Profile variants (`--profile`): `fixed mask` replaces the "
         "selection by a constant mask; `fixed mask, plain mix` also "
         "replaces the straight-through mix by a plain one with no "
-        "gradient to the gate (see the module docstring).",
+        "gradient to the gate; `rank 16` is MIDL with `rank=16` in place "
+        "of the default (28, 32) (see the module docstring).",
     ]
     common.write_markdown(stem + ".md", rows, metadata, COLUMNS,
                           title="Training step and large-batch inference: "

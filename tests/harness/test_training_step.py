@@ -88,6 +88,13 @@ def test_profile_layers_replace_the_selection_and_the_mix(rng):
     )
 
 
+def test_profile_rank_16_variant_builds_rank_16_layers():
+    model = training_step.mlp((32,), training_step.profile_layers()["rank 16"])
+    midl = model.layers[0]
+    assert midl.effective_rank == 16 and midl.k == 14
+    assert midl.get_config()["rank"] == 16
+
+
 def test_jit_compile_reaches_every_model():
     from keras_midl import MIDL
 
