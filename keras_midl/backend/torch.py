@@ -204,7 +204,7 @@ def native_topk_mask(scores, k, training):
     bit for bit), with no gradient, in training or not; `None` where the
     kernel cannot run (see `_native_ready`). Its `top_k` and the half
     dozen elementwise passes around it took 3-4 ms at 256 x 1024 here,
-    the C call 1 ms."""
+    the C call 0.8 ms (`benchmarks/results/selection/`)."""
     if not _native_ready(scores) or scores.ndim == 0:
         return None
     return topk_mask_op(scores.detach(), k)
