@@ -41,7 +41,6 @@
  * AVX2 and FMA (and AVX-512 VNNI for the int8 sums, MIDL_AVX512_VNNI)
  * where the CPU has them, portable C otherwise.
  */
-#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -88,8 +88,9 @@ class AutoRule(typing.NamedTuple):
 # * jax: 1-2 rows from d = n = 4096 with k_ratio <= 0.45 (at 4096,
 #   k_ratio 0.45, 0.86x and 1.00x of the compiled masked path at 1 and 2
 #   rows in the grid's rerun; at one row in latency_target.md 1.48x at
-#   commit 022269b, 0.81x at 218bffd, 1.11x at 97eafee: JAX's timings
-#   move most between runs; at 8192, 0.99-2.19x).
+#   commit 022269b, 0.81x at 218bffd, 1.11x at 97eafee, 0.85x at
+#   39bb24a: JAX's timings move most between runs; at 8192,
+#   0.99-2.19x).
 NATIVE_AUTO_RULES = {
     "torch": AutoRule(max_rows=8, min_weights=1024 * 1024, max_k_ratio=0.75),
     "tensorflow": AutoRule(
