@@ -449,15 +449,19 @@ class MIDL(GatedLayer):
         `gate()`, run op by op, finds the mask that `call` finds eagerly or
         compiled.
         """
+        code, logits = self._gate_code_and_logits(inputs)
+        mask = ops.cast(self._select(logits, training), self.gate_dtype)
+        return code, logits, mask
+
+    def _gate_code_and_logits(self, inputs):
+        """`(z, s)` of `_gate_outputs`, without the selection."""
         dtype = self.gate_dtype
         inputs = ops.cast(inputs, self.compute_dtype)
         gate_code = ops.matmul(
             ops.cast(inputs, dtype), ops.cast(self.projection, dtype)
         )
         logits = self.gate_logits(gate_code)
-        mask = ops.cast(self._select(logits, training), dtype)
-        code = ops.cast(gate_code, self.compute_dtype)
-        return code, logits, mask
+        return ops.cast(gate_code, self.compute_dtype), logits
 
     def call(self, inputs, training=None):
         if not training:
@@ -484,6 +488,19 @@ class MIDL(GatedLayer):
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
+
+    def unbiased_paths(self, inputs):
+        """`(logits, x W, z U)` of a float layer: the gate logits and the
+        full and light paths before their biases, computed as
+        `masked_outputs` computes them (`z U` is `None` with
+        `light_path="zero"`), for the native inference mix
+        (`keras_midl.ops.dispatch`)."""
+        code, logits = self._gate_code_and_logits(inputs)
+        full = _matmul_transposed(inputs, self.kernel)
+        light = None
+        if self.light_kernel is not None:
+            light = ops.matmul(code, self.light_kernel)
+        return logits, full, light
 
     def _full_path(self, inputs):
         """`x W + b` for every neuron, in the compute dtype; with LoRA,

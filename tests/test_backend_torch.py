@@ -569,3 +569,83 @@ def test_torch_compile_records_the_native_training_operators(
         np.testing.assert_allclose(
             variable.value.grad.numpy(), want, rtol=1e-5, atol=1e-6
         )
+
+
+@pytest.fixture
+def select_mix_calls(monkeypatch):
+    """Records the calls of `midl_select_mix`; skips where the library is
+    not built here."""
+    from keras_midl.native import kernels
+
+    if build.library() is None:
+        pytest.skip("the native kernel could not be built here")
+    calls = []
+    original = kernels.select_mix_pointers
+
+    def spy(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(kernels, "select_mix_pointers", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"use_bias": False},
+        {"light_path": "zero"},
+        {"activation": "relu", "use_bias": False, "light_path": "zero"},
+    ],
+)
+@pytest.mark.parametrize("inference_path", ["masked", "auto"])
+def test_inference_without_gradient_selects_and_mixes_in_one_c_pass(
+    options, inference_path, select_mix_calls, rng
+):
+    """Where no gradient is recorded (`torch.no_grad()`, `predict`), the
+    masked path's selection, bias adds and mix are one C pass with no
+    mask (`native_select_mix`): the masked path's values, bit for bit.
+    Where one may be recorded, the masked path runs (its mix has the
+    gate's gradient)."""
+    import torch
+
+    layer = MIDL(
+        UNITS, k_ratio=0.4, inference_path=inference_path, **options
+    )
+    x = rng.normal(size=(40, 3, INPUT_DIM)).astype("float32")
+    x[0] = 0.0  # rows of tied logits (the gate bias only)
+    layer.build(x.shape)
+    for variable in layer.trainable_variables:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    want = as_numpy(layer.masked_outputs(_tensor(x), training=False))
+    assert select_mix_calls == []
+    recorded = as_numpy(layer(_tensor(x)))
+    assert select_mix_calls == []
+    with torch.no_grad():
+        outputs = as_numpy(layer(_tensor(x)))
+    assert len(select_mix_calls) == 1
+    np.testing.assert_array_equal(outputs.view("uint32"), want.view("uint32"))
+    np.testing.assert_array_equal(recorded, want)
+    predicted = keras.Sequential([layer]).predict(x, verbose=0)
+    assert len(select_mix_calls) > 1
+    np.testing.assert_array_equal(predicted, want)
+
+
+def test_no_native_mix_for_an_int8_layer_nor_a_trace(select_mix_calls, rng):
+    """An int8 layer's masked path is an integer matmul; `torch.jit.trace`
+    records torch ops only: neither runs `midl_select_mix`."""
+    import torch
+
+    layer = MIDL(UNITS, k_ratio=0.4, inference_path="masked")
+    x = _tensor(rng.normal(size=(20, INPUT_DIM)).astype("float32"))
+    layer.build(x.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings
+        with torch.no_grad():
+            torch.jit.trace(layer, (x,), check_trace=False)
+    assert select_mix_calls == []
+    layer.quantize("int8")
+    with torch.no_grad():
+        layer(x)
+    assert select_mix_calls == []

@@ -428,3 +428,54 @@ def test_mix_and_its_gradients_in_c(temperature, with_light, rng):
         assert d_light is None
     slope = soft * (np.float32(1) - soft) / np.float32(temperature)
     np.testing.assert_array_equal(d_logits, (upstream * (full - base)) * slope)
+
+
+@pytest.mark.parametrize(
+    "kind", ["normal", "ties", "nan_and_subnormal", "tied_rows", "low_bits"]
+)
+@pytest.mark.parametrize("with_light", [True, False])
+@pytest.mark.parametrize("with_biases", [True, False])
+def test_select_mix_is_the_masked_paths_mix(kind, with_light, with_biases, rng):
+    """`midl_select_mix` writes over `full` what the masked path computes
+    from the unbiased paths: `where(topk_mask(logits), full + bias,
+    light + light_bias)` (0 without `light`), bit for bit, -0.0 included
+    (a missing bias adds nothing, not +0.0)."""
+    _training_library()
+    shape, k = (9, 70), 29  # 70: not a multiple of the vector width
+    logits = rng.normal(size=shape).astype("float32")
+    if kind == "ties":
+        logits = np.round(logits).astype("float32")
+    elif kind == "nan_and_subnormal":
+        logits[:, 0] = np.nan
+        logits[:, -1] = 1e-40
+        logits[:, 35] = -0.0
+    elif kind == "tied_rows":
+        logits[...] = 0.25
+    elif kind == "low_bits":
+        steps = rng.integers(0, 40, size=shape)
+        logits = (1.0 + steps * 2.0**-23).astype("float32")
+    full, light = (rng.normal(size=shape).astype("float32") for _ in range(2))
+    full[:, ::5] = -0.0
+    light[:, ::3] = -0.0
+    bias, light_bias = (
+        rng.normal(size=shape[-1]).astype("float32") if with_biases else None
+        for _ in range(2)
+    )
+    mask = keras.ops.convert_to_numpy(topk_mask(logits, k)) > 0
+    chosen = full if bias is None else full + bias
+    unchosen = np.zeros(shape, "float32")
+    if with_light:
+        unchosen = light if light_bias is None else light + light_bias
+    want = np.where(mask, chosen, unchosen)
+
+    outputs = full.copy()
+    native.kernels.select_mix_pointers(
+        logits.ctypes.data,
+        shape[0],
+        shape[1],
+        k,
+        outputs.ctypes.data,
+        *(0 if a is None else a.ctypes.data
+          for a in (bias, light if with_light else None, light_bias)),
+    )
+    np.testing.assert_array_equal(outputs.view("uint32"), want.view("uint32"))

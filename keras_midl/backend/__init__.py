@@ -28,6 +28,10 @@ on backends without a module of their own, such as NumPy's):
 * `native_mix(mask, logits, full, light, temperature)`:
   `straight_through_mix` with a native forward and backward (torch
   eager), or `None`.
+* `native_select_mix_runs(inputs)` and `native_select_mix(logits, k,
+  full, bias, light, light_bias)`: the masked path's inference output,
+  selection and mix in one native pass with no mask (torch eager, no
+  gradient recorded); `False` and `None` elsewhere.
 """
 
 import keras

@@ -56,6 +56,17 @@ def native_mix(mask, logits, full, light, temperature):
     return None
 
 
+def native_select_mix_runs(inputs):
+    """No native select-and-mix: `False`, the caller runs the masked
+    path."""
+    return False
+
+
+def native_select_mix(logits, k, full, bias, light, light_bias):
+    """No native select-and-mix: `None`."""
+    return None
+
+
 def native_dtypes(weights, is_float32, is_int8):
     """Whether the native kernel takes these weights: all float32, or an
     int8 `kernel` with its `kernel_scale` and the rest float32."""

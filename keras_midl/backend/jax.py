@@ -14,6 +14,8 @@ from keras_midl.native import kernels
 exporting = generic.exporting
 compiled_gathered = generic.compiled_gathered
 native_mix = generic.native_mix
+native_select_mix_runs = generic.native_select_mix_runs
+native_select_mix = generic.native_select_mix
 read_value = generic.read_value
 compiled_selection = generic.compiled_selection
 

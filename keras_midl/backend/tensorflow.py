@@ -18,6 +18,8 @@ _selections = {}
 exporting = generic.exporting
 compiled_gathered = generic.compiled_gathered
 native_mix = generic.native_mix
+native_select_mix_runs = generic.native_select_mix_runs
+native_select_mix = generic.native_select_mix
 
 
 def in_trace(inputs):

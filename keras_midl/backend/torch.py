@@ -329,6 +329,54 @@ def _mix_backward(ctx, upstream):
 mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
 
 
+def native_select_mix_runs(inputs):
+    """Whether `native_select_mix` may run on a call on `inputs`: the
+    library loaded, the call neither traced nor compiled, no gradient
+    recorded (`torch.no_grad()`, `predict`: where one may be, the masked
+    path runs, whose mix has the gate's gradient) and float32 inputs on
+    the CPU."""
+    return (
+        config.native_kernels_enabled()
+        and build.library() is not None
+        and not in_trace(inputs)
+        and not torch.is_grad_enabled()
+        and inputs.dtype == torch.float32
+        and inputs.device == torch.device("cpu")
+    )
+
+
+def native_select_mix(logits, k, full, bias, light, light_bias):
+    """The masked path's inference output from its gate logits and its
+    two paths before their biases, in one C pass (`midl_select_mix`):
+    `full + bias` at the `k` neurons `topk_mask` selects, `light +
+    light_bias` (0 without `light`) elsewhere, written over `full`,
+    which the caller computed for this call. The same values as the
+    masked path, bit for bit, without its mask and its three passes
+    (two bias adds, the mix), each of which writes a tensor of the
+    output's size. `None` where a tensor is not float32 on the CPU;
+    called where `native_select_mix_runs` holds."""
+    if not _native_ready(full, logits, light):
+        return None
+    others = [None if t is None else t.detach().contiguous()
+              for t in (bias, light, light_bias)]
+    if any(t is not None and (
+        t.dtype != torch.float32 or t.device != torch.device("cpu")
+    ) for t in others):
+        return None
+    units = full.shape[-1]
+    logits, full = logits.contiguous(), full.contiguous()
+    if full.numel():
+        kernels.select_mix_pointers(
+            logits.data_ptr(),
+            full.numel() // units,
+            units,
+            k,
+            full.data_ptr(),
+            *(0 if t is None else t.data_ptr() for t in others),
+        )
+    return full
+
+
 def torch_forward(
     inputs,
     kernel,

@@ -265,6 +265,10 @@ def _build():
     lib.midl_mix_backward.argtypes = [pointer] * 5 + [size, ctypes.c_float]
     lib.midl_mix_backward.argtypes += [pointer] * 3
     lib.midl_mix_backward.restype = None
+    # The masked path's inference output, with no mask.
+    lib.midl_select_mix.argtypes = [pointer, size, size, size]
+    lib.midl_select_mix.argtypes += [pointer] * 5
+    lib.midl_select_mix.restype = None
     return lib
 
 

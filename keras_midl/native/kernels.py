@@ -132,6 +132,28 @@ def mix_pointers(mask, full, light, size, outputs):
     build.loaded_library().midl_mix(mask, full, light or None, size, outputs)
 
 
+def select_mix_pointers(
+    logits, count, units, k, full, bias, light, light_bias
+):
+    """`midl_select_mix` on raw addresses (`bias`, `light`, `light_bias`
+    0 where absent): over the C-contiguous float32 `full (count, units)`,
+    `full + bias` at the `k` neurons `keras_midl.ops.topk_mask` selects
+    from `logits (count, units)`, `light + light_bias` (0 without `light`)
+    at the others, `1 <= k <= units`."""
+    scratch = np.empty(3 * units, np.float32)
+    build.loaded_library().midl_select_mix(
+        logits,
+        count,
+        units,
+        k,
+        full,
+        bias or None,
+        light or None,
+        light_bias or None,
+        scratch.ctypes.data,
+    )
+
+
 def mix_backward_pointers(
     upstream, mask, soft, full, light, size, temperature, d_full, d_light,
     d_logits,

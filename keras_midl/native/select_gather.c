@@ -23,6 +23,10 @@
  * same with an int8 kernel (`model.quantize("int8")`), whose selected rows
  * are read in place, a quarter of the float bytes.
  *
+ * `midl_select_mix`: the masked path's output at inference from the
+ * full and light paths computed without their biases, in one pass with
+ * no mask (keras_midl/backend/torch.py).
+ *
  * `midl_topk_mask`, `midl_mix` and `midl_mix_backward`: the training
  * selection (the same mask as `topk_mask`) and the straight-through mix
  * with its gradients, each one pass where eager frameworks run a dozen
@@ -621,6 +625,71 @@ void midl_topk_mask(const float *scores, int64_t count, int64_t units,
       const int tied = clean[j] == threshold && tied_needed > 0;
       tied_needed -= tied;
       out[j] = (clean[j] > threshold || tied) ? 1.0f : 0.0f;
+    }
+  }
+}
+
+/* `midl_select_mix`'s pass over one row without ties at its threshold:
+ * both sums computed and one taken by a bit mask, so that the compiler
+ * vectorizes the loop (a `?:` of two sums it compiles as a branch);
+ * `restrict`: no buffer overlaps another. `other` NULL: 0 elsewhere. */
+static void mix_row(float *restrict out, const float *restrict clean,
+                    float threshold, const float *restrict add,
+                    const float *restrict other,
+                    const float *restrict light_add, int64_t units) {
+  for (int64_t j = 0; j < units; ++j) {
+    const float chosen = out[j] + add[j];
+    const float unchosen = other ? other[j] + light_add[j] : 0.0f;
+    uint32_t a, b;
+    memcpy(&a, &chosen, sizeof a);
+    memcpy(&b, &unchosen, sizeof b);
+    const uint32_t keep = -(uint32_t)(clean[j] >= threshold);
+    const uint32_t bits = (a & keep) | (b & ~keep);
+    memcpy(out + j, &bits, sizeof bits);
+  }
+}
+
+/* The masked path's inference output, with no mask: `full[b, j] +
+ * bias[j]` at the k neurons of row b that `topk_mask` selects from
+ * `logits`, `light[b, j] + light_bias[j]` (0 where `light` is NULL) at
+ * the others, written over `full` (count, units). `bias`, `light_bias`:
+ * (units,) or NULL. Each value is the one float addition of the masked
+ * path's bias add (a missing bias adds -0.0f, which changes no float),
+ * so the output is the masked path's bit for bit. Rows without ties at
+ * their threshold take one branch-free pass. `scratch`: 3 * units
+ * floats. 1 <= k <= units. */
+void midl_select_mix(const float *logits, int64_t count, int64_t units,
+                     int64_t k, float *full, const float *bias,
+                     const float *light, const float *light_bias,
+                     float *scratch) {
+  float *clean = scratch, *zeros = scratch + units;
+  for (int64_t b = 0; b < count; ++b) {
+    float *out = full + b * units;
+    const float *other = light ? light + b * units : NULL;
+    const float threshold =
+        row_threshold(logits + b * units, units, k, clean,
+                      (uint32_t *)(scratch + units));
+    /* The keys are spent: their scratch holds the missing biases. */
+    if (!bias || !light_bias) {
+      for (int64_t j = 0; j < units; ++j) zeros[j] = -0.0f;
+    }
+    const float *add = bias ? bias : zeros;
+    const float *light_add = light_bias ? light_bias : zeros;
+    int64_t at_least = 0;
+    for (int64_t j = 0; j < units; ++j) at_least += clean[j] >= threshold;
+    if (at_least == k) {
+      mix_row(out, clean, threshold, add, other, light_add, units);
+      continue;
+    }
+    int64_t tied_needed = k - count_above(clean, units, threshold);
+    for (int64_t j = 0; j < units; ++j) {
+      const int tied = clean[j] == threshold && tied_needed > 0;
+      tied_needed -= tied;
+      if (clean[j] > threshold || tied) {
+        out[j] += add[j];
+      } else {
+        out[j] = other ? other[j] + light_add[j] : 0.0f;
+      }
     }
   }
 }

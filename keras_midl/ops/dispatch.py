@@ -17,6 +17,14 @@ The rule, explicit and the same for every model:
   tracing, so it never runs inside a trace: Keras's `predict`,
   `predict_on_batch` and `fit` (traced by default), a user's
   `tf.function` or `jax.jit`, and every export.
+* **The masked path where the native kernel runs** (`"masked"`, and
+  `"auto"` where it does not gather), on PyTorch where no gradient is
+  recorded (`torch.no_grad()`, `predict`): torch's matmuls compute the
+  gate logits and both paths without their biases, then one C pass
+  (`native_select_mix`) selects, adds the biases and mixes, writing no
+  mask; the masked path's values bit for bit. Where a gradient may be
+  recorded the masked path runs as in training (the gate gets its
+  gradient). On TensorFlow and JAX the compiled eager call below runs.
 * **Inside a trace** the layer runs `keras.ops` only, which exports:
   `inference_path="gathered"` the chunked gathered path
   (`keras_midl.ops.gathered`), `"auto"` that path where
@@ -323,9 +331,10 @@ def inference(layer, inputs):
         return None
     path = layer.inference_path
     if not module.in_trace(inputs):
-        if path != "masked" and native_applies(layer):
-            gather = path == "gathered" or native_auto_gathers(
-                layer, static_rows(inputs)
+        if native_applies(layer):
+            gather = path == "gathered" or (
+                path == "auto"
+                and native_auto_gathers(layer, static_rows(inputs))
             )
             if gather:
                 outputs = module.native_forward(
@@ -334,8 +343,10 @@ def inference(layer, inputs):
                     layer.k,
                     quantize_inputs=native_quantizes_inputs(layer),
                 )
-                if outputs is not None:
-                    return _activate(layer, outputs)
+            else:
+                outputs = _natively_mixed(layer, inputs, module)
+            if outputs is not None:
+                return _activate(layer, outputs)
         compiled = compiled_layer_call(layer, module)
         if compiled is not None:
             return compiled(inputs)
@@ -358,6 +369,23 @@ def inference(layer, inputs):
         ops.logical_and(count >= 1, count <= rule.max_rows),
         lambda: _activate(layer, _gathered(layer, inputs, module)),
         lambda: layer.masked_outputs(inputs, training=False),
+    )
+
+
+def _natively_mixed(layer, inputs, module):
+    """The masked path's output before the activation, its selection and
+    mix in one native pass (`native_select_mix`: no mask, the biases
+    added in the same pass; the same values), where the backend runs it
+    for this call (torch, no gradient recorded) and the layer is a float
+    one; else `None`."""
+    if layer.quantization_mode is not None or not (
+        module.native_select_mix_runs(inputs)
+    ):
+        return None
+    logits, full, light = layer.unbiased_paths(inputs)
+    weights = layer_weights(layer)
+    return module.native_select_mix(
+        logits, layer.k, full, weights["bias"], light, weights["light_bias"]
     )
 
 
