@@ -86,19 +86,21 @@ class AutoRule(typing.NamedTuple):
 # k_ratio 0.25-0.75) measured the eager native call faster than the
 # masked path in a compiled forward (an eager masked call also pays
 # Keras's eager layer call, so these rules lean towards masked). First
-# measured on an AMD EPYC; the rerun on a Xeon (commit 56bf3a9) holds
-# them but for the cells named:
-# * torch: 1-8 rows at every measured size (one cell at 0.99x, 8192,
-#   k_ratio 0.75, batch 2);
-# * tensorflow: 1-8 rows from d = n = 4096 (two cells at 0.88-0.91x,
-#   k_ratio 0.75, batch 8); at 1024 and 2048 the eager call's overhead
-#   costs about what the kernel saves;
+# measured on an AMD EPYC; the reruns on a Xeon (commits 56bf3a9 and
+# 1d02728, the latter with torch's faster masked path) hold them but for
+# the cells named:
+# * torch: 1-8 rows at every measured size (at 1d02728 two cells at
+#   0.93-0.94x, 4096 and 8192, k_ratio 0.75, batch 2; at 56bf3a9 one at
+#   0.99x);
+# * tensorflow: 1-8 rows from d = n = 4096 (cells at 0.88-0.98x at
+#   batch 8, k_ratio 0.45-0.75); at 1024 and 2048 the eager call's
+#   overhead costs about what the kernel saves;
 # * jax: 1-2 rows from d = n = 4096 with k_ratio <= 0.45 (at 4096,
-#   k_ratio 0.45, 0.86x and 1.00x of the compiled masked path at 1 and 2
-#   rows in the grid's rerun; at one row in latency_target.md 1.48x at
-#   commit 022269b, 0.81x at 218bffd, 1.11x at 97eafee, 0.85x at
-#   39bb24a: JAX's timings move most between runs; at 8192,
-#   0.99-2.19x).
+#   k_ratio 0.45, one row, 0.86x and 0.89x of the compiled masked path in
+#   the grid's two reruns; in latency_target.md 1.48x at commit 022269b,
+#   0.81x at 218bffd, 1.11x at 97eafee, 0.85x at 39bb24a, 1.17x at
+#   39a31ad: JAX's timings move most between runs; at 8192,
+#   0.99-2.35x).
 NATIVE_AUTO_RULES = {
     "torch": AutoRule(max_rows=8, min_weights=1024 * 1024, max_k_ratio=0.75),
     "tensorflow": AutoRule(
