@@ -433,15 +433,20 @@ def test_select_gather_reads_a_bias_that_outlives_the_call(
 
 
 @pytest.fixture
-def training_calls(monkeypatch):
-    """Records the calls of the native training kernels; skips where the
-    library is not built here."""
+def c_pass_calls(monkeypatch):
+    """Records the calls of the native training kernels and of the
+    masked inference pass; skips where the library is not built here."""
     from keras_midl.native import kernels
 
     if build.library() is None:
         pytest.skip("the native kernel could not be built here")
     calls = []
-    for name in ("topk_mask_pointers", "mix_pointers", "mix_backward_pointers"):
+    for name in (
+        "topk_mask_pointers",
+        "mix_pointers",
+        "mix_backward_pointers",
+        "select_mix_pointers",
+    ):
         original = getattr(kernels, name)
 
         def spy(*args, original=original, name=name):
@@ -467,7 +472,7 @@ def _training_gradients(layer, x, seed):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("light_path", ["lowrank", "zero"])
 def test_native_training_step_equals_the_keras_ops_path(
-    temperature, light_path, training_calls, monkeypatch, rng
+    temperature, light_path, c_pass_calls, monkeypatch, rng
 ):
     """A training call runs the C selection and mix (forward and
     backward); its outputs equal the `keras.ops` path's bit for bit, its
@@ -486,7 +491,7 @@ def test_native_training_step_equals_the_keras_ops_path(
     layer.build(x.shape)
     seed = _tensor(rng.normal(size=(6, UNITS)).astype("float32"))
     native_results = _training_gradients(layer, x, seed)
-    assert sorted(set(training_calls)) == [
+    assert sorted(set(c_pass_calls)) == [
         "mix_backward_pointers", "mix_pointers", "topk_mask_pointers"
     ]
     monkeypatch.setattr(config, "_enabled", False)
@@ -497,7 +502,7 @@ def test_native_training_step_equals_the_keras_ops_path(
 
 
 def test_no_native_training_kernel_where_torch_jit_traces(
-    training_calls, rng
+    c_pass_calls, rng
 ):
     """`torch.jit.trace` (the ONNX exporter) records torch ops: ONNX has
     no operator for the C calls."""
@@ -506,7 +511,7 @@ def test_no_native_training_kernel_where_torch_jit_traces(
     layer = MIDL(UNITS, k_ratio=0.4, inference_path="masked")
     x = _tensor(rng.normal(size=(3, INPUT_DIM)).astype("float32"))
     layer(x)
-    training_calls.clear()
+    c_pass_calls.clear()
 
     class Training(torch.nn.Module):
         def __init__(self, layer):
@@ -519,9 +524,9 @@ def test_no_native_training_kernel_where_torch_jit_traces(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's own warnings
         torch.jit.trace(Training(layer), (x,), check_trace=False)
-    assert training_calls == []
+    assert c_pass_calls == []
     layer(x, training=True)
-    assert "topk_mask_pointers" in training_calls
+    assert "topk_mask_pointers" in c_pass_calls
 
 
 def test_native_mix_needs_float32_tensors_of_one_shape(torch_backend):
@@ -539,7 +544,7 @@ def test_native_mix_needs_float32_tensors_of_one_shape(torch_backend):
 
 
 def test_torch_compile_records_the_native_training_operators(
-    training_calls, rng
+    c_pass_calls, rng
 ):
     """Under `torch.compile` (Keras's `jit_compile=True`) the C selection
     and mix run as the operators `keras_midl::topk_mask` and
@@ -551,7 +556,7 @@ def test_torch_compile_records_the_native_training_operators(
     layer.build(x.shape)
     seed = _tensor(rng.normal(size=(6, UNITS)).astype("float32"))
     eager = _training_gradients(layer, x, seed)
-    training_calls.clear()
+    c_pass_calls.clear()
 
     def step(inputs):
         return layer(inputs, training=True)
@@ -561,7 +566,7 @@ def test_torch_compile_records_the_native_training_operators(
         variable.value.grad = None
     outputs = compiled(_tensor(x))
     (outputs * seed).sum().backward()
-    assert sorted(set(training_calls)) == [
+    assert sorted(set(c_pass_calls)) == [
         "mix_backward_pointers", "mix_pointers", "topk_mask_pointers"
     ]
     np.testing.assert_array_equal(as_numpy(outputs), eager[0])
@@ -569,25 +574,6 @@ def test_torch_compile_records_the_native_training_operators(
         np.testing.assert_allclose(
             variable.value.grad.numpy(), want, rtol=1e-5, atol=1e-6
         )
-
-
-@pytest.fixture
-def select_mix_calls(monkeypatch):
-    """Records the calls of `midl_select_mix`; skips where the library is
-    not built here."""
-    from keras_midl.native import kernels
-
-    if build.library() is None:
-        pytest.skip("the native kernel could not be built here")
-    calls = []
-    original = kernels.select_mix_pointers
-
-    def spy(*args):
-        calls.append(args)
-        return original(*args)
-
-    monkeypatch.setattr(kernels, "select_mix_pointers", spy)
-    return calls
 
 
 @pytest.mark.parametrize(
@@ -601,7 +587,7 @@ def select_mix_calls(monkeypatch):
 )
 @pytest.mark.parametrize("inference_path", ["masked", "auto"])
 def test_inference_without_gradient_selects_and_mixes_in_one_c_pass(
-    options, inference_path, select_mix_calls, rng
+    options, inference_path, c_pass_calls, rng
 ):
     """Where no gradient is recorded (`torch.no_grad()`, `predict`), the
     masked path's selection, bias adds and mix are one C pass with no
@@ -619,20 +605,19 @@ def test_inference_without_gradient_selects_and_mixes_in_one_c_pass(
     for variable in layer.trainable_variables:
         variable.assign(rng.normal(size=variable.shape).astype("float32"))
     want = as_numpy(layer.masked_outputs(_tensor(x), training=False))
-    assert select_mix_calls == []
     recorded = as_numpy(layer(_tensor(x)))
-    assert select_mix_calls == []
+    assert "select_mix_pointers" not in c_pass_calls
     with torch.no_grad():
         outputs = as_numpy(layer(_tensor(x)))
-    assert len(select_mix_calls) == 1
+    assert c_pass_calls.count("select_mix_pointers") == 1
     np.testing.assert_array_equal(outputs.view("uint32"), want.view("uint32"))
     np.testing.assert_array_equal(recorded, want)
     predicted = keras.Sequential([layer]).predict(x, verbose=0)
-    assert len(select_mix_calls) > 1
+    assert c_pass_calls.count("select_mix_pointers") > 1
     np.testing.assert_array_equal(predicted, want)
 
 
-def test_no_native_mix_for_an_int8_layer_nor_a_trace(select_mix_calls, rng):
+def test_no_native_mix_for_an_int8_layer_nor_a_trace(c_pass_calls, rng):
     """An int8 layer's masked path is an integer matmul; `torch.jit.trace`
     records torch ops only: neither runs `midl_select_mix`."""
     import torch
@@ -644,8 +629,8 @@ def test_no_native_mix_for_an_int8_layer_nor_a_trace(select_mix_calls, rng):
         warnings.simplefilter("ignore")  # the tracer's own warnings
         with torch.no_grad():
             torch.jit.trace(layer, (x,), check_trace=False)
-    assert select_mix_calls == []
+    assert "select_mix_pointers" not in c_pass_calls
     layer.quantize("int8")
     with torch.no_grad():
         layer(x)
-    assert select_mix_calls == []
+    assert "select_mix_pointers" not in c_pass_calls
