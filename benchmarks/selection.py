@@ -7,6 +7,10 @@ process) this measures, interleaved in one run after warm-up:
   `keras_midl.ops.selection.SELECTION_METHODS`, against the full-path matmul
   `x @ W` of the same layer (what Dense computes), for a few layer shapes;
   the selection's cost is reported as a fraction of that matmul;
+* `bisection, blocks`: the bisection in blocks of rows that stay in a
+  core's cache (`rows_per_block=cache_sized_block(units)`), as the
+  backends that compile it with XLA run it (TensorFlow, JAX; on PyTorch,
+  eager, the blocks only add launches);
 * `native`: the C selection (`keras_midl.native.kernels.topk_mask`, the
   same mask) as training runs it: eager on PyTorch, a
   `tf.numpy_function` in a `tf.function` without XLA on TensorFlow (as
@@ -114,6 +118,7 @@ def measure_selection(batch, input_dim, units, repeats):
     from keras import ops
 
     from keras_midl.ops.selection import SELECTION_METHODS
+    from keras_midl.ops.selection import cache_sized_block
     from keras_midl.ops.selection import topk_mask
 
     rng = np.random.default_rng(0)
@@ -128,7 +133,13 @@ def measure_selection(batch, input_dim, units, repeats):
     for method in SELECTION_METHODS:
         select = compiled(lambda s, m=method: topk_mask(s, k, method=m))
         candidates[method] = lambda select=select: select(scores)
-    methods = list(SELECTION_METHODS)
+    blocks = compiled(
+        lambda s: topk_mask(
+            s, k, "bisection", rows_per_block=cache_sized_block(units)
+        )
+    )
+    candidates["bisection, blocks"] = lambda: blocks(scores)
+    methods = [*SELECTION_METHODS, "bisection, blocks"]
     native = native_selection(k)
     if native is not None:
         candidates["native"] = lambda: native(scores)

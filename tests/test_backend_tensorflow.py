@@ -384,6 +384,32 @@ def test_xla_selection_in_inference_graphs_of_many_rows(
     assert bool(tf_backend._selections) == compiled
 
 
+@pytest.mark.parametrize("rows", [0, 1, 5, 12])
+def test_xla_selection_runs_in_cache_sized_blocks(
+    rows, tf_backend, without_native, monkeypatch, rng
+):
+    """The compiled selection runs in blocks of rows (`cache_sized_block`,
+    here 5 rows): traced with an unknown row count, padded to whole
+    blocks, with `topk_mask`'s mask."""
+    blocks = []
+    original = dispatch.topk_mask
+
+    def spy(*args, **kwargs):
+        blocks.append(kwargs.get("rows_per_block"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "topk_mask", spy)
+
+    monkeypatch.setattr(tf_backend, "_selections", {})
+    monkeypatch.setattr(tf_backend, "cache_sized_block", lambda units: 5)
+    scores = _scores(rng)[:rows]
+    np.testing.assert_array_equal(
+        as_numpy(dispatch.training_topk_mask(scores, 9, "bisection")),
+        as_numpy(topk_mask(scores, 9)),
+    )
+    assert blocks == [5]
+
+
 # --- The training selection (native) --------------------------------------
 
 

@@ -8,7 +8,9 @@ from backend_utils import BACKEND
 from backend_utils import value_and_gradients
 from keras import ops
 
+from keras_midl.ops.selection import CACHE_BLOCK_SCORES
 from keras_midl.ops.selection import SELECTION_METHODS
+from keras_midl.ops.selection import cache_sized_block
 from keras_midl.ops.selection import kth_largest
 from keras_midl.ops.selection import straight_through
 from keras_midl.ops.selection import straight_through_mix
@@ -144,6 +146,63 @@ def test_methods_agree_on_wide_random_rows(rng):
         np.testing.assert_array_equal(
             ops.convert_to_numpy(mask(scores)), expected, err_msg=str(method)
         )
+
+
+# --- In blocks of rows -----------------------------------------------------
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 4, 5, 13, 64])
+def test_blocks_give_the_reference_mask(rows_per_block, rng):
+    """13 special rows in blocks that divide them or not (the last block
+    padded), or one block larger than the batch; compiled as the
+    backends compile the selection."""
+    names, scores = special_rows(rng)
+    expected = reference_mask(scores, 16)
+    for method, check in VARIANTS:
+        mask = compiled(
+            lambda s, m=method, c=check: topk_mask(
+                s,
+                16,
+                method=m,
+                check_ties_first=c,
+                rows_per_block=rows_per_block,
+            )
+        )
+        mask = ops.convert_to_numpy(mask(scores))
+        for row, name in enumerate(names):
+            np.testing.assert_array_equal(
+                mask[row], expected[row], err_msg=f"{method}, row {name}"
+            )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_blocks_of_rank_3_scores_with_ties(method, rng):
+    scores = rng.integers(-3, 3, size=(3, 5, 64)).astype("float32")
+    mask = topk_mask(scores, 20, method=method, rows_per_block=4)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(mask), reference_mask(scores, 20)
+    )
+
+
+@pytest.mark.parametrize("shape", [(0, 6), (3, 0, 6)])
+def test_blocks_of_an_empty_batch(shape):
+    mask = topk_mask(np.zeros(shape, "float32"), 2, rows_per_block=4)
+    assert tuple(mask.shape) == shape
+
+
+@pytest.mark.parametrize("value", [0, -2, 2.0, True, "8"])
+def test_topk_mask_rejects_invalid_rows_per_block(value):
+    with pytest.raises(ValueError, match=f"rows_per_block={value!r}"):
+        topk_mask(np.zeros((2, 10), "float32"), 3, rows_per_block=value)
+
+
+@pytest.mark.parametrize(
+    "units, rows",
+    [(1, CACHE_BLOCK_SCORES), (1024, 32), (4096, 8), (10**6, 1), (0, None)],
+)
+def test_cache_sized_block(units, rows):
+    expected = CACHE_BLOCK_SCORES if rows is None else rows
+    assert cache_sized_block(units) == expected
 
 
 # --- topk_mask and kth_largest ---------------------------------------------

@@ -20,8 +20,10 @@ on backends without a module of their own, such as NumPy's):
   `jax.jit`), or `None` where eager calls are not compiled.
 * `read_value(value)`: a variable's value as a tensor, for the ops that
   must not take the variable itself.
-* `compiled_selection(select, scores)`: the training selection
-  `select(scores)`, compiled where that pays (XLA on TensorFlow).
+* `compiled_selection(select, scores)`: the selection `select(scores)`
+  (training, and the masked path's at larger batches), compiled where
+  that pays (XLA on TensorFlow), in blocks of rows that stay in a CPU
+  core's cache where XLA compiles it (TensorFlow, JAX).
 * `native_topk_mask(scores, k, training)`: `topk_mask(scores, k)` in the
   native kernel (torch eager; TensorFlow eager, and its training graphs
   without XLA), or `None` where it does not run.

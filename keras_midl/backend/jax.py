@@ -9,6 +9,7 @@ from keras_midl import config
 from keras_midl.backend import generic
 from keras_midl.native import build
 from keras_midl.native import kernels
+from keras_midl.ops.selection import cache_sized_block
 
 # The same as on a backend without a module of its own.
 exporting = generic.exporting
@@ -17,7 +18,6 @@ native_mix = generic.native_mix
 native_select_mix_runs = generic.native_select_mix_runs
 native_select_mix = generic.native_select_mix
 read_value = generic.read_value
-compiled_selection = generic.compiled_selection
 
 
 def in_trace(inputs):
@@ -71,6 +71,20 @@ def native_topk_mask(scores, k, training):
         vmap_method="broadcast_all",
     )
     return call(jax.lax.stop_gradient(scores), k=np.int64(k))
+
+
+def compiled_selection(select, scores):
+    """`select(scores)` in blocks of rows that stay in a core's cache
+    (`keras_midl.ops.selection.cache_sized_block`): JAX compiles it with
+    XLA, where a CPU runs the bisection about twice as fast so. The same
+    mask."""
+    return select(scores, rows_per_block=_block_rows(scores))
+
+
+def _block_rows(scores):
+    if jax.default_backend() != "cpu" or not scores.shape[-1]:
+        return None
+    return cache_sized_block(scores.shape[-1])
 
 
 def native_forward(inputs, weights, k, quantize_inputs=True):

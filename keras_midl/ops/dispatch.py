@@ -506,15 +506,20 @@ def compiled_layer_call(layer, module=None, static_shapes=False):
 
 class _Selection:
     """`topk_mask(scores, k, method, check_ties_first=True)` as a callable
-    with a hashable `key`, for the backends that compile it."""
+    with a hashable `key`, for the backends that compile it; those pass
+    `rows_per_block` (see `topk_mask`)."""
 
     def __init__(self, k, method):
         self.k, self.method = k, method
         self.key = (k, method)
 
-    def __call__(self, scores):
+    def __call__(self, scores, rows_per_block=None):
         return topk_mask(
-            scores, self.k, method=self.method, check_ties_first=True
+            scores,
+            self.k,
+            method=self.method,
+            check_ties_first=True,
+            rows_per_block=rows_per_block,
         )
 
 

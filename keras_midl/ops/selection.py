@@ -12,6 +12,10 @@ from keras_midl._checks import is_integer
 
 SELECTION_METHODS = ("top_k", "bisection")
 FLOAT32_TINY = 1.1754944e-38  # smallest normal float32
+# Scores per block of rows for `topk_mask(..., rows_per_block=...)` under
+# XLA on a CPU (`cache_sized_block`): 128 KiB of scores, and as much of
+# keys, stay in a core's L2 cache through the bisection's passes.
+CACHE_BLOCK_SCORES = 32768
 
 
 def kth_largest(scores, k, method="top_k"):
@@ -136,7 +140,25 @@ def _kth_largest_bisection(scores, k, early_exit=False):
     return _keys_to_floats(answer[..., None]), count[..., None]
 
 
-def topk_mask(scores, k, method="top_k", check_ties_first=False):
+def cache_sized_block(units):
+    """The `rows_per_block` of `topk_mask` for rows of `units` scores that
+    keeps a block in a CPU core's cache: `CACHE_BLOCK_SCORES // units`
+    rows, at least one.
+
+    The bisection reads every score of its rows about 20 times. Under
+    XLA on a CPU each read of 256 x 4096 scores (4 MiB of keys, more than
+    a core's L2 cache) took about 0.3 ms here; a block of 32768 scores
+    stays in the cache, and the whole mask took 2.3x less time on JAX and
+    1.2x less on TensorFlow at 256 x 4096 (`benchmarks/selection.py`,
+    method `bisection, blocks`). Blocks of 65536 scores were slower than
+    no blocks.
+    """
+    return max(1, CACHE_BLOCK_SCORES // max(1, units))
+
+
+def topk_mask(
+    scores, k, method="top_k", check_ties_first=False, rows_per_block=None
+):
     """Marks the `k` largest scores of each row.
 
     `mask[..., i] = 1` if `scores[..., i]` is among the `k` largest values of
@@ -174,6 +196,13 @@ def topk_mask(scores, k, method="top_k", check_ties_first=False):
             branch, which tracing exporters (`torch.jit.trace`, ONNX from
             torch) would freeze to the branch seen while tracing: `MIDL`
             uses it except while torch traces.
+        rows_per_block: `None` (default), or a positive int: the rows
+            are selected in blocks of this many rows, one block after
+            another (`ops.fori_loop`; the last block is padded). The mask
+            is the same. Under XLA on a CPU, a block that fits a core's
+            cache makes the bisection about twice as fast
+            (`cache_sized_block`); run op by op, blocks only add
+            launches.
 
     Returns:
         Float32 tensor of the shape of `scores` holding 0s and 1s.
@@ -188,6 +217,16 @@ def topk_mask(scores, k, method="top_k", check_ties_first=False):
         raise ValueError(
             "Received an invalid value for `k`, expected at most the size "
             f"of the last axis of `scores` ({n}). Received: k={k}"
+        )
+    if rows_per_block is not None:
+        if not is_integer(rows_per_block) or rows_per_block < 1:
+            raise ValueError(
+                "Received an invalid value for `rows_per_block`, expected "
+                "`None` or a positive integer. Received: "
+                f"rows_per_block={rows_per_block!r}"
+            )
+        return _topk_mask_in_blocks(
+            scores, k, method, check_ties_first, int(rows_per_block)
         )
     scores = ops.stop_gradient(ops.cast(scores, "float32"))
     scores = ops.where(ops.isnan(scores), -math.inf, scores)
@@ -226,6 +265,49 @@ def topk_mask(scores, k, method="top_k", check_ties_first=False):
     else:
         mask = lowest_tied_indices_first()
     return ops.cast(mask, "float32")
+
+
+def _topk_mask_in_blocks(scores, k, method, check_ties_first, block):
+    """`topk_mask` of `scores` computed `block` rows at a time. The row
+    count may be unknown while tracing (TensorFlow): the padding and the
+    number of blocks are then tensors."""
+    n = scores.shape[-1]
+    shape = ops.shape(scores)
+    rows = ops.reshape(ops.stop_gradient(ops.cast(scores, "float32")), (-1, n))
+    count = ops.shape(rows)[0]
+    if (isinstance(count, int) and 0 < count <= block) or not (
+        isinstance(count, int) or ops.is_tensor(count)
+    ):
+        # One block, or a symbolic row count (`jax.export`'s shape
+        # polymorphism), which slices cannot take: no blocks.
+        return topk_mask(
+            scores, k, method=method, check_ties_first=check_ties_first
+        )
+    # At least one block, so that the blocks' slices fit in an empty
+    # batch too. The padding rows hold `0, 1, ..., n - 1`: no ties, so
+    # they cost the bisection no more steps than scores do, and no
+    # tie-breaking pass.
+    if isinstance(count, int):
+        total = -(-max(count, 1) // block) * block
+    else:
+        total = (ops.maximum(count, 1) + block - 1) // block * block
+    filler = ops.broadcast_to(ops.arange(n, dtype="float32"), (block, n))
+    padded = ops.concatenate([rows, filler], axis=0)[:total]
+
+    def select_block(index, masks):
+        start = [index * block, 0]
+        mask = topk_mask(
+            ops.slice(padded, start, [block, n]),
+            k,
+            method=method,
+            check_ties_first=check_ties_first,
+        )
+        return ops.slice_update(masks, start, mask)
+
+    masks = ops.fori_loop(
+        0, total // block, select_block, ops.zeros_like(padded)
+    )
+    return ops.reshape(masks[:count], shape)
 
 
 def straight_through(hard, soft):
