@@ -7,9 +7,11 @@ process) this measures, interleaved in one run after warm-up:
   `keras_midl.ops.selection.SELECTION_METHODS`, against the full-path matmul
   `x @ W` of the same layer (what Dense computes), for a few layer shapes;
   the selection's cost is reported as a fraction of that matmul;
-* `bisection, blocks`: the bisection in blocks of rows that stay in a
-  core's cache (`rows_per_block=cache_sized_block(units)`), as the
-  backends that compile it with XLA run it (TensorFlow, JAX; on PyTorch,
+* `bisection, ties checked first` and `bisection, ties checked first,
+  blocks`: the bisection with `check_ties_first=True`, as the layer
+  selects, then also in blocks of rows that stay in a core's cache
+  (`rows_per_block=cache_sized_block(units)`), as the backends that
+  compile the selection with XLA run it (TensorFlow, JAX; on PyTorch,
   eager, the blocks only add launches);
 * `native`: the C selection (`keras_midl.native.kernels.topk_mask`, the
   same mask) as training runs it: eager on PyTorch, a
@@ -133,13 +135,18 @@ def measure_selection(batch, input_dim, units, repeats):
     for method in SELECTION_METHODS:
         select = compiled(lambda s, m=method: topk_mask(s, k, method=m))
         candidates[method] = lambda select=select: select(scores)
-    blocks = compiled(
-        lambda s: topk_mask(
-            s, k, "bisection", rows_per_block=cache_sized_block(units)
+    variants = {
+        "bisection, ties checked first": None,
+        "bisection, ties checked first, blocks": cache_sized_block(units),
+    }
+    for name, rows_per_block in variants.items():
+        select = compiled(
+            lambda s, rows=rows_per_block: topk_mask(
+                s, k, "bisection", check_ties_first=True, rows_per_block=rows
+            )
         )
-    )
-    candidates["bisection, blocks"] = lambda: blocks(scores)
-    methods = [*SELECTION_METHODS, "bisection, blocks"]
+        candidates[name] = lambda select=select: select(scores)
+    methods = [*SELECTION_METHODS, *variants]
     native = native_selection(k)
     if native is not None:
         candidates["native"] = lambda: native(scores)
