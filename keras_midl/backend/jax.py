@@ -75,9 +75,9 @@ def native_topk_mask(scores, k, training):
 
 def compiled_selection(select, scores):
     """`select(scores)` in blocks of rows that stay in a core's cache
-    (`keras_midl.ops.selection.cache_sized_block`): JAX compiles it with
-    XLA, where a CPU runs the bisection about twice as fast so. The same
-    mask."""
+    (`keras_midl.ops.selection.cache_sized_block`) on a CPU: JAX compiles
+    it with XLA, which ran the bisection 1.4-1.6x faster so here. The
+    same mask."""
     return select(scores, rows_per_block=_block_rows(scores))
 
 

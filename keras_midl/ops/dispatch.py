@@ -86,21 +86,21 @@ class AutoRule(typing.NamedTuple):
 # k_ratio 0.25-0.75) measured the eager native call faster than the
 # masked path in a compiled forward (an eager masked call also pays
 # Keras's eager layer call, so these rules lean towards masked). First
-# measured on an AMD EPYC; the reruns on a Xeon (commits 56bf3a9 and
-# 1d02728, the latter with torch's faster masked path) hold them but for
-# the cells named:
+# measured on an AMD EPYC; the reruns on a Xeon (commits 56bf3a9,
+# 1d02728 and 14f8f40, the latter two with torch's faster masked path)
+# hold them but for the cells named:
 # * torch: 1-8 rows at every measured size (at 1d02728 two cells at
-#   0.93-0.94x, 4096 and 8192, k_ratio 0.75, batch 2; at 56bf3a9 one at
-#   0.99x);
-# * tensorflow: 1-8 rows from d = n = 4096 (cells at 0.88-0.98x at
+#   0.93-0.94x, 4096 and 8192, k_ratio 0.75, batch 2; at 14f8f40 one of
+#   them, 0.94x; at 56bf3a9 one at 0.99x);
+# * tensorflow: 1-8 rows from d = n = 4096 (cells at 0.86-0.98x at
 #   batch 8, k_ratio 0.45-0.75); at 1024 and 2048 the eager call's
 #   overhead costs about what the kernel saves;
 # * jax: 1-2 rows from d = n = 4096 with k_ratio <= 0.45 (at 4096,
-#   k_ratio 0.45, one row, 0.86x and 0.89x of the compiled masked path in
-#   the grid's two reruns; in latency_target.md 1.48x at commit 022269b,
-#   0.81x at 218bffd, 1.11x at 97eafee, 0.85x at 39bb24a, 1.17x at
-#   39a31ad: JAX's timings move most between runs; at 8192,
-#   0.99-2.35x).
+#   k_ratio 0.45, one row, 0.86x, 0.89x and 0.96x of the compiled masked
+#   path in the grid's three reruns; in latency_target.md 1.48x at commit
+#   022269b, 0.81x at 218bffd, 1.11x at 97eafee, 0.85x at 39bb24a, 1.17x
+#   at 39a31ad: JAX's timings move most between runs; at 8192,
+#   0.99-2.53x).
 NATIVE_AUTO_RULES = {
     "torch": AutoRule(max_rows=8, min_weights=1024 * 1024, max_k_ratio=0.75),
     "tensorflow": AutoRule(
@@ -127,8 +127,9 @@ NATIVE_INT8_MAX_ROWS_BY_BACKEND = {"jax": 1}
 # trace (the same grid, traced rows): on TensorFlow one row from d = n =
 # 4096 at k_ratio 0.25 (1.27-1.46x; at 0.45, 0.90-0.98x); on JAX 1-2 rows
 # from d = n = 2048 at k_ratio 0.25 (1.35-3.2x; at 0.45 batch 1 lost up to
-# d = 4096). torch has no rule: under `torch.compile` the torch-ops path
-# runs.
+# d = 4096; in 14f8f40's grid the cells at 4096 and two rows at 2048 lost,
+# 0.72-0.92x, JAX's noisiest timings; kept). torch has no rule: under
+# `torch.compile` the torch-ops path runs.
 TRACED_AUTO_RULES = {
     "tensorflow": AutoRule(
         max_rows=1, min_weights=4096 * 4096, max_k_ratio=0.25

@@ -148,10 +148,11 @@ def cache_sized_block(units):
     The bisection reads every score of its rows about 20 times. Under
     XLA on a CPU each read of 256 x 4096 scores (4 MiB of keys, more than
     a core's L2 cache) took about 0.3 ms here; a block of 32768 scores
-    stays in the cache, and the whole mask took 2.3x less time on JAX and
-    1.2x less on TensorFlow at 256 x 4096 (`benchmarks/selection.py`,
-    method `bisection, blocks`). Blocks of 65536 scores were slower than
-    no blocks.
+    stays in the cache. The mask took 1.6x less time on JAX and 1.4x
+    less on TensorFlow at 256 x 1024, 1.4x and 1.3x at 32 x 4096
+    (`benchmarks/results/selection/`, the bisection with ties checked
+    first, with and without blocks). Blocks of 65536 scores were slower
+    than no blocks.
     """
     return max(1, CACHE_BLOCK_SCORES // max(1, units))
 
