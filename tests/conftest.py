@@ -25,3 +25,21 @@ def native_calls(monkeypatch):
     if calls is None:
         pytest.skip("the native kernel could not be built here")
     return calls
+
+
+@pytest.fixture
+def selection_blocks(monkeypatch):
+    """The `rows_per_block` of every compiled selection
+    (`keras_midl.ops.dispatch`'s `topk_mask` calls), recorded as the
+    backends pass it."""
+    from keras_midl.ops import dispatch
+
+    blocks = []
+    original = dispatch.topk_mask
+
+    def spy(*args, **kwargs):
+        blocks.append(kwargs.get("rows_per_block"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "topk_mask", spy)
+    return blocks

@@ -251,7 +251,7 @@ def test_without_the_ffi_handler_the_bisection_selects(
 
 
 def test_compiled_selection_runs_in_cache_sized_blocks(
-    jax_backend, monkeypatch, rng
+    jax_backend, selection_blocks, monkeypatch, rng
 ):
     """Under `jax.jit`, the masked path's bisection runs in blocks of rows
     (`cache_sized_block`, here 5 rows, the last one padded), with
@@ -259,15 +259,6 @@ def test_compiled_selection_runs_in_cache_sized_blocks(
     import jax
 
     from keras_midl.ops.selection import topk_mask
-
-    blocks = []
-    original = dispatch.topk_mask
-
-    def spy(*args, **kwargs):
-        blocks.append(kwargs.get("rows_per_block"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "topk_mask", spy)
 
     monkeypatch.setattr(jax_backend, "cache_sized_block", lambda units: 5)
     scores = _scores(rng)
@@ -277,7 +268,7 @@ def test_compiled_selection_runs_in_cache_sized_blocks(
     np.testing.assert_array_equal(
         as_numpy(select(scores)), as_numpy(topk_mask(scores, 9))
     )
-    assert blocks == [5]
+    assert selection_blocks == [5]
 
 
 def test_the_int8_full_path_is_an_integer_dot(rng):

@@ -386,20 +386,11 @@ def test_xla_selection_in_inference_graphs_of_many_rows(
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 12])
 def test_xla_selection_runs_in_cache_sized_blocks(
-    rows, tf_backend, without_native, monkeypatch, rng
+    rows, tf_backend, without_native, selection_blocks, monkeypatch, rng
 ):
     """The compiled selection runs in blocks of rows (`cache_sized_block`,
     here 5 rows): traced with an unknown row count, padded to whole
     blocks, with `topk_mask`'s mask."""
-    blocks = []
-    original = dispatch.topk_mask
-
-    def spy(*args, **kwargs):
-        blocks.append(kwargs.get("rows_per_block"))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "topk_mask", spy)
-
     monkeypatch.setattr(tf_backend, "_selections", {})
     monkeypatch.setattr(tf_backend, "cache_sized_block", lambda units: 5)
     scores = _scores(rng)[:rows]
@@ -407,7 +398,22 @@ def test_xla_selection_runs_in_cache_sized_blocks(
         as_numpy(dispatch.training_topk_mask(scores, 9, "bisection")),
         as_numpy(topk_mask(scores, 9)),
     )
-    assert blocks == [5]
+    assert selection_blocks == [5]
+
+
+def test_blocks_of_rows_of_unknown_length(rng):
+    """Traced with neither the row count nor the row length known,
+    `rows_per_block` selects without blocks: the same mask."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, None], tf.float32)
+    select = tf.function(
+        lambda s: topk_mask(s, 9, rows_per_block=2), input_signature=[spec]
+    )
+    scores = _scores(rng)
+    np.testing.assert_array_equal(
+        as_numpy(select(scores)), as_numpy(topk_mask(scores, 9))
+    )
 
 
 # --- The training selection (native) --------------------------------------

@@ -201,7 +201,7 @@ def topk_mask(
             are selected in blocks of this many rows, one block after
             another (`ops.fori_loop`; the last block is padded). The mask
             is the same. Under XLA on a CPU, a block that fits a core's
-            cache makes the bisection about twice as fast
+            cache made the bisection 1.3-1.6x faster here
             (`cache_sized_block`); run op by op, blocks only add
             launches.
 
@@ -273,6 +273,14 @@ def _topk_mask_in_blocks(scores, k, method, check_ties_first, block):
     count may be unknown while tracing (TensorFlow): the padding and the
     number of blocks are then tensors."""
     n = scores.shape[-1]
+
+    def unblocked():
+        return topk_mask(
+            scores, k, method=method, check_ties_first=check_ties_first
+        )
+
+    if n is None:  # rows of unknown length, while tracing
+        return unblocked()
     shape = ops.shape(scores)
     rows = ops.reshape(ops.stop_gradient(ops.cast(scores, "float32")), (-1, n))
     count = ops.shape(rows)[0]
@@ -281,9 +289,7 @@ def _topk_mask_in_blocks(scores, k, method, check_ties_first, block):
     ):
         # One block, or a symbolic row count (`jax.export`'s shape
         # polymorphism), which slices cannot take: no blocks.
-        return topk_mask(
-            scores, k, method=method, check_ties_first=check_ties_first
-        )
+        return unblocked()
     # At least one block, so that the blocks' slices fit in an empty
     # batch too. The padding rows hold `0, 1, ..., n - 1`: no ties, so
     # they cost the bisection no more steps than scores do, and no
