@@ -357,12 +357,16 @@ def native_select_mix(logits, k, full, bias, light, light_bias):
     called where `native_select_mix_runs` holds."""
     if not _native_ready(full, logits, light):
         return None
-    others = [None if t is None else t.detach().contiguous()
-              for t in (bias, light, light_bias)]
+    # `_native_ready` checked the tensors of `full`'s shape; the biases
+    # are vectors.
+    biases = [None if t is None else t.detach().contiguous()
+              for t in (bias, light_bias)]
     if any(t is not None and (
         t.dtype != torch.float32 or t.device != torch.device("cpu")
-    ) for t in others):
+    ) for t in biases):
         return None
+    bias, light_bias = biases
+    light = None if light is None else light.detach().contiguous()
     units = full.shape[-1]
     logits, full = logits.contiguous(), full.contiguous()
     if full.numel():
@@ -372,7 +376,8 @@ def native_select_mix(logits, k, full, bias, light, light_bias):
             units,
             k,
             full.data_ptr(),
-            *(0 if t is None else t.data_ptr() for t in others),
+            *(0 if t is None else t.data_ptr()
+              for t in (bias, light, light_bias)),
         )
     return full
 

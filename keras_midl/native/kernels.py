@@ -31,6 +31,13 @@ FORWARD_WEIGHTS = (
 REQUIRED_WEIGHTS = ("projection", "gate_kernel", "kernel")
 
 
+def _selection_scratch(units):
+    """The scratch of the C selection of one row of `units` scores
+    (`select_gather.c`: the cleaned scores and their `2 * units` keys),
+    for `midl_select_gather`, `midl_topk_mask` and `midl_select_mix`."""
+    return np.empty(3 * units, np.float32)
+
+
 def select_gather_pointers(
     logits, units, kernel, dim, rows, count, k, bias, outputs, selected
 ):
@@ -42,7 +49,7 @@ def select_gather_pointers(
     neurons) and int64 `selected (count, k)`, `1 <= k <= units`, all
     alive until the call returns.
     """
-    scratch = np.empty(3 * units, np.float32)
+    scratch = _selection_scratch(units)
     build.library().midl_select_gather(
         logits,
         units,
@@ -120,7 +127,7 @@ def topk_mask_pointers(scores, count, units, k, mask):
     """`midl_topk_mask` on raw addresses: `keras_midl.ops.topk_mask` of
     the C-contiguous float32 `scores (count, units)` into the float32
     `mask (count, units)`, `1 <= k <= units`."""
-    scratch = np.empty(3 * units, np.float32)
+    scratch = _selection_scratch(units)
     build.loaded_library().midl_topk_mask(
         scores, count, units, k, mask, scratch.ctypes.data
     )
@@ -140,7 +147,7 @@ def select_mix_pointers(
     `full + bias` at the `k` neurons `keras_midl.ops.topk_mask` selects
     from `logits (count, units)`, `light + light_bias` (0 without `light`)
     at the others, `1 <= k <= units`."""
-    scratch = np.empty(3 * units, np.float32)
+    scratch = _selection_scratch(units)
     build.loaded_library().midl_select_mix(
         logits,
         count,
