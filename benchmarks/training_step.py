@@ -36,8 +36,11 @@ means the same on every backend):
 * `fixed mask, plain mix`: also `mask * full + (1 - mask) * light` with
   no gradient to the gate; its difference to `fixed mask` is the
   straight-through estimator and the mix, forward and backward. What
-  remains over Dense is the gate and light-path matmuls, their gradients
-  and the optimizer's updates of their weights.
+  remains over Dense is the gate and light-path matmuls, their gradients,
+  the balance loss and the optimizer's updates of their weights.
+* `no balance loss`: MIDL with `balance_weight=0`: its difference to
+  MIDL is the load-balancing loss (the selection frequencies and their
+  gradient, which the mix takes to the logits).
 * `rank 16`: MIDL with `rank=16` in place of the default rank (28 and 32
   for these layers): what half the gate and light-path work saves, a
   choice whose accuracy `benchmarks.paper_table` measures (recipe
@@ -137,6 +140,7 @@ def profile_layers():
     from keras import ops
 
     from keras_midl import MIDL
+    from keras_midl.ops.selection import selection_frequencies
 
     class FixedMask(MIDL):
         def _select(self, logits, training):
@@ -144,17 +148,26 @@ def profile_layers():
             return ops.zeros_like(logits) + first_k
 
     class FixedMaskPlainMix(FixedMask):
-        def _interpolate(self, mask, logits, full, light):
-            mask = ops.cast(mask, full.dtype)
-            return mask * full + (1.0 - mask) * light
+        def _interpolate(self, mask, logits, full, light, return_frequencies):
+            outputs = ops.cast(mask, full.dtype) * full
+            outputs = outputs + (1.0 - ops.cast(mask, full.dtype)) * light
+            if return_frequencies:
+                soft = ops.sigmoid(logits)
+                return outputs, selection_frequencies(mask, soft)
+            return outputs
 
     class Rank16(MIDL):
         def __init__(self, units, rank=16, **kwargs):
             super().__init__(units, rank=rank, **kwargs)
 
+    class NoBalanceLoss(MIDL):
+        def __init__(self, units, balance_weight=0.0, **kwargs):
+            super().__init__(units, balance_weight=balance_weight, **kwargs)
+
     return {"fixed mask": FixedMask,
             "fixed mask, plain mix": FixedMaskPlainMix,
-            "rank 16": Rank16}
+            "rank 16": Rank16,
+            "no balance loss": NoBalanceLoss}
 
 
 def timed_rows(calls, args, **labels):
@@ -378,7 +391,8 @@ def main(argv=None):
         "selection by a constant mask; `fixed mask, plain mix` also "
         "replaces the straight-through mix by a plain one with no "
         "gradient to the gate; `rank 16` is MIDL with `rank=16` in place "
-        "of the default (28, 32) (see the module docstring).",
+        "of the default (28, 32); `no balance loss` is MIDL with "
+        "`balance_weight=0` (see the module docstring).",
     ]
     common.write_markdown(stem + ".md", rows, metadata, COLUMNS,
                           title="Training step and large-batch inference: "

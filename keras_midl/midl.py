@@ -17,7 +17,8 @@ from keras_midl.gating import num_selected
 from keras_midl.lowrank import default_rank
 from keras_midl.lowrank import from_dense
 from keras_midl.ops import dispatch
-from keras_midl.ops.selection import balance_loss
+from keras_midl.ops.selection import frequency_balance_loss
+from keras_midl.ops.selection import selection_frequencies
 from keras_midl.ops.selection import straight_through
 
 # In TensorFlow graphs from this many rows (a static count), `x @ kernel^T`
@@ -477,14 +478,17 @@ class MIDL(GatedLayer):
         """The masked path: the full path for every neuron, then the mask
         (the training path, and the reference of the others)."""
         code, logits, mask = self._gate_outputs(inputs, training)
-        if training and self.balance_weight > 0:
-            self.add_loss(self._balance_loss(mask, logits))
+        balanced = bool(training) and self.balance_weight > 0
         outputs = self._interpolate(
             mask,
             logits,
             self._full_path(inputs),
             self._light_path(code),
+            return_frequencies=balanced,
         )
+        if balanced:
+            outputs, frequencies = outputs
+            self.add_loss(self._balance_loss(frequencies))
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
@@ -538,11 +542,14 @@ class MIDL(GatedLayer):
             light = ops.add(light, self.light_bias)
         return light
 
-    def _interpolate(self, mask, logits, full, light):
-        """`g * full + (1 - g) * light`, `g` the straight-through gate.
+    def _interpolate(self, mask, logits, full, light, return_frequencies):
+        """`g * full + (1 - g) * light`, `g` the straight-through gate,
+        and with `return_frequencies` the selection frequencies for the
+        balance loss (`keras_midl.ops.straight_through_mix`).
 
         Its value is `where(mask, full, light)`, computed as one select
-        with a custom gradient (`straight_through_mix`). The gate gets its
+        with a custom gradient (`straight_through_mix`), which also takes
+        the frequencies' gradient to the logits. The gate gets its
         gradient whenever one is taken, in training or not (a subclassed
         model that does not pass `training` on still trains its gates).
         """
@@ -552,18 +559,26 @@ class MIDL(GatedLayer):
             soft = self._gate_probabilities(logits)
             gate = ops.cast(straight_through(mask, soft), self.compute_dtype)
             outputs = gate * full
-            return outputs if light is None else outputs + (1 - gate) * light
+            if light is not None:
+                outputs = outputs + (1 - gate) * light
+            if return_frequencies:
+                return outputs, selection_frequencies(mask, soft)
+            return outputs
         return dispatch.straight_through_mix(
-            mask, logits, full, light, self.temperature
+            mask,
+            logits,
+            full,
+            light,
+            self.temperature,
+            return_frequencies=return_frequencies,
         )
 
-    def _balance_loss(self, mask, logits):
+    def _balance_loss(self, frequencies):
         """`balance_weight * var_j(f_j) / (k/n)^2`, `f_j` the fraction of
-        rows selecting neuron `j`, with the straight-through gradient of
-        the mean sigmoid (`keras_midl.ops.selection.balance_loss`)."""
-        return balance_loss(
-            mask, self._gate_probabilities(logits), self.k, self.balance_weight
-        )
+        rows selecting neuron `j` (`keras_midl.ops.selection.
+        frequency_balance_loss`), whose straight-through gradient, that
+        of the mean sigmoid, the mix takes to the logits."""
+        return frequency_balance_loss(frequencies, self.k, self.balance_weight)
 
     # --- LoRA (low-rank adaptation of the full-path kernel), as in Dense --
 

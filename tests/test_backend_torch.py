@@ -449,12 +449,18 @@ def c_pass_calls(monkeypatch):
     ):
         original = getattr(kernels, name)
 
-        def spy(*args, original=original, name=name):
+        def spy(*args, original=original, name=name, **kwargs):
             calls.append(name)
-            return original(*args)
+            return original(*args, **kwargs)
 
         monkeypatch.setattr(kernels, name, spy)
     return calls
+
+
+def _training_loss(layer, outputs, seed):
+    """A loss of the outputs, and the balance loss: the mix takes the
+    latter's gradient to the logits too."""
+    return (outputs * seed).sum() + sum(layer.losses)
 
 
 def _training_gradients(layer, x, seed):
@@ -462,7 +468,7 @@ def _training_gradients(layer, x, seed):
     for variable in layer.trainable_variables:
         variable.value.grad = None
     outputs = layer(_tensor(x), training=True)
-    (outputs * seed).sum().backward()
+    _training_loss(layer, outputs, seed).backward()
     return [as_numpy(outputs)] + [
         variable.value.grad.numpy().copy()
         for variable in layer.trainable_variables
@@ -565,7 +571,7 @@ def test_torch_compile_records_the_native_training_operators(
     for variable in layer.trainable_variables:
         variable.value.grad = None
     outputs = compiled(_tensor(x))
-    (outputs * seed).sum().backward()
+    _training_loss(layer, outputs, seed).backward()
     assert sorted(set(c_pass_calls)) == [
         "mix_backward_pointers", "mix_pointers", "topk_mask_pointers"
     ]

@@ -400,10 +400,12 @@ def test_topk_mask_rejects_a_bad_k():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 @pytest.mark.parametrize("with_light", [True, False])
-def test_mix_and_its_gradients_in_c(temperature, with_light, rng):
+@pytest.mark.parametrize("with_column", [True, False])
+def test_mix_and_its_gradients_in_c(temperature, with_light, with_column, rng):
     """`mix` is `where(mask, full, light)`; `mix_backward` the gradients
     of `straight_through_mix`, the same float32 operations in the same
-    order (bit for bit against NumPy's float32 arithmetic)."""
+    order (bit for bit against NumPy's float32 arithmetic), the
+    frequencies' gradient (`column`, one per unit) added to every row."""
     _training_library()
     shape = (37, 19)  # not a multiple of the vector width
     mask = (rng.random(shape) < 0.4).astype("float32")
@@ -418,8 +420,13 @@ def test_mix_and_its_gradients_in_c(temperature, with_light, rng):
     )
     scaled = logits if temperature == 1.0 else logits / np.float32(temperature)
     soft = (1 / (1 + np.exp(-scaled.astype("float64")))).astype("float32")
+    column = rng.normal(size=shape[-1]).astype("float32")
+    if not with_column:
+        column = None
+        # -0.0 survives where nothing is added.
+        upstream[0, :4] = -0.0
     d_full, d_light, d_logits = native.kernels.mix_backward(
-        upstream, mask, soft, full, light, temperature
+        upstream, mask, soft, full, light, temperature, column=column
     )
     np.testing.assert_array_equal(d_full, np.where(mask > 0, upstream, 0))
     if with_light:
@@ -427,7 +434,13 @@ def test_mix_and_its_gradients_in_c(temperature, with_light, rng):
     else:
         assert d_light is None
     slope = soft * (np.float32(1) - soft) / np.float32(temperature)
-    np.testing.assert_array_equal(d_logits, (upstream * (full - base)) * slope)
+    products = upstream * (full - base)
+    if column is not None:
+        products = products + column
+    np.testing.assert_array_equal(d_logits, products * slope)
+    np.testing.assert_array_equal(
+        np.signbit(d_logits), np.signbit(products * slope)
+    )
 
 
 @pytest.mark.parametrize(

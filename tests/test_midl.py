@@ -701,8 +701,21 @@ def test_balance_loss_value_and_gradient(temperature, rng):
     np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
 
     def gradient_of_the_logits(gate):
+        # The loss of the frequencies that the training mix returns, the
+        # native one where it runs: its gradient reaches the logits
+        # through the mix's backward pass.
+        full = ops.ones(gate["mask"].shape)
+
         def balance_loss(logits):
-            return layer._balance_loss(gate["mask"], logits)
+            _, frequencies = dispatch.straight_through_mix(
+                gate["mask"],
+                logits,
+                full,
+                ops.zeros(gate["mask"].shape),
+                temperature,
+                return_frequencies=True,
+            )
+            return layer._balance_loss(frequencies)
 
         value, (grad,) = value_and_gradients(
             balance_loss, to_numpy(gate["logits"])

@@ -8,10 +8,14 @@ from backend_utils import BACKEND
 from backend_utils import value_and_gradients
 from keras import ops
 
+from keras_midl.ops import dispatch
 from keras_midl.ops.selection import CACHE_BLOCK_SCORES
 from keras_midl.ops.selection import SELECTION_METHODS
+from keras_midl.ops.selection import balance_loss
 from keras_midl.ops.selection import cache_sized_block
+from keras_midl.ops.selection import frequency_balance_loss
 from keras_midl.ops.selection import kth_largest
+from keras_midl.ops.selection import selection_frequencies
 from keras_midl.ops.selection import straight_through
 from keras_midl.ops.selection import straight_through_mix
 from keras_midl.ops.selection import topk_mask
@@ -387,6 +391,79 @@ def test_straight_through_mix_matches_the_chain(temperature, rng):
     )
     np.testing.assert_array_equal(grads[1], upstream * mask)
     np.testing.assert_array_equal(grads[2], upstream * (1 - mask))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+@pytest.mark.parametrize("with_light", [True, False])
+@pytest.mark.parametrize("dispatched", [False, True])
+def test_frequencies_of_the_mix_match_the_balance_loss_chain(
+    temperature, with_light, dispatched, rng
+):
+    """`return_frequencies=True`: the mask's mean over the rows, whose
+    gradient reaches the logits in the mix's backward pass as
+    `selection_frequencies`' straight-through gradient does; the rows are
+    all leading axes. `dispatched`: through `keras_midl.ops.dispatch`
+    (the native kernel on torch)."""
+    shape = (3, 4, 9)
+    mask = (rng.random(shape) > 0.5).astype("float32")
+    logits, full, light, upstream = (
+        rng.normal(size=shape).astype("float32") for _ in range(4)
+    )
+    weights = ops.convert_to_tensor(upstream)
+    per_unit = ops.convert_to_tensor(rng.normal(size=9).astype("float32"))
+    mix = dispatch.straight_through_mix if dispatched else (
+        lambda m, s, f, h, t, return_frequencies: straight_through_mix(
+            m, s, f, h, t, return_frequencies=return_frequencies
+        )
+    )
+
+    def fused(s, f, h=None):
+        outputs, frequencies = mix(
+            ops.convert_to_tensor(mask), s, f, h if with_light else None,
+            temperature, return_frequencies=True,
+        )
+        return ops.sum(weights * outputs) + ops.sum(per_unit * frequencies)
+
+    def chain(s, f, h=None):
+        outputs = _chain_mix(mask, s, f, h if with_light else 0.0, temperature)
+        soft = ops.sigmoid(s / temperature)
+        frequencies = selection_frequencies(mask, soft)
+        return ops.sum(weights * outputs) + ops.sum(per_unit * frequencies)
+
+    arrays = (logits, full, light) if with_light else (logits, full)
+    value, grads = value_and_gradients(fused, *arrays)
+    expected, expected_grads = value_and_gradients(chain, *arrays)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        np.testing.assert_allclose(grad, expected_grad, rtol=2e-4, atol=1e-6)
+    _, frequencies = mix(
+        ops.convert_to_tensor(mask), ops.convert_to_tensor(logits),
+        ops.convert_to_tensor(full), None, temperature,
+        return_frequencies=True,
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(frequencies),
+        mask.reshape(-1, 9).mean(axis=0),
+        rtol=1e-6,
+    )
+
+
+def test_frequency_balance_loss_is_the_balance_loss(rng):
+    mask = (rng.random((6, 10)) > 0.6).astype("float32")
+    soft = rng.random((6, 10)).astype("float32")
+    frequencies = selection_frequencies(mask, soft)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(frequency_balance_loss(frequencies, 4, 0.3)),
+        ops.convert_to_numpy(balance_loss(mask, soft, 4, 0.3)),
+        rtol=1e-6,
+    )
+    share = 0.4
+    expected = 0.3 * np.mean((mask.mean(axis=0) - share) ** 2) / share**2
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(frequency_balance_loss(frequencies, 4, 0.3)),
+        expected,
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

@@ -51,7 +51,9 @@ def native_topk_mask(scores, k, training):
     return None
 
 
-def native_mix(mask, logits, full, light, temperature):
+def native_mix(
+    mask, logits, full, light, temperature, return_frequencies=False
+):
     """No native mix: `None`, the caller runs `straight_through_mix`."""
     return None
 

@@ -229,19 +229,32 @@ def _(scores, k):
     return torch.empty_like(scores)
 
 
-def native_mix(mask, logits, full, light, temperature):
+def native_mix(
+    mask, logits, full, light, temperature, return_frequencies=False
+):
     """`keras_midl.ops.straight_through_mix` as the operator
     `keras_midl::mix`, whose forward and backward are one C pass each;
     `None` where the kernel cannot run (see `_native_ready`).
 
     The value is `where(mask, full, light)`; the gradients `d_full = mask
-    * g`, `d_light = (1 - mask) * g` and `d_logits = g * (full - light) *
-    a * (1 - a) / temperature`, `a = sigmoid(logits / temperature)`
-    (torch's). In torch ops the mix and its gradient are eight passes over
-    the tensors, and `torch.where` is the slowest of them on a CPU."""
+    * g`, `d_light = (1 - mask) * g` and `d_logits = (g * (full - light)
+    + d_f / rows) * a * (1 - a) / temperature`, `a = sigmoid(logits /
+    temperature)` (torch's), `d_f` the gradient of the selection
+    frequencies where they are returned (`return_frequencies`). In torch
+    ops the mix and its gradient are eight passes over the tensors, and
+    `torch.where` is the slowest of them on a CPU; the frequencies' own
+    straight-through gradient (`balance_loss`) four more."""
     if not _native_ready(full, mask, logits, light):
         return None
-    return mix_op(mask.detach(), logits, full, light, float(temperature))
+    outputs, frequencies = mix_op(
+        mask.detach(),
+        logits,
+        full,
+        light,
+        float(temperature),
+        bool(return_frequencies),
+    )
+    return (outputs, frequencies) if return_frequencies else outputs
 
 
 @torch.library.custom_op("keras_midl::mix", mutates_args=())
@@ -251,8 +264,11 @@ def mix_op(
     full: torch.Tensor,
     light: torch.Tensor | None,
     temperature: float,
-) -> torch.Tensor:
-    """`midl_mix` as a torch operator (float32, CPU, one shape)."""
+    frequencies: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`midl_mix` as a torch operator (float32, CPU, one shape): the
+    outputs and, with `frequencies`, the mask's mean over the rows (an
+    empty tensor without)."""
     mask, full = mask.contiguous(), full.contiguous()
     light = None if light is None else light.contiguous()
     outputs = torch.empty_like(full)
@@ -264,12 +280,15 @@ def mix_op(
             outputs.numel(),
             outputs.data_ptr(),
         )
-    return outputs
+    if not frequencies:
+        return outputs, full.new_empty((0,))
+    return outputs, mask.reshape(-1, mask.shape[-1]).mean(0)
 
 
 @mix_op.register_fake
-def _(mask, logits, full, light, temperature):
-    return torch.empty_like(full)
+def _(mask, logits, full, light, temperature, frequencies):
+    units = full.shape[-1] if frequencies else 0
+    return torch.empty_like(full), full.new_empty((units,))
 
 
 @torch.library.custom_op("keras_midl::mix_backward", mutates_args=())
@@ -280,12 +299,15 @@ def mix_backward_op(
     full: torch.Tensor,
     light: torch.Tensor | None,
     temperature: float,
+    column: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`midl_mix_backward` as a torch operator: `(d_full, d_light,
-    d_logits)`, `d_light` empty where `light` is `None`."""
+    d_logits)`, `d_light` empty where `light` is `None`; `column` (one
+    float per unit, or `None`) is added to each row before the slope."""
     upstream, soft = upstream.contiguous(), soft.contiguous()
     mask, full = mask.contiguous(), full.contiguous()
     light = None if light is None else light.contiguous()
+    column = None if column is None else column.contiguous()
     d_full, d_logits = torch.empty_like(full), torch.empty_like(full)
     d_light = full.new_empty((0,)) if light is None else torch.empty_like(full)
     if full.numel():
@@ -300,30 +322,38 @@ def mix_backward_op(
             d_full.data_ptr(),
             0 if light is None else d_light.data_ptr(),
             d_logits.data_ptr(),
+            column=0 if column is None else column.data_ptr(),
+            units=full.shape[-1],
         )
     return d_full, d_light, d_logits
 
 
 @mix_backward_op.register_fake
-def _(upstream, mask, soft, full, light, temperature):
+def _(upstream, mask, soft, full, light, temperature, column):
     d_light = full.new_empty((0,)) if light is None else torch.empty_like(full)
     return torch.empty_like(full), d_light, torch.empty_like(full)
 
 
 def _mix_setup_context(ctx, inputs, output):
-    mask, logits, full, light, temperature = inputs
+    mask, logits, full, light, temperature, frequencies = inputs
     ctx.save_for_backward(mask, logits, full, light)
     ctx.temperature = temperature
+    ctx.frequencies = frequencies
 
 
-def _mix_backward(ctx, upstream):
+def _mix_backward(ctx, upstream, d_frequencies):
     mask, logits, full, light = ctx.saved_tensors
     temperature = ctx.temperature
     scaled = logits if temperature == 1.0 else logits / temperature
+    column = None
+    if ctx.frequencies and d_frequencies is not None:
+        rows = max(1, full.numel() // full.shape[-1])
+        column = (d_frequencies / rows).to(full.dtype)
     d_full, d_light, d_logits = mix_backward_op(
-        upstream, mask, torch.sigmoid(scaled), full, light, temperature
+        upstream, mask, torch.sigmoid(scaled), full, light, temperature, column
     )
-    return None, d_logits, d_full, None if light is None else d_light, None
+    d_light = None if light is None else d_light
+    return None, d_logits, d_full, d_light, None, None
 
 
 mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)

@@ -263,7 +263,7 @@ def _build():
     lib.midl_mix.argtypes = [pointer] * 3 + [size, pointer]
     lib.midl_mix.restype = None
     lib.midl_mix_backward.argtypes = [pointer] * 5 + [size, ctypes.c_float]
-    lib.midl_mix_backward.argtypes += [pointer] * 3
+    lib.midl_mix_backward.argtypes += [pointer, size] + [pointer] * 3
     lib.midl_mix_backward.restype = None
     # The masked path's inference output, with no mask.
     lib.midl_select_mix.argtypes = [pointer, size, size, size]

@@ -163,12 +163,14 @@ def select_mix_pointers(
 
 def mix_backward_pointers(
     upstream, mask, soft, full, light, size, temperature, d_full, d_light,
-    d_logits,
+    d_logits, column=0, units=0,
 ):
     """`midl_mix_backward` on raw addresses (`light`, `d_light` 0 for a
     zero light path): the gradients of `straight_through_mix` from
     `soft = sigmoid(logits / temperature)`, over `size` float32
-    elements."""
+    elements; `column` (0: none), `units` float32 added to each row of
+    `units` elements before the slope (the gradient of the selection
+    frequencies over the rows, see `straight_through_mix`)."""
     build.loaded_library().midl_mix_backward(
         upstream,
         mask,
@@ -177,6 +179,8 @@ def mix_backward_pointers(
         light or None,
         size,
         temperature,
+        column or None,
+        units,
         d_full,
         d_light or None,
         d_logits,
@@ -221,19 +225,27 @@ def mix(mask, full, light=None):
     return outputs
 
 
-def mix_backward(upstream, mask, soft, full, light=None, temperature=1.0):
+def mix_backward(
+    upstream, mask, soft, full, light=None, temperature=1.0, column=None
+):
     """The gradients of `straight_through_mix` in C: `(d_full, d_light,
     d_logits)` (`d_light` `None` where `light` is), float32 NumPy arrays
-    of one shape; `soft = sigmoid(logits / temperature)`."""
-    upstream, mask, soft, full, light = _float32_arrays(
-        upstream, mask, soft, full, light
+    of one shape; `soft = sigmoid(logits / temperature)`; `column`, of
+    the last axis's length (or `None`), is added to each row's
+    `upstream * (full - light)` before the slope."""
+    upstream, mask, soft, full, light, column = _float32_arrays(
+        upstream, mask, soft, full, light, column
     )
+    units = full.shape[-1] if full.ndim else 1
+    if column is not None:
+        _check_shape("column", column, (units,))
     d_full, d_logits = np.empty_like(full), np.empty_like(full)
     d_light = None if light is None else np.empty_like(full)
     mix_backward_pointers(
         upstream.ctypes.data, mask.ctypes.data, soft.ctypes.data,
         full.ctypes.data, _address(light), full.size, temperature,
         d_full.ctypes.data, _address(d_light), d_logits.ctypes.data,
+        column=_address(column), units=units,
     )
     return d_full, d_light, d_logits
 

@@ -710,38 +710,69 @@ void midl_mix(const float *mask, const float *full, const float *light,
   }
 }
 
+/* One span of `midl_mix_backward`: `n` elements, the light path, its
+ * gradient and `column` each NULL or not. Every call passes them as NULL
+ * or not in its own source, so the compiler specializes each call into a
+ * branch-free loop it vectorizes; adding -0.0f changes no float (not even
+ * -0.0), so a NULL `column` leaves the gradient of the logits as it was. */
+static inline void mix_backward_span(
+    const float *restrict upstream, const float *restrict mask,
+    const float *restrict soft, const float *restrict full,
+    const float *restrict light, const float *restrict column, int64_t n,
+    float temperature, float *restrict d_full, float *restrict d_light,
+    float *restrict d_logits) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = upstream[i];
+    const int selected = mask[i] > 0.0f;
+    d_full[i] = selected ? u : 0.0f;
+    if (light) d_light[i] = selected ? 0.0f : u;
+    const float other = light ? light[i] : 0.0f;
+    const float extra = column ? column[i] : -0.0f;
+    const float slope = soft[i] * (1.0f - soft[i]) / temperature;
+    d_logits[i] = (u * (full[i] - other) + extra) * slope;
+  }
+}
+
 /* Its gradients, in one pass (the same products, in the same order, as
  * the `keras.ops` gradient of `straight_through_mix`):
  *
  *     d_full  = mask ? upstream : 0;   d_light = mask ? 0 : upstream;
- *     d_logits = (upstream * (full - light)) * (soft * (1 - soft) / t)
+ *     d_logits = (upstream * (full - light) + column) * (soft * (1 - soft) / t)
  *
  * `soft` = sigmoid(logits / t); `light` and `d_light` may be NULL (a zero
- * light path). */
+ * light path); `column` (`units` floats, added to every row of `units`
+ * elements; `size` a multiple of `units`) may be NULL: the gradient of the
+ * selection frequencies over the rows (`straight_through_mix` with
+ * `return_frequencies`), which reaches the logits through the same slope.
+ * x / 1.0f == x, so dividing by a temperature of 1 changes nothing. */
 void midl_mix_backward(const float *restrict upstream,
                        const float *restrict mask,
                        const float *restrict soft,
                        const float *restrict full,
                        const float *restrict light, int64_t size,
-                       float temperature, float *restrict d_full,
+                       float temperature, const float *restrict column,
+                       int64_t units, float *restrict d_full,
                        float *restrict d_light, float *restrict d_logits) {
-  /* Two branch-free loops the compiler vectorizes; x / 1.0f == x, so
-   * dividing by a temperature of 1 changes nothing. */
-  if (light) {
-    for (int64_t i = 0; i < size; ++i) {
-      const float u = upstream[i];
-      const int selected = mask[i] > 0.0f;
-      d_full[i] = selected ? u : 0.0f;
-      d_light[i] = selected ? 0.0f : u;
-      const float slope = soft[i] * (1.0f - soft[i]) / temperature;
-      d_logits[i] = (u * (full[i] - light[i])) * slope;
+  if (!column) {
+    if (light) {
+      mix_backward_span(upstream, mask, soft, full, light, NULL, size,
+                        temperature, d_full, d_light, d_logits);
+    } else {
+      mix_backward_span(upstream, mask, soft, full, NULL, NULL, size,
+                        temperature, d_full, NULL, d_logits);
     }
-  } else {
-    for (int64_t i = 0; i < size; ++i) {
-      const float u = upstream[i];
-      d_full[i] = mask[i] > 0.0f ? u : 0.0f;
-      const float slope = soft[i] * (1.0f - soft[i]) / temperature;
-      d_logits[i] = (u * (full[i] - 0.0f)) * slope;
+    return;
+  }
+  for (int64_t start = 0; start + units <= size; start += units) {
+    if (light) {
+      mix_backward_span(upstream + start, mask + start, soft + start,
+                        full + start, light + start, column, units,
+                        temperature, d_full + start, d_light + start,
+                        d_logits + start);
+    } else {
+      mix_backward_span(upstream + start, mask + start, soft + start,
+                        full + start, NULL, column, units, temperature,
+                        d_full + start, NULL, d_logits + start);
     }
   }
 }

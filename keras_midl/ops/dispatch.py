@@ -559,16 +559,23 @@ def inference_topk_mask(scores, k, method, check_ties_first):
     return mask
 
 
-def straight_through_mix(mask, logits, full, light, temperature):
+def straight_through_mix(
+    mask, logits, full, light, temperature, return_frequencies=False
+):
     """`keras_midl.ops.straight_through_mix`, in the native kernel where
     it runs (torch, eager and under `torch.compile`: a forward and a
-    backward of one C pass each), else in `keras.ops`."""
+    backward of one C pass each, the frequencies' gradient included),
+    else in `keras.ops`."""
     outputs = backends.current().native_mix(
-        mask, logits, full, light, temperature
+        mask, logits, full, light, temperature, return_frequencies
     )
     if outputs is None:
         outputs = selection.straight_through_mix(
-            mask, logits, full, light, temperature=temperature
+            mask,
+            logits,
+            full,
+            light,
+            temperature=temperature,
+            return_frequencies=return_frequencies,
         )
     return outputs
-

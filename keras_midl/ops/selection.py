@@ -6,6 +6,7 @@ TensorFlow, JAX and PyTorch, including how ties are broken.
 
 import math
 
+import keras
 from keras import ops
 
 from keras_midl._checks import is_integer
@@ -347,7 +348,9 @@ def straight_through(hard, soft):
     return hard + (soft - ops.stop_gradient(soft))
 
 
-def straight_through_mix(mask, logits, full, light=None, temperature=1.0):
+def straight_through_mix(
+    mask, logits, full, light=None, temperature=1.0, return_frequencies=False
+):
     """Mixes two paths with a hard mask and a straight-through gradient.
 
     The value is `where(mask, full, light)`: `full` where the 0/1 `mask`
@@ -358,9 +361,18 @@ def straight_through_mix(mask, logits, full, light=None, temperature=1.0):
     ```
     d full   = upstream * mask
     d light  = upstream * (1 - mask)
-    d logits = upstream * (full - light) * a * (1 - a) / temperature
+    d logits = (upstream * (full - light) + d_f / rows) * a * (1 - a) / t
     a        = sigmoid(logits / temperature)
     ```
+
+    With `return_frequencies=True` it also returns the selection
+    frequencies `f`, the fraction of the rows (all leading axes) whose
+    mask selects each unit, with the straight-through gradient of the mean
+    probability `mean(a)` over the rows (as `balance_loss` computes them).
+    Their gradient `d_f` reaches the logits in the same backward pass, the
+    term `d_f / rows` above (zero without them), so a loss on the
+    frequencies (`frequency_balance_loss`) adds no pass over the rows:
+    its own forward pass is one mean of the mask.
 
     One custom gradient instead of that chain of elementwise ops: the
     forward pass is a single select and computes no sigmoid, and the
@@ -376,21 +388,40 @@ def straight_through_mix(mask, logits, full, light=None, temperature=1.0):
     >>> out = straight_through_mix(mask, logits, full, light)
     >>> keras.ops.convert_to_numpy(out)
     array([[3., 2.]], dtype=float32)
+    >>> _, frequencies = straight_through_mix(
+    ...     mask, logits, full, light, return_frequencies=True
+    ... )
+    >>> keras.ops.convert_to_numpy(frequencies)
+    array([1., 0.], dtype=float32)
 
     Args:
-        mask: 0/1 tensor broadcastable to `full`; it gets no gradient.
+        mask: 0/1 tensor broadcastable to `full` (of its shape with
+            `return_frequencies`); it gets no gradient.
         logits: Float tensor of the gate logits, of the shape of `mask`.
         full: Tensor, the value where `mask` is 1.
         light: Tensor of the shape and dtype of `full`, the value where
             `mask` is 0, or `None` for zero.
         temperature: Positive float, the sigmoid's temperature.
+        return_frequencies: Whether to return the frequencies too.
 
     Returns:
-        Tensor of the shape and dtype of `full`.
+        Tensor of the shape and dtype of `full`; with `return_frequencies`,
+        `(outputs, frequencies)`, the frequencies of shape `(n,)` in the
+        mask's dtype.
     """
     full = ops.convert_to_tensor(full)
+    mask = ops.convert_to_tensor(mask)
+    logits = ops.convert_to_tensor(logits)
     if light is None:
         light = ops.zeros_like(full)
+    if return_frequencies and keras.config.backend() == "torch":
+        # Keras's torch `custom_gradient` takes one output: the frequencies
+        # as `balance_loss` takes them (the same gradient, more passes;
+        # the native kernel fuses them on torch, keras_midl/backend/torch).
+        outputs = straight_through_mix(mask, logits, full, light, temperature)
+        scaled = logits if temperature == 1.0 else logits / temperature
+        return outputs, selection_frequencies(mask, ops.sigmoid(scaled))
+    units = mask.shape[-1]
 
     # Every tensor is an argument, none is closed over: JAX's exporters
     # (shape-polymorphic `jax2tf`) reject closed-over arrays.
@@ -400,7 +431,12 @@ def straight_through_mix(mask, logits, full, light=None, temperature=1.0):
 
         def grad(*args, upstream=None):
             if upstream is None:
-                (upstream,) = args
+                # One cotangent per output: TensorFlow passes each, JAX
+                # one tuple of them.
+                upstream = args[0] if len(args) == 1 else tuple(args)
+            d_frequencies = None
+            if return_frequencies:
+                upstream, d_frequencies = upstream
             d_full = ops.where(selected, upstream, 0.0)
             d_light = ops.where(selected, 0.0, upstream)
             scaled = logits if temperature == 1.0 else logits / temperature
@@ -409,12 +445,38 @@ def straight_through_mix(mask, logits, full, light=None, temperature=1.0):
             if temperature != 1.0:
                 slope = slope / temperature
             d_soft = ops.cast(upstream * (full - light), soft.dtype)
+            if d_frequencies is not None:
+                rows = ops.shape(ops.reshape(mask, (-1, units)))[0]
+                column = d_frequencies / ops.cast(rows, d_frequencies.dtype)
+                d_soft = d_soft + ops.cast(column, soft.dtype)
             return None, d_soft * slope, d_full, d_light
 
-        return ops.where(selected, full, light), grad
+        outputs = ops.where(selected, full, light)
+        if return_frequencies:
+            frequencies = ops.mean(ops.reshape(mask, (-1, units)), axis=0)
+            return (outputs, frequencies), grad
+        return outputs, grad
 
-    return mix(ops.convert_to_tensor(mask), ops.convert_to_tensor(logits),
-               full, light)
+    return mix(mask, logits, full, light)
+
+
+def selection_frequencies(mask, probabilities):
+    """The fraction of the rows (all leading axes) whose `mask` selects
+    each unit, with the straight-through gradient of the mean of
+    `probabilities` over the rows (taken after the mean: the same
+    gradient, fewer elementwise ops).
+
+    Args:
+        mask: 0/1 tensor `(..., n)`.
+        probabilities: Tensor of the shape of `mask`, the gate's sigmoid.
+
+    Returns:
+        Tensor of shape `(n,)` in the dtype of `probabilities`.
+    """
+    rows = (-1, mask.shape[-1])
+    soft = ops.mean(ops.reshape(probabilities, rows), axis=0)
+    hard = ops.mean(ops.reshape(mask, rows), axis=0)
+    return straight_through(hard, soft)
 
 
 def balance_loss(mask, probabilities, k, weight):
@@ -444,12 +506,33 @@ def balance_loss(mask, probabilities, k, weight):
     Returns:
         Scalar float32 tensor (as Keras sums the losses).
     """
-    units = mask.shape[-1]
-    rows = (-1, units)
-    soft = ops.mean(ops.reshape(probabilities, rows), axis=0)
-    hard = ops.mean(ops.reshape(mask, rows), axis=0)
-    frequencies = straight_through(hard, soft)
-    share = k / units
+    frequencies = selection_frequencies(mask, probabilities)
+    return frequency_balance_loss(frequencies, k, weight)
+
+
+def frequency_balance_loss(frequencies, k, weight):
+    """`balance_loss` from the selection frequencies `f` (as
+    `selection_frequencies` or `straight_through_mix(...,
+    return_frequencies=True)` return them): `weight * mean_j((f_j -
+    k/n)^2) / (k/n)^2`.
+
+    Example:
+
+    >>> from keras_midl.ops.selection import frequency_balance_loss
+    >>> f = np.array([1.0, 0.0], dtype="float32")
+    >>> float(frequency_balance_loss(f, 1, 1.0))
+    1.0
+
+    Args:
+        frequencies: Tensor `(n,)`, the fraction of rows selecting each
+            of the `n` units.
+        k: Python int, the units selected per row.
+        weight: Python float, the loss's weight.
+
+    Returns:
+        Scalar float32 tensor (as Keras sums the losses).
+    """
+    share = k / frequencies.shape[-1]
     variance = ops.mean(ops.square(frequencies - share))
     loss = weight * variance / (share * share)
     return ops.cast(loss, "float32")
