@@ -25,6 +25,12 @@ MIDL's layout (`Dense, W^T layout`: the same matmul, no gate), and every
 row reports `/ best dense`, its time over the faster of the two layouts:
 that ratio is MIDL's own overhead, whatever the machine.
 
+Every case also times `MIDL, second model`: MIDL built a second time
+and timed in the same rounds, the same work as `MIDL`. Its ratio differs
+from MIDL's by what two measurements of one thing differ by within a
+run on this machine (model instances, their place in the round); read
+the ratios with that spread.
+
 `--profile` adds, to the 784-1024-1024-10 step, MIDL variants with parts
 of the layer replaced, to attribute the cost (an ablation profile that
 means the same on every backend):
@@ -135,6 +141,10 @@ def transposed_dense():
 BASELINES = ("Dense", "Dense, W^T layout")
 
 
+# The control: MIDL built a second time and timed in the same rounds.
+SECOND_MODEL = "MIDL, second model"
+
+
 def profile_layers():
     """MIDL subclasses with parts replaced (see the module docstring)."""
     from keras import ops
@@ -235,6 +245,7 @@ def training_rows(args):
             "Dense": None,
             "Dense, W^T layout": transposed_dense(),
             "MIDL": MIDL,
+            SECOND_MODEL: MIDL,
         }
         if args.profile and hidden == MLPS[0][0]:
             variants.update(profile_layers())
@@ -273,6 +284,7 @@ def inference_rows(args):
         "Dense": keras.layers.Dense(units),
         "Dense, W^T layout": transposed_dense()(units),
         "MIDL": MIDL(units, k_ratio=K_RATIO, inference_path="masked"),
+        SECOND_MODEL: MIDL(units, k_ratio=K_RATIO, inference_path="masked"),
     }
     calls = {}
     for name, layer in layers.items():
@@ -392,7 +404,10 @@ def main(argv=None):
         "replaces the straight-through mix by a plain one with no "
         "gradient to the gate; `rank 16` is MIDL with `rank=16` in place "
         "of the default (28, 32); `no balance loss` is MIDL with "
-        "`balance_weight=0` (see the module docstring).",
+        "`balance_weight=0` (see the module docstring). "
+        "`MIDL, second model` (every case): MIDL built again and timed in "
+        "the same rounds, the control: the spread between two "
+        "measurements of the same work within a run.",
     ]
     common.write_markdown(stem + ".md", rows, metadata, COLUMNS,
                           title="Training step and large-batch inference: "
