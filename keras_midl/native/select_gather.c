@@ -737,7 +737,8 @@ static inline void mix_backward_span(
  * the `keras.ops` gradient of `straight_through_mix`):
  *
  *     d_full  = mask ? upstream : 0;   d_light = mask ? 0 : upstream;
- *     d_logits = (upstream * (full - light) + column) * (soft * (1 - soft) / t)
+ *     d_logits = (upstream * (full - light) + column)
+ *                * (soft * (1 - soft) / t)
  *
  * `soft` = sigmoid(logits / t); `light` and `d_light` may be NULL (a zero
  * light path); `column` (`units` floats, added to every row of `units`
