@@ -159,10 +159,10 @@ def profile_layers():
 
     class FixedMaskPlainMix(FixedMask):
         def _interpolate(self, mask, logits, full, light, return_frequencies):
-            outputs = ops.cast(mask, full.dtype) * full
-            outputs = outputs + (1.0 - ops.cast(mask, full.dtype)) * light
+            gate = ops.cast(mask, full.dtype)
+            outputs = gate * full + (1.0 - gate) * light
             if return_frequencies:
-                soft = ops.sigmoid(logits)
+                soft = self._gate_probabilities(logits)
                 return outputs, selection_frequencies(mask, soft)
             return outputs
 

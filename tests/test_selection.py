@@ -411,11 +411,7 @@ def test_frequencies_of_the_mix_match_the_balance_loss_chain(
     )
     weights = ops.convert_to_tensor(upstream)
     per_unit = ops.convert_to_tensor(rng.normal(size=9).astype("float32"))
-    mix = dispatch.straight_through_mix if dispatched else (
-        lambda m, s, f, h, t, return_frequencies: straight_through_mix(
-            m, s, f, h, t, return_frequencies=return_frequencies
-        )
-    )
+    mix = dispatch.straight_through_mix if dispatched else straight_through_mix
 
     def fused(s, f, h=None):
         outputs, frequencies = mix(

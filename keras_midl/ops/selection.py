@@ -428,6 +428,10 @@ def straight_through_mix(
     @ops.custom_gradient
     def mix(mask, logits, full, light):
         selected = mask > 0
+        # The mask's rows (all leading axes), for the frequencies.
+        mask_rows = (
+            ops.reshape(mask, (-1, units)) if return_frequencies else None
+        )
 
         def grad(*args, upstream=None):
             if upstream is None:
@@ -446,14 +450,14 @@ def straight_through_mix(
                 slope = slope / temperature
             d_soft = ops.cast(upstream * (full - light), soft.dtype)
             if d_frequencies is not None:
-                rows = ops.shape(ops.reshape(mask, (-1, units)))[0]
+                rows = ops.shape(mask_rows)[0]
                 column = d_frequencies / ops.cast(rows, d_frequencies.dtype)
                 d_soft = d_soft + ops.cast(column, soft.dtype)
             return None, d_soft * slope, d_full, d_light
 
         outputs = ops.where(selected, full, light)
         if return_frequencies:
-            frequencies = ops.mean(ops.reshape(mask, (-1, units)), axis=0)
+            frequencies = ops.mean(mask_rows, axis=0)
             return (outputs, frequencies), grad
         return outputs, grad
 
