@@ -158,7 +158,9 @@ def profile_layers():
             return ops.zeros_like(logits) + first_k
 
     class FixedMaskPlainMix(FixedMask):
-        def _interpolate(self, mask, logits, full, light, return_frequencies):
+        def _interpolate(
+            self, mask, logits, full, light, return_frequencies, training
+        ):
             gate = ops.cast(mask, full.dtype)
             outputs = gate * full + (1.0 - gate) * light
             if return_frequencies:

@@ -485,6 +485,7 @@ class MIDL(GatedLayer):
             self._full_path(inputs),
             self._light_path(code),
             return_frequencies=balanced,
+            training=bool(training),
         )
         if balanced:
             outputs, frequencies = outputs
@@ -542,7 +543,9 @@ class MIDL(GatedLayer):
             light = ops.add(light, self.light_bias)
         return light
 
-    def _interpolate(self, mask, logits, full, light, return_frequencies):
+    def _interpolate(
+        self, mask, logits, full, light, return_frequencies, training
+    ):
         """`g * full + (1 - g) * light`, `g` the straight-through gate,
         and with `return_frequencies` the selection frequencies for the
         balance loss (`keras_midl.ops.straight_through_mix`).
@@ -571,6 +574,7 @@ class MIDL(GatedLayer):
             light,
             self.temperature,
             return_frequencies=return_frequencies,
+            training=training,
         )
 
     def _balance_loss(self, frequencies):

@@ -1,8 +1,8 @@
 """`keras_midl.backend.tensorflow`: the native kernel in eager calls only,
 eager calls compiled as one `tf.function`, `"auto"` inside Keras's
-`predict` once its batch size is relaxed, the training selection in C
-(a `tf.numpy_function` in training graphs without XLA) or compiled with
-XLA, and the gathered path in a SavedModel."""
+`predict` once its batch size is relaxed, the training selection and
+mix in C (TensorFlow ops in training graphs without XLA) or the selection
+compiled with XLA, and the gathered path in a SavedModel."""
 
 import logging
 import os
@@ -416,13 +416,14 @@ def test_blocks_of_rows_of_unknown_length(rng):
     )
 
 
-# --- The training selection (native) --------------------------------------
+# --- The training selection and mix (native) -------------------------------
 
 
 @pytest.fixture
 def selection_calls(monkeypatch):
-    """Records the native selection's calls; skips where the library is
-    not built here."""
+    """Records the native selection's calls on NumPy arrays (eager, and
+    the `tf.numpy_function` where the ops are not built); skips where the
+    library is not built here."""
     from keras_midl.native import build
     from keras_midl.native import kernels
 
@@ -439,45 +440,229 @@ def selection_calls(monkeypatch):
     return calls
 
 
-def test_native_selection_equals_topk_mask(selection_calls, rng):
-    """Eager and in a training graph: the C selection, bit for bit."""
+@pytest.fixture
+def training_ops(tf_backend):
+    """The module of the TensorFlow ops; skips where they are not built
+    here (no C++ compiler)."""
+    module = tf_backend._training_ops()
+    if module is None:
+        pytest.skip("the TensorFlow ops could not be built here")
+    return module
+
+
+@pytest.fixture
+def op_calls(tf_backend, training_ops, monkeypatch):
+    """The names of the TensorFlow ops put into graphs during the test."""
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(training_ops, name)
+
+    monkeypatch.setattr(tf_backend, "_training_ops", Spy)
+    return calls
+
+
+def _graph_ops(function, *args):
+    """The op types of `function`'s graph for `args`, its gradients'
+    included."""
+    graph = function.get_concrete_function(*args).graph
+    return {node.op for node in graph.as_graph_def().node} | {
+        node.op
+        for body in graph.as_graph_def().library.function
+        for node in body.node_def
+    }
+
+
+def test_native_selection_equals_topk_mask(
+    tf_backend, selection_calls, training_ops, rng
+):
+    """Eager (the C kernel on the buffer) and in a training graph (the op
+    `MidlTopkMask`): the mask of `topk_mask`, bit for bit, ties and NaNs
+    included; a graph outside training has neither."""
     import tensorflow as tf
 
     scores = _scores(rng)
     want = as_numpy(topk_mask(scores, 9, method="top_k"))
     eager = dispatch.training_topk_mask(scores, 9, "bisection")
-    graph = tf.function(
-        lambda s: dispatch.training_topk_mask(s, 9, "bisection")
-    )(scores)
-    assert len(selection_calls) == 2
+    in_training = tf.function(
+        lambda s: tf_backend.native_topk_mask(s, 9, training=True)
+    )
+    outside = tf.function(
+        lambda s: tf_backend.native_topk_mask(s, 9, training=False)
+    )
+    assert len(selection_calls) == 1  # eager only
     np.testing.assert_array_equal(as_numpy(eager), want)
-    np.testing.assert_array_equal(as_numpy(graph), want)
+    np.testing.assert_array_equal(as_numpy(in_training(scores)), want)
+    assert "MidlTopkMask" in _graph_ops(in_training, scores)
+    assert outside(scores) is None
+
+
+@pytest.mark.parametrize("shape", [(12, 40), (3, 4, 40), (0, 40)])
+def test_selection_op_of_any_rank_and_its_errors(training_ops, shape, rng):
+    scores = rng.normal(size=shape).astype("float32")
+    np.testing.assert_array_equal(
+        as_numpy(training_ops.midl_topk_mask(scores, k=7)),
+        as_numpy(topk_mask(scores, 7)),
+    )
+    import tensorflow as tf
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="k=41"):
+        training_ops.midl_topk_mask(rng.normal(size=(2, 40)), k=41)
+
+
+def _mixes(tf_backend, mask, temperature, with_light, return_frequencies):
+    """`(native, keras_ops)`: one `tf.function` each, of the mix's value
+    and its gradients, for a loss weighting the outputs and the
+    frequencies."""
+    import tensorflow as tf
+
+    from keras_midl.ops.selection import straight_through_mix
+
+    def make(mix):
+        @tf.function
+        def run(logits, full, light, weights, per_unit):
+            light = light if with_light else None
+            sources = [logits, full] + ([light] if with_light else [])
+            with tf.GradientTape() as tape:
+                tape.watch(sources)
+                outputs = mix(
+                    tf.constant(mask),
+                    logits,
+                    full,
+                    light,
+                    temperature,
+                    return_frequencies,
+                )
+                loss = 0.0
+                if return_frequencies:
+                    outputs, frequencies = outputs
+                    loss = tf.reduce_sum(per_unit * frequencies)
+                loss += tf.reduce_sum(weights * outputs)
+            return [outputs, *tape.gradient(loss, sources)]
+
+        return run
+
+    def native(*args):
+        outputs = tf_backend.native_mix(*args, training=True)
+        assert outputs is not None
+        return outputs
+
+    return make(native), make(straight_through_mix)
+
+
+@pytest.mark.parametrize("return_frequencies", [False, True])
+@pytest.mark.parametrize("with_light", [True, False])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("shape", [(12, 40), (2, 3, 40)])
+def test_mix_ops_equal_the_keras_ops_mix(
+    tf_backend,
+    training_ops,
+    shape,
+    temperature,
+    with_light,
+    return_frequencies,
+    rng,
+):
+    """`MidlMix` and `MidlMixGrad` in a training graph: the value and the
+    gradients of `straight_through_mix` (the balance loss's column
+    included), bit for bit at a temperature of 1; at another, within one
+    rounding (TensorFlow's graph divides `soft * (1 - soft)` by it
+    in its own way)."""
+    mask = (rng.random(shape) > 0.5).astype("float32")
+    arrays = [rng.normal(size=shape).astype("float32") for _ in range(4)]
+    per_unit = rng.normal(size=shape[-1]).astype("float32")
+    native, keras_ops = _mixes(
+        tf_backend, mask, temperature, with_light, return_frequencies
+    )
+    got = native(*arrays, per_unit)
+    want = keras_ops(*arrays, per_unit)
+    assert "MidlMixGrad" in _graph_ops(native, *arrays, per_unit)
+    assert len(got) == len(want) == 4 + with_light - 1
+    for value, expected in zip(got, want):
+        if temperature == 1.0:
+            np.testing.assert_array_equal(as_numpy(value), as_numpy(expected))
+        else:
+            np.testing.assert_allclose(
+                as_numpy(value), as_numpy(expected), rtol=1e-6, atol=1e-7
+            )
+
+
+def test_native_mix_only_for_float32_tensors_of_one_shape_in_training(
+    tf_backend, training_ops
+):
+    import tensorflow as tf
+
+    full = tf.zeros((2, 3))
+    seen = []
+
+    @tf.function
+    def run(mask, full, training):
+        mixed = tf_backend.native_mix(
+            mask, full, full, None, 1.0, training=training
+        )
+        seen.append(mixed)
+        return full
+
+    run(full, full, True)
+    run(full[:1], full, True)  # a mask to broadcast
+    run(tf.cast(full, "float16"), tf.cast(full, "float16"), True)
+    run(full, full, False)  # may be exported
+    assert seen[0] is not None and seen[1:] == [None, None, None]
+    # Eager: not a graph of training.
+    assert tf_backend.native_mix(full, full, full, None, 1.0, True) is None
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
-def test_native_selection_in_fit_but_not_under_xla(
-    jit_compile, tf_backend, selection_calls, monkeypatch, rng
+def test_fit_runs_the_ops_but_not_under_xla(
+    jit_compile, tf_backend, op_calls, monkeypatch, rng
 ):
-    """`fit` without XLA (Keras's default on a CPU) runs the C selection
-    as a `tf.numpy_function`; with `jit_compile=True` XLA, which cannot
-    compile a Python call, compiles the `keras.ops` selection."""
+    """`fit` without XLA (Keras's default on a CPU) runs the selection
+    and the mix as the TensorFlow ops; with `jit_compile=True` XLA, which
+    has no kernel for them, compiles the `keras.ops` ones."""
     monkeypatch.setattr(tf_backend, "_selections", {})
     model = keras.Sequential([keras.Input((INPUT_DIM,)), MIDL(UNITS)])
     model.compile(loss="mse", optimizer="sgd", jit_compile=jit_compile)
     x = rng.normal(size=(4, INPUT_DIM)).astype("float32")
     history = model.fit(x, np.zeros((4, UNITS), "float32"), verbose=0)
     assert np.isfinite(history.history["loss"]).all()
-    assert bool(selection_calls) == (not jit_compile)
+    expected = set() if jit_compile else {"midl_topk_mask", "midl_mix"}
+    assert set(op_calls) >= expected and bool(op_calls) == (not jit_compile)
 
 
-def test_no_native_selection_in_an_inference_graph(selection_calls, rng):
-    """`predict` and the exports trace `training=False`: no Python call in
-    their graphs."""
+def test_fit_without_the_ops_runs_the_kernel_as_a_numpy_function(
+    tf_backend, selection_calls, monkeypatch, rng
+):
+    """Where the ops could not be built (no C++ compiler), the training
+    graph calls the C selection through `tf.numpy_function` and mixes in
+    `keras.ops`: the same steps."""
+    x = rng.normal(size=(4, INPUT_DIM)).astype("float32")
+    y = np.zeros((4, UNITS), "float32")
+    weights = []
+    for ops_built in (True, False):
+        if not ops_built:
+            monkeypatch.setattr(tf_backend, "_training_ops", lambda: None)
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input((INPUT_DIM,)), MIDL(UNITS)])
+        model.compile(loss="mse", optimizer="sgd")
+        model.fit(x, y, epochs=2, verbose=0)
+        weights.append(model.get_weights())
+        assert bool(selection_calls) == (not ops_built)
+    for with_ops, without in zip(*weights):
+        np.testing.assert_allclose(with_ops, without, rtol=1e-6, atol=1e-7)
+
+
+def test_no_native_selection_nor_mix_in_an_inference_graph(
+    selection_calls, op_calls, rng
+):
+    """`predict` and the exports trace `training=False`: neither a Python
+    call nor a custom op in their graphs."""
     model = keras.Sequential(
         [keras.Input((INPUT_DIM,)), MIDL(UNITS, inference_path="masked")]
     )
     model.predict(rng.normal(size=(4, INPUT_DIM)).astype("float32"), verbose=0)
-    assert not selection_calls
+    assert not selection_calls and not op_calls
 
 
 # --- SavedModel ---------------------------------------------------------------

@@ -324,3 +324,63 @@ def test_the_jax_ffi_handler_respects_the_opt_out(fresh_build, monkeypatch):
     monkeypatch.setenv(config.COMPILE_ENV, "0")
     assert build.jax_ffi_library("/nonexistent") is None
     assert not fresh_build.exists()
+
+
+def _tf_flags():
+    tf = pytest.importorskip("tensorflow")
+    flags = [*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+    return flags, tf.__version__
+
+
+@pytest.mark.skipif(
+    not (HAS_COMPILER and shutil.which("c++")), reason="no C/C++ compiler"
+)
+def test_the_tensorflow_ops_build_once_into_the_private_folder(fresh_build):
+    """Built against the installed TensorFlow, checked, then handed to the
+    loader (`tf.load_op_library` in the backend; the path here, so that
+    this process registers no second copy of the ops)."""
+    flags, version = _tf_flags()
+    loaded = []
+
+    def load(path):
+        loaded.append(path)
+        return path
+
+    assert build.tf_ops_library(flags, version, load) is not None
+    (path,) = fresh_build.glob("tf_ops-*.so")
+    assert loaded == [str(path)]
+    assert mode(fresh_build) == 0o700 and mode(path) == 0o700
+    modified = os.stat(path).st_mtime_ns
+    build._state.clear()
+    build.tf_ops_library(flags, version, load)
+    assert os.stat(path).st_mtime_ns == modified  # loaded, not rebuilt
+    assert loaded == [str(path)] * 2
+    build._state.clear()
+    build.tf_ops_library(flags, "another version", load)
+    assert len(list(fresh_build.glob("tf_ops-*.so"))) == 2
+
+
+def test_tensorflow_ops_of_an_unsafe_cache_are_not_loaded(fresh_build):
+    flags, version = _tf_flags()
+    fresh_build.mkdir(mode=0o700)
+    os.chmod(fresh_build, 0o777)
+    loaded = []
+    with pytest.warns(RuntimeWarning, match="can be written by other users"):
+        library = build.tf_ops_library(flags, version, loaded.append)
+    assert library is None and not loaded
+
+
+def test_no_cxx_compiler_warns_once_and_gives_no_tensorflow_ops(
+    fresh_build, monkeypatch
+):
+    monkeypatch.setattr(build, "cxx_compiler", lambda: None)
+    flags, version = _tf_flags()
+    with pytest.warns(RuntimeWarning, match="no C and C.. compilers found"):
+        assert build.tf_ops_library(flags, version, lambda path: path) is None
+    assert build.tf_ops_library(flags, version, lambda path: path) is None
+
+
+def test_the_tensorflow_ops_respect_the_opt_out(fresh_build, monkeypatch):
+    monkeypatch.setenv(config.COMPILE_ENV, "0")
+    assert build.tf_ops_library([], "0", lambda path: path) is None
+    assert not fresh_build.exists()

@@ -26,10 +26,12 @@ on backends without a module of their own, such as NumPy's):
   core's cache where XLA compiles it (TensorFlow, JAX).
 * `native_topk_mask(scores, k, training)`: `topk_mask(scores, k)` in the
   native kernel (torch eager; TensorFlow eager, and its training graphs
-  without XLA), or `None` where it does not run.
+  without XLA; JAX's training steps, an XLA FFI call), or `None` where
+  it does not run.
 * `native_mix(mask, logits, full, light, temperature,
-  return_frequencies=False)`: `straight_through_mix` with a native
-  forward and backward (torch eager and compiled), or `None`.
+  return_frequencies=False, training=False)`: `straight_through_mix`
+  with a native forward and backward (torch eager and compiled;
+  TensorFlow's training graphs without XLA), or `None`.
 * `native_select_mix_runs(inputs)` and `native_select_mix(logits, k,
   full, bias, light, light_bias)`: the masked path's inference output,
   selection and mix in one native pass with no mask (torch eager, no

@@ -52,7 +52,13 @@ def native_topk_mask(scores, k, training):
 
 
 def native_mix(
-    mask, logits, full, light, temperature, return_frequencies=False
+    mask,
+    logits,
+    full,
+    light,
+    temperature,
+    return_frequencies=False,
+    training=False,
 ):
     """No native mix: `None`, the caller runs `straight_through_mix`."""
     return None

@@ -1,6 +1,7 @@
 """TensorFlow: the native kernel in eager calls, compiled eager calls, and
-the training selection in C (a `tf.numpy_function` in training graphs
-without XLA) or compiled with XLA."""
+the training selection and straight-through mix in C (TensorFlow ops,
+`keras_midl/native/tf_ops.cc`, in training graphs without XLA) or the
+selection compiled with XLA."""
 
 import numpy as np
 import tensorflow as tf
@@ -13,12 +14,12 @@ from keras_midl.ops.selection import cache_sized_block
 
 _on_cpu = []
 _selections = {}
+_EMPTY = (0,)
 
 
 # The same as on a backend without a module of its own.
 exporting = generic.exporting
 compiled_gathered = generic.compiled_gathered
-native_mix = generic.native_mix
 native_select_mix_runs = generic.native_select_mix_runs
 native_select_mix = generic.native_select_mix
 
@@ -89,18 +90,42 @@ def _current_value(value):
     return tf.convert_to_tensor(value)
 
 
+def _training_ops():
+    """The module of MIDL's TensorFlow ops (`keras_midl/native/tf_ops.cc`),
+    built on first call against the installed TensorFlow; `None` where
+    native kernels are off or it could not be built (one warning)."""
+    return build.tf_ops_library(
+        [*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()],
+        tf.__version__,
+        tf.load_op_library,
+    )
+
+
+def _in_training_graph(training):
+    """A graph built for training, not compiled by XLA: where the ops run
+    (an XLA cluster has no kernel for them, and a graph built outside
+    training may be exported, which must not hold them)."""
+    return (
+        training
+        and not tf.executing_eagerly()
+        and tf.__internal__.get_enclosing_xla_context() is None
+    )
+
+
 def native_topk_mask(scores, k, training):
     """`keras_midl.ops.topk_mask(scores, k)` in the native kernel (the
     same mask, bit for bit), with no gradient; `None` where it does not
     run: a GPU, scores not float32, inside XLA (`jit_compile=True`), or
     a graph built outside training (a `predict` or an export, which must
-    not hold a Python call).
+    hold neither a Python call nor a custom op).
 
-    In a training graph (Keras's `fit` and `train_on_batch` on a CPU run
-    graphs without XLA) the kernel runs as a `tf.numpy_function`: one op
+    Eager, the kernel runs on the scores' buffer. In a training graph
+    (Keras's `fit` and `train_on_batch` on a CPU run graphs without XLA)
+    it is the op `MidlTopkMask` (`keras_midl/native/tf_ops.cc`): one op
     in place of the selection's dozens (31 bisection steps), which cost
     more to launch than their work even as a separately XLA-compiled
-    function."""
+    function. Where the ops could not be built (no C++ compiler), it is
+    the C kernel in a `tf.numpy_function`, a Python call per step."""
     if (
         scores.dtype != tf.float32
         or not _computes_on_cpu()
@@ -109,8 +134,11 @@ def native_topk_mask(scores, k, training):
         return None
     if tf.executing_eagerly():
         return tf.convert_to_tensor(kernels.topk_mask(np.asarray(scores), k))
-    if not training or tf.__internal__.get_enclosing_xla_context() is not None:
+    if not _in_training_graph(training):
         return None
+    training_ops = _training_ops()
+    if training_ops is not None:
+        return training_ops.midl_topk_mask(tf.stop_gradient(scores), k=k)
     mask = tf.numpy_function(
         lambda values: kernels.topk_mask(values, k),
         [tf.stop_gradient(scores)],
@@ -120,6 +148,76 @@ def native_topk_mask(scores, k, training):
     )
     mask.set_shape(scores.shape)
     return mask
+
+
+def native_mix(
+    mask,
+    logits,
+    full,
+    light,
+    temperature,
+    return_frequencies=False,
+    training=False,
+):
+    """`keras_midl.ops.straight_through_mix` as the ops `MidlMix` and
+    `MidlMixGrad` (`keras_midl/native/tf_ops.cc`) in a custom gradient, in
+    a training graph without XLA (see `native_topk_mask`); `None`
+    elsewhere, or where a tensor is not float32 on a CPU or `mask` is not
+    of `full`'s shape.
+
+    The value is `where(mask, full, light)`; the gradients `d_full = mask
+    * g`, `d_light = (1 - mask) * g` and `d_logits = (g * (full - light)
+    + d_f / rows) * a * (1 - a) / temperature`, `a = sigmoid(logits /
+    temperature)`, `d_f` the gradient of the selection frequencies where
+    they are returned (`return_frequencies`). One kernel each way, where
+    the graph of the `keras.ops` gradient runs a dozen elementwise
+    kernels, the frequencies' gradient included."""
+    tensors = [mask, logits, full] + ([] if light is None else [light])
+    if (
+        not _in_training_graph(training)
+        or any(tensor.dtype != tf.float32 for tensor in tensors)
+        or mask.shape != full.shape
+        or logits.shape != full.shape
+        or full.shape.rank in (None, 0)
+        or not _computes_on_cpu()
+    ):
+        return None
+    training_ops = _training_ops()
+    if training_ops is None:
+        return None
+    mask = tf.stop_gradient(mask)
+    units = full.shape[-1]
+    has_light = light is not None
+    temperature = float(temperature)
+
+    @tf.custom_gradient
+    def mix(logits, full, *light):
+        light = light[0] if has_light else tf.zeros(_EMPTY)
+        outputs = training_ops.midl_mix(mask, full, light)
+
+        def grad(d_outputs, d_frequencies=None):
+            column = tf.zeros(_EMPTY)
+            if d_frequencies is not None:
+                rows = tf.size(mask) // units
+                column = d_frequencies / tf.cast(rows, tf.float32)
+            scaled = logits if temperature == 1.0 else logits / temperature
+            d_full, d_light, d_logits = training_ops.midl_mix_grad(
+                d_outputs,
+                mask,
+                tf.sigmoid(scaled),
+                full,
+                light,
+                column,
+                temperature=temperature,
+            )
+            return (d_logits, d_full) + ((d_light,) if has_light else ())
+
+        if not return_frequencies:
+            return outputs, grad
+        frequencies = tf.reduce_mean(tf.reshape(mask, (-1, units)), axis=0)
+        return (outputs, frequencies), grad
+
+    return mix(logits, full, *([light] if has_light else []))
 
 
 def read_value(value):

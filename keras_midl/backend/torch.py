@@ -230,11 +230,18 @@ def _(scores, k):
 
 
 def native_mix(
-    mask, logits, full, light, temperature, return_frequencies=False
+    mask,
+    logits,
+    full,
+    light,
+    temperature,
+    return_frequencies=False,
+    training=False,
 ):
     """`keras_midl.ops.straight_through_mix` as the operator
-    `keras_midl::mix`, whose forward and backward are one C pass each;
-    `None` where the kernel cannot run (see `_native_ready`).
+    `keras_midl::mix`, whose forward and backward are one C pass each, in
+    training or not (`training` is not needed here); `None` where the
+    kernel cannot run (see `_native_ready`).
 
     The value is `where(mask, full, light)`; the gradients `d_full = mask
     * g`, `d_light = (1 - mask) * g` and `d_logits = (g * (full - light)

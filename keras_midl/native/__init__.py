@@ -5,6 +5,9 @@
   selection and straight-through mix).
 * `jax_ffi.cc`: the training selection as an XLA FFI handler for JAX,
   built with the C++ compiler against the installed jaxlib's headers.
+* `tf_ops.cc`: the training selection and straight-through mix as
+  TensorFlow ops, built with the C++ compiler against the installed
+  TensorFlow's headers.
 * `keras_midl.native.build`: compiling it with the system C compiler into
   a private per-user cache folder, and loading it.
 * `keras_midl.native.kernels`: the NumPy entry points, `select_gather` and

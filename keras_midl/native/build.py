@@ -4,9 +4,11 @@
 (`$CC`, which may hold arguments, e.g. `CC="clang -m64"`; else `cc`, `gcc`
 or `clang`), with AVX2 and FMA where the CPU reports them, and loaded with
 `ctypes`. On JAX it is also linked with `jax_ffi.cc` (the training
-selection as an XLA FFI handler) by the C++ compiler (`$CXX`, else
-`c++`, `g++` or `clang++`) against the installed jaxlib's headers. The
-libraries are cached in a folder only their user can write:
+selection as an XLA FFI handler), on TensorFlow with `tf_ops.cc` (the
+training selection and mix as TensorFlow ops), by the C++ compiler
+(`$CXX`, else `c++`, `g++` or `clang++`) against the installed jaxlib's or
+TensorFlow's headers. The libraries are cached in a folder only their user
+can write:
 
 * `$KERAS_MIDL_CACHE` if set, else `$XDG_CACHE_HOME/keras_midl`, else
   `~/.cache/keras_midl`;
@@ -39,6 +41,7 @@ from keras_midl import config
 
 SOURCE = os.path.join(os.path.dirname(__file__), "select_gather.c")
 JAX_FFI_SOURCE = os.path.join(os.path.dirname(__file__), "jax_ffi.cc")
+TF_OPS_SOURCE = os.path.join(os.path.dirname(__file__), "tf_ops.cc")
 CACHE_ENV = "KERAS_MIDL_CACHE"
 
 _state = {}
@@ -62,7 +65,8 @@ def compiler():
 
 def cxx_compiler():
     """The C++ compiler command (`$CXX`, else `c++`, `g++` or `clang++`),
-    as `compiler()` finds the C compiler; for the JAX FFI handler only."""
+    as `compiler()` finds the C compiler; for the JAX FFI handler and the
+    TensorFlow ops only."""
     return _compiler("C++", "CXX", ("c++", "g++", "clang++"))
 
 
@@ -204,11 +208,12 @@ def run(command):
         ) from error
 
 
-def cached_library(stem, key_parts, build):
+def cached_library(stem, key_parts, build, load=ctypes.CDLL):
     """The library `build(work, output)` writes, compiled once per
     `key_parts` (sources, compiler, flags) and machine into the private
-    cache folder, then loaded. It is built in a private temporary folder
-    and renamed, so concurrent processes never load a half-written file."""
+    cache folder, then checked and loaded by `load(path)`. It is built in
+    a private temporary folder and renamed, so concurrent processes never
+    load a half-written file."""
     key_parts = [*key_parts, platform.machine(), sys.platform]
     key = hashlib.sha256(
         b"\0".join(
@@ -225,7 +230,7 @@ def cached_library(stem, key_parts, build):
             os.chmod(partial, 0o700)
             os.replace(partial, path)
     _check_library(path)
-    return ctypes.CDLL(path)
+    return load(path)
 
 
 def _build():
@@ -272,23 +277,34 @@ def _build():
     return lib
 
 
+def _compilers():
+    """`(C command, C++ command)`, for the libraries linked from both."""
+    c_command, cxx_command = compiler(), cxx_compiler()
+    if c_command is None or cxx_command is None:
+        raise RuntimeError("no C and C++ compilers found ($CC, $CXX)")
+    return c_command, cxx_command
+
+
+def _read(paths):
+    texts = []
+    for path in paths:
+        with open(path, "rb") as file:
+            texts.append(file.read())
+    return texts
+
+
 def _build_jax_ffi(include_dir):
     """`select_gather.c` compiled by the C compiler with the flags of
     `library()`, linked with `jax_ffi.cc` by the C++ compiler against the
     FFI headers in `include_dir`."""
-    c_command, cxx_command = compiler(), cxx_compiler()
-    if c_command is None or cxx_command is None:
-        raise RuntimeError("no C and C++ compilers found ($CC, $CXX)")
+    c_command, cxx_command = _compilers()
     flags = [flag for flag in compile_flags() if flag != "-shared"]
     cxx_flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-I", include_dir]
     headers = [
         os.path.join(include_dir, "xla", "ffi", "api", name)
         for name in ("api.h", "c_api.h", "ffi.h")
     ]
-    texts = []
-    for path in (SOURCE, JAX_FFI_SOURCE, *headers):
-        with open(path, "rb") as file:
-            texts.append(file.read())
+    texts = _read((SOURCE, JAX_FFI_SOURCE, *headers))
 
     def build(work, output):
         compiled = os.path.join(work, "select_gather.o")
@@ -313,6 +329,53 @@ def jax_ffi_library(include_dir):
         lambda: _build_jax_ffi(include_dir),
         "the native training selection is not used on JAX",
         "MIDL trains with its keras.ops selection (the same mask, slower)",
+    )
+
+
+def _build_tf_ops(tf_flags, version, load):
+    """`select_gather.c` compiled by the C compiler with the flags of
+    `library()`, linked with `tf_ops.cc` by the C++ compiler with
+    TensorFlow's `tf_flags` (its compile then link flags, from
+    `tf.sysconfig`), loaded by `load` (`tf.load_op_library`). `version`,
+    TensorFlow's, is part of the cache key: an upgrade in place changes
+    the headers, not the flags."""
+    c_command, cxx_command = _compilers()
+    flags = [flag for flag in compile_flags() if flag != "-shared"]
+    cxx_flags = ["-O3", "-shared", "-fPIC", "-w", *tf_flags]
+    texts = _read((SOURCE, TF_OPS_SOURCE))
+
+    def build(work, output):
+        compiled = os.path.join(work, "select_gather.o")
+        run([*c_command, *flags, "-c", SOURCE, "-o", compiled])
+        run([*cxx_command, TF_OPS_SOURCE, compiled, *cxx_flags, "-o", output])
+
+    return cached_library(
+        "tf_ops",
+        [
+            *texts,
+            " ".join(c_command),
+            " ".join(cxx_command),
+            " ".join(flags),
+            " ".join(tf_flags),
+            version,
+        ],
+        build,
+        load,
+    )
+
+
+def tf_ops_library(tf_flags, version, load):
+    """The TensorFlow ops `MidlTopkMask`, `MidlMix` and `MidlMixGrad` (see
+    `tf_ops.cc`), as the module `load` returns, built on first call with
+    the flags `tf_flags` of TensorFlow `version` and cached as `library()`
+    is; `None` where native kernels are off or where it could not be
+    built or safely loaded (one warning)."""
+    return _built_once(
+        "tf_ops",
+        lambda: _build_tf_ops(tf_flags, version, load),
+        "the native training selection and mix are not used on TensorFlow",
+        "MIDL trains with its keras.ops mix and a tf.numpy_function "
+        "selection (the same values, slower)",
     )
 
 

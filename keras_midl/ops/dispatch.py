@@ -560,14 +560,27 @@ def inference_topk_mask(scores, k, method, check_ties_first):
 
 
 def straight_through_mix(
-    mask, logits, full, light, temperature, return_frequencies=False
+    mask,
+    logits,
+    full,
+    light,
+    temperature,
+    return_frequencies=False,
+    training=False,
 ):
     """`keras_midl.ops.straight_through_mix`, in the native kernel where
-    it runs (torch, eager and under `torch.compile`: a forward and a
-    backward of one C pass each, the frequencies' gradient included),
-    else in `keras.ops`."""
+    it runs (a forward and a backward of one C pass each, the
+    frequencies' gradient included: torch, eager and under
+    `torch.compile`; TensorFlow's graphs built with `training` true,
+    without XLA), else in `keras.ops`."""
     outputs = backends.current().native_mix(
-        mask, logits, full, light, temperature, return_frequencies
+        mask,
+        logits,
+        full,
+        light,
+        temperature,
+        return_frequencies=return_frequencies,
+        training=training,
     )
     if outputs is None:
         outputs = selection.straight_through_mix(

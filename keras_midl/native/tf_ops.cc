@@ -1,0 +1,185 @@
+// MIDL's training selection and straight-through mix as TensorFlow ops,
+// for TensorFlow's training graphs on a CPU (Keras's `fit` and
+// `train_on_batch` without XLA).
+//
+// `MidlTopkMask` runs `midl_topk_mask` (select_gather.c, the same mask as
+// `keras_midl.ops.topk_mask`), `MidlMix` and `MidlMixGrad` the mix and
+// its gradients (`midl_mix`, `midl_mix_backward`): one kernel each where
+// the graph ran a `tf.numpy_function` (a Python call per step) and a
+// dozen elementwise kernels. Built by keras_midl/native/build.py against
+// the installed TensorFlow's headers, loaded and wrapped in a custom
+// gradient by keras_midl/backend/tensorflow.py. An empty `light` or
+// `column` stands for none (NULL in the C functions).
+#include <cstdint>
+
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+extern "C" {
+void midl_topk_mask(const float *scores, int64_t count, int64_t units,
+                    int64_t k, float *mask, float *scratch);
+void midl_mix(const float *mask, const float *full, const float *light,
+              int64_t size, float *outputs);
+void midl_mix_backward(const float *upstream, const float *mask,
+                       const float *soft, const float *full,
+                       const float *light, int64_t size, float temperature,
+                       const float *column, int64_t units, float *d_full,
+                       float *d_light, float *d_logits);
+}
+
+namespace {
+
+using tensorflow::DEVICE_CPU;
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::errors::InvalidArgument;
+using tensorflow::shape_inference::InferenceContext;
+
+// The data of a float tensor, or NULL where it is empty (none).
+const float *DataOrNull(const Tensor &tensor) {
+  return tensor.NumElements() ? tensor.flat<float>().data() : nullptr;
+}
+
+class TopkMaskOp : public OpKernel {
+ public:
+  explicit TopkMaskOp(OpKernelConstruction *context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("k", &k_));
+  }
+
+  void Compute(OpKernelContext *context) override {
+    const Tensor &scores = context->input(0);
+    OP_REQUIRES(context, scores.dims() >= 1,
+                InvalidArgument("scores must have a rank of 1 or more"));
+    Tensor *mask = nullptr;
+    OP_REQUIRES_OK(context,
+                   context->allocate_output(0, scores.shape(), &mask));
+    if (scores.NumElements() == 0) return;
+    const int64_t units = scores.dim_size(scores.dims() - 1);
+    OP_REQUIRES(context, k_ <= units,
+                InvalidArgument("k must be in [1, units]: k=", k_,
+                                ", units=", units));
+    Tensor scratch;
+    OP_REQUIRES_OK(context,
+                   context->allocate_temp(tensorflow::DT_FLOAT,
+                                          TensorShape({3 * units}), &scratch));
+    midl_topk_mask(scores.flat<float>().data(), scores.NumElements() / units,
+                   units, k_, mask->flat<float>().data(),
+                   scratch.flat<float>().data());
+  }
+
+ private:
+  int64_t k_;
+};
+
+class MixOp : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext *context) override {
+    const Tensor &mask = context->input(0);
+    const Tensor &full = context->input(1);
+    const Tensor &light = context->input(2);
+    OP_REQUIRES(context, mask.shape() == full.shape(),
+                InvalidArgument("mask and full must have one shape"));
+    OP_REQUIRES(context,
+                light.NumElements() == 0 || light.shape() == full.shape(),
+                InvalidArgument("light must be empty or of full's shape"));
+    Tensor *outputs = nullptr;
+    OP_REQUIRES_OK(context,
+                   context->allocate_output(0, full.shape(), &outputs));
+    if (full.NumElements() == 0) return;
+    midl_mix(mask.flat<float>().data(), full.flat<float>().data(),
+             DataOrNull(light), full.NumElements(),
+             outputs->flat<float>().data());
+  }
+};
+
+class MixGradOp : public OpKernel {
+ public:
+  explicit MixGradOp(OpKernelConstruction *context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("temperature", &temperature_));
+  }
+
+  void Compute(OpKernelContext *context) override {
+    const Tensor &full = context->input(3);
+    const Tensor &light = context->input(4);
+    const Tensor &column = context->input(5);
+    for (int i = 0; i < 3; ++i) {
+      OP_REQUIRES(context, context->input(i).shape() == full.shape(),
+                  InvalidArgument("upstream, mask, soft and full must have "
+                                  "one shape"));
+    }
+    OP_REQUIRES(context,
+                light.NumElements() == 0 || light.shape() == full.shape(),
+                InvalidArgument("light must be empty or of full's shape"));
+    OP_REQUIRES(context, full.dims() >= 1,
+                InvalidArgument("full must have a rank of 1 or more"));
+    const int64_t units = full.dim_size(full.dims() - 1);
+    OP_REQUIRES(context,
+                column.NumElements() == 0 || column.NumElements() == units,
+                InvalidArgument("column must be empty or hold units floats"));
+    Tensor *d_full = nullptr, *d_light = nullptr, *d_logits = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, full.shape(), &d_full));
+    OP_REQUIRES_OK(context,
+                   context->allocate_output(1, light.shape(), &d_light));
+    OP_REQUIRES_OK(context,
+                   context->allocate_output(2, full.shape(), &d_logits));
+    if (full.NumElements() == 0) return;
+    midl_mix_backward(context->input(0).flat<float>().data(),
+                      context->input(1).flat<float>().data(),
+                      context->input(2).flat<float>().data(),
+                      full.flat<float>().data(), DataOrNull(light),
+                      full.NumElements(), temperature_, DataOrNull(column),
+                      units, d_full->flat<float>().data(),
+                      light.NumElements() ? d_light->flat<float>().data()
+                                          : nullptr,
+                      d_logits->flat<float>().data());
+  }
+
+ private:
+  float temperature_;
+};
+
+}  // namespace
+
+REGISTER_OP("MidlTopkMask")
+    .Input("scores: float")
+    .Attr("k: int >= 1")
+    .Output("mask: float")
+    .SetShapeFn(tensorflow::shape_inference::UnchangedShape);
+REGISTER_KERNEL_BUILDER(Name("MidlTopkMask").Device(DEVICE_CPU), TopkMaskOp);
+
+REGISTER_OP("MidlMix")
+    .Input("mask: float")
+    .Input("full: float")
+    .Input("light: float")
+    .Output("outputs: float")
+    .SetShapeFn([](InferenceContext *context) {
+      context->set_output(0, context->input(1));
+      return tensorflow::OkStatus();
+    });
+REGISTER_KERNEL_BUILDER(Name("MidlMix").Device(DEVICE_CPU), MixOp);
+
+REGISTER_OP("MidlMixGrad")
+    .Input("upstream: float")
+    .Input("mask: float")
+    .Input("soft: float")
+    .Input("full: float")
+    .Input("light: float")
+    .Input("column: float")
+    .Attr("temperature: float")
+    .Output("d_full: float")
+    .Output("d_light: float")
+    .Output("d_logits: float")
+    .SetShapeFn([](InferenceContext *context) {
+      context->set_output(0, context->input(3));
+      context->set_output(1, context->input(4));
+      context->set_output(2, context->input(3));
+      return tensorflow::OkStatus();
+    });
+REGISTER_KERNEL_BUILDER(Name("MidlMixGrad").Device(DEVICE_CPU), MixGradOp);
