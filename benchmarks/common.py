@@ -250,9 +250,21 @@ def environment():
             # What decides which matmul layout is fast on a CPU (the
             # training_step ratios moved with it between machines).
             "cpu_flags": _vector_flags(),
+            # The CPUs this process may run on, where fewer than all
+            # (a timing child pinned by `run_child`).
+            "pinned_cpus": _pinned_cpus(),
         },
         "load_average": load_average(),
     }
+
+
+def _pinned_cpus():
+    """The CPUs this process is pinned to, sorted; `None` where it may run
+    on all of them or the platform has no CPU affinity."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus if len(cpus) < (os.cpu_count() or 0) else None
 
 
 def _vector_flags():
@@ -362,6 +374,10 @@ def metadata_markdown(metadata):
     versions = ", ".join(f"{k} {v}" for k, v in metadata["versions"].items())
     machine = metadata["machine"]
     commit = metadata.get("git_commit")
+    pinned = ""
+    if machine.get("pinned_cpus"):
+        cpus = ", ".join(map(str, machine["pinned_cpus"]))
+        pinned = f", pinned to CPU {cpus}"
     load = ""
     if metadata.get("load_average") is not None:
         load = f"; load average {metadata['load_average']} before"
@@ -372,7 +388,7 @@ def metadata_markdown(metadata):
         f"Backend: {metadata['backend']}; {versions}; "
         f"Python {metadata['python']}  \n"
         f"Machine: {machine['platform']}, {machine['cpu']}, "
-        f"{machine['cpu_count']} CPUs{load}  \n"
+        f"{machine['cpu_count']} CPUs{pinned}{load}  \n"
         f"Date: {metadata['date']}" + (f", commit {commit}" if commit else "")
     )
 
@@ -408,7 +424,8 @@ def thread_environment(threads):
     none for `threads=0` (the backends' defaults).
 
     On a small machine shared with other work, multi-threaded kernels wait
-    on descheduled threads: pass these to a child process that times.
+    on descheduled threads: pass these to a child process that times, and
+    pin it (`run_child`).
     """
     if not threads:
         return {}
@@ -418,19 +435,47 @@ def thread_environment(threads):
         "MKL_NUM_THREADS": threads,
         "TF_NUM_INTRAOP_THREADS": threads,
         "TF_NUM_INTEROP_THREADS": threads,
-        "XLA_FLAGS": (
-            "--xla_cpu_multi_thread_eigen=false "
-            f"intra_op_parallelism_threads={threads}"
-        ),
+        # One thread per matmul; the rest is bounded only by pinning
+        # (`child_cpus`).
+        "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
     }
+
+
+def child_cpus(threads):
+    """The CPUs a timing child is pinned to: the last `threads` of this
+    process's; `None` (not pinned) for `threads=0`, or where the platform
+    has no CPU affinity.
+
+    The environment of `thread_environment` does not bound XLA on a CPU:
+    JAX runs independent operations of a compiled step at once on a pool
+    of one thread per CPU, whatever `XLA_FLAGS` say (the
+    `intra_op_parallelism_threads=1` often given there is not an XLA flag,
+    and XLA ignores the flags after it). At 784-1024-1024-10,
+    batch 256, a JAX training step took 13 ms on two CPUs and 23 ms pinned
+    to one, where TensorFlow's took 24 ms either way. Pinning is the way
+    JAX's developers give to bound it (jax-ml/jax#1539).
+    """
+    if not threads or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return set(cpus[-threads:])
+
+
+def run_child(command, threads, **kwargs):
+    """`subprocess.run(command, check=True, **kwargs)` with the child
+    pinned to `child_cpus(threads)`."""
+    cpus = child_cpus(threads)
+    pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+    return subprocess.run(command, check=True, preexec_fn=pin, **kwargs)
 
 
 def run_backends(module, backends, arguments, threads):
     """Runs `python -m module --child` once per backend; returns their JSON
     outputs.
 
-    Each child is limited to `threads` threads: on a small machine shared
-    with other work, multi-threaded kernels wait on descheduled threads and
+    Each child is limited to `threads` threads (`thread_environment`) and
+    pinned to as many CPUs (`child_cpus`): on a small machine shared with
+    other work, multi-threaded kernels wait on descheduled threads and
     their timings become meaningless.
     """
     outputs = {}
@@ -449,7 +494,7 @@ def run_backends(module, backends, arguments, threads):
                 *arguments,
             ]
             print(f"== {backend}", flush=True)
-            subprocess.run(command, env=env, cwd=ROOT, check=True)
+            run_child(command, threads, env=env, cwd=ROOT)
             with open(path) as file:
                 outputs[backend] = json.load(file)
     return outputs

@@ -44,7 +44,6 @@ committed results are in `benchmarks/results/convert`).
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -492,7 +491,7 @@ def run_latency(args):
                        "--part", "latency", "--child-latency", handle.name,
                        "--repeats", str(args.repeats), "--datasets",
                        *args.datasets]
-            subprocess.run(command, env=env, check=True)
+            common.run_child(command, 1, env=env)
             with open(handle.name) as file:
                 rows.extend(json.load(file))
     os.makedirs(args.output, exist_ok=True)

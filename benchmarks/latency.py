@@ -76,7 +76,6 @@ Writes `latency.json`, `latency.md` and `latency.png` under `--output`
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -574,7 +573,7 @@ def run_backends(args):
             if args.wait_for:
                 command += ["--wait-for", f"{args.wait_for}.{backend}"]
             print(f"== {backend}", flush=True)
-            subprocess.run(command, env=env, check=True)
+            common.run_child(command, args.threads, env=env)
             with open(path) as file:
                 outputs[backend] = json.load(file)
     return outputs

@@ -1,8 +1,10 @@
 """Training-step and large-batch inference cost of MIDL against Dense.
 
 Per backend (one child process each, `KERAS_BACKEND` being fixed per
-process), one thread by default (`--threads`), Dense and MIDL interleaved
-in one round robin after a warm-up, `--repeats` rounds, medians:
+process), one thread by default (`--threads`; the child is pinned to as
+many CPUs, which is what bounds JAX, see `common.child_cpus`), Dense and
+MIDL interleaved in one round robin after a warm-up, `--repeats` rounds,
+medians:
 
 * `train_on_batch` of the MLPs 784-1024-1024-10 at batch 256 and
   784-512-256-10 at batch 128 (ReLU hidden layers, Adam, sparse

@@ -182,10 +182,35 @@ def test_thread_environment(threads):
         assert environment == {}
     else:
         assert environment["OMP_NUM_THREADS"] == str(threads)
-        assert (
-            f"intra_op_parallelism_threads={threads}"
-            in (environment["XLA_FLAGS"])
-        )
+        assert environment["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=false"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here"
+)
+@pytest.mark.parametrize("threads", [0, 1])
+def test_a_timing_child_is_pinned_to_its_threads(threads, tmp_path):
+    """XLA runs a step's independent operations on a thread per CPU
+    whatever its flags say: a child limited to one thread is pinned to one
+    CPU, the parent's last."""
+    available = sorted(os.sched_getaffinity(0))
+    path = tmp_path / "cpus.json"
+    script = (
+        "import json, os, sys; "
+        "json.dump(sorted(os.sched_getaffinity(0)), open(sys.argv[1], 'w'))"
+    )
+    common.run_child([sys.executable, "-c", script, str(path)], threads)
+    cpus = json.loads(path.read_text())
+    assert cpus == (available[-1:] if threads else available)
+
+
+@pytest.mark.parametrize("pinned", [None, [1]])
+def test_results_say_where_a_timing_was_pinned(monkeypatch, pinned):
+    monkeypatch.setattr(common, "_pinned_cpus", lambda: pinned)
+    metadata = common.environment()
+    assert metadata["machine"]["pinned_cpus"] == pinned
+    text = common.metadata_markdown(metadata)
+    assert ("pinned to CPU 1" in text) == bool(pinned)
 
 
 @pytest.mark.parametrize("changed", [False, True])
