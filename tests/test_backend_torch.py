@@ -549,6 +549,27 @@ def test_native_mix_needs_float32_tensors_of_one_shape(torch_backend):
     assert torch_backend.native_topk_mask(half, 2, training=True) is None
 
 
+def test_eager_training_calls_skip_the_operators(torch_backend, monkeypatch):
+    """Eager, the C selection is called directly and the mix is the
+    autograd function `EagerMix`: the operators' dispatch is for
+    `torch.compile` (below), and costs an eager step more."""
+    import torch
+
+    if build.library() is None:
+        pytest.skip("the native kernel could not be built here")
+
+    def operator(*args):
+        raise AssertionError("an operator was dispatched eagerly")
+
+    monkeypatch.setattr(torch_backend, "topk_mask_op", operator)
+    monkeypatch.setattr(torch_backend, "mix_op", operator)
+    logits = torch.randn((4, 6), requires_grad=True)
+    mask = torch_backend.native_topk_mask(logits, 2, training=True)
+    assert mask.sum().item() == 8
+    outputs = torch_backend.native_mix(mask, logits, logits * 2, None, 1.0)
+    assert type(outputs.grad_fn).__name__ == "EagerMixBackward"
+
+
 def test_torch_compile_records_the_native_training_operators(
     c_pass_calls, rng
 ):

@@ -1,8 +1,8 @@
 """PyTorch: the native kernel (with an autograd function where gradients
 are recorded), `torch.compile` of the gathered path where the native
-kernel cannot run, and the selection and straight-through mix in C (the
-operators `keras_midl::topk_mask` and `keras_midl::mix`, eager and under
-`torch.compile`)."""
+kernel cannot run, and the selection and straight-through mix in C
+(eager, direct calls and an autograd function; under `torch.compile`, the
+operators `keras_midl::topk_mask` and `keras_midl::mix`)."""
 
 import types
 import warnings
@@ -204,15 +204,24 @@ def native_topk_mask(scores, k, training):
     bit for bit), with no gradient, in training or not; `None` where the
     kernel cannot run (see `_native_ready`). Its `top_k` and the half
     dozen elementwise passes around it took 3-4 ms at 256 x 1024 here,
-    the C call 0.8 ms (`benchmarks/results/selection/`)."""
+    the C call 0.8 ms (`benchmarks/results/selection/`). Under
+    `torch.compile` it is the operator `keras_midl::topk_mask`; eager, the
+    call itself (the operator's dispatch cost 55 us a call here)."""
     if not _native_ready(scores) or scores.ndim == 0:
         return None
-    return topk_mask_op(scores.detach(), k)
+    if torch.compiler.is_compiling():
+        return topk_mask_op(scores.detach(), k)
+    return _topk_mask(scores.detach(), k)
 
 
 @torch.library.custom_op("keras_midl::topk_mask", mutates_args=())
 def topk_mask_op(scores: torch.Tensor, k: int) -> torch.Tensor:
     """`midl_topk_mask` as a torch operator (float32, CPU)."""
+    return _topk_mask(scores, k)
+
+
+def _topk_mask(scores, k):
+    """`midl_topk_mask` on torch tensors."""
     scores = scores.contiguous()
     mask = torch.empty_like(scores)
     if mask.numel():
@@ -238,10 +247,13 @@ def native_mix(
     return_frequencies=False,
     training=False,
 ):
-    """`keras_midl.ops.straight_through_mix` as the operator
-    `keras_midl::mix`, whose forward and backward are one C pass each, in
-    training or not (`training` is not needed here); `None` where the
-    kernel cannot run (see `_native_ready`).
+    """`keras_midl.ops.straight_through_mix` with a forward and a backward
+    of one C pass each, in training or not (`training` is not needed
+    here); `None` where the kernel cannot run (see `_native_ready`).
+    Under `torch.compile` it is the operator `keras_midl::mix`; eager, an
+    autograd function on the same C calls (`EagerMix`: the operator's
+    dispatch and autograd wrapper cost 0.27 ms a layer's step here, at
+    256 x 1024).
 
     The value is `where(mask, full, light)`; the gradients `d_full = mask
     * g`, `d_light = (1 - mask) * g` and `d_logits = (g * (full - light)
@@ -253,7 +265,8 @@ def native_mix(
     straight-through gradient (`balance_loss`) four more."""
     if not _native_ready(full, mask, logits, light):
         return None
-    outputs, frequencies = mix_op(
+    mix = mix_op if torch.compiler.is_compiling() else EagerMix.apply
+    outputs, frequencies = mix(
         mask.detach(),
         logits,
         full,
@@ -276,6 +289,11 @@ def mix_op(
     """`midl_mix` as a torch operator (float32, CPU, one shape): the
     outputs and, with `frequencies`, the mask's mean over the rows (an
     empty tensor without)."""
+    return _mix(mask, full, light, frequencies)
+
+
+def _mix(mask, full, light, frequencies):
+    """`mix_op` on torch tensors."""
     mask, full = mask.contiguous(), full.contiguous()
     light = None if light is None else light.contiguous()
     outputs = torch.empty_like(full)
@@ -311,6 +329,12 @@ def mix_backward_op(
     """`midl_mix_backward` as a torch operator: `(d_full, d_light,
     d_logits)`, `d_light` empty where `light` is `None`; `column` (one
     float per unit, or `None`) is added to each row before the slope."""
+    return _mix_gradients(upstream, mask, soft, full, light, temperature,
+                          column)
+
+
+def _mix_gradients(upstream, mask, soft, full, light, temperature, column):
+    """`mix_backward_op` on torch tensors."""
     upstream, soft = upstream.contiguous(), soft.contiguous()
     mask, full = mask.contiguous(), full.contiguous()
     light = None if light is None else light.contiguous()
@@ -348,7 +372,9 @@ def _mix_setup_context(ctx, inputs, output):
     ctx.frequencies = frequencies
 
 
-def _mix_backward(ctx, upstream, d_frequencies):
+def _mix_backward(ctx, upstream, d_frequencies, gradients=mix_backward_op):
+    """The gradients of `mix_op`'s inputs, from `gradients`, the operator
+    `mix_backward_op` or, eager, its function."""
     mask, logits, full, light = ctx.saved_tensors
     temperature = ctx.temperature
     scaled = logits if temperature == 1.0 else logits / temperature
@@ -356,7 +382,7 @@ def _mix_backward(ctx, upstream, d_frequencies):
     if ctx.frequencies and d_frequencies is not None:
         rows = max(1, full.numel() // full.shape[-1])
         column = (d_frequencies / rows).to(full.dtype)
-    d_full, d_light, d_logits = mix_backward_op(
+    d_full, d_light, d_logits = gradients(
         upstream, mask, torch.sigmoid(scaled), full, light, temperature, column
     )
     d_light = None if light is None else d_light
@@ -364,6 +390,25 @@ def _mix_backward(ctx, upstream, d_frequencies):
 
 
 mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
+
+
+class EagerMix(torch.autograd.Function):
+    """`mix_op` as an autograd function on the same C calls, for eager
+    calls: the operator's dispatch and its autograd wrapper are for
+    `torch.compile`, and cost eager steps more than the C passes save."""
+
+    @staticmethod
+    def forward(ctx, mask, logits, full, light, temperature, frequencies):
+        outputs = _mix(mask, full, light, frequencies)
+        inputs = (mask, logits, full, light, temperature, frequencies)
+        _mix_setup_context(ctx, inputs, outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, upstream, d_frequencies):
+        return _mix_backward(
+            ctx, upstream, d_frequencies, gradients=_mix_gradients
+        )
 
 
 def native_select_mix_runs(inputs):
