@@ -14,8 +14,8 @@ process) this measures, interleaved in one run after warm-up:
   compile the selection with XLA run it (TensorFlow, JAX; on PyTorch,
   eager, the blocks only add launches);
 * `native`: the C selection (`keras_midl.native.kernels.topk_mask`, the
-  same mask) as training runs it: eager on PyTorch, a
-  `tf.numpy_function` in a `tf.function` without XLA on TensorFlow (as
+  same mask) as training runs it: eager on PyTorch, the TensorFlow op
+  `MidlTopkMask` in a `tf.function` without XLA on TensorFlow (as
   Keras's `fit` on a CPU), an XLA FFI call under `jax.jit` on JAX;
 * the training-step time of an MLP 784-512-256-10 with MIDL hidden layers
   (`k_ratio=0.45`), per method, against the same MLP with Dense layers,
