@@ -546,7 +546,9 @@ def block(value):
     return value
 
 
-def interleaved_medians(candidates, warmup=0, repeats=10, rest=1.0):
+def interleaved_medians(
+    candidates, warmup=0, repeats=10, rest=1.0, settle=0
+):
     """Median seconds of each callable, run in turn after a warm-up.
 
     After each timed round the process sleeps `rest` times the round's
@@ -563,12 +565,22 @@ def interleaved_medians(candidates, warmup=0, repeats=10, rest=1.0):
             a rotating order, so slow phases of a shared machine hit all.
         rest: Sleep after each timed round, as a multiple of its
             duration; 0 never sleeps.
+        settle: Untimed calls of each candidate right before its timed
+            one, in each round: the timed call then follows a call of
+            the same work, as a step follows a step in a training loop,
+            not another candidate's call (whose freed buffers, of other
+            sizes, it would otherwise page in afresh; every candidate
+            does not follow the same kind of neighbour).
 
     Returns:
         Dict `name -> median seconds`.
     """
     if rest < 0:
         raise ValueError(f"`rest` must be >= 0. Received: rest={rest!r}")
+    if settle < 0:
+        raise ValueError(
+            f"`settle` must be >= 0. Received: settle={settle!r}"
+        )
     names = list(candidates)
     for _ in range(warmup):
         for name in names:
@@ -578,6 +590,8 @@ def interleaved_medians(candidates, warmup=0, repeats=10, rest=1.0):
         shift = round_index % len(names)
         round_start = time.perf_counter()
         for name in names[shift:] + names[:shift]:
+            for _ in range(settle):
+                block(candidates[name]())
             start = time.perf_counter()
             block(candidates[name]())
             times[name].append(time.perf_counter() - start)

@@ -60,6 +60,14 @@ on a CPU by default; `torch.compile` on PyTorch; JAX's steps are
 XLA-compiled either way), and times the training steps only: what a
 user gets from that one switch. Results go to `<name>_jit` files.
 
+In each round every model runs one untimed step right before its timed
+one (`SETTLE`): a training step follows a step of the same model, as in
+a training loop. Timed right after another model's step, a step may pay
+for the switch, and not every model follows the same kind of neighbour:
+on JAX the first MIDL model, timed after the W^T Dense, measured
+0.02-0.11 slower than the second, timed after the first, in all six
+runs of commits 041ce17 and c10f164.
+
 The 1-minute load average is read before and after each group of
 timings. The timing loop rests as long as it works
 (`common.interleaved_medians`), so the benchmark's own thread holds that
@@ -140,6 +148,8 @@ def transposed_dense():
     return DenseTransposed
 
 
+# Untimed steps of a model right before each timed one.
+SETTLE = 1
 BASELINES = ("Dense", "Dense, W^T layout")
 
 
@@ -192,7 +202,9 @@ def timed_rows(calls, args, **labels):
         for call in calls.values():
             common.block(call())
     before = common.wait_for_quiet()
-    medians = common.interleaved_medians(calls, repeats=args.repeats)
+    medians = common.interleaved_medians(
+        calls, repeats=args.repeats, settle=SETTLE
+    )
     after = common.load_average()
     best = min(medians[name] for name in BASELINES if name in medians)
     return [
@@ -394,8 +406,10 @@ def main(argv=None):
                                 "k_ratio": K_RATIO})
     notes = [
         f"{args.repeats} interleaved rounds after {args.warmup} warm-up "
-        f"rounds, medians; {args.threads or 'default'} thread(s) per "
-        "backend. `/ Dense`: the variant's median over Dense's, measured "
+        f"rounds, medians; each timed call right after {SETTLE} untimed "
+        "call of the same model; "
+        f"{args.threads or 'default'} thread(s) per backend, pinned to as "
+        "many CPUs. `/ Dense`: the variant's median over Dense's, measured "
         "in the same rounds; `/ best dense`: over the faster of Dense and "
         "`Dense, W^T layout` (the same matmul in MIDL's kernel layout), "
         "MIDL's own overhead; targets apply to it. The timing loop "

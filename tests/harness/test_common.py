@@ -96,6 +96,24 @@ def test_interleaved_medians_runs_every_candidate():
     assert all(value >= 0 for value in medians.values())
 
 
+def test_interleaved_medians_settles_each_candidate_before_timing_it():
+    """With `settle=1` every timed call follows an untimed call of the
+    same candidate, never another candidate's."""
+    order = []
+
+    def make(name):
+        return lambda: order.append(name)
+
+    candidates = {name: make(name) for name in "abc"}
+    medians = common.interleaved_medians(candidates, repeats=4, settle=1)
+    assert set(medians) == set("abc") and len(order) == 4 * 3 * 2
+    # Calls come in pairs of one candidate: the settling call, then the
+    # timed one.
+    assert all(order[i] == order[i + 1] for i in range(0, len(order), 2))
+    with pytest.raises(ValueError, match="settle=-1"):
+        common.interleaved_medians(candidates, settle=-1)
+
+
 def test_interleaved_medians_rests_as_long_as_it_works():
     def work():
         time.sleep(0.01)
