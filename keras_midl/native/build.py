@@ -277,44 +277,55 @@ def _build():
     return lib
 
 
-def _compilers():
-    """`(C command, C++ command)`, for the libraries linked from both."""
+def _linked_with_kernels(
+    stem, cxx_source, cxx_flags, headers=(), key_parts=(), load=ctypes.CDLL
+):
+    """`select_gather.c` compiled by the C compiler with the flags of
+    `library()`, linked with `cxx_source` by the C++ compiler with
+    `cxx_flags` (after the sources and the object: link flags may be
+    among them), cached as `cached_library` does under a key of both
+    sources, the `headers` it is built against, the commands and flags
+    and `key_parts`, and loaded by `load`."""
     c_command, cxx_command = compiler(), cxx_compiler()
     if c_command is None or cxx_command is None:
         raise RuntimeError("no C and C++ compilers found ($CC, $CXX)")
-    return c_command, cxx_command
-
-
-def _read(paths):
+    flags = [flag for flag in compile_flags() if flag != "-shared"]
     texts = []
-    for path in paths:
+    for path in (SOURCE, cxx_source, *headers):
         with open(path, "rb") as file:
             texts.append(file.read())
-    return texts
-
-
-def _build_jax_ffi(include_dir):
-    """`select_gather.c` compiled by the C compiler with the flags of
-    `library()`, linked with `jax_ffi.cc` by the C++ compiler against the
-    FFI headers in `include_dir`."""
-    c_command, cxx_command = _compilers()
-    flags = [flag for flag in compile_flags() if flag != "-shared"]
-    cxx_flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-I", include_dir]
-    headers = [
-        os.path.join(include_dir, "xla", "ffi", "api", name)
-        for name in ("api.h", "c_api.h", "ffi.h")
-    ]
-    texts = _read((SOURCE, JAX_FFI_SOURCE, *headers))
 
     def build(work, output):
         compiled = os.path.join(work, "select_gather.o")
         run([*c_command, *flags, "-c", SOURCE, "-o", compiled])
-        run([*cxx_command, *cxx_flags, JAX_FFI_SOURCE, compiled, "-o", output])
+        run([*cxx_command, cxx_source, compiled, *cxx_flags, "-o", output])
 
     return cached_library(
-        "jax_ffi",
-        [*texts, " ".join(c_command), " ".join(cxx_command), " ".join(flags)],
+        stem,
+        [
+            *texts,
+            " ".join(c_command),
+            " ".join(cxx_command),
+            " ".join(flags),
+            *key_parts,
+        ],
         build,
+        load,
+    )
+
+
+def _build_jax_ffi(include_dir):
+    """`select_gather.c` linked with `jax_ffi.cc` against the FFI headers
+    in `include_dir` (`_linked_with_kernels`)."""
+    headers = [
+        os.path.join(include_dir, "xla", "ffi", "api", name)
+        for name in ("api.h", "c_api.h", "ffi.h")
+    ]
+    return _linked_with_kernels(
+        "jax_ffi",
+        JAX_FFI_SOURCE,
+        ["-O3", "-std=c++17", "-shared", "-fPIC", "-I", include_dir],
+        headers=headers,
     )
 
 
@@ -333,34 +344,17 @@ def jax_ffi_library(include_dir):
 
 
 def _build_tf_ops(tf_flags, version, load):
-    """`select_gather.c` compiled by the C compiler with the flags of
-    `library()`, linked with `tf_ops.cc` by the C++ compiler with
-    TensorFlow's `tf_flags` (its compile then link flags, from
+    """`select_gather.c` linked with `tf_ops.cc` (`_linked_with_kernels`)
+    with TensorFlow's `tf_flags` (its compile then link flags, from
     `tf.sysconfig`), loaded by `load` (`tf.load_op_library`). `version`,
     TensorFlow's, is part of the cache key: an upgrade in place changes
     the headers, not the flags."""
-    c_command, cxx_command = _compilers()
-    flags = [flag for flag in compile_flags() if flag != "-shared"]
-    cxx_flags = ["-O3", "-shared", "-fPIC", "-w", *tf_flags]
-    texts = _read((SOURCE, TF_OPS_SOURCE))
-
-    def build(work, output):
-        compiled = os.path.join(work, "select_gather.o")
-        run([*c_command, *flags, "-c", SOURCE, "-o", compiled])
-        run([*cxx_command, TF_OPS_SOURCE, compiled, *cxx_flags, "-o", output])
-
-    return cached_library(
+    return _linked_with_kernels(
         "tf_ops",
-        [
-            *texts,
-            " ".join(c_command),
-            " ".join(cxx_command),
-            " ".join(flags),
-            " ".join(tf_flags),
-            version,
-        ],
-        build,
-        load,
+        TF_OPS_SOURCE,
+        ["-O3", "-shared", "-fPIC", "-w", *tf_flags],
+        key_parts=[" ".join(tf_flags), version],
+        load=load,
     )
 
 
