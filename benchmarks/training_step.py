@@ -174,6 +174,8 @@ def profile_layers():
             self, mask, logits, full, light, return_frequencies, training
         ):
             gate = ops.cast(mask, full.dtype)
+            full = full + self.bias
+            light = light + self.light_bias
             outputs = gate * full + (1.0 - gate) * light
             if return_frequencies:
                 soft = self._gate_probabilities(logits)

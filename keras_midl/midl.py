@@ -496,20 +496,16 @@ class MIDL(GatedLayer):
 
     def unbiased_paths(self, inputs):
         """`(logits, x W, z U)` of a float layer: the gate logits and the
-        full and light paths before their biases, computed as
-        `masked_outputs` computes them (`z U` is `None` with
-        `light_path="zero"`), for the native inference mix
-        (`keras_midl.ops.dispatch`)."""
+        full and light paths before their biases, as `masked_outputs`
+        computes them (`z U` is `None` with `light_path="zero"`), for the
+        native inference mix (`keras_midl.ops.dispatch`)."""
         code, logits = self._gate_code_and_logits(inputs)
-        full = _matmul_transposed(inputs, self.kernel)
-        light = None
-        if self.light_kernel is not None:
-            light = ops.matmul(code, self.light_kernel)
-        return logits, full, light
+        return logits, self._full_path(inputs), self._light_path(code)
 
     def _full_path(self, inputs):
-        """`x W + b` for every neuron, in the compute dtype; with LoRA,
-        `W` is `W + lora_alpha / lora_rank * A B` (`enable_lora`)."""
+        """`x W` for every neuron, in the compute dtype, before the bias
+        (`_interpolate` adds it); with LoRA, `W` is `W + lora_alpha /
+        lora_rank * A B` (`enable_lora`)."""
         if self.quantization_mode == "int8":
             full = self._int8_full_path(inputs)
             if self.lora_enabled:
@@ -530,35 +526,39 @@ class MIDL(GatedLayer):
             full = _matmul_transposed(inputs, kernel)
         else:
             full = _matmul_transposed(inputs, self.kernel)
-        if self.bias is not None:
-            full = ops.add(full, self.bias)
         return full
 
     def _light_path(self, code):
-        """`z U + b_lite`, or `None` with `light_path="zero"`."""
+        """`z U` before the bias (`_interpolate` adds it), or `None` with
+        `light_path="zero"`."""
         if self.light_kernel is None:
             return None
-        light = ops.matmul(code, self.light_kernel)
-        if self.light_bias is not None:
-            light = ops.add(light, self.light_bias)
-        return light
+        return ops.matmul(code, self.light_kernel)
 
     def _interpolate(
         self, mask, logits, full, light, return_frequencies, training
     ):
-        """`g * full + (1 - g) * light`, `g` the straight-through gate,
-        and with `return_frequencies` the selection frequencies for the
-        balance loss (`keras_midl.ops.straight_through_mix`).
+        """`g * (full + b) + (1 - g) * (light + b_lite)`, `g` the
+        straight-through gate, and with `return_frequencies` the
+        selection frequencies for the balance loss
+        (`keras_midl.ops.straight_through_mix`); `full` and `light` come
+        without their biases.
 
-        Its value is `where(mask, full, light)`, computed as one select
-        with a custom gradient (`straight_through_mix`), which also takes
-        the frequencies' gradient to the logits. The gate gets its
-        gradient whenever one is taken, in training or not (a subclassed
-        model that does not pass `training` on still trains its gates).
+        Its value is `where(mask, full + b, light + b_lite)`, computed as
+        one select with a custom gradient (`straight_through_mix`), which
+        also takes the frequencies' gradient to the logits; where the
+        native mix runs, the biases are added in the same pass and their
+        gradients summed in its backward pass. The gate gets its gradient
+        whenever one is taken, in training or not (a subclassed model
+        that does not pass `training` on still trains its gates).
         """
         if backend.current().exporting():
             # The tracing exporters record no custom gradient: the same
             # values with plain ops.
+            if self.bias is not None:
+                full = ops.add(full, self.bias)
+            if light is not None and self.light_bias is not None:
+                light = ops.add(light, self.light_bias)
             soft = self._gate_probabilities(logits)
             gate = ops.cast(straight_through(mask, soft), self.compute_dtype)
             outputs = gate * full
@@ -575,6 +575,8 @@ class MIDL(GatedLayer):
             self.temperature,
             return_frequencies=return_frequencies,
             training=training,
+            bias=self.bias,
+            light_bias=self.light_bias,
         )
 
     def _balance_loss(self, frequencies):

@@ -512,19 +512,35 @@ def test_selection_op_of_any_rank_and_its_errors(training_ops, shape, rng):
         training_ops.midl_topk_mask(rng.normal(size=(2, 40)), k=41)
 
 
-def _mixes(tf_backend, mask, temperature, with_light, return_frequencies):
+def _mixes(
+    tf_backend, mask, temperature, with_light, with_biases, return_frequencies
+):
     """`(native, keras_ops)`: one `tf.function` each, of the mix's value
-    and its gradients, for a loss weighting the outputs and the
-    frequencies."""
+    and its gradients (the biases' included), for a loss weighting the
+    outputs and the frequencies."""
     import tensorflow as tf
 
     from keras_midl.ops.selection import straight_through_mix
 
+    def keras_ops_mix(mask, logits, full, light, temperature, frequencies,
+                      bias, light_bias):
+        if bias is not None:
+            full = full + bias
+        if light is not None and light_bias is not None:
+            light = light + light_bias
+        return straight_through_mix(
+            mask, logits, full, light, temperature, frequencies
+        )
+
     def make(mix):
         @tf.function
-        def run(logits, full, light, weights, per_unit):
+        def run(logits, full, light, weights, per_unit, bias, light_bias):
             light = light if with_light else None
+            biases = [None, None]
+            if with_biases:  # a light bias only with a light path
+                biases = [bias, light_bias if with_light else None]
             sources = [logits, full] + ([light] if with_light else [])
+            sources += [b for b in biases if b is not None]
             with tf.GradientTape() as tape:
                 tape.watch(sources)
                 outputs = mix(
@@ -534,6 +550,7 @@ def _mixes(tf_backend, mask, temperature, with_light, return_frequencies):
                     light,
                     temperature,
                     return_frequencies,
+                    *biases,
                 )
                 loss = 0.0
                 if return_frequencies:
@@ -544,16 +561,21 @@ def _mixes(tf_backend, mask, temperature, with_light, return_frequencies):
 
         return run
 
-    def native(*args):
-        outputs = tf_backend.native_mix(*args, training=True)
+    def native(mask, logits, full, light, temperature, frequencies, bias,
+               light_bias):
+        outputs = tf_backend.native_mix(
+            mask, logits, full, light, temperature, frequencies,
+            training=True, bias=bias, light_bias=light_bias,
+        )
         assert outputs is not None
         return outputs
 
-    return make(native), make(straight_through_mix)
+    return make(native), make(keras_ops_mix)
 
 
 @pytest.mark.parametrize("return_frequencies", [False, True])
 @pytest.mark.parametrize("with_light", [True, False])
+@pytest.mark.parametrize("with_biases", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("shape", [(12, 40), (2, 3, 40)])
 def test_mix_ops_equal_the_keras_ops_mix(
@@ -561,32 +583,62 @@ def test_mix_ops_equal_the_keras_ops_mix(
     training_ops,
     shape,
     temperature,
+    with_biases,
     with_light,
     return_frequencies,
     rng,
 ):
     """`MidlMix` and `MidlMixGrad` in a training graph: the value and the
-    gradients of `straight_through_mix` (the balance loss's column
-    included), bit for bit at a temperature of 1; at another, within one
-    rounding (TensorFlow's graph divides `soft * (1 - soft)` by it
-    in its own way)."""
+    gradients of `straight_through_mix` of the biased paths (the balance
+    loss's column included), bit for bit at a temperature of 1; at
+    another, within one rounding (TensorFlow's graph divides `soft * (1 -
+    soft)` by it in its own way). The biases' gradients, sums over the
+    rows in another order than TensorFlow's, to float32 rounding."""
     mask = (rng.random(shape) > 0.5).astype("float32")
     arrays = [rng.normal(size=shape).astype("float32") for _ in range(4)]
-    per_unit = rng.normal(size=shape[-1]).astype("float32")
+    vectors = [rng.normal(size=shape[-1]).astype("float32") for _ in range(3)]
     native, keras_ops = _mixes(
-        tf_backend, mask, temperature, with_light, return_frequencies
+        tf_backend, mask, temperature, with_light, with_biases,
+        return_frequencies,
     )
-    got = native(*arrays, per_unit)
-    want = keras_ops(*arrays, per_unit)
-    assert "MidlMixGrad" in _graph_ops(native, *arrays, per_unit)
-    assert len(got) == len(want) == 4 + with_light - 1
-    for value, expected in zip(got, want):
-        if temperature == 1.0:
-            np.testing.assert_array_equal(as_numpy(value), as_numpy(expected))
+    got = native(*arrays, *vectors)
+    want = keras_ops(*arrays, *vectors)
+    assert "MidlMixGrad" in _graph_ops(native, *arrays, *vectors)
+    biases = with_biases * (1 + with_light)
+    assert len(got) == len(want) == 3 + with_light + biases
+    for index, (value, expected) in enumerate(zip(got, want)):
+        value, expected = as_numpy(value), as_numpy(expected)
+        if index >= len(got) - biases:
+            np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
+        elif temperature == 1.0:
+            np.testing.assert_array_equal(value, expected)
         else:
-            np.testing.assert_allclose(
-                as_numpy(value), as_numpy(expected), rtol=1e-6, atol=1e-7
-            )
+            np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_the_mix_op_takes_the_layers_biases(tf_backend, training_ops, rng):
+    """In a training graph, `MidlMix` adds the paths' biases (read from
+    their variables) and `MidlMixGrad` sums their gradients: the graph
+    holds no separate bias add nor sum over the rows for them."""
+    import tensorflow as tf
+
+    layer = MIDL(12, k_ratio=0.5, rank=3)
+    x = rng.normal(size=(4, 5)).astype("float32")
+    layer.build(x.shape)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True))
+        return tape.gradient(loss, [layer.bias, layer.light_bias])
+
+    graph = step.get_concrete_function(tf.constant(x)).graph
+    nodes = {node.name: node for node in graph.as_graph_def().node}
+    (mix,) = [node for node in nodes.values() if node.op == "MidlMix"]
+    bias_sources = [nodes[name.split(":")[0]].op for name in mix.input[3:]]
+    assert bias_sources == ["ReadVariableOp", "ReadVariableOp"]
+    d_bias, d_light_bias = step(tf.constant(x))
+    assert d_bias.shape == d_light_bias.shape == (12,)
 
 
 def test_native_mix_only_for_float32_tensors_of_one_shape_in_training(

@@ -463,6 +463,14 @@ def _training_loss(layer, outputs, seed):
     return (outputs * seed).sum() + sum(layer.losses)
 
 
+def _randomize_biases(layer, rng):
+    """Non-zero path biases: the C mix adds them and sums their
+    gradients."""
+    for bias in (layer.bias, layer.light_bias):
+        if bias is not None:
+            bias.assign(rng.normal(size=bias.shape).astype("float32"))
+
+
 def _training_gradients(layer, x, seed):
 
     for variable in layer.trainable_variables:
@@ -477,24 +485,28 @@ def _training_gradients(layer, x, seed):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("light_path", ["lowrank", "zero"])
+@pytest.mark.parametrize("use_bias", [True, False])
 def test_native_training_step_equals_the_keras_ops_path(
-    temperature, light_path, c_pass_calls, monkeypatch, rng
+    temperature, light_path, use_bias, c_pass_calls, monkeypatch, rng
 ):
     """A training call runs the C selection and mix (forward and
-    backward); its outputs equal the `keras.ops` path's bit for bit, its
-    gradients to float32 rounding."""
+    backward, the paths' biases added and their gradients summed); its
+    outputs equal the `keras.ops` path's bit for bit, its gradients to
+    float32 rounding."""
     layer = MIDL(
         UNITS,
         k_ratio=0.4,
         rank=3,
         temperature=temperature,
         light_path=light_path,
+        use_bias=use_bias,
         gate_noise=0.0,
         activation="relu",
     )
     x = rng.normal(size=(6, INPUT_DIM)).astype("float32")
     x[0] = 0.0  # a row of tied logits (the gate bias only)
     layer.build(x.shape)
+    _randomize_biases(layer, rng)
     seed = _tensor(rng.normal(size=(6, UNITS)).astype("float32"))
     native_results = _training_gradients(layer, x, seed)
     assert sorted(set(c_pass_calls)) == [
@@ -505,6 +517,42 @@ def test_native_training_step_equals_the_keras_ops_path(
     np.testing.assert_array_equal(native_results[0], reference[0])
     for native, want in zip(native_results[1:], reference[1:]):
         np.testing.assert_allclose(native, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("light_path", ["lowrank", "zero"])
+def test_the_c_mix_adds_the_biases_and_sums_their_gradients(
+    light_path, monkeypatch, rng
+):
+    """The training mix takes the paths' biases: its forward adds them and
+    its backward sums their gradients, in the C passes (no separate adds
+    and sums over the rows)."""
+    from keras_midl.native import kernels
+
+    if build.library() is None:
+        pytest.skip("the native kernel could not be built here")
+    seen = []
+    for name in ("mix_pointers", "mix_backward_pointers"):
+        original = getattr(kernels, name)
+
+        def spy(*args, original=original, name=name, **kwargs):
+            seen.append((name, kwargs))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, spy)
+    layer = MIDL(UNITS, k_ratio=0.4, rank=3, light_path=light_path)
+    x = rng.normal(size=(6, INPUT_DIM)).astype("float32")
+    layer.build(x.shape)
+    _randomize_biases(layer, rng)
+    seed = _tensor(rng.normal(size=(6, UNITS)).astype("float32"))
+    _training_gradients(layer, x, seed)
+    (forward, forward_kwargs), (backward, backward_kwargs) = seen
+    assert (forward, backward) == ("mix_pointers", "mix_backward_pointers")
+    with_light = light_path == "lowrank"
+    for kwargs in (forward_kwargs, backward_kwargs):
+        assert kwargs["bias"] == layer.bias.value.data_ptr()
+        assert bool(kwargs["light_bias"]) == with_light
+    assert backward_kwargs["d_bias"] != 0
+    assert bool(backward_kwargs["d_light_bias"]) == with_light
 
 
 def test_no_native_training_kernel_where_torch_jit_traces(
@@ -581,6 +629,7 @@ def test_torch_compile_records_the_native_training_operators(
     layer = MIDL(UNITS, k_ratio=0.4, rank=3, activation="relu")
     x = rng.normal(size=(6, INPUT_DIM)).astype("float32")
     layer.build(x.shape)
+    _randomize_biases(layer, rng)
     seed = _tensor(rng.normal(size=(6, UNITS)).astype("float32"))
     eager = _training_gradients(layer, x, seed)
     c_pass_calls.clear()

@@ -401,11 +401,16 @@ def test_topk_mask_rejects_a_bad_k():
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 @pytest.mark.parametrize("with_light", [True, False])
 @pytest.mark.parametrize("with_column", [True, False])
-def test_mix_and_its_gradients_in_c(temperature, with_light, with_column, rng):
-    """`mix` is `where(mask, full, light)`; `mix_backward` the gradients
-    of `straight_through_mix`, the same float32 operations in the same
-    order (bit for bit against NumPy's float32 arithmetic), the
-    frequencies' gradient (`column`, one per unit) added to every row."""
+@pytest.mark.parametrize("with_biases", [True, False])
+def test_mix_and_its_gradients_in_c(
+    temperature, with_light, with_column, with_biases, rng
+):
+    """`mix` is `where(mask, full + bias, light + light_bias)`;
+    `mix_backward` the gradients of `straight_through_mix` of the biased
+    paths, the same float32 operations in the same order (bit for bit
+    against NumPy's float32 arithmetic), the frequencies' gradient
+    (`column`, one per unit) added to every row, and the biases' the sums
+    of `d_full` and `d_light` over the rows."""
     _training_library()
     shape = (37, 19)  # not a multiple of the vector width
     mask = (rng.random(shape) < 0.4).astype("float32")
@@ -413,10 +418,17 @@ def test_mix_and_its_gradients_in_c(temperature, with_light, with_column, rng):
         rng.normal(size=shape).astype("float32") for _ in range(3)
     )
     light = rng.normal(size=shape).astype("float32") if with_light else None
-    zero = np.zeros(shape, "float32")
-    base = zero if light is None else light
+    bias, light_bias = (
+        rng.normal(size=shape[-1]).astype("float32") if with_biases else None
+        for _ in range(2)
+    )
+    biased_full = full if bias is None else full + bias
+    base = np.zeros(shape, "float32")
+    if light is not None:
+        base = light if light_bias is None else light + light_bias
     np.testing.assert_array_equal(
-        native.kernels.mix(mask, full, light), np.where(mask > 0, full, base)
+        native.kernels.mix(mask, full, light, bias, light_bias),
+        np.where(mask > 0, biased_full, base),
     )
     scaled = logits if temperature == 1.0 else logits / np.float32(temperature)
     soft = (1 / (1 + np.exp(-scaled.astype("float64")))).astype("float32")
@@ -425,22 +437,58 @@ def test_mix_and_its_gradients_in_c(temperature, with_light, with_column, rng):
         column = None
         # -0.0 survives where nothing is added.
         upstream[0, :4] = -0.0
-    d_full, d_light, d_logits = native.kernels.mix_backward(
-        upstream, mask, soft, full, light, temperature, column=column
+    d_full, d_light, d_logits, d_bias, d_light_bias = (
+        native.kernels.mix_backward(
+            upstream, mask, soft, full, light, temperature, column=column,
+            bias=bias, light_bias=light_bias,
+        )
     )
     np.testing.assert_array_equal(d_full, np.where(mask > 0, upstream, 0))
     if with_light:
         np.testing.assert_array_equal(d_light, np.where(mask > 0, 0, upstream))
     else:
-        assert d_light is None
+        assert d_light is None and d_light_bias is None
+    if with_biases:
+        np.testing.assert_allclose(
+            d_bias, d_full.sum(0, dtype="float64"), rtol=1e-5, atol=1e-6
+        )
+        if with_light:
+            np.testing.assert_allclose(
+                d_light_bias, d_light.sum(0, dtype="float64"), rtol=1e-5,
+                atol=1e-6,
+            )
+    else:
+        assert d_bias is None and d_light_bias is None
     slope = soft * (np.float32(1) - soft) / np.float32(temperature)
-    products = upstream * (full - base)
+    products = upstream * (biased_full - base)
     if column is not None:
         products = products + column
     np.testing.assert_array_equal(d_logits, products * slope)
     np.testing.assert_array_equal(
         np.signbit(d_logits), np.signbit(products * slope)
     )
+
+
+def test_mix_refuses_a_bias_of_another_length():
+    _training_library()
+    full = np.zeros((2, 4), "float32")
+    with pytest.raises(ValueError, match="`light_bias` must have shape"):
+        native.kernels.mix(full, full, full, np.zeros(4), np.zeros(3))
+    with pytest.raises(ValueError, match="`bias` must have shape"):
+        native.kernels.mix_backward(
+            full, full, full, full, bias=np.zeros(5, "float32")
+        )
+
+
+def test_mix_gradients_of_the_biases_of_no_rows_are_zero():
+    _training_library()
+    empty = np.zeros((0, 3), "float32")
+    *_, d_bias, d_light_bias = native.kernels.mix_backward(
+        empty, empty, empty, empty, empty, bias=np.ones(3),
+        light_bias=np.ones(3),
+    )
+    np.testing.assert_array_equal(d_bias, np.zeros(3))
+    np.testing.assert_array_equal(d_light_bias, np.zeros(3))
 
 
 @pytest.mark.parametrize(

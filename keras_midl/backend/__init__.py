@@ -29,9 +29,10 @@ on backends without a module of their own, such as NumPy's):
   without XLA; JAX's training steps, an XLA FFI call), or `None` where
   it does not run.
 * `native_mix(mask, logits, full, light, temperature,
-  return_frequencies=False, training=False)`: `straight_through_mix`
-  with a native forward and backward (torch eager and compiled;
-  TensorFlow's training graphs without XLA), or `None`.
+  return_frequencies=False, training=False, bias=None, light_bias=None)`:
+  `straight_through_mix` of `full + bias` and `light + light_bias` with a
+  native forward and backward (torch eager and compiled; TensorFlow's
+  training graphs without XLA), or `None`.
 * `native_select_mix_runs(inputs)` and `native_select_mix(logits, k,
   full, bias, light, light_bias)`: the masked path's inference output,
   selection and mix in one native pass with no mask (torch eager, no

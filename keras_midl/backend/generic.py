@@ -59,6 +59,8 @@ def native_mix(
     temperature,
     return_frequencies=False,
     training=False,
+    bias=None,
+    light_bias=None,
 ):
     """No native mix: `None`, the caller runs `straight_through_mix`."""
     return None

@@ -158,20 +158,25 @@ def native_mix(
     temperature,
     return_frequencies=False,
     training=False,
+    bias=None,
+    light_bias=None,
 ):
-    """`keras_midl.ops.straight_through_mix` as the ops `MidlMix` and
-    `MidlMixGrad` (`keras_midl/native/tf_ops.cc`) in a custom gradient, in
-    a training graph without XLA (see `native_topk_mask`); `None`
-    elsewhere, or where a tensor is not float32 on a CPU or `mask` is not
-    of `full`'s shape.
+    """`keras_midl.ops.straight_through_mix` of `full + bias` and `light
+    + light_bias` as the ops `MidlMix` and `MidlMixGrad`
+    (`keras_midl/native/tf_ops.cc`) in a custom gradient, in a training
+    graph without XLA (see `native_topk_mask`); `None` elsewhere, or where
+    a tensor is not float32 on a CPU, `mask` is not of `full`'s shape or
+    a bias not a vector of its last axis.
 
-    The value is `where(mask, full, light)`; the gradients `d_full = mask
-    * g`, `d_light = (1 - mask) * g` and `d_logits = (g * (full - light)
-    + d_f / rows) * a * (1 - a) / temperature`, `a = sigmoid(logits /
-    temperature)`, `d_f` the gradient of the selection frequencies where
-    they are returned (`return_frequencies`). One kernel each way, where
-    the graph of the `keras.ops` gradient runs a dozen elementwise
-    kernels, the frequencies' gradient included."""
+    The value is `where(mask, full + bias, light + light_bias)`; the
+    gradients `d_full = mask * g`, `d_light = (1 - mask) * g`, `d_logits
+    = (g * ((full + bias) - (light + light_bias)) + d_f / rows) * a * (1
+    - a) / temperature`, `a = sigmoid(logits / temperature)`, `d_f` the
+    gradient of the selection frequencies where they are returned
+    (`return_frequencies`), and the biases' the sums of `d_full` and
+    `d_light` over the rows. One kernel each way, where the graph of the
+    `keras.ops` gradient runs a dozen elementwise kernels, the
+    frequencies' gradient and the biases' adds and sums included."""
     tensors = [mask, logits, full] + ([] if light is None else [light])
     if (
         not _in_training_graph(training)
@@ -182,18 +187,31 @@ def native_mix(
         or not _computes_on_cpu()
     ):
         return None
+    units = full.shape[-1]
+    has_light = light is not None
+    biases = [
+        None if b is None else tf.convert_to_tensor(b)
+        for b in (bias, light_bias if has_light else None)
+    ]
+    if any(
+        b is not None and (b.dtype != tf.float32 or b.shape != (units,))
+        for b in biases
+    ):
+        return None
     training_ops = _training_ops()
     if training_ops is None:
         return None
     mask = tf.stop_gradient(mask)
-    units = full.shape[-1]
-    has_light = light is not None
     temperature = float(temperature)
+    # The differentiable inputs present, in order: logits, full, then
+    # light, bias and light_bias where given.
+    present = [light is not None, *(b is not None for b in biases)]
+    optional = [t for t in (light, *biases) if t is not None]
 
     @tf.custom_gradient
-    def mix(logits, full, *light):
-        light = light[0] if has_light else tf.zeros(_EMPTY)
-        outputs = training_ops.midl_mix(mask, full, light)
+    def mix(logits, full, *given):
+        light, bias, light_bias = _fill_absent(given, present)
+        outputs = training_ops.midl_mix(mask, full, light, bias, light_bias)
 
         def grad(d_outputs, d_frequencies=None):
             column = tf.zeros(_EMPTY)
@@ -201,23 +219,37 @@ def native_mix(
                 rows = tf.size(mask) // units
                 column = d_frequencies / tf.cast(rows, tf.float32)
             scaled = logits if temperature == 1.0 else logits / temperature
-            d_full, d_light, d_logits = training_ops.midl_mix_grad(
-                d_outputs,
-                mask,
-                tf.sigmoid(scaled),
-                full,
-                light,
-                column,
-                temperature=temperature,
+            d_full, d_light, d_logits, d_bias, d_light_bias = (
+                training_ops.midl_mix_grad(
+                    d_outputs,
+                    mask,
+                    tf.sigmoid(scaled),
+                    full,
+                    light,
+                    bias,
+                    light_bias,
+                    column,
+                    temperature=temperature,
+                )
             )
-            return (d_logits, d_full) + ((d_light,) if has_light else ())
+            d_given = [d_light, d_bias, d_light_bias]
+            return (d_logits, d_full) + tuple(
+                d for d, given in zip(d_given, present) if given
+            )
 
         if not return_frequencies:
             return outputs, grad
         frequencies = tf.reduce_mean(tf.reshape(mask, (-1, units)), axis=0)
         return (outputs, frequencies), grad
 
-    return mix(logits, full, *([light] if has_light else []))
+    return mix(logits, full, *optional)
+
+
+def _fill_absent(given, present):
+    """The optional inputs of the mix ops in order, an empty tensor (none)
+    for each absent one: `given` holds the present ones."""
+    given = iter(given)
+    return [next(given) if here else tf.zeros(_EMPTY) for here in present]
 
 
 def read_value(value):

@@ -246,35 +246,64 @@ def native_mix(
     temperature,
     return_frequencies=False,
     training=False,
+    bias=None,
+    light_bias=None,
 ):
-    """`keras_midl.ops.straight_through_mix` with a forward and a backward
-    of one C pass each, in training or not (`training` is not needed
-    here); `None` where the kernel cannot run (see `_native_ready`).
-    Under `torch.compile` it is the operator `keras_midl::mix`; eager, an
-    autograd function on the same C calls (`EagerMix`: the operator's
-    dispatch and autograd wrapper cost 0.15-0.27 ms a layer's step here,
-    at 256 x 1024).
+    """`keras_midl.ops.straight_through_mix` of `full + bias` and `light
+    + light_bias` with a forward and a backward of one C pass each, in
+    training or not (`training` is not needed here); `None` where the
+    kernel cannot run (see `_native_ready`). Under `torch.compile` it is
+    the operator `keras_midl::mix`; eager, an autograd function on the
+    same C calls (`EagerMix`: the operator's dispatch and autograd
+    wrapper cost 0.15-0.27 ms a layer's step here, at 256 x 1024).
 
-    The value is `where(mask, full, light)`; the gradients `d_full = mask
-    * g`, `d_light = (1 - mask) * g` and `d_logits = (g * (full - light)
-    + d_f / rows) * a * (1 - a) / temperature`, `a = sigmoid(logits /
-    temperature)` (torch's), `d_f` the gradient of the selection
-    frequencies where they are returned (`return_frequencies`). In torch
-    ops the mix and its gradient are eight passes over the tensors, and
-    `torch.where` is the slowest of them on a CPU; the frequencies' own
-    straight-through gradient (`balance_loss`) four more."""
+    The value is `where(mask, full + bias, light + light_bias)`; the
+    gradients `d_full = mask * g`, `d_light = (1 - mask) * g`, `d_logits
+    = (g * ((full + bias) - (light + light_bias)) + d_f / rows) * a * (1
+    - a) / temperature`, `a = sigmoid(logits / temperature)` (torch's),
+    `d_f` the gradient of the selection frequencies where they are
+    returned (`return_frequencies`), and the biases' the sums of `d_full`
+    and `d_light` over the rows. In torch ops the mix and its gradient
+    are eight passes over the tensors, and `torch.where` is the slowest
+    of them on a CPU; the frequencies' own straight-through gradient
+    (`balance_loss`) four more, the biases' adds and sums four more."""
     if not _native_ready(full, mask, logits, light):
         return None
+    biases = [None if b is None else _bias_tensor(b)
+              for b in (bias, light_bias)]
+    if not all(b is None or _native_bias(b, full) for b in biases):
+        return None
+    bias, light_bias = biases
+    if light is None:
+        light_bias = None
     mix = mix_op if torch.compiler.is_compiling() else EagerMix.apply
     outputs, frequencies = mix(
         mask.detach(),
         logits,
         full,
         light,
+        bias,
+        light_bias,
         float(temperature),
         bool(return_frequencies),
     )
     return (outputs, frequencies) if return_frequencies else outputs
+
+
+def _bias_tensor(bias):
+    """A bias as a tensor: a Keras variable's value (the parameter that
+    gets the gradient), a tensor as it is."""
+    return bias if isinstance(bias, torch.Tensor) else bias.value
+
+
+def _native_bias(bias, full):
+    """Whether the C mix takes `bias` for `full`: a float32 CPU vector of
+    `full`'s last axis."""
+    return (
+        bias.dtype == torch.float32
+        and bias.device == torch.device("cpu")
+        and tuple(bias.shape) == (full.shape[-1],)
+    )
 
 
 @torch.library.custom_op("keras_midl::mix", mutates_args=())
@@ -283,27 +312,42 @@ def mix_op(
     logits: torch.Tensor,
     full: torch.Tensor,
     light: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    light_bias: torch.Tensor | None,
     temperature: float,
     frequencies: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`midl_mix` as a torch operator (float32, CPU, one shape): the
-    outputs and, with `frequencies`, the mask's mean over the rows (an
-    empty tensor without)."""
-    return _mix(mask, full, light, frequencies)
+    """`midl_mix` as a torch operator (float32, CPU, one shape; the
+    biases `None` or of the last axis): the outputs and, with
+    `frequencies`, the mask's mean over the rows (an empty tensor
+    without)."""
+    return _mix(mask, full, light, bias, light_bias, frequencies)
 
 
-def _mix(mask, full, light, frequencies):
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _address(tensor):
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def _mix(mask, full, light, bias, light_bias, frequencies):
     """`mix_op` on torch tensors."""
-    mask, full = mask.contiguous(), full.contiguous()
-    light = None if light is None else light.contiguous()
+    mask, full, light, bias, light_bias = _contiguous(
+        mask, full, light, bias, light_bias
+    )
     outputs = torch.empty_like(full)
     if outputs.numel():
         kernels.mix_pointers(
             mask.data_ptr(),
             full.data_ptr(),
-            0 if light is None else light.data_ptr(),
+            _address(light),
             outputs.numel(),
             outputs.data_ptr(),
+            bias=_address(bias),
+            light_bias=_address(light_bias),
+            units=full.shape[-1],
         )
     if not frequencies:
         return outputs, full.new_empty((0,))
@@ -311,7 +355,7 @@ def _mix(mask, full, light, frequencies):
 
 
 @mix_op.register_fake
-def _(mask, logits, full, light, temperature, frequencies):
+def _(mask, logits, full, light, bias, light_bias, temperature, frequencies):
     units = full.shape[-1] if frequencies else 0
     return torch.empty_like(full), full.new_empty((units,))
 
@@ -323,51 +367,83 @@ def mix_backward_op(
     soft: torch.Tensor,
     full: torch.Tensor,
     light: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    light_bias: torch.Tensor | None,
     temperature: float,
     column: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     """`midl_mix_backward` as a torch operator: `(d_full, d_light,
-    d_logits)`, `d_light` empty where `light` is `None`; `column` (one
-    float per unit, or `None`) is added to each row before the slope."""
-    return _mix_gradients(upstream, mask, soft, full, light, temperature,
-                          column)
+    d_logits, d_bias, d_light_bias)`, `d_light` and `d_light_bias` empty
+    where `light` or `light_bias` is `None`, `d_bias` where `bias` is;
+    `column` (one float per unit, or `None`) is added to each row before
+    the slope."""
+    return _mix_gradients(
+        upstream, mask, soft, full, light, bias, light_bias, temperature,
+        column,
+    )
 
 
-def _mix_gradients(upstream, mask, soft, full, light, temperature, column):
+def _bias_gradients(full, light, bias, light_bias):
+    """Zeros for `d_bias` and `d_light_bias` (the sums of no rows), or
+    empty tensors where there is no such bias."""
+    units = full.shape[-1]
+    d_bias = full.new_zeros((units,) if bias is not None else (0,))
+    has_light_bias = light is not None and light_bias is not None
+    d_light_bias = full.new_zeros((units,) if has_light_bias else (0,))
+    return d_bias, d_light_bias
+
+
+def _mix_gradients(
+    upstream, mask, soft, full, light, bias, light_bias, temperature, column
+):
     """`mix_backward_op` on torch tensors."""
-    upstream, soft = upstream.contiguous(), soft.contiguous()
-    mask, full = mask.contiguous(), full.contiguous()
-    light = None if light is None else light.contiguous()
-    column = None if column is None else column.contiguous()
+    upstream, soft, mask, full, light, bias, light_bias, column = (
+        _contiguous(
+            upstream, soft, mask, full, light, bias, light_bias, column
+        )
+    )
     d_full, d_logits = torch.empty_like(full), torch.empty_like(full)
     d_light = full.new_empty((0,)) if light is None else torch.empty_like(full)
+    d_bias, d_light_bias = _bias_gradients(full, light, bias, light_bias)
     if full.numel():
         kernels.mix_backward_pointers(
             upstream.data_ptr(),
             mask.data_ptr(),
             soft.data_ptr(),
             full.data_ptr(),
-            0 if light is None else light.data_ptr(),
+            _address(light),
             full.numel(),
             temperature,
             d_full.data_ptr(),
             0 if light is None else d_light.data_ptr(),
             d_logits.data_ptr(),
-            column=0 if column is None else column.data_ptr(),
+            column=_address(column),
             units=full.shape[-1],
+            bias=_address(bias),
+            light_bias=_address(light_bias),
+            d_bias=d_bias.data_ptr() if d_bias.numel() else 0,
+            d_light_bias=(
+                d_light_bias.data_ptr() if d_light_bias.numel() else 0
+            ),
         )
-    return d_full, d_light, d_logits
+    return d_full, d_light, d_logits, d_bias, d_light_bias
 
 
 @mix_backward_op.register_fake
-def _(upstream, mask, soft, full, light, temperature, column):
+def _(upstream, mask, soft, full, light, bias, light_bias, temperature,
+      column):
     d_light = full.new_empty((0,)) if light is None else torch.empty_like(full)
-    return torch.empty_like(full), d_light, torch.empty_like(full)
+    d_bias, d_light_bias = _bias_gradients(full, light, bias, light_bias)
+    return (torch.empty_like(full), d_light, torch.empty_like(full),
+            d_bias, d_light_bias)
 
 
 def _mix_setup_context(ctx, inputs, output):
-    mask, logits, full, light, temperature, frequencies = inputs
-    ctx.save_for_backward(mask, logits, full, light)
+    (mask, logits, full, light, bias, light_bias, temperature,
+     frequencies) = inputs
+    ctx.save_for_backward(mask, logits, full, light, bias, light_bias)
     ctx.temperature = temperature
     ctx.frequencies = frequencies
 
@@ -375,18 +451,22 @@ def _mix_setup_context(ctx, inputs, output):
 def _mix_backward(ctx, upstream, d_frequencies, gradients=mix_backward_op):
     """The gradients of `mix_op`'s inputs, from `gradients`, the operator
     `mix_backward_op` or, eager, its function."""
-    mask, logits, full, light = ctx.saved_tensors
+    mask, logits, full, light, bias, light_bias = ctx.saved_tensors
     temperature = ctx.temperature
     scaled = logits if temperature == 1.0 else logits / temperature
     column = None
     if ctx.frequencies and d_frequencies is not None:
         rows = max(1, full.numel() // full.shape[-1])
         column = (d_frequencies / rows).to(full.dtype)
-    d_full, d_light, d_logits = gradients(
-        upstream, mask, torch.sigmoid(scaled), full, light, temperature, column
+    d_full, d_light, d_logits, d_bias, d_light_bias = gradients(
+        upstream, mask, torch.sigmoid(scaled), full, light, bias,
+        light_bias, temperature, column,
     )
     d_light = None if light is None else d_light
-    return None, d_logits, d_full, d_light, None, None
+    d_bias = None if bias is None else d_bias
+    d_light_bias = None if light_bias is None else d_light_bias
+    return (None, d_logits, d_full, d_light, d_bias, d_light_bias, None,
+            None)
 
 
 mix_op.register_autograd(_mix_backward, setup_context=_mix_setup_context)
@@ -398,9 +478,11 @@ class EagerMix(torch.autograd.Function):
     `torch.compile`, and cost eager steps more than the C passes save."""
 
     @staticmethod
-    def forward(ctx, mask, logits, full, light, temperature, frequencies):
-        outputs = _mix(mask, full, light, frequencies)
-        inputs = (mask, logits, full, light, temperature, frequencies)
+    def forward(ctx, mask, logits, full, light, bias, light_bias,
+                temperature, frequencies):
+        outputs = _mix(mask, full, light, bias, light_bias, frequencies)
+        inputs = (mask, logits, full, light, bias, light_bias, temperature,
+                  frequencies)
         _mix_setup_context(ctx, inputs, outputs)
         return outputs
 

@@ -265,10 +265,14 @@ def _build():
     # The training selection and the straight-through mix.
     lib.midl_topk_mask.argtypes = [pointer, size, size, size, pointer, pointer]
     lib.midl_topk_mask.restype = None
-    lib.midl_mix.argtypes = [pointer] * 3 + [size, pointer]
+    # The mix: mask, full, light, bias, light_bias, size, units, outputs,
+    # scratch.
+    lib.midl_mix.argtypes = [pointer] * 5 + [size, size, pointer, pointer]
     lib.midl_mix.restype = None
-    lib.midl_mix_backward.argtypes = [pointer] * 5 + [size, ctypes.c_float]
-    lib.midl_mix_backward.argtypes += [pointer, size] + [pointer] * 3
+    # Its gradients: upstream, mask, soft, full, light, bias, light_bias,
+    # size, temperature, column, units, the five gradients, scratch.
+    lib.midl_mix_backward.argtypes = [pointer] * 7 + [size, ctypes.c_float]
+    lib.midl_mix_backward.argtypes += [pointer, size] + [pointer] * 6
     lib.midl_mix_backward.restype = None
     # The masked path's inference output, with no mask.
     lib.midl_select_mix.argtypes = [pointer, size, size, size]

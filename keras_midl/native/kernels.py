@@ -133,10 +133,32 @@ def topk_mask_pointers(scores, count, units, k, mask):
     )
 
 
-def mix_pointers(mask, full, light, size, outputs):
-    """`midl_mix` on raw addresses (`light` 0: a zero light path):
-    `where(mask > 0, full, light)` over `size` float32 elements."""
-    build.loaded_library().midl_mix(mask, full, light or None, size, outputs)
+def mix_pointers(
+    mask, full, light, size, outputs, bias=0, light_bias=0, units=None
+):
+    """`midl_mix` on raw addresses (`light`, `bias`, `light_bias` 0 where
+    absent): `where(mask > 0, full + bias, light + light_bias)` over
+    `size` float32 elements in rows of `units` (default `size`: one
+    row), the biases `units` floats each."""
+    units = size if units is None else units
+    scratch = _mix_scratch(units)  # referenced until the call returns
+    build.loaded_library().midl_mix(
+        mask,
+        full,
+        light or None,
+        bias or None,
+        light_bias or None,
+        size,
+        units,
+        outputs,
+        scratch.ctypes.data,
+    )
+
+
+def _mix_scratch(units):
+    """The scratch of `midl_mix` and `midl_mix_backward`: the missing
+    biases, column and bias gradients, `units` floats each."""
+    return np.empty(5 * max(units, 1), np.float32)
 
 
 def select_mix_pointers(
@@ -163,20 +185,29 @@ def select_mix_pointers(
 
 def mix_backward_pointers(
     upstream, mask, soft, full, light, size, temperature, d_full, d_light,
-    d_logits, column=0, units=0,
+    d_logits, column=0, units=None, bias=0, light_bias=0, d_bias=0,
+    d_light_bias=0,
 ):
-    """`midl_mix_backward` on raw addresses (`light`, `d_light` 0 for a
-    zero light path): the gradients of `straight_through_mix` from
-    `soft = sigmoid(logits / temperature)`, over `size` float32
-    elements; `column` (0: none), `units` float32 added to each row of
-    `units` elements before the slope (the gradient of the selection
-    frequencies over the rows, see `straight_through_mix`)."""
+    """`midl_mix_backward` on raw addresses (`light`, `d_light`,
+    `light_bias`, `d_light_bias` 0 for a zero light path; any bias, its
+    gradient and `column` 0 where absent or not wanted): the gradients of
+    `straight_through_mix` of `full + bias` and `light + light_bias` from
+    `soft = sigmoid(logits / temperature)`, over `size` float32 elements
+    in rows of `units` (default `size`: one row); `column`, `units`
+    float32 added to each row before the slope (the gradient of the
+    selection frequencies over the rows, see `straight_through_mix`);
+    `d_bias`, `d_light_bias`, `units` float32 each, the sums over the
+    rows of `d_full` and `d_light`."""
+    units = size if units is None else units
+    scratch = _mix_scratch(units)  # referenced until the call returns
     build.loaded_library().midl_mix_backward(
         upstream,
         mask,
         soft,
         full,
         light or None,
+        bias or None,
+        light_bias or None,
         size,
         temperature,
         column or None,
@@ -184,6 +215,9 @@ def mix_backward_pointers(
         d_full,
         d_light or None,
         d_logits,
+        d_bias or None,
+        d_light_bias or None,
+        scratch.ctypes.data,
     )
 
 
@@ -213,41 +247,71 @@ def _float32_arrays(*arrays):
     ]
 
 
-def mix(mask, full, light=None):
-    """The value of `straight_through_mix` in C: float32 NumPy arrays of
-    one shape (`light=None`: zero)."""
-    mask, full, light = _float32_arrays(mask, full, light)
-    outputs = np.empty(full.shape, np.float32)
-    mix_pointers(
-        mask.ctypes.data, full.ctypes.data, _address(light), full.size,
-        outputs.ctypes.data,
+def mix(mask, full, light=None, bias=None, light_bias=None):
+    """The value of `straight_through_mix` of `full + bias` and `light +
+    light_bias` in C: float32 NumPy arrays of one shape (`light=None`:
+    zero), the biases of its last axis's length (`None`: none)."""
+    mask, full, light, bias, light_bias = _float32_arrays(
+        mask, full, light, bias, light_bias
     )
+    units = _units(full, bias=bias, light_bias=light_bias)
+    outputs = np.empty(full.shape, np.float32)
+    if outputs.size:
+        mix_pointers(
+            mask.ctypes.data, full.ctypes.data, _address(light), full.size,
+            outputs.ctypes.data, bias=_address(bias),
+            light_bias=_address(light_bias), units=units,
+        )
     return outputs
 
 
 def mix_backward(
-    upstream, mask, soft, full, light=None, temperature=1.0, column=None
+    upstream, mask, soft, full, light=None, temperature=1.0, column=None,
+    bias=None, light_bias=None,
 ):
-    """The gradients of `straight_through_mix` in C: `(d_full, d_light,
-    d_logits)` (`d_light` `None` where `light` is), float32 NumPy arrays
-    of one shape; `soft = sigmoid(logits / temperature)`; `column`, of
-    the last axis's length (or `None`), is added to each row's
-    `upstream * (full - light)` before the slope."""
-    upstream, mask, soft, full, light, column = _float32_arrays(
-        upstream, mask, soft, full, light, column
+    """The gradients of `straight_through_mix` of `full + bias` and
+    `light + light_bias` in C: `(d_full, d_light, d_logits, d_bias,
+    d_light_bias)` (`d_light`, `d_light_bias` `None` where `light` is,
+    `d_bias` where `bias` is), float32 NumPy arrays of one shape, the
+    biases' gradients of its last axis's length; `soft =
+    sigmoid(logits / temperature)`; `column`, of the last axis's length
+    (or `None`), is added to each row's `upstream * (full - light)` before
+    the slope."""
+    upstream, mask, soft, full, light, column, bias, light_bias = (
+        _float32_arrays(
+            upstream, mask, soft, full, light, column, bias, light_bias
+        )
     )
-    units = full.shape[-1] if full.ndim else 1
-    if column is not None:
-        _check_shape("column", column, (units,))
+    units = _units(
+        full, column=column, bias=bias, light_bias=light_bias
+    )
     d_full, d_logits = np.empty_like(full), np.empty_like(full)
     d_light = None if light is None else np.empty_like(full)
-    mix_backward_pointers(
-        upstream.ctypes.data, mask.ctypes.data, soft.ctypes.data,
-        full.ctypes.data, _address(light), full.size, temperature,
-        d_full.ctypes.data, _address(d_light), d_logits.ctypes.data,
-        column=_address(column), units=units,
-    )
-    return d_full, d_light, d_logits
+    # Zeros: the sums of no rows where `full` is empty.
+    d_bias = None if bias is None else np.zeros(units, np.float32)
+    d_light_bias = None
+    if light is not None and light_bias is not None:
+        d_light_bias = np.zeros(units, np.float32)
+    if full.size:
+        mix_backward_pointers(
+            upstream.ctypes.data, mask.ctypes.data, soft.ctypes.data,
+            full.ctypes.data, _address(light), full.size, temperature,
+            d_full.ctypes.data, _address(d_light), d_logits.ctypes.data,
+            column=_address(column), units=units, bias=_address(bias),
+            light_bias=_address(light_bias), d_bias=_address(d_bias),
+            d_light_bias=_address(d_light_bias),
+        )
+    return d_full, d_light, d_logits, d_bias, d_light_bias
+
+
+def _units(full, **vectors):
+    """The length of `full`'s last axis (1 for a scalar), which each of
+    `vectors` (`None` or an array, by argument name) must have."""
+    units = full.shape[-1] if full.ndim else 1
+    for name, vector in vectors.items():
+        if vector is not None:
+            _check_shape(name, vector, (units,))
+    return units
 
 
 def _check_shape(name, array, shape):

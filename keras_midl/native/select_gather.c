@@ -629,23 +629,30 @@ void midl_topk_mask(const float *scores, int64_t count, int64_t units,
   }
 }
 
+/* `keep ? chosen : other`, taken by a bit mask: the compiler vectorizes
+ * a loop of these, where it compiles a `?:` of two sums as a branch. */
+static inline float select_float(int keep, float chosen, float other) {
+  uint32_t a, b;
+  memcpy(&a, &chosen, sizeof a);
+  memcpy(&b, &other, sizeof b);
+  const uint32_t mask = -(uint32_t)keep;
+  const uint32_t bits = (a & mask) | (b & ~mask);
+  float result;
+  memcpy(&result, &bits, sizeof result);
+  return result;
+}
+
 /* `midl_select_mix`'s pass over one row without ties at its threshold:
- * both sums computed and one taken by a bit mask, so that the compiler
- * vectorizes the loop (a `?:` of two sums it compiles as a branch);
- * `restrict`: no buffer overlaps another. `other` NULL: 0 elsewhere. */
+ * both sums computed and one taken (`select_float`), a loop the compiler
+ * vectorizes; `restrict`: no buffer overlaps another. `other` NULL: 0
+ * elsewhere. */
 static void mix_row(float *restrict out, const float *restrict clean,
                     float threshold, const float *restrict add,
                     const float *restrict other,
                     const float *restrict light_add, int64_t units) {
   for (int64_t j = 0; j < units; ++j) {
-    const float chosen = out[j] + add[j];
     const float unchosen = other ? other[j] + light_add[j] : 0.0f;
-    uint32_t a, b;
-    memcpy(&a, &chosen, sizeof a);
-    memcpy(&b, &unchosen, sizeof b);
-    const uint32_t keep = -(uint32_t)(clean[j] >= threshold);
-    const uint32_t bits = (a & keep) | (b & ~keep);
-    memcpy(out + j, &bits, sizeof bits);
+    out[j] = select_float(clean[j] >= threshold, out[j] + add[j], unchosen);
   }
 }
 
@@ -694,86 +701,126 @@ void midl_select_mix(const float *logits, int64_t count, int64_t units,
   }
 }
 
-/* The value of `keras_midl.ops.straight_through_mix`: `outputs[i] =
- * full[i]` where `mask[i] > 0`, `light[i]` (0 where `light` is NULL)
- * elsewhere; `size` elements of each. */
+/* `units` floats of -0.0f, where a bias or a column is missing: adding
+ * -0.0f changes no float (not even -0.0), so the missing one adds
+ * nothing. `spare`: `units` floats of scratch for them. */
+static const float *or_negative_zeros(const float *given, int64_t units,
+                                      float *spare) {
+  if (given) return given;
+  for (int64_t j = 0; j < units; ++j) spare[j] = -0.0f;
+  return spare;
+}
+
+/* One row of `midl_mix`: `n` elements; `light` NULL or not in each call's
+ * own source, so that the compiler specializes both into branch-free
+ * loops it vectorizes. */
+static inline void mix_span(const float *restrict mask,
+                            const float *restrict full,
+                            const float *restrict light,
+                            const float *restrict bias,
+                            const float *restrict light_bias, int64_t n,
+                            float *restrict outputs) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float other = light ? light[j] + light_bias[j] : 0.0f;
+    outputs[j] = select_float(mask[j] > 0.0f, full[j] + bias[j], other);
+  }
+}
+
+/* The value of `keras_midl.ops.straight_through_mix` with the paths'
+ * biases added: `outputs[b, j] = full[b, j] + bias[j]` where `mask[b, j]
+ * > 0`, `light[b, j] + light_bias[j]` (0 where `light` is NULL)
+ * elsewhere; `size` elements of each, rows of `units`. `bias`,
+ * `light_bias`: `units` floats or NULL (none). Each value is the masked
+ * path's bias add, bit for bit, without the two passes that write the
+ * biased paths. `scratch`: 2 * units floats. */
 void midl_mix(const float *mask, const float *full, const float *light,
-              int64_t size, float *outputs) {
-  if (light) {
-    for (int64_t i = 0; i < size; ++i) {
-      outputs[i] = mask[i] > 0.0f ? full[i] : light[i];
-    }
-  } else {
-    for (int64_t i = 0; i < size; ++i) {
-      outputs[i] = mask[i] > 0.0f ? full[i] : 0.0f;
+              const float *bias, const float *light_bias, int64_t size,
+              int64_t units, float *outputs, float *scratch) {
+  bias = or_negative_zeros(bias, units, scratch);
+  light_bias = or_negative_zeros(light_bias, units, scratch + units);
+  for (int64_t start = 0; start + units <= size; start += units) {
+    if (light) {
+      mix_span(mask + start, full + start, light + start, bias, light_bias,
+               units, outputs + start);
+    } else {
+      mix_span(mask + start, full + start, NULL, bias, light_bias, units,
+               outputs + start);
     }
   }
 }
 
-/* One span of `midl_mix_backward`: `n` elements, the light path, its
- * gradient and `column` each NULL or not. Every call passes them as NULL
- * or not in its own source, so the compiler specializes each call into a
- * branch-free loop it vectorizes; adding -0.0f changes no float (not even
- * -0.0), so a NULL `column` leaves the gradient of the logits as it was. */
+/* One row of `midl_mix_backward`: `n` elements, `light` NULL or not in
+ * each call's own source (see `mix_span`); the biases' gradients are
+ * summed over the rows into `d_bias` and `d_light_bias`. */
 static inline void mix_backward_span(
     const float *restrict upstream, const float *restrict mask,
     const float *restrict soft, const float *restrict full,
-    const float *restrict light, const float *restrict column, int64_t n,
-    float temperature, float *restrict d_full, float *restrict d_light,
-    float *restrict d_logits) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float u = upstream[i];
-    const int selected = mask[i] > 0.0f;
-    d_full[i] = selected ? u : 0.0f;
-    if (light) d_light[i] = selected ? 0.0f : u;
-    const float other = light ? light[i] : 0.0f;
-    const float extra = column ? column[i] : -0.0f;
-    const float slope = soft[i] * (1.0f - soft[i]) / temperature;
-    d_logits[i] = (u * (full[i] - other) + extra) * slope;
+    const float *restrict light, const float *restrict bias,
+    const float *restrict light_bias, const float *restrict column,
+    int64_t n, float temperature, float *restrict d_full,
+    float *restrict d_light, float *restrict d_logits,
+    float *restrict d_bias, float *restrict d_light_bias) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float u = upstream[j];
+    const int selected = mask[j] > 0.0f;
+    const float to_full = selected ? u : 0.0f;
+    d_full[j] = to_full;
+    d_bias[j] += to_full;
+    if (light) {
+      const float to_light = selected ? 0.0f : u;
+      d_light[j] = to_light;
+      d_light_bias[j] += to_light;
+    }
+    const float other = light ? light[j] + light_bias[j] : 0.0f;
+    const float slope = soft[j] * (1.0f - soft[j]) / temperature;
+    d_logits[j] = (u * ((full[j] + bias[j]) - other) + column[j]) * slope;
   }
 }
 
 /* Its gradients, in one pass (the same products, in the same order, as
- * the `keras.ops` gradient of `straight_through_mix`):
+ * the `keras.ops` gradient of `straight_through_mix` of the biased
+ * paths):
  *
  *     d_full  = mask ? upstream : 0;   d_light = mask ? 0 : upstream;
- *     d_logits = (upstream * (full - light) + column)
- *                * (soft * (1 - soft) / t)
+ *     d_logits = (upstream * ((full + bias) - (light + light_bias))
+ *                 + column) * (soft * (1 - soft) / t)
+ *     d_bias = sum over the rows of d_full (d_light_bias: of d_light)
  *
- * `soft` = sigmoid(logits / t); `light` and `d_light` may be NULL (a zero
- * light path); `column` (`units` floats, added to every row of `units`
- * elements; `size` a multiple of `units`) may be NULL: the gradient of the
+ * `soft` = sigmoid(logits / t); `size` elements, rows of `units`;
+ * `light`, `d_light` and `d_light_bias` may be NULL (a zero light path);
+ * `bias`, `light_bias` and `column` (`units` floats each) may be NULL
+ * (none), and `d_bias`, `d_light_bias` (`units` floats, written) NULL
+ * where not wanted. `column`, added to every row, is the gradient of the
  * selection frequencies over the rows (`straight_through_mix` with
- * `return_frequencies`), which reaches the logits through the same slope.
- * x / 1.0f == x, so dividing by a temperature of 1 changes nothing. */
-void midl_mix_backward(const float *restrict upstream,
-                       const float *restrict mask,
-                       const float *restrict soft,
-                       const float *restrict full,
-                       const float *restrict light, int64_t size,
-                       float temperature, const float *restrict column,
-                       int64_t units, float *restrict d_full,
-                       float *restrict d_light, float *restrict d_logits) {
-  if (!column) {
-    if (light) {
-      mix_backward_span(upstream, mask, soft, full, light, NULL, size,
-                        temperature, d_full, d_light, d_logits);
-    } else {
-      mix_backward_span(upstream, mask, soft, full, NULL, NULL, size,
-                        temperature, d_full, NULL, d_logits);
-    }
-    return;
-  }
+ * `return_frequencies`), which reaches the logits through the same
+ * slope. x / 1.0f == x, so dividing by a temperature of 1 changes
+ * nothing. The biases' sums run over the rows in order, in float32.
+ * `scratch`: 5 * units floats. No two buffers overlap. */
+void midl_mix_backward(const float *upstream, const float *mask,
+                       const float *soft, const float *full,
+                       const float *light, const float *bias,
+                       const float *light_bias, int64_t size,
+                       float temperature, const float *column, int64_t units,
+                       float *d_full, float *d_light, float *d_logits,
+                       float *d_bias, float *d_light_bias, float *scratch) {
+  bias = or_negative_zeros(bias, units, scratch);
+  light_bias = or_negative_zeros(light_bias, units, scratch + units);
+  column = or_negative_zeros(column, units, scratch + 2 * units);
+  if (!d_bias) d_bias = scratch + 3 * units;
+  if (!d_light_bias) d_light_bias = scratch + 4 * units;
+  for (int64_t j = 0; j < units; ++j) d_bias[j] = d_light_bias[j] = 0.0f;
   for (int64_t start = 0; start + units <= size; start += units) {
     if (light) {
       mix_backward_span(upstream + start, mask + start, soft + start,
-                        full + start, light + start, column, units,
-                        temperature, d_full + start, d_light + start,
-                        d_logits + start);
+                        full + start, light + start, bias, light_bias,
+                        column, units, temperature, d_full + start,
+                        d_light + start, d_logits + start, d_bias,
+                        d_light_bias);
     } else {
       mix_backward_span(upstream + start, mask + start, soft + start,
-                        full + start, NULL, column, units, temperature,
-                        d_full + start, NULL, d_logits + start);
+                        full + start, NULL, bias, light_bias, column, units,
+                        temperature, d_full + start, NULL, d_logits + start,
+                        d_bias, d_light_bias);
     }
   }
 }

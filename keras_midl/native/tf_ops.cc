@@ -8,8 +8,10 @@
 // the graph ran a `tf.numpy_function` (a Python call per step) and a
 // dozen elementwise kernels. Built by keras_midl/native/build.py against
 // the installed TensorFlow's headers, loaded and wrapped in a custom
-// gradient by keras_midl/backend/tensorflow.py. An empty `light` or
-// `column` stands for none (NULL in the C functions).
+// gradient by keras_midl/backend/tensorflow.py. An empty `light`, bias or
+// `column` stands for none (NULL in the C functions). The mix adds the
+// paths' biases and its gradient sums theirs, where the graph ran two
+// adds and two sums over the rows.
 #include <cstdint>
 
 #include "tensorflow/core/framework/common_shape_fns.h"
@@ -21,12 +23,15 @@ extern "C" {
 void midl_topk_mask(const float *scores, int64_t count, int64_t units,
                     int64_t k, float *mask, float *scratch);
 void midl_mix(const float *mask, const float *full, const float *light,
-              int64_t size, float *outputs);
+              const float *bias, const float *light_bias, int64_t size,
+              int64_t units, float *outputs, float *scratch);
 void midl_mix_backward(const float *upstream, const float *mask,
                        const float *soft, const float *full,
-                       const float *light, int64_t size, float temperature,
-                       const float *column, int64_t units, float *d_full,
-                       float *d_light, float *d_logits);
+                       const float *light, const float *bias,
+                       const float *light_bias, int64_t size,
+                       float temperature, const float *column, int64_t units,
+                       float *d_full, float *d_light, float *d_logits,
+                       float *d_bias, float *d_light_bias, float *scratch);
 }
 
 namespace {
@@ -43,6 +48,23 @@ using tensorflow::shape_inference::InferenceContext;
 // The data of a float tensor, or NULL where it is empty (none).
 const float *DataOrNull(const Tensor &tensor) {
   return tensor.NumElements() ? tensor.flat<float>().data() : nullptr;
+}
+
+float *MutableDataOrNull(Tensor *tensor) {
+  return tensor->NumElements() ? tensor->flat<float>().data() : nullptr;
+}
+
+// Whether `vector` is empty (none) or holds one float per unit.
+bool IsNoneOrPerUnit(const Tensor &vector, int64_t units) {
+  return vector.NumElements() == 0 ||
+         (vector.dims() == 1 && vector.dim_size(0) == units);
+}
+
+// `5 * units` floats of scratch for `midl_mix` and `midl_mix_backward`.
+tensorflow::Status MixScratch(OpKernelContext *context, int64_t units,
+                              Tensor *scratch) {
+  return context->allocate_temp(tensorflow::DT_FLOAT,
+                                TensorShape({5 * units}), scratch);
 }
 
 class TopkMaskOp : public OpKernel {
@@ -84,18 +106,31 @@ class MixOp : public OpKernel {
     const Tensor &mask = context->input(0);
     const Tensor &full = context->input(1);
     const Tensor &light = context->input(2);
+    const Tensor &bias = context->input(3);
+    const Tensor &light_bias = context->input(4);
     OP_REQUIRES(context, mask.shape() == full.shape(),
                 InvalidArgument("mask and full must have one shape"));
     OP_REQUIRES(context,
                 light.NumElements() == 0 || light.shape() == full.shape(),
                 InvalidArgument("light must be empty or of full's shape"));
+    OP_REQUIRES(context, full.dims() >= 1,
+                InvalidArgument("full must have a rank of 1 or more"));
+    const int64_t units = full.dim_size(full.dims() - 1);
+    OP_REQUIRES(context,
+                IsNoneOrPerUnit(bias, units) &&
+                    IsNoneOrPerUnit(light_bias, units),
+                InvalidArgument("bias and light_bias must be empty or hold "
+                                "units floats"));
     Tensor *outputs = nullptr;
     OP_REQUIRES_OK(context,
                    context->allocate_output(0, full.shape(), &outputs));
     if (full.NumElements() == 0) return;
+    Tensor scratch;
+    OP_REQUIRES_OK(context, MixScratch(context, units, &scratch));
     midl_mix(mask.flat<float>().data(), full.flat<float>().data(),
-             DataOrNull(light), full.NumElements(),
-             outputs->flat<float>().data());
+             DataOrNull(light), DataOrNull(bias), DataOrNull(light_bias),
+             full.NumElements(), units, outputs->flat<float>().data(),
+             scratch.flat<float>().data());
   }
 };
 
@@ -108,7 +143,9 @@ class MixGradOp : public OpKernel {
   void Compute(OpKernelContext *context) override {
     const Tensor &full = context->input(3);
     const Tensor &light = context->input(4);
-    const Tensor &column = context->input(5);
+    const Tensor &bias = context->input(5);
+    const Tensor &light_bias = context->input(6);
+    const Tensor &column = context->input(7);
     for (int i = 0; i < 3; ++i) {
       OP_REQUIRES(context, context->input(i).shape() == full.shape(),
                   InvalidArgument("upstream, mask, soft and full must have "
@@ -121,24 +158,44 @@ class MixGradOp : public OpKernel {
                 InvalidArgument("full must have a rank of 1 or more"));
     const int64_t units = full.dim_size(full.dims() - 1);
     OP_REQUIRES(context,
-                column.NumElements() == 0 || column.NumElements() == units,
-                InvalidArgument("column must be empty or hold units floats"));
+                IsNoneOrPerUnit(bias, units) &&
+                    IsNoneOrPerUnit(light_bias, units) &&
+                    IsNoneOrPerUnit(column, units),
+                InvalidArgument("bias, light_bias and column must be empty "
+                                "or hold units floats"));
+    // A light bias without a light path gets no gradient (an empty one).
+    const bool light_bias_used =
+        light.NumElements() != 0 && light_bias.NumElements() != 0;
     Tensor *d_full = nullptr, *d_light = nullptr, *d_logits = nullptr;
+    Tensor *d_bias = nullptr, *d_light_bias = nullptr;
     OP_REQUIRES_OK(context, context->allocate_output(0, full.shape(), &d_full));
     OP_REQUIRES_OK(context,
                    context->allocate_output(1, light.shape(), &d_light));
     OP_REQUIRES_OK(context,
                    context->allocate_output(2, full.shape(), &d_logits));
+    OP_REQUIRES_OK(context,
+                   context->allocate_output(3, bias.shape(), &d_bias));
+    OP_REQUIRES_OK(context,
+                   context->allocate_output(
+                       4, light_bias_used ? light_bias.shape()
+                                          : TensorShape({0}),
+                       &d_light_bias));
+    // The sums of no rows, where `full` is empty.
+    if (d_bias->NumElements()) d_bias->flat<float>().setZero();
+    if (d_light_bias->NumElements()) d_light_bias->flat<float>().setZero();
     if (full.NumElements() == 0) return;
-    midl_mix_backward(context->input(0).flat<float>().data(),
-                      context->input(1).flat<float>().data(),
-                      context->input(2).flat<float>().data(),
-                      full.flat<float>().data(), DataOrNull(light),
-                      full.NumElements(), temperature_, DataOrNull(column),
-                      units, d_full->flat<float>().data(),
-                      light.NumElements() ? d_light->flat<float>().data()
-                                          : nullptr,
-                      d_logits->flat<float>().data());
+    Tensor scratch;
+    OP_REQUIRES_OK(context, MixScratch(context, units, &scratch));
+    midl_mix_backward(
+        context->input(0).flat<float>().data(),
+        context->input(1).flat<float>().data(),
+        context->input(2).flat<float>().data(), full.flat<float>().data(),
+        DataOrNull(light), DataOrNull(bias),
+        light_bias_used ? DataOrNull(light_bias) : nullptr,
+        full.NumElements(), temperature_, DataOrNull(column), units,
+        d_full->flat<float>().data(), MutableDataOrNull(d_light),
+        d_logits->flat<float>().data(), MutableDataOrNull(d_bias),
+        MutableDataOrNull(d_light_bias), scratch.flat<float>().data());
   }
 
  private:
@@ -158,6 +215,8 @@ REGISTER_OP("MidlMix")
     .Input("mask: float")
     .Input("full: float")
     .Input("light: float")
+    .Input("bias: float")
+    .Input("light_bias: float")
     .Output("outputs: float")
     .SetShapeFn([](InferenceContext *context) {
       context->set_output(0, context->input(1));
@@ -171,15 +230,21 @@ REGISTER_OP("MidlMixGrad")
     .Input("soft: float")
     .Input("full: float")
     .Input("light: float")
+    .Input("bias: float")
+    .Input("light_bias: float")
     .Input("column: float")
     .Attr("temperature: float")
     .Output("d_full: float")
     .Output("d_light: float")
     .Output("d_logits: float")
+    .Output("d_bias: float")
+    .Output("d_light_bias: float")
     .SetShapeFn([](InferenceContext *context) {
       context->set_output(0, context->input(3));
       context->set_output(1, context->input(4));
       context->set_output(2, context->input(3));
+      context->set_output(3, context->input(5));
+      context->set_output(4, context->UnknownShapeOfRank(1));
       return tensorflow::OkStatus();
     });
 REGISTER_KERNEL_BUILDER(Name("MidlMixGrad").Device(DEVICE_CPU), MixGradOp);

@@ -567,12 +567,15 @@ def straight_through_mix(
     temperature,
     return_frequencies=False,
     training=False,
+    bias=None,
+    light_bias=None,
 ):
-    """`keras_midl.ops.straight_through_mix`, in the native kernel where
-    it runs (a forward and a backward of one C pass each, the
-    frequencies' gradient included: torch, eager and under
-    `torch.compile`; TensorFlow's graphs built with `training` true,
-    without XLA), else in `keras.ops`."""
+    """`keras_midl.ops.straight_through_mix` of `full + bias` and `light +
+    light_bias` (a bias `None`: none), in the native kernel where it runs
+    (a forward and a backward of one C pass each, the biases' adds and
+    gradients and the frequencies' gradient included: torch, eager and
+    under `torch.compile`; TensorFlow's graphs built with `training`
+    true, without XLA), else in `keras.ops`."""
     outputs = backends.current().native_mix(
         mask,
         logits,
@@ -581,8 +584,14 @@ def straight_through_mix(
         temperature,
         return_frequencies=return_frequencies,
         training=training,
+        bias=bias,
+        light_bias=light_bias,
     )
     if outputs is None:
+        if bias is not None:
+            full = ops.add(full, bias)
+        if light is not None and light_bias is not None:
+            light = ops.add(light, light_bias)
         outputs = selection.straight_through_mix(
             mask,
             logits,
