@@ -157,8 +157,8 @@ def mix_pointers(
 
 def _mix_scratch(units):
     """The scratch of `midl_mix` and `midl_mix_backward`: the missing
-    biases, column and bias gradients, `units` floats each."""
-    return np.empty(5 * max(units, 1), np.float32)
+    biases and column, `units` floats each."""
+    return np.empty(3 * max(units, 1), np.float32)
 
 
 def select_mix_pointers(

@@ -60,11 +60,11 @@ bool IsNoneOrPerUnit(const Tensor &vector, int64_t units) {
          (vector.dims() == 1 && vector.dim_size(0) == units);
 }
 
-// `5 * units` floats of scratch for `midl_mix` and `midl_mix_backward`.
+// `3 * units` floats of scratch for `midl_mix` and `midl_mix_backward`.
 tensorflow::Status MixScratch(OpKernelContext *context, int64_t units,
                               Tensor *scratch) {
   return context->allocate_temp(tensorflow::DT_FLOAT,
-                                TensorShape({5 * units}), scratch);
+                                TensorShape({3 * units}), scratch);
 }
 
 class TopkMaskOp : public OpKernel {
