@@ -205,7 +205,7 @@ def native_mix(
     temperature = float(temperature)
     # The differentiable inputs present, in order: logits, full, then
     # light, bias and light_bias where given.
-    present = [light is not None, *(b is not None for b in biases)]
+    present = [has_light, *(b is not None for b in biases)]
     optional = [t for t in (light, *biases) if t is not None]
 
     @tf.custom_gradient

@@ -297,7 +297,7 @@ def _bias_tensor(bias):
 
 
 def _native_bias(bias, full):
-    """Whether the C mix takes `bias` for `full`: a float32 CPU vector of
+    """Whether the C mixes take `bias` for `full`: a float32 CPU vector of
     `full`'s last axis."""
     return (
         bias.dtype == torch.float32
@@ -525,9 +525,7 @@ def native_select_mix(logits, k, full, bias, light, light_bias):
     # are vectors.
     biases = [None if t is None else t.detach().contiguous()
               for t in (bias, light_bias)]
-    if any(t is not None and (
-        t.dtype != torch.float32 or t.device != torch.device("cpu")
-    ) for t in biases):
+    if not all(t is None or _native_bias(t, full) for t in biases):
         return None
     bias, light_bias = biases
     light = None if light is None else light.detach().contiguous()
@@ -540,8 +538,7 @@ def native_select_mix(logits, k, full, bias, light, light_bias):
             units,
             k,
             full.data_ptr(),
-            *(0 if t is None else t.data_ptr()
-              for t in (bias, light, light_bias)),
+            *map(_address, (bias, light, light_bias)),
         )
     return full
 

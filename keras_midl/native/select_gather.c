@@ -629,6 +629,16 @@ void midl_topk_mask(const float *scores, int64_t count, int64_t units,
   }
 }
 
+/* `units` floats of -0.0f, where a bias or a column is missing: adding
+ * -0.0f changes no float (not even -0.0), so the missing one adds
+ * nothing. `spare`: `units` floats of scratch for them. */
+static const float *or_negative_zeros(const float *given, int64_t units,
+                                      float *spare) {
+  if (given) return given;
+  for (int64_t j = 0; j < units; ++j) spare[j] = -0.0f;
+  return spare;
+}
+
 /* `keep ? chosen : other`, taken by a bit mask: the compiler vectorizes
  * a loop of these, where it compiles a `?:` of two sums as a branch. */
 static inline float select_float(int keep, float chosen, float other) {
@@ -677,11 +687,8 @@ void midl_select_mix(const float *logits, int64_t count, int64_t units,
         row_threshold(logits + b * units, units, k, clean,
                       (uint32_t *)(scratch + units));
     /* The keys are spent: their scratch holds the missing biases. */
-    if (!bias || !light_bias) {
-      for (int64_t j = 0; j < units; ++j) zeros[j] = -0.0f;
-    }
-    const float *add = bias ? bias : zeros;
-    const float *light_add = light_bias ? light_bias : zeros;
+    const float *add = or_negative_zeros(bias, units, zeros);
+    const float *light_add = or_negative_zeros(light_bias, units, zeros);
     int64_t at_least = 0;
     for (int64_t j = 0; j < units; ++j) at_least += clean[j] >= threshold;
     if (at_least == k) {
@@ -699,16 +706,6 @@ void midl_select_mix(const float *logits, int64_t count, int64_t units,
       }
     }
   }
-}
-
-/* `units` floats of -0.0f, where a bias or a column is missing: adding
- * -0.0f changes no float (not even -0.0), so the missing one adds
- * nothing. `spare`: `units` floats of scratch for them. */
-static const float *or_negative_zeros(const float *given, int64_t units,
-                                      float *spare) {
-  if (given) return given;
-  for (int64_t j = 0; j < units; ++j) spare[j] = -0.0f;
-  return spare;
 }
 
 /* One row of `midl_mix`: `n` elements; `light` NULL or not in each call's
