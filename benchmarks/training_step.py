@@ -125,7 +125,7 @@ def transposed_dense():
     and multiplies it the way MIDL's full path does."""
     import keras
 
-    from keras_midl.midl import _matmul_transposed
+    from keras_midl import backend
 
     class DenseTransposed(keras.layers.Layer):
         def __init__(self, units, activation=None, **kwargs):
@@ -142,7 +142,9 @@ def transposed_dense():
                                         initializer="zeros")
 
         def call(self, inputs, training=None):
-            outputs = _matmul_transposed(inputs, self.kernel) + self.bias
+            outputs = backend.current().matmul_transposed(
+                inputs, self.kernel
+            ) + self.bias
             return self.activation(outputs)
 
     return DenseTransposed

@@ -21,53 +21,6 @@ from keras_midl.ops.selection import frequency_balance_loss
 from keras_midl.ops.selection import selection_frequencies
 from keras_midl.ops.selection import straight_through
 
-# In TensorFlow graphs from this many rows (a static count), `x @ kernel^T`
-# is one matmul with a transposed operand (see `_matmul_transposed`).
-TENSORFLOW_TRANSPOSED_OPERAND_ROWS = 256
-
-
-def _matmul_transposed(inputs, kernel):
-    """`inputs @ kernel^T` for a kernel stored as `(units, input_dim)`.
-
-    Computed as `(kernel @ rows^T)^T` on TensorFlow and JAX: their CPU
-    matmuls with a transposed right operand (what `matmul(x,
-    transpose(kernel))` and `einsum` lower to) are slower than `x @ W`
-    at small batches (TensorFlow about 2x; XLA up to 13x at batch 1,
-    where it copies the transposed kernel), while transposing the
-    activations costs no more than Dense. On torch `x @ kernel^T`
-    directly (BLAS reads the transposed operand in place): the other form
-    leaves a non-contiguous output that the elementwise ops after it read
-    more slowly.
-
-    In TensorFlow graphs with at least
-    `TENSORFLOW_TRANSPOSED_OPERAND_ROWS` rows (a static count; training
-    batches) also `x @ kernel^T`: its gradients are two plain matmuls,
-    where the other form's pass through four transposes. Forward and
-    backward, one thread, it took 0.87-0.97x the time of the other form
-    at 256-1024 rows of 784 x 1024 and 1024 x 1024 kernels and 0.91x at
-    4096 x 4096, but 1.08-1.14x at 64 rows (the same at 128); a training
-    step of the MLP 784-1024-1024-10 at batch 256 went from 1.49-1.50x
-    Dense's time to 1.39-1.40x (one-off A/Bs in one process).
-    """
-    if keras.backend.backend() == "torch":
-        return ops.matmul(inputs, ops.transpose(kernel))
-    units, input_dim = kernel.shape
-    flat = len(inputs.shape) == 2
-    rows = inputs if flat else ops.reshape(inputs, (-1, input_dim))
-    count = rows.shape[0]
-    if (
-        keras.backend.backend() == "tensorflow"
-        and count is not None
-        and count >= TENSORFLOW_TRANSPOSED_OPERAND_ROWS
-        and backend.current().in_trace(rows)
-    ):
-        outputs = ops.matmul(rows, ops.transpose(kernel))
-    else:
-        outputs = ops.transpose(ops.matmul(kernel, ops.transpose(rows)))
-    if flat:
-        return outputs
-    return ops.reshape(outputs, (*ops.shape(inputs)[:-1], units))
-
 
 def _int8_dot_jax(inputs, kernel):
     """`inputs @ kernel^T` of int8 operands as XLA's int8 dot with int32
@@ -523,9 +476,9 @@ class MIDL(GatedLayer):
             kernel = ops.cast(
                 ops.add(self.kernel, self._lora_update()), self.compute_dtype
             )
-            full = _matmul_transposed(inputs, kernel)
+            full = backend.current().matmul_transposed(inputs, kernel)
         else:
-            full = _matmul_transposed(inputs, self.kernel)
+            full = backend.current().matmul_transposed(inputs, self.kernel)
         return full
 
     def _light_path(self, code):
@@ -866,7 +819,7 @@ class MIDL(GatedLayer):
                 # as int32 up to float32 rounding (exact below 2**24);
                 # int8 matmuls were 2-6x slower than float32 ones on
                 # TensorFlow and PyTorch CPUs here.
-                outputs = _matmul_transposed(
+                outputs = backend.current().matmul_transposed(
                     ops.cast(inputs, "float32"), ops.cast(kernel, "float32")
                 )
             outputs = ops.cast(outputs, self.compute_dtype)

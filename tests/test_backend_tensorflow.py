@@ -82,6 +82,43 @@ def test_in_trace_inside_graphs_only(tf_backend):
     assert not tf_backend.exporting()
 
 
+@pytest.mark.parametrize("shape", [(127, 24), (128, 24), (4, 64, 24)])
+def test_matmul_transposed_in_graphs_of_many_rows_transposes_nothing(
+    tf_backend, shape, rng
+):
+    """From `TRANSPOSED_OPERAND_ROWS` rows a traced `inputs @ kernel^T`
+    and its gradients are `MatMul`s with no `Transpose`, the kernel's
+    gradient written in its layout; with fewer rows the activations and
+    the output are transposed, forward and backward."""
+    import tensorflow as tf
+
+    inputs = tf.constant(rng.normal(size=shape).astype("float32"))
+    kernel = tf.Variable(rng.normal(size=(10, shape[-1])).astype("float32"))
+
+    @tf.function
+    def outputs_and_gradients(inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            outputs = tf_backend.matmul_transposed(inputs, kernel)
+            loss = tf.reduce_sum(outputs * outputs)
+        return (outputs, *tape.gradient(loss, [inputs, kernel]))
+
+    outputs, d_inputs, d_kernel = outputs_and_gradients(inputs)
+    x, w = inputs.numpy(), kernel.numpy()
+    want = x @ w.T
+    np.testing.assert_allclose(outputs.numpy(), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_inputs.numpy(), 2 * want @ w, rtol=1e-4,
+                               atol=1e-3)
+    rows = x.reshape(-1, shape[-1])
+    np.testing.assert_allclose(
+        d_kernel.numpy(), 2 * (rows @ w.T).T @ rows, rtol=1e-4, atol=1e-3
+    )
+    graph = outputs_and_gradients.get_concrete_function(inputs).graph
+    transposes = [op for op in graph.get_operations() if op.type == "Transpose"]
+    many = np.prod(shape[:-1]) >= tf_backend.TRANSPOSED_OPERAND_ROWS
+    assert (len(transposes) == 0) == bool(many)
+
+
 def test_tf_function_runs_keras_ops_and_equals_masked(native_calls, rng):
     """A caller's `tf.function`, and `predict` under XLA
     (`jit_compile=True`), run the gathered path in `keras.ops`."""

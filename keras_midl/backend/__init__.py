@@ -11,6 +11,9 @@ on backends without a module of their own, such as NumPy's):
 * `exporting()`: whether a tracing exporter records the call
   (`torch.jit.trace`, used by the ONNX exporter), which freezes
   data-dependent branches and records no custom gradient.
+* `matmul_transposed(inputs, kernel)`: `inputs @ kernel^T` for a kernel
+  stored as `(units, input_dim)` (MIDL's full path), in the form that is
+  fastest on the backend.
 * `native_forward(inputs, weights, k)`: a layer's gathered forward in
   the native kernel, or `None` where it cannot run here (device, dtype).
 * `compiled_gathered(inputs, weights, k)`: the gathered forward compiled

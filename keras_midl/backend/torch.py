@@ -8,6 +8,7 @@ import types
 import warnings
 
 import torch
+from keras import ops
 
 from keras_midl import config
 from keras_midl.backend import WEIGHT_NAMES
@@ -36,6 +37,14 @@ def exporting():
     """Whether `torch.jit.trace` (the ONNX exporter) records the call: it
     freezes data-dependent branches and records no custom gradient."""
     return torch.jit.is_tracing()
+
+
+def matmul_transposed(inputs, kernel):
+    """`inputs @ kernel^T` for a kernel stored as `(units, input_dim)`:
+    BLAS reads the transposed kernel in place. The form of the other
+    backends, `(kernel @ rows^T)^T`, leaves a non-contiguous output that
+    the elementwise ops after it read more slowly."""
+    return ops.matmul(inputs, ops.transpose(kernel))
 
 
 def native_forward(inputs, weights, k, quantize_inputs=True):
