@@ -55,6 +55,20 @@ def test_builds_once_into_a_private_folder(fresh_build):
 
 
 @needs_compiler
+def test_a_changed_header_is_a_new_build(fresh_build, monkeypatch, tmp_path):
+    """The header `select_gather.c` shares with the C++ sources is part of
+    the cache key: a library built before an edit of it is not reused."""
+    assert build.library() is not None
+    header = tmp_path / "select_gather.h"
+    with open(build.KERNELS_HEADER) as original:
+        header.write_text(original.read() + "/* edited */\n")
+    monkeypatch.setattr(build, "KERNELS_HEADER", str(header))
+    monkeypatch.setattr(build, "_state", {})
+    assert build.library() is not None
+    assert len(list(fresh_build.glob("select_gather-*.so"))) == 2
+
+
+@needs_compiler
 def test_a_folder_others_can_write_is_refused(fresh_build):
     fresh_build.mkdir(mode=0o700)
     os.chmod(fresh_build, 0o777)

@@ -3,6 +3,8 @@
 * `select_gather.c`: the C sources (the selection and the selected rows'
   dot products; the whole inference forward of a layer; the training
   selection and straight-through mix).
+* `select_gather.h`: the declarations of the functions of
+  `select_gather.c` that the C++ sources call.
 * `jax_ffi.cc`: the training selection as an XLA FFI handler for JAX,
   built with the C++ compiler against the installed jaxlib's headers.
 * `tf_ops.cc`: the training selection and straight-through mix as

@@ -42,6 +42,8 @@ from keras_midl import config
 SOURCE = os.path.join(os.path.dirname(__file__), "select_gather.c")
 JAX_FFI_SOURCE = os.path.join(os.path.dirname(__file__), "jax_ffi.cc")
 TF_OPS_SOURCE = os.path.join(os.path.dirname(__file__), "tf_ops.cc")
+# The declarations that `SOURCE` and the C++ sources share.
+KERNELS_HEADER = os.path.join(os.path.dirname(__file__), "select_gather.h")
 CACHE_ENV = "KERAS_MIDL_CACHE"
 
 _state = {}
@@ -238,11 +240,10 @@ def _build():
     if command is None:
         raise RuntimeError("no C compiler found ($CC, cc, gcc, clang)")
     flags = compile_flags()
-    with open(SOURCE, "rb") as source:
-        text = source.read()
+    texts = _read(SOURCE, KERNELS_HEADER)
     lib = cached_library(
         "select_gather",
-        [text, " ".join(command), " ".join(flags)],
+        [*texts, " ".join(command), " ".join(flags)],
         lambda work, output: run([*command, *flags, SOURCE, "-o", output]),
     )
     pointer, size = ctypes.c_void_p, ctypes.c_int64
@@ -281,6 +282,15 @@ def _build():
     return lib
 
 
+def _read(*paths):
+    """The bytes of each file, for a cache key."""
+    texts = []
+    for path in paths:
+        with open(path, "rb") as file:
+            texts.append(file.read())
+    return texts
+
+
 def _linked_with_kernels(
     stem, cxx_source, cxx_flags, headers=(), key_parts=(), load=ctypes.CDLL
 ):
@@ -288,16 +298,14 @@ def _linked_with_kernels(
     `library()`, linked with `cxx_source` by the C++ compiler with
     `cxx_flags` (after the sources and the object: link flags may be
     among them), cached as `cached_library` does under a key of both
-    sources, the `headers` it is built against, the commands and flags
-    and `key_parts`, and loaded by `load`."""
+    sources, their shared `KERNELS_HEADER`, the `headers` it is built
+    against, the commands and flags and `key_parts`, and loaded by
+    `load`."""
     c_command, cxx_command = compiler(), cxx_compiler()
     if c_command is None or cxx_command is None:
         raise RuntimeError("no C and C++ compilers found ($CC, $CXX)")
     flags = [flag for flag in compile_flags() if flag != "-shared"]
-    texts = []
-    for path in (SOURCE, cxx_source, *headers):
-        with open(path, "rb") as file:
-            texts.append(file.read())
+    texts = _read(SOURCE, KERNELS_HEADER, cxx_source, *headers)
 
     def build(work, output):
         compiled = os.path.join(work, "select_gather.o")

@@ -9,12 +9,9 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "select_gather.h"
 
 namespace ffi = xla::ffi;
-
-extern "C" void midl_topk_mask(const float *scores, int64_t count,
-                               int64_t units, int64_t k, float *mask,
-                               float *scratch);
 
 static ffi::Error TopkMask(ffi::Buffer<ffi::F32> scores,
                            ffi::ResultBuffer<ffi::F32> mask, int64_t k) {

@@ -50,6 +50,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "select_gather.h"
+
 #define GROUP 8
 
 #if defined(__AVX2__) && defined(__FMA__)

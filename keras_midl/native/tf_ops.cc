@@ -19,20 +19,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
 
-extern "C" {
-void midl_topk_mask(const float *scores, int64_t count, int64_t units,
-                    int64_t k, float *mask, float *scratch);
-void midl_mix(const float *mask, const float *full, const float *light,
-              const float *bias, const float *light_bias, int64_t size,
-              int64_t units, float *outputs, float *scratch);
-void midl_mix_backward(const float *upstream, const float *mask,
-                       const float *soft, const float *full,
-                       const float *light, const float *bias,
-                       const float *light_bias, int64_t size,
-                       float temperature, const float *column, int64_t units,
-                       float *d_full, float *d_light, float *d_logits,
-                       float *d_bias, float *d_light_bias, float *scratch);
-}
+#include "select_gather.h"
 
 namespace {
 
