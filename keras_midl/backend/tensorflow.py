@@ -53,9 +53,8 @@ def matmul_transposed(inputs, kernel):
     `generic.matmul_transposed`.
     """
     units, input_dim = kernel.shape
-    rows = inputs if len(inputs.shape) == 2 else tf.reshape(
-        inputs, (-1, input_dim)
-    )
+    flat = len(inputs.shape) == 2
+    rows = inputs if flat else tf.reshape(inputs, (-1, input_dim))
     count = rows.shape[0]
     if (
         count is None
@@ -66,7 +65,7 @@ def matmul_transposed(inputs, kernel):
     outputs = tf.linalg.matmul(
         rows, tf.convert_to_tensor(kernel), transpose_b=True
     )
-    if len(inputs.shape) == 2:
+    if flat:
         return outputs
     return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [units]], 0))
 
