@@ -212,10 +212,12 @@ def native_topk_mask(scores, k, training):
     """`keras_midl.ops.topk_mask(scores, k)` in one C call (the same mask,
     bit for bit), with no gradient, in training or not; `None` where the
     kernel cannot run (see `_native_ready`). Its `top_k` and the half
-    dozen elementwise passes around it took 3-4 ms at 256 x 1024 here,
-    the C call 0.8 ms (`benchmarks/results/selection/`). Under
-    `torch.compile` it is the operator `keras_midl::topk_mask`; eager, the
-    call itself (the operator's dispatch cost 55 us a call here)."""
+    dozen elementwise passes around it took 5-7 ms at 256 x 1024 here,
+    the C call 0.7-1.0 ms (the runs at 10cdd2f and 150434c,
+    `benchmarks/results/selection/`).
+    Under `torch.compile` it is the operator `keras_midl::topk_mask`;
+    eager, the call itself (the operator's dispatch cost 55 us a call
+    here)."""
     if not _native_ready(scores) or scores.ndim == 0:
         return None
     if torch.compiler.is_compiling():
