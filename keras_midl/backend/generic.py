@@ -32,10 +32,22 @@ def matmul_transposed(inputs, kernel):
     it copies the transposed kernel), while transposing the activations
     costs no more than Dense.
     """
+    return matmul_rows(inputs, kernel, transposed_activations)
+
+
+def transposed_activations(rows, kernel):
+    """`rows @ kernel^T` of a matrix `rows` as `(kernel @ rows^T)^T`."""
+    return ops.transpose(ops.matmul(kernel, ops.transpose(rows)))
+
+
+def matmul_rows(inputs, kernel, multiply):
+    """`multiply(rows, kernel)`, a product of the matrix `rows` with a
+    kernel stored as `(units, input_dim)`, on `inputs` of any rank: its
+    leading axes flattened into rows, then restored around `units`."""
     units, input_dim = kernel.shape
     flat = len(inputs.shape) == 2
     rows = inputs if flat else ops.reshape(inputs, (-1, input_dim))
-    outputs = ops.transpose(ops.matmul(kernel, ops.transpose(rows)))
+    outputs = multiply(rows, kernel)
     if flat:
         return outputs
     return ops.reshape(outputs, (*ops.shape(inputs)[:-1], units))

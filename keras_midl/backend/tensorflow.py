@@ -50,24 +50,24 @@ def matmul_transposed(inputs, kernel):
     rows^T)^T` (one-off A/Bs in one process). Forward only, at 128 rows
     and more, it takes the time of the other forms (0.97-1.00x); at 16
     rows 1.14x, so smaller batches and eager calls take
-    `generic.matmul_transposed`.
+    `generic.matmul_transposed`'s form.
     """
-    units, input_dim = kernel.shape
-    flat = len(inputs.shape) == 2
-    rows = inputs if flat else tf.reshape(inputs, (-1, input_dim))
+    return generic.matmul_rows(inputs, kernel, _matmul_transposed_rows)
+
+
+def _matmul_transposed_rows(rows, kernel):
+    """`rows @ kernel^T` of a matrix `rows`, by `matmul_transposed`'s
+    rule."""
     count = rows.shape[0]
     if (
         count is None
         or count < TRANSPOSED_OPERAND_ROWS
         or not in_trace(rows)
     ):
-        return generic.matmul_transposed(inputs, kernel)
-    outputs = tf.linalg.matmul(
+        return generic.transposed_activations(rows, kernel)
+    return tf.linalg.matmul(
         rows, tf.convert_to_tensor(kernel), transpose_b=True
     )
-    if flat:
-        return outputs
-    return tf.reshape(outputs, tf.concat([tf.shape(inputs)[:-1], [units]], 0))
 
 
 def _computes_on_cpu():
