@@ -260,8 +260,17 @@ def write(outputs, args):
     os.makedirs(args.output, exist_ok=True)
     stem = os.path.join(args.output, args.name)
     common.write_json(stem + ".json", rows, metadata)
+    if args.threads == 1:
+        threads = "one thread per backend, pinned to one CPU"
+    elif args.threads:
+        threads = f"{args.threads} threads per backend"
+    else:
+        threads = (
+            "each backend's default threading (not pinned; the native "
+            "kernel takes the backend's intra-op thread count)"
+        )
     notes = [
-        "Medians of interleaved rounds, one thread per backend. MIDL: "
+        f"Medians of interleaved rounds, {threads}. MIDL: "
         f"k_ratio {K_RATIO}, the default rank, `inference_path=\"auto\"`. "
         "`model(x)` is eager (on PyTorch under `torch.no_grad()`): there "
         "the int8 MIDL runs the native int8 kernel. `predict_on_batch` is "

@@ -66,6 +66,22 @@ def spy_native_calls(monkeypatch):
     return calls
 
 
+def spy_native_threads(monkeypatch):
+    """The `threads` handed to each call of the native forward
+    (`kernels.sparse_forward_pointers`, `kernels.select_gather_pointers`),
+    in order."""
+    seen = []
+    for name in ("sparse_forward_pointers", "select_gather_pointers"):
+        original = getattr(kernels, name)
+
+        def spy(*args, original=original, **kwargs):
+            seen.append(kwargs.get("threads"))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, spy)
+    return seen
+
+
 _SERVE = """
 import sys
 import numpy as np

@@ -11,6 +11,7 @@ from inference_utils import UNITS
 from inference_utils import as_numpy
 from inference_utils import make_pair
 from inference_utils import served_outputs
+from inference_utils import spy_native_threads
 
 from keras_midl.midl import MIDL
 from keras_midl.ops import dispatch
@@ -312,3 +313,18 @@ def test_one_int8_row_is_computed_as_two(rng):
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+def test_the_native_kernel_runs_on_every_available_cpu(
+    jax_backend, native_calls, monkeypatch, rng
+):
+    """XLA's CPU thread pool has a thread per CPU this process may run
+    on, and so does the kernel in eager calls."""
+    from keras_midl.native import kernels
+
+    threads = spy_native_threads(monkeypatch)
+    monkeypatch.setattr(kernels, "available_cpus", lambda: 5)
+    _, layer = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
+    x = rng.normal(size=(2, INPUT_DIM)).astype("float32")
+    jax_backend.native_forward(x, dispatch.layer_weights(layer), layer.k)
+    assert threads == [5]

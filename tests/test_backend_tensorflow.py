@@ -18,6 +18,7 @@ from inference_utils import UNITS
 from inference_utils import as_numpy
 from inference_utils import make_pair
 from inference_utils import served_outputs
+from inference_utils import spy_native_threads
 
 from keras_midl import native
 from keras_midl.midl import MIDL
@@ -796,3 +797,41 @@ def test_savedmodel_export_after_an_eager_call(tmp_path, rng):
     np.testing.assert_allclose(
         served_outputs(model, x, str(tmp_path)), expected, rtol=1e-5, atol=1e-5
     )
+
+
+# TensorFlow's configured threads, $TF_NUM_INTRAOP_THREADS, the CPUs this
+# process may run on, the kernel's.
+@pytest.mark.parametrize(
+    "configured, environment, cpus, expected",
+    [
+        (0, None, 3, 3),
+        (0, "1", 3, 1),
+        (0, "5", 3, 3),
+        (0, "many", 2, 2),
+        (2, "1", 4, 2),
+        (6, None, 4, 4),
+    ],
+)
+def test_the_native_kernel_runs_on_tensorflows_threads(
+    tf_backend, native_calls, monkeypatch, configured, environment, cpus,
+    expected, rng,
+):
+    import tensorflow as tf
+
+    from keras_midl.native import kernels
+
+    threads = spy_native_threads(monkeypatch)
+    monkeypatch.setattr(kernels, "available_cpus", lambda: cpus)
+    monkeypatch.setattr(
+        tf.config.threading,
+        "get_intra_op_parallelism_threads",
+        lambda: configured,
+    )
+    if environment is None:
+        monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", environment)
+    _, layer = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
+    x = tf.constant(rng.normal(size=(2, INPUT_DIM)).astype("float32"))
+    tf_backend.native_forward(x, dispatch.layer_weights(layer), layer.k)
+    assert threads == [expected]

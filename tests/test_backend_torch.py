@@ -18,6 +18,7 @@ from inference_utils import INPUT_DIM
 from inference_utils import UNITS
 from inference_utils import as_numpy
 from inference_utils import make_pair
+from inference_utils import spy_native_threads
 
 from keras_midl import config
 from keras_midl.midl import MIDL
@@ -406,9 +407,9 @@ def test_select_gather_reads_a_bias_that_outlives_the_call(
     units, dim, k = 64, 16, 20
     real = kernels.select_gather_pointers
 
-    def allocate_then_call(*args):
+    def allocate_then_call(*args, **kwargs):
         garbage = [torch.full((units,), 1e6) for _ in range(8)]
-        real(*args)
+        real(*args, **kwargs)
         del garbage
 
     monkeypatch.setattr(kernels, "select_gather_pointers", allocate_then_call)
@@ -710,3 +711,34 @@ def test_no_native_mix_for_an_int8_layer_nor_a_trace(c_pass_calls, rng):
     with torch.no_grad():
         layer(x)
     assert "select_mix_pointers" not in c_pass_calls
+
+
+# torch's thread count, the CPUs this process may run on, the kernel's.
+@pytest.mark.parametrize(
+    "torch_threads, cpus, expected", [(3, 8, 3), (3, 2, 2), (1, 8, 1)]
+)
+@pytest.mark.parametrize("recorded", [False, True])
+def test_the_native_kernel_runs_on_torchs_threads(
+    torch_backend, native_calls, monkeypatch, torch_threads, cpus,
+    expected, recorded, rng,
+):
+    """With no gradient recorded (`midl_sparse_forward`) and with one
+    (`midl_select_gather`), the kernel gets `torch.get_num_threads()`,
+    at most the CPUs this process may run on."""
+    import torch
+
+    from keras_midl.native import kernels
+
+    threads = spy_native_threads(monkeypatch)
+    monkeypatch.setattr(kernels, "available_cpus", lambda: cpus)
+    _, layer = make_pair((2, INPUT_DIM), **CONFIGS["k_half"])
+    weights = dispatch.layer_weights(layer)
+    x = torch.tensor(rng.normal(size=(2, INPUT_DIM)).astype("float32"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        with torch.set_grad_enabled(recorded):
+            torch_backend.native_forward(x, weights, layer.k)
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [expected]

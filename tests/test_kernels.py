@@ -540,3 +540,92 @@ def test_select_mix_is_the_masked_paths_mix(kind, with_light, with_biases, rng):
           for a in (bias, light if with_light else None, light_bias)),
     )
     np.testing.assert_array_equal(outputs.view("uint32"), want.view("uint32"))
+
+
+def _forward_with_threads(rows, weights, k, threads, quantize_inputs=True):
+    """`sparse_forward_pointers` on `threads` threads: the outputs, the
+    selection and the threads that ran."""
+    units, dim = weights["kernel"].shape
+    outputs = np.empty((rows.shape[0], units), np.float32)
+    selected = np.empty((rows.shape[0], k), np.int64)
+    addresses = {
+        name: 0 if weights.get(name) is None else weights[name].ctypes.data
+        for name in native.FORWARD_WEIGHTS
+    }
+    ran = native.kernels.sparse_forward_pointers(
+        rows.ctypes.data, rows.shape[0], dim, addresses,
+        weights["projection"].shape[1], units, k, outputs.ctypes.data,
+        selected.ctypes.data, quantize_inputs=quantize_inputs,
+        threads=threads,
+    )
+    return outputs, selected, ran
+
+
+# Kernels whose selected rows are 2.7-3 MiB: two threads of at least 1 MiB
+# each. 1 row: the selected neurons are split; 5 and 70 rows (two batch
+# blocks): the windows of the union.
+@pytest.mark.parametrize("count", [1, 5, 70])
+@pytest.mark.parametrize(
+    "kernel_kind, quantize_inputs",
+    [("float", True), ("int8", True), ("int8", False)],
+)
+def test_threads_give_the_same_outputs_bit_for_bit(
+    count, kernel_kind, quantize_inputs, rng
+):
+    if not native.available():
+        pytest.skip("the native library cannot be built here")
+    if kernel_kind == "float":
+        units, dim, k = 1024, 1030, 700  # 700 rows of 4,120 bytes
+        rows, weights = int8_case(rng, units, dim, 4, count)
+        kernel = rng.normal(size=(units, dim)).astype("float32")
+        weights = dict(weights, kernel=kernel, kernel_scale=None)
+    else:
+        units, dim, k = 4096, 1030, 2800  # 2,800 rows of 1,030 bytes
+        rows, weights = int8_case(rng, units, dim, 4, count)
+    want = _forward_with_threads(rows, weights, k, 1, quantize_inputs)
+    assert want[2] == 1
+    for threads in (2, 3):
+        outputs, selected, ran = _forward_with_threads(
+            rows, weights, k, threads, quantize_inputs
+        )
+        # One row: 3 threads would read less than 1 MiB each. Several:
+        # the union of their selections, more rows, takes 3.
+        assert ran == (2 if count == 1 else threads)
+        np.testing.assert_array_equal(selected, want[1])
+        np.testing.assert_array_equal(
+            outputs.view("uint32"), want[0].view("uint32")
+        )
+
+
+def test_select_gather_threads_give_the_same_outputs(rng):
+    if not native.available():
+        pytest.skip("the native library cannot be built here")
+    logits, kernel, rows, light, bias = random_case(
+        rng, 1024, 1030, 3, 700, "ties"
+    )
+    want = native.select_gather(logits, kernel, rows, 700, light, bias, 1)
+    got = native.select_gather(logits, kernel, rows, 700, light, bias, 2)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0].view("uint32"), want[0].view("uint32"))
+
+
+def test_a_small_layer_runs_on_one_thread(rng):
+    """Threads are started only for 1 MiB or more of kernel rows each."""
+    if not native.available():
+        pytest.skip("the native library cannot be built here")
+    rows, weights = int8_case(rng, 64, 32, 4, 3)
+    weights = dict(weights, kernel=weights["kernel"].astype("float32"),
+                   kernel_scale=None)
+    assert _forward_with_threads(rows, weights, 20, 8)[2] == 1
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True, "2"])
+def test_bad_threads_raise(implementation, threads):
+    rows, weights = int8_case(np.random.default_rng(0), 12, 16, 4, 1)
+    with pytest.raises(ValueError, match="`threads` must be a positive int"):
+        native.sparse_forward(rows, weights, 3, threads=threads)
+    with pytest.raises(ValueError, match=f"threads={threads!r}"):
+        native.select_gather(
+            np.zeros((1, 6)), np.zeros((6, 5)), np.zeros((1, 5)), 2,
+            np.zeros((1, 6)), threads=threads,
+        )

@@ -124,7 +124,7 @@ def native_dtypes(weights, is_float32, is_int8):
     return True
 
 
-def forward_on_arrays(rows, arrays, k, quantize_inputs=True):
+def forward_on_arrays(rows, arrays, k, quantize_inputs=True, threads=None):
     """The native forward on NumPy views of a built layer's inputs and
     weights, for the backends whose CPU tensors share their buffers with
     NumPy (TensorFlow, JAX).
@@ -135,6 +135,8 @@ def forward_on_arrays(rows, arrays, k, quantize_inputs=True):
             layer's weights (`None` where absent), C-contiguous.
         k: Neurons selected per row.
         quantize_inputs: int8 only, see `kernels.sparse_forward`.
+        threads: The most threads of the native kernel (default: the
+            CPUs this process may run on).
 
     Returns:
         Float32 array `(..., units)`, or `None` where the weights' dtypes
@@ -151,6 +153,6 @@ def forward_on_arrays(rows, arrays, k, quantize_inputs=True):
     if not flat.shape[0]:
         return np.zeros((*rows.shape[:-1], units), np.float32)
     outputs, _ = kernels.sparse_forward_arrays(
-        flat, arrays, k, quantize_inputs=quantize_inputs
+        flat, arrays, k, quantize_inputs=quantize_inputs, threads=threads
     )
     return outputs.reshape(*rows.shape[:-1], units)

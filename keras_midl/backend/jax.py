@@ -95,7 +95,9 @@ def native_forward(inputs, weights, k, quantize_inputs=True):
     cannot run (the default backend is not the CPU, an array neither
     float32 nor the int8 kernel of a quantized layer). `quantize_inputs`:
     int8 only, see `keras_midl.native.sparse_forward`. The shapes are the
-    built layer's, so the kernel runs without `sparse_forward`'s checks."""
+    built layer's, so the kernel runs without `sparse_forward`'s checks.
+    The kernel runs on as many threads as XLA's CPU thread pool has (one
+    per CPU this process may run on; `XLA_FLAGS` do not change it)."""
     if jax.default_backend() != "cpu":
         return None
     # NumPy views of the CPU buffers; the outputs are shaped in NumPy and
@@ -107,7 +109,11 @@ def native_forward(inputs, weights, k, quantize_inputs=True):
         for name in kernels.FORWARD_WEIGHTS
     }
     outputs = generic.forward_on_arrays(
-        np.asarray(inputs), arrays, k, quantize_inputs=quantize_inputs
+        np.asarray(inputs),
+        arrays,
+        k,
+        quantize_inputs=quantize_inputs,
+        threads=kernels.available_cpus(),
     )
     return None if outputs is None else jnp.asarray(outputs)
 

@@ -58,7 +58,8 @@ def native_forward(inputs, weights, k, quantize_inputs=True):
     `keras_midl.native.sparse_forward`). Otherwise the gate logits and the
     light path come from torch's matmuls, and the selection and the
     selected dot products from `midl_select_gather`, an autograd function
-    (float kernels only).
+    (float kernels only). The kernel runs on torch's intra-op thread count
+    (`intra_op_threads`).
     """
     cpu = torch.device("cpu")
     tensors = [inputs, *weights.values()]
@@ -110,8 +111,17 @@ def _forward(rows, weights, k, quantize_inputs=True):
             outputs.data_ptr(),
             selected.data_ptr(),
             quantize_inputs=quantize_inputs,
+            threads=intra_op_threads(),
         )
     return outputs
+
+
+def intra_op_threads():
+    """The threads torch's ops run on (`torch.get_num_threads()`:
+    `torch.set_num_threads`, else `$OMP_NUM_THREADS`, else one per core),
+    which the native kernel takes too; never more than the CPUs this
+    process may run on."""
+    return max(1, min(torch.get_num_threads(), kernels.available_cpus()))
 
 
 def _recorded_forward(rows, weights, k):
@@ -159,6 +169,7 @@ class SelectGather(torch.autograd.Function):
                 0 if bias_values is None else bias_values.data_ptr(),
                 outputs.data_ptr(),
                 selected.data_ptr(),
+                threads=intra_op_threads(),
             )
         ctx.save_for_backward(rows, kernel, selected)
         ctx.has_bias = bias is not None

@@ -118,7 +118,7 @@ X86_INSTRUCTION_SETS = (
 
 def compile_flags():
     """The compiler flags for this machine."""
-    flags = ["-O3", "-std=c99", "-shared", "-fPIC"]
+    flags = ["-O3", "-std=c99", "-shared", "-fPIC", "-pthread"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         cpu = _cpu_flags()
         for needed, extra in X86_INSTRUCTION_SETS:
@@ -249,20 +249,20 @@ def _build():
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.midl_select_gather.argtypes = [pointer, size, pointer, size]
     lib.midl_select_gather.argtypes += [pointer, size, size, pointer]
-    lib.midl_select_gather.argtypes += [pointer, pointer, pointer]
-    lib.midl_select_gather.restype = None
+    lib.midl_select_gather.argtypes += [pointer, pointer, pointer, size]
+    lib.midl_select_gather.restype = size  # the threads that ran
     lib.midl_sparse_forward.argtypes = [pointer, size, size, pointer, size]
     lib.midl_sparse_forward.argtypes += [pointer] * 6 + [size, size]
-    lib.midl_sparse_forward.argtypes += [pointer] * 3
-    lib.midl_sparse_forward.restype = None
+    lib.midl_sparse_forward.argtypes += [pointer] * 3 + [size]
+    lib.midl_sparse_forward.restype = size
     # int8 kernel: rows .. light_bias as above, then kernel (int8),
     # kernel_scale, bias, units, k, quantize_inputs, outputs, selected,
-    # scratch.
+    # scratch, threads.
     lib.midl_sparse_forward_int8.argtypes = [pointer, size, size, pointer]
     lib.midl_sparse_forward_int8.argtypes += [size] + [pointer] * 7
     lib.midl_sparse_forward_int8.argtypes += [size, size, ctypes.c_int]
-    lib.midl_sparse_forward_int8.argtypes += [pointer] * 3
-    lib.midl_sparse_forward_int8.restype = None
+    lib.midl_sparse_forward_int8.argtypes += [pointer] * 3 + [size]
+    lib.midl_sparse_forward_int8.restype = size
     # The training selection and the straight-through mix.
     lib.midl_topk_mask.argtypes = [pointer, size, size, size, pointer, pointer]
     lib.midl_topk_mask.restype = None
@@ -336,7 +336,10 @@ def _build_jax_ffi(include_dir):
     return _linked_with_kernels(
         "jax_ffi",
         JAX_FFI_SOURCE,
-        ["-O3", "-std=c++17", "-shared", "-fPIC", "-I", include_dir],
+        [
+            "-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-I",
+            include_dir,
+        ],
         headers=headers,
     )
 
@@ -364,7 +367,7 @@ def _build_tf_ops(tf_flags, version, load):
     return _linked_with_kernels(
         "tf_ops",
         TF_OPS_SOURCE,
-        ["-O3", "-shared", "-fPIC", "-w", *tf_flags],
+        ["-O3", "-shared", "-fPIC", "-pthread", "-w", *tf_flags],
         key_parts=[" ".join(tf_flags), version],
         load=load,
     )

@@ -11,6 +11,8 @@ compiler, native kernels off) both compute the same in NumPy. The
 addresses, for the backends that hold their own buffers.
 """
 
+import os
+
 import numpy as np
 
 from keras_midl.native import build
@@ -31,6 +33,32 @@ FORWARD_WEIGHTS = (
 REQUIRED_WEIGHTS = ("projection", "gate_kernel", "kernel")
 
 
+def available_cpus():
+    """The CPUs this process may run on: its affinity where the platform
+    reports one (`taskset`, a container's CPU set), else every CPU."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _threads(threads):
+    """`threads`, or `available_cpus()` for `None`.
+
+    Raises:
+        ValueError: If `threads` is not `None` or a positive int.
+    """
+    if threads is None:
+        return available_cpus()
+    if isinstance(threads, bool) or not isinstance(
+        threads, (int, np.integer)
+    ) or threads < 1:
+        raise ValueError(
+            f"`threads` must be a positive int or None; received "
+            f"threads={threads!r}"
+        )
+    return int(threads)
+
+
 def _selection_scratch(units):
     """The scratch of the C selection of one row of `units` scores
     (`select_gather.c`: the cleaned scores and their `2 * units` keys),
@@ -39,7 +67,8 @@ def _selection_scratch(units):
 
 
 def select_gather_pointers(
-    logits, units, kernel, dim, rows, count, k, bias, outputs, selected
+    logits, units, kernel, dim, rows, count, k, bias, outputs, selected,
+    threads=None,
 ):
     """`midl_select_gather` on raw addresses (ints; `bias` may be 0).
 
@@ -47,10 +76,13 @@ def select_gather_pointers(
     `kernel (units, dim)`, `rows (count, dim)`, `bias (units,)`,
     `outputs (count, units)` (the light path, overwritten at the selected
     neurons) and int64 `selected (count, k)`, `1 <= k <= units`, all
-    alive until the call returns.
+    alive until the call returns. At most `threads` threads (default
+    `available_cpus()`) compute the dot products; the outputs are the
+    same for any count. Returns the threads that ran (fewer where each
+    would read less than 1 MiB of the kernel).
     """
     scratch = _selection_scratch(units)
-    build.library().midl_select_gather(
+    return build.library().midl_select_gather(
         logits,
         units,
         kernel,
@@ -62,12 +94,13 @@ def select_gather_pointers(
         outputs,
         selected,
         scratch.ctypes.data,
+        _threads(threads),
     )
 
 
 def sparse_forward_pointers(
     rows, count, dim, weights, rank, units, k, outputs, selected,
-    quantize_inputs=True,
+    quantize_inputs=True, threads=None,
 ):
     """`midl_sparse_forward` (or `midl_sparse_forward_int8`) on raw
     addresses.
@@ -79,7 +112,10 @@ def sparse_forward_pointers(
     `AbsMaxQuantizer` does when `quantize_inputs`. The caller guarantees
     C-contiguous float32 arrays (int8 for such a kernel) of the documented
     shapes, alive until the call returns, int64 `selected (count, k)`,
-    `1 <= k <= units`.
+    `1 <= k <= units`. At most `threads` threads (default
+    `available_cpus()`) compute the selected neurons' full path; the
+    outputs are the same for any count. Returns the threads that ran
+    (fewer where each would read less than 1 MiB of the kernel).
     """
     for name in REQUIRED_WEIGHTS:
         if not weights.get(name):
@@ -98,7 +134,7 @@ def sparse_forward_pointers(
         weights.get("light_bias") or None,
     )
     if weights.get("kernel_scale"):
-        library.midl_sparse_forward_int8(
+        return library.midl_sparse_forward_int8(
             *gate,
             weights["kernel"],
             weights["kernel_scale"],
@@ -109,9 +145,9 @@ def sparse_forward_pointers(
             outputs,
             selected,
             scratch.ctypes.data,
+            _threads(threads),
         )
-        return
-    library.midl_sparse_forward(
+    return library.midl_sparse_forward(
         *gate,
         weights["kernel"],
         weights.get("bias") or None,
@@ -120,6 +156,7 @@ def sparse_forward_pointers(
         outputs,
         selected,
         scratch.ctypes.data,
+        _threads(threads),
     )
 
 
@@ -326,7 +363,7 @@ def _check_k(k, units):
         raise ValueError(f"`k` must be in [1, {units}]; received k={k}")
 
 
-def select_gather(logits, kernel, rows, k, light, bias=None):
+def select_gather(logits, kernel, rows, k, light, bias=None, threads=None):
     """The selection and the selected neurons' full path, in C.
 
     Example:
@@ -347,12 +384,16 @@ def select_gather(logits, kernel, rows, k, light, bias=None):
         k: Int in `[1, units]`, neurons selected per row.
         light: Array `(count, units)`, the light path.
         bias: Optional array `(units,)`.
+        threads: Optional int, the most threads that compute the dot
+            products (default: `available_cpus()`); the outputs are the
+            same for any count.
 
     Returns:
         `(outputs, selected)`: float32 `(count, units)`, the light path
         with the selected neurons' full path, and int64 `(count, k)`,
         their indices, increasing.
     """
+    threads = _threads(threads)
     logits = np.ascontiguousarray(logits, np.float32)
     kernel = np.ascontiguousarray(kernel, np.float32)
     rows = np.ascontiguousarray(rows, np.float32)
@@ -390,6 +431,7 @@ def select_gather(logits, kernel, rows, k, light, bias=None):
         0 if bias is None else bias.ctypes.data,
         outputs.ctypes.data,
         selected.ctypes.data,
+        threads=threads,
     )
     return outputs, selected
 
@@ -413,7 +455,7 @@ def _select_gather_numpy(logits, kernel, rows, k, outputs, bias):
     return outputs, selected
 
 
-def sparse_forward(rows, weights, k, quantize_inputs=True):
+def sparse_forward(rows, weights, k, quantize_inputs=True, threads=None):
     """A MIDL layer's inference forward (before the activation), in C.
 
     `z = x V`, logits `z G + c`, light path `z U + b_lite`; the `k`
@@ -453,11 +495,15 @@ def sparse_forward(rows, weights, k, quantize_inputs=True):
         k: Int in `[1, units]`.
         quantize_inputs: int8 kernel only: whether to quantize the rows as
             Keras's default input quantizer does.
+        threads: Optional int, the most threads that compute the selected
+            neurons' full path (default: `available_cpus()`); the outputs
+            are the same for any count.
 
     Returns:
         `(outputs, selected)`: float32 `(count, units)` and int64
         `(count, k)` (increasing).
     """
+    threads = _threads(threads)
     missing = [n for n in REQUIRED_WEIGHTS if weights.get(n) is None]
     if missing:
         raise ValueError(
@@ -511,10 +557,12 @@ def sparse_forward(rows, weights, k, quantize_inputs=True):
         return np.empty((0, units), np.float32), np.empty((0, k), np.int64)
     if build.library() is None:
         return _sparse_forward_numpy(rows, arrays, k, quantize_inputs)
-    return sparse_forward_arrays(rows, arrays, k, quantize_inputs)
+    return sparse_forward_arrays(rows, arrays, k, quantize_inputs, threads)
 
 
-def sparse_forward_arrays(rows, arrays, k, quantize_inputs=True):
+def sparse_forward_arrays(
+    rows, arrays, k, quantize_inputs=True, threads=None
+):
     """`sparse_forward` without its checks, for the backends' calls on a
     built layer's own weights (the checks cost a tenth of the kernel's
     time at batch 1).
@@ -548,6 +596,7 @@ def sparse_forward_arrays(rows, arrays, k, quantize_inputs=True):
         outputs.ctypes.data,
         selected.ctypes.data,
         quantize_inputs=quantize_inputs,
+        threads=threads,
     )
     return outputs, selected
 

@@ -45,7 +45,9 @@
  * AVX2 and FMA (and AVX-512 VNNI for the int8 sums, MIDL_AVX512_VNNI)
  * where the CPU has them, portable C otherwise.
  */
+#define _POSIX_C_SOURCE 200809L /* pthreads under -std=c99 */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -336,10 +338,12 @@ static void path_dots(const struct full_path *p, const int64_t *neuron,
   }
 }
 
-/* One row: outputs[selected[j]] = x . kernel[selected[j]] (+ bias). */
+/* One row: outputs[selected[j]] = x . kernel[selected[j]] (+ bias), for
+ * the groups of GROUP selected neurons [first, end). */
 static void gather_row(const struct full_path *p, int64_t b,
-                       const int64_t *selected, int64_t k, float *outputs) {
-  for (int64_t j = 0; j < k; j += GROUP) {
+                       const int64_t *selected, int64_t k, float *outputs,
+                       int64_t first, int64_t end) {
+  for (int64_t j = first * GROUP; j < k && j < end * GROUP; j += GROUP) {
     /* A short last group repeats its last neuron. */
     int64_t neuron[GROUP];
     float sums[GROUP];
@@ -351,6 +355,95 @@ static void gather_row(const struct full_path *p, int64_t b,
   }
 }
 
+/* Threads. A call of the gathered forward may share its dot products
+ * among up to `threads` threads (the caller's intra-op thread count):
+ * at batch 1 the selected rows of a 4096 x 4096 kernel are 30 MB, which
+ * one thread reads at one core's share of the memory bandwidth, while
+ * the frameworks' Dense reads its whole kernel on every core. Each output
+ * is computed by one thread, in the same order whatever the thread
+ * count, so the outputs are bitwise the same for any count. Threads are
+ * started per call (tens of microseconds each), and only where each gets
+ * at least MIN_BYTES_PER_THREAD of kernel rows to read; a thread that
+ * cannot be started leaves its part to the calling thread. */
+#define MAX_THREADS 64
+#define MIN_BYTES_PER_THREAD ((int64_t)1 << 20)
+
+/* A part [first, end) of `count` tasks; `run` takes a part. */
+struct part {
+  void (*run)(const void *context, int64_t first, int64_t end);
+  const void *context;
+  int64_t first, end;
+};
+
+static void *run_part(void *argument) {
+  const struct part *part = argument;
+  part->run(part->context, part->first, part->end);
+  return NULL;
+}
+
+/* The threads for reading `bytes` of kernel rows: at most `threads`, at
+ * least one, MIN_BYTES_PER_THREAD or more each. */
+static int64_t threads_for(int64_t bytes, int64_t threads) {
+  int64_t useful = bytes / MIN_BYTES_PER_THREAD;
+  if (threads > useful) threads = useful;
+  if (threads > MAX_THREADS) threads = MAX_THREADS;
+  return threads < 1 ? 1 : threads;
+}
+
+/* run(context, first, end) over [0, count) in `threads` contiguous parts,
+ * the first in the calling thread. Returns the threads that ran. */
+static int64_t parallel_for(int64_t count, int64_t threads,
+                            void (*run)(const void *, int64_t, int64_t),
+                            const void *context) {
+  if (threads > count) threads = count;
+  if (threads <= 1) {
+    run(context, 0, count);
+    return 1;
+  }
+  struct part parts[MAX_THREADS];
+  pthread_t ids[MAX_THREADS];
+  int started[MAX_THREADS] = {0};
+  for (int64_t t = 0; t < threads; ++t) {
+    parts[t].run = run;
+    parts[t].context = context;
+    parts[t].first = count * t / threads;
+    parts[t].end = count * (t + 1) / threads;
+    if (t > 0) {
+      started[t] = pthread_create(&ids[t], NULL, run_part, &parts[t]) == 0;
+    }
+  }
+  run(context, parts[0].first, parts[0].end);
+  int64_t ran = 1;
+  for (int64_t t = 1; t < threads; ++t) {
+    if (started[t]) {
+      pthread_join(ids[t], NULL);
+      ++ran;
+    } else {
+      run(context, parts[t].first, parts[t].end);
+    }
+  }
+  return ran;
+}
+
+/* Kernel bytes of one neuron's row. */
+static int64_t row_bytes(const struct full_path *p) {
+  return p->dim * (p->qkernel ? 1 : (int64_t)sizeof(float));
+}
+
+/* `gather_row` of one row's groups, as a part of `parallel_for`. */
+struct row_work {
+  const struct full_path *path;
+  int64_t b, k;
+  const int64_t *selected;
+  float *outputs;
+};
+
+static void gather_row_part(const void *context, int64_t first,
+                            int64_t end) {
+  const struct row_work *w = context;
+  gather_row(w->path, w->b, w->selected, w->k, w->outputs, first, end);
+}
+
 #define BATCH_BLOCK 64
 /* Kernel bytes of one window of the union (see `gather_block`). */
 #define WINDOW_BYTES (256 * 1024)
@@ -359,8 +452,8 @@ static void gather_row(const struct full_path *p, int64_t b,
 /* Neurons per window: WINDOW_BYTES of kernel rows, a multiple of GROUP
  * between GROUP and MAX_WINDOW. */
 static int64_t window_size(const struct full_path *p) {
-  const int64_t row_bytes = p->dim * (p->qkernel ? 1 : (int64_t)sizeof(float));
-  int64_t size = WINDOW_BYTES / (row_bytes > 0 ? row_bytes : 1);
+  const int64_t bytes = row_bytes(p);
+  int64_t size = WINDOW_BYTES / (bytes > 0 ? bytes : 1);
   size -= size % GROUP;
   if (size < GROUP) size = GROUP;
   return size > MAX_WINDOW ? MAX_WINDOW : size;
@@ -374,12 +467,53 @@ static int64_t window_size(const struct full_path *p) {
  * time: only selected pairs are computed, but for the repeats that pad a
  * row's last group in each window. (Groups of the union taken whole for
  * every row that selected any of their neurons computed about 2.2x the
- * selected pairs at k_ratio 0.45.) `masks`: `units` words (bit b: row b
- * of the block selected the neuron); `members`: `units` indices. */
-static void gather_block(const struct full_path *p, int64_t first,
+ * selected pairs at k_ratio 0.45.) Windows are the threads' parts: each
+ * writes the outputs of its own neurons. */
+struct block_work {
+  const struct full_path *path;
+  int64_t first, count, window;
+  const uint64_t *masks; /* `units` words; bit b: row b selected it */
+  const int64_t *members; /* the union, `size` indices */
+  int64_t size, units;
+  float *outputs;
+};
+
+static void gather_windows(const void *context, int64_t first_window,
+                           int64_t end_window) {
+  const struct block_work *w = context;
+  int64_t picked[MAX_WINDOW];
+  for (int64_t window = first_window; window < end_window; ++window) {
+    const int64_t g = window * w->window;
+    const int64_t end = g + w->window < w->size ? g + w->window : w->size;
+    for (int64_t b = 0; b < w->count; ++b) {
+      const uint64_t bit = (uint64_t)1 << b;
+      int64_t chosen = 0;
+      for (int64_t j = g; j < end; ++j) {
+        if (w->masks[w->members[j]] & bit) picked[chosen++] = w->members[j];
+      }
+      float *row_outputs = w->outputs + b * w->units;
+      for (int64_t q = 0; q < chosen; q += GROUP) {
+        /* A short last group repeats its last neuron. */
+        int64_t neuron[GROUP];
+        float sums[GROUP];
+        for (int t = 0; t < GROUP; ++t) {
+          neuron[t] = picked[q + t < chosen ? q + t : chosen - 1];
+        }
+        path_dots(w->path, neuron, w->first + b, sums);
+        for (int t = 0; t < GROUP && q + t < chosen; ++t) {
+          row_outputs[neuron[t]] = sums[t];
+        }
+      }
+    }
+  }
+}
+
+/* `masks`: `units` words; `members`: `units` indices (scratch). Returns
+ * the threads that ran. */
+static int64_t gather_block(const struct full_path *p, int64_t first,
                          int64_t count, const int64_t *selected, int64_t k,
                          float *outputs, int64_t units, uint64_t *masks,
-                         int64_t *members) {
+                         int64_t *members, int64_t threads) {
   for (int64_t j = 0; j < units; ++j) masks[j] = 0;
   for (int64_t b = 0; b < count; ++b) {
     for (int64_t j = 0; j < k; ++j) {
@@ -390,43 +524,24 @@ static void gather_block(const struct full_path *p, int64_t first,
   for (int64_t j = 0; j < units; ++j) {
     if (masks[j]) members[size++] = j;
   }
-  const int64_t window = window_size(p);
-  int64_t picked[MAX_WINDOW];
-  for (int64_t g = 0; g < size; g += window) {
-    const int64_t end = g + window < size ? g + window : size;
-    for (int64_t b = 0; b < count; ++b) {
-      const uint64_t bit = (uint64_t)1 << b;
-      int64_t chosen = 0;
-      for (int64_t j = g; j < end; ++j) {
-        if (masks[members[j]] & bit) picked[chosen++] = members[j];
-      }
-      float *row_outputs = outputs + b * units;
-      for (int64_t q = 0; q < chosen; q += GROUP) {
-        /* A short last group repeats its last neuron. */
-        int64_t neuron[GROUP];
-        float sums[GROUP];
-        for (int t = 0; t < GROUP; ++t) {
-          neuron[t] = picked[q + t < chosen ? q + t : chosen - 1];
-        }
-        path_dots(p, neuron, first + b, sums);
-        for (int t = 0; t < GROUP && q + t < chosen; ++t) {
-          row_outputs[neuron[t]] = sums[t];
-        }
-      }
-    }
-  }
+  const struct block_work work = {p, first, count, window_size(p), masks,
+                                  members, size, units, outputs};
+  const int64_t windows = (size + work.window - 1) / work.window;
+  return parallel_for(windows, threads_for(size * row_bytes(p), threads),
+                      gather_windows, &work);
 }
 
 /* `selected`: (count, k), increasing, each in [0, units); `outputs`:
  * (count, units), written at the selected neurons only. Every array is
  * C-contiguous. With an int8 kernel and `quantize_inputs`, the rows are
  * quantized first (a scratch of 2 * count * dim bytes; without memory,
- * the float-input product runs instead). Returns 0, or -1 when `p` has
- * neither kernel. */
-static int gather_selected(struct full_path *p, int64_t count,
-                           const int64_t *selected, int64_t k,
-                           float *outputs, int64_t units,
-                           int quantize_inputs) {
+ * the float-input product runs instead). Up to `threads` threads share
+ * the dot products. Returns the most threads that ran, or -1 when `p`
+ * has neither kernel. */
+static int64_t gather_selected(struct full_path *p, int64_t count,
+                               const int64_t *selected, int64_t k,
+                               float *outputs, int64_t units,
+                               int quantize_inputs, int64_t threads) {
   if (!p->kernel && !p->qkernel) return -1;
   int8_t *quantized = NULL;
   float *row_scales = NULL;
@@ -446,26 +561,35 @@ static int gather_selected(struct full_path *p, int64_t count,
   }
   uint64_t *masks = NULL;
   int64_t *members = NULL;
+  int64_t most = 1;
   if (count > 1) {
     masks = malloc(units * sizeof *masks);
     members = malloc(units * sizeof *members);
   }
   if (!masks || !members) { /* one row, or no memory: row by row */
+    const int64_t groups = (k + GROUP - 1) / GROUP;
+    const int64_t row_threads = threads_for(k * row_bytes(p), threads);
     for (int64_t b = 0; b < count; ++b) {
-      gather_row(p, b, selected + b * k, k, outputs + b * units);
+      const struct row_work work = {p, b, k, selected + b * k,
+                                    outputs + b * units};
+      const int64_t ran =
+          parallel_for(groups, row_threads, gather_row_part, &work);
+      if (ran > most) most = ran;
     }
   } else {
     for (int64_t b = 0; b < count; b += BATCH_BLOCK) {
       const int64_t block = count - b < BATCH_BLOCK ? count - b : BATCH_BLOCK;
-      gather_block(p, b, block, selected + b * k, k, outputs + b * units,
-                   units, masks, members);
+      const int64_t ran =
+          gather_block(p, b, block, selected + b * k, k, outputs + b * units,
+                       units, masks, members, threads);
+      if (ran > most) most = ran;
     }
   }
   free(masks);
   free(members);
   free(quantized);
   free(row_scales);
-  return 0;
+  return most;
 }
 
 /* The key of a float, from its bits, in an unsigned order that is the
@@ -827,17 +951,21 @@ void midl_mix_backward(const float *upstream, const float *mask,
 /* `logits`: (count, units) float32; `kernel`: (units, dim); `rows`:
  * (count, dim); `bias`: (units,) or NULL; `outputs`: (count, units), the
  * light path on entry; `selected`: (count, k) int64, written; `scratch`:
- * 3 * units floats. 1 <= k <= units. */
-void midl_select_gather(const float *logits, int64_t units,
-                        const float *kernel, int64_t dim, const float *rows,
-                        int64_t count, int64_t k, const float *bias,
-                        float *outputs, int64_t *selected, float *scratch) {
+ * 3 * units floats. 1 <= k <= units; `threads`: at most this many
+ * threads compute the dot products (see `parallel_for`). Returns the
+ * most threads that ran. */
+int64_t midl_select_gather(const float *logits, int64_t units,
+                           const float *kernel, int64_t dim, const float *rows,
+                           int64_t count, int64_t k, const float *bias,
+                           float *outputs, int64_t *selected, float *scratch,
+                           int64_t threads) {
   for (int64_t b = 0; b < count; ++b) {
     select_row(logits + b * units, units, k, selected + b * k, scratch);
   }
   struct full_path path = {kernel, NULL, NULL, bias, dim, rows,
                            NULL, NULL, NULL};
-  gather_selected(&path, count, selected, k, outputs, units, 0);
+  return gather_selected(&path, count, selected, k, outputs, units, 0,
+                         threads);
 }
 
 /* The gate, the light path and the selection of one layer's inference
@@ -885,22 +1013,27 @@ static void gate_and_light(const float *rows, int64_t count, int64_t dim,
  * `projection` V: (dim, rank); `gate_kernel` G, `light_kernel` U:
  * (rank, units); `gate_bias` c, `light_bias`, `bias`: (units,) or NULL
  * (`light_kernel` NULL: h = 0). `outputs`: (count, units); `selected`:
- * (count, k); `scratch`: rank + 4 * units floats. The gate's sums run in
+ * (count, k); `scratch`: rank + 4 * units floats; `threads`: at most
+ * this many threads compute the full path (see `parallel_for`; the gate
+ * and the light path run in the calling thread); returns the most
+ * threads that ran. The gate's sums run in
  * this order, not BLAS's: where two logits are within rounding of each
  * other at the threshold, the selection may differ from a BLAS gate's. */
-void midl_sparse_forward(const float *rows, int64_t count, int64_t dim,
-                         const float *projection, int64_t rank,
-                         const float *gate_kernel, const float *gate_bias,
-                         const float *light_kernel, const float *light_bias,
-                         const float *kernel, const float *bias,
-                         int64_t units, int64_t k, float *outputs,
-                         int64_t *selected, float *scratch) {
+int64_t midl_sparse_forward(const float *rows, int64_t count, int64_t dim,
+                            const float *projection, int64_t rank,
+                            const float *gate_kernel, const float *gate_bias,
+                            const float *light_kernel, const float *light_bias,
+                            const float *kernel, const float *bias,
+                            int64_t units, int64_t k, float *outputs,
+                            int64_t *selected, float *scratch,
+                            int64_t threads) {
   gate_and_light(rows, count, dim, projection, rank, gate_kernel, gate_bias,
                  light_kernel, light_bias, units, k, outputs, selected,
                  scratch);
   struct full_path path = {kernel, NULL, NULL, bias, dim, rows,
                            NULL, NULL, NULL};
-  gather_selected(&path, count, selected, k, outputs, units, 0);
+  return gather_selected(&path, count, selected, k, outputs, units, 0,
+                         threads);
 }
 
 /* `midl_sparse_forward` with an int8 kernel (units, dim) and its
@@ -908,21 +1041,21 @@ void midl_sparse_forward(const float *rows, int64_t count, int64_t dim,
  * neurons is `(x . q[j]) / kernel_scale[j]` (+ bias), with `x` quantized
  * per row as Keras's AbsMaxQuantizer does when `quantize_inputs` is
  * non-zero (see above), in float otherwise. */
-void midl_sparse_forward_int8(const float *rows, int64_t count, int64_t dim,
-                              const float *projection, int64_t rank,
-                              const float *gate_kernel,
-                              const float *gate_bias,
-                              const float *light_kernel,
-                              const float *light_bias, const int8_t *kernel,
-                              const float *kernel_scale, const float *bias,
-                              int64_t units, int64_t k, int quantize_inputs,
-                              float *outputs, int64_t *selected,
-                              float *scratch) {
+int64_t midl_sparse_forward_int8(const float *rows, int64_t count, int64_t dim,
+                                 const float *projection, int64_t rank,
+                                 const float *gate_kernel,
+                                 const float *gate_bias,
+                                 const float *light_kernel,
+                                 const float *light_bias, const int8_t *kernel,
+                                 const float *kernel_scale, const float *bias,
+                                 int64_t units, int64_t k, int quantize_inputs,
+                                 float *outputs, int64_t *selected,
+                                 float *scratch, int64_t threads) {
   gate_and_light(rows, count, dim, projection, rank, gate_kernel, gate_bias,
                  light_kernel, light_bias, units, k, outputs, selected,
                  scratch);
   struct full_path path = {NULL, kernel, kernel_scale, bias, dim, rows,
                            NULL, NULL, NULL};
-  gather_selected(&path, count, selected, k, outputs, units,
-                  quantize_inputs);
+  return gather_selected(&path, count, selected, k, outputs, units,
+                         quantize_inputs, threads);
 }
