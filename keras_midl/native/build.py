@@ -116,6 +116,12 @@ X86_INSTRUCTION_SETS = (
 )
 
 
+# What select_gather.c links with: `dlsym` (in libc since glibc 2.34, in
+# libdl before), with which it finds an OpenMP runtime the process has
+# loaded (see its threads).
+LINK_LIBRARIES = ("-ldl",)
+
+
 def compile_flags():
     """The compiler flags for this machine."""
     flags = ["-O3", "-std=c99", "-shared", "-fPIC", "-pthread"]
@@ -244,7 +250,9 @@ def _build():
     lib = cached_library(
         "select_gather",
         [*texts, " ".join(command), " ".join(flags)],
-        lambda work, output: run([*command, *flags, SOURCE, "-o", output]),
+        lambda work, output: run(
+            [*command, *flags, SOURCE, *LINK_LIBRARIES, "-o", output]
+        ),
     )
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.midl_select_gather.argtypes = [pointer, size, pointer, size]
@@ -338,7 +346,7 @@ def _build_jax_ffi(include_dir):
         JAX_FFI_SOURCE,
         [
             "-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-I",
-            include_dir,
+            include_dir, *LINK_LIBRARIES,
         ],
         headers=headers,
     )
@@ -367,7 +375,10 @@ def _build_tf_ops(tf_flags, version, load):
     return _linked_with_kernels(
         "tf_ops",
         TF_OPS_SOURCE,
-        ["-O3", "-shared", "-fPIC", "-pthread", "-w", *tf_flags],
+        [
+            "-O3", "-shared", "-fPIC", "-pthread", "-w", *tf_flags,
+            *LINK_LIBRARIES,
+        ],
         key_parts=[" ".join(tf_flags), version],
         load=load,
     )

@@ -45,7 +45,8 @@
  * AVX2 and FMA (and AVX-512 VNNI for the int8 sums, MIDL_AVX512_VNNI)
  * where the CPU has them, portable C otherwise.
  */
-#define _POSIX_C_SOURCE 200809L /* pthreads under -std=c99 */
+#define _GNU_SOURCE /* pthreads and RTLD_DEFAULT under -std=c99 */
+#include <dlfcn.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -361,10 +362,18 @@ static void gather_row(const struct full_path *p, int64_t b,
  * one thread reads at one core's share of the memory bandwidth, while
  * the frameworks' Dense reads its whole kernel on every core. Each output
  * is computed by one thread, in the same order whatever the thread
- * count, so the outputs are bitwise the same for any count. Threads are
- * started per call (tens of microseconds each), and only where each gets
- * at least MIN_BYTES_PER_THREAD of kernel rows to read; a thread that
- * cannot be started leaves its part to the calling thread. */
+ * count, so the outputs are bitwise the same for any count. Threads run
+ * only where each gets at least MIN_BYTES_PER_THREAD of kernel rows.
+ *
+ * Which threads: where the process has loaded GNU OpenMP into its global
+ * scope (PyTorch's CPU builds, for their intra-op threads), that
+ * runtime's team: the threads PyTorch's last operation ran on, which
+ * spin for the next parallel region for milliseconds and would hold the
+ * cores that threads of our own need (two threads of our own ran no
+ * faster than one in a PyTorch process here). Elsewhere (TensorFlow,
+ * JAX, whose pools park their threads), threads of our own, started per
+ * call (tens of microseconds each); a thread that cannot be started
+ * leaves its part to the calling thread. */
 #define MAX_THREADS 64
 #define MIN_BYTES_PER_THREAD ((int64_t)1 << 20)
 
@@ -390,8 +399,40 @@ static int64_t threads_for(int64_t bytes, int64_t threads) {
   return threads < 1 ? 1 : threads;
 }
 
-/* run(context, first, end) over [0, count) in `threads` contiguous parts,
- * the first in the calling thread. Returns the threads that ran. */
+/* GNU OpenMP's entry points in the process's global scope, where it is
+ * loaded: the call GCC compiles `#pragma omp parallel` to, and a team's
+ * size and a thread's number in it. */
+struct openmp {
+  void (*parallel)(void (*)(void *), void *, unsigned, unsigned);
+  int (*num_threads)(void);
+  int (*thread_num)(void);
+};
+
+static int loaded_openmp(struct openmp *omp) {
+  *(void **)&omp->parallel = dlsym(RTLD_DEFAULT, "GOMP_parallel");
+  *(void **)&omp->num_threads = dlsym(RTLD_DEFAULT, "omp_get_num_threads");
+  *(void **)&omp->thread_num = dlsym(RTLD_DEFAULT, "omp_get_thread_num");
+  return omp->parallel && omp->num_threads && omp->thread_num;
+}
+
+/* The parts, taken by an OpenMP team: thread t of n runs parts t, t + n,
+ * ... (the team may be smaller than asked). */
+struct team {
+  const struct openmp *omp;
+  struct part *parts;
+  int64_t count;
+  int size; /* written by thread 0 */
+};
+
+static void run_team(void *argument) {
+  struct team *team = argument;
+  const int size = team->omp->num_threads(), t = team->omp->thread_num();
+  if (t == 0) team->size = size;
+  for (int64_t i = t; i < team->count; i += size) run_part(&team->parts[i]);
+}
+
+/* run(context, first, end) over [0, count) in `threads` contiguous parts.
+ * Returns the threads that ran. */
 static int64_t parallel_for(int64_t count, int64_t threads,
                             void (*run)(const void *, int64_t, int64_t),
                             const void *context) {
@@ -401,25 +442,31 @@ static int64_t parallel_for(int64_t count, int64_t threads,
     return 1;
   }
   struct part parts[MAX_THREADS];
-  pthread_t ids[MAX_THREADS];
-  int started[MAX_THREADS] = {0};
   for (int64_t t = 0; t < threads; ++t) {
     parts[t].run = run;
     parts[t].context = context;
     parts[t].first = count * t / threads;
     parts[t].end = count * (t + 1) / threads;
-    if (t > 0) {
-      started[t] = pthread_create(&ids[t], NULL, run_part, &parts[t]) == 0;
-    }
   }
-  run(context, parts[0].first, parts[0].end);
+  struct openmp omp;
+  if (loaded_openmp(&omp)) {
+    struct team team = {&omp, parts, threads, 1};
+    omp.parallel(run_team, &team, (unsigned)threads, 0);
+    return team.size < threads ? team.size : threads;
+  }
+  pthread_t ids[MAX_THREADS];
+  int started[MAX_THREADS] = {0};
+  for (int64_t t = 1; t < threads; ++t) {
+    started[t] = pthread_create(&ids[t], NULL, run_part, &parts[t]) == 0;
+  }
+  run_part(&parts[0]);
   int64_t ran = 1;
   for (int64_t t = 1; t < threads; ++t) {
     if (started[t]) {
       pthread_join(ids[t], NULL);
       ++ran;
     } else {
-      run(context, parts[t].first, parts[t].end);
+      run_part(&parts[t]);
     }
   }
   return ran;
