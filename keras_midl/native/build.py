@@ -249,7 +249,7 @@ def _build():
     texts = _read(SOURCE, KERNELS_HEADER)
     lib = cached_library(
         "select_gather",
-        [*texts, " ".join(command), " ".join(flags)],
+        [*texts, " ".join(command), " ".join([*flags, *LINK_LIBRARIES])],
         lambda work, output: run(
             [*command, *flags, SOURCE, *LINK_LIBRARIES, "-o", output]
         ),
@@ -327,6 +327,7 @@ def _linked_with_kernels(
             " ".join(c_command),
             " ".join(cxx_command),
             " ".join(flags),
+            " ".join(cxx_flags),
             *key_parts,
         ],
         build,

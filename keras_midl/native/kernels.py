@@ -5,7 +5,9 @@
 products, read from the selected rows of the kernel in place, over the
 light path. `sparse_forward` computes the gate and the light path too:
 a MIDL layer's whole inference forward before its activation, with a
-float or an int8 kernel. Where the library is not available (no
+float or an int8 kernel. Both share the dot products among `threads`
+threads (default: `available_cpus()`), with the same outputs, bit for
+bit, on any count. Where the library is not available (no
 compiler, native kernels off) both compute the same in NumPy. The
 `*_pointers` functions are the same calls on raw
 addresses, for the backends that hold their own buffers.

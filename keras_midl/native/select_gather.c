@@ -21,7 +21,9 @@
  * `midl_sparse_forward`: the whole forward of one layer, the gate and the
  * light path included (see its comment); `midl_sparse_forward_int8` the
  * same with an int8 kernel (`model.quantize("int8")`), whose selected rows
- * are read in place, a quarter of the float bytes.
+ * are read in place, a quarter of the float bytes. The three share the
+ * selected neurons' dot products among up to `threads` threads (see
+ * "Threads" below), with the same outputs, bit for bit, on any count.
  *
  * `midl_select_mix`: the masked path's output at inference from the
  * full and light paths computed without their biases, in one pass with
@@ -401,8 +403,8 @@ static omp_parallel_fn loaded_openmp(void) {
 
 /* The tasks [0, count) of one `parallel_for`, in chunks that each thread
  * takes in turn from a shared counter until none is left: a thread that
- * starts late (an idle core wakes in tens to hundreds of microseconds
- * here) takes fewer, instead of holding up the call with a fixed share. */
+ * starts late takes fewer, instead of holding up the call with a fixed
+ * share. `threads` counts the threads that took part. */
 struct shared_tasks {
   void (*run)(const void *context, int64_t first, int64_t end);
   const void *context;
@@ -579,9 +581,10 @@ static void gather_windows(const void *context, int64_t first_window,
 /* `masks`: `units` words; `members`: `units` indices (scratch). Returns
  * the threads that ran. */
 static int64_t gather_block(const struct full_path *p, int64_t first,
-                         int64_t count, const int64_t *selected, int64_t k,
-                         float *outputs, int64_t units, uint64_t *masks,
-                         int64_t *members, int64_t threads) {
+                            int64_t count, const int64_t *selected,
+                            int64_t k, float *outputs, int64_t units,
+                            uint64_t *masks, int64_t *members,
+                            int64_t threads) {
   for (int64_t j = 0; j < units; ++j) masks[j] = 0;
   for (int64_t b = 0; b < count; ++b) {
     for (int64_t j = 0; j < k; ++j) {
@@ -1084,9 +1087,9 @@ static void gate_and_light(const float *rows, int64_t count, int64_t dim,
  * (count, k); `scratch`: rank + 4 * units floats; `threads`: at most
  * this many threads compute the full path (see `parallel_for`; the gate
  * and the light path run in the calling thread); returns the most
- * threads that ran. The gate's sums run in
- * this order, not BLAS's: where two logits are within rounding of each
- * other at the threshold, the selection may differ from a BLAS gate's. */
+ * threads that ran. The gate's sums run in this order, not BLAS's: where
+ * two logits are within rounding of each other at the threshold, the
+ * selection may differ from a BLAS gate's. */
 int64_t midl_sparse_forward(const float *rows, int64_t count, int64_t dim,
                             const float *projection, int64_t rank,
                             const float *gate_kernel, const float *gate_bias,
