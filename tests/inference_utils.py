@@ -66,12 +66,17 @@ def spy_native_calls(monkeypatch):
     return calls
 
 
-def spy_native_threads(monkeypatch):
-    """The `threads` handed to each call of the native forward
-    (`kernels.sparse_forward_pointers`, `kernels.select_gather_pointers`),
-    in order."""
+NATIVE_FORWARD = ("sparse_forward_pointers", "select_gather_pointers")
+NATIVE_SELECTION = ("topk_mask_pointers", "select_mix_pointers")
+
+
+def spy_native_threads(monkeypatch, names=NATIVE_FORWARD):
+    """The `threads` handed to each call of the native kernels `names`
+    (default: the native forward, `kernels.sparse_forward_pointers` and
+    `kernels.select_gather_pointers`; `NATIVE_SELECTION`: the selection
+    and the masked path's mix), in order."""
     seen = []
-    for name in ("sparse_forward_pointers", "select_gather_pointers"):
+    for name in names:
         original = getattr(kernels, name)
 
         def spy(*args, original=original, **kwargs):

@@ -206,6 +206,30 @@ def test_ffi_selection_equals_topk_mask(ffi_selection, rng):
     np.testing.assert_array_equal(as_numpy(gradient)[4:], want[4:])
 
 
+def test_the_ffi_selection_runs_on_every_available_cpu(
+    ffi_selection, monkeypatch, rng
+):
+    """The FFI call takes as many threads as XLA's CPU pool has (one per
+    CPU this process may run on), which share its rows: the same mask."""
+    import jax
+
+    from keras_midl.native import kernels
+    from keras_midl.ops.selection import topk_mask
+
+    monkeypatch.setattr(kernels, "available_cpus", lambda: 3)
+    scores = rng.normal(size=(600, 500)).astype("float32")
+    scores[::7] = 0.25  # rows of ties
+
+    def select(s):
+        return dispatch.training_topk_mask(s, 210, "bisection")
+
+    assert "threads = 3" in jax.jit(select).lower(scores).as_text()
+    np.testing.assert_array_equal(
+        as_numpy(jax.jit(select)(scores)),
+        as_numpy(topk_mask(scores, 210, method="top_k")),
+    )
+
+
 def test_no_ffi_call_outside_training(ffi_selection, rng):
     """Inference functions stay exportable: no custom call in them."""
     import jax

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from inference_utils import CONFIGS
 from inference_utils import INPUT_DIM
+from inference_utils import NATIVE_SELECTION
 from inference_utils import UNITS
 from inference_utils import as_numpy
 from inference_utils import make_pair
@@ -470,9 +471,9 @@ def selection_calls(monkeypatch):
     calls = []
     original = kernels.topk_mask
 
-    def spy(scores, k):
+    def spy(scores, k, threads=None):
         calls.append(scores.shape)
-        return original(scores, k)
+        return original(scores, k, threads)
 
     monkeypatch.setattr(kernels, "topk_mask", spy)
     return calls
@@ -535,6 +536,35 @@ def test_native_selection_equals_topk_mask(
     np.testing.assert_array_equal(as_numpy(in_training(scores)), want)
     assert "MidlTopkMask" in _graph_ops(in_training, scores)
     assert outside(scores) is None
+
+
+def test_the_selection_runs_on_tensorflows_threads(
+    tf_backend, training_ops, monkeypatch, rng
+):
+    """Eager, the C selection gets the native kernel's thread count
+    (`intra_op_threads`); in a training graph the op `MidlTopkMask`
+    shares its rows among the threads of TensorFlow's intra-op pool (on
+    a machine of several CPUs, at 300,000 scores): the same mask either
+    way."""
+    import tensorflow as tf
+
+    from keras_midl.native import kernels
+
+    threads = spy_native_threads(monkeypatch, NATIVE_SELECTION)
+    monkeypatch.setattr(kernels, "available_cpus", lambda: 4)
+    monkeypatch.setattr(
+        tf.config.threading, "get_intra_op_parallelism_threads", lambda: 3
+    )
+    scores = rng.normal(size=(600, 500)).astype("float32")
+    scores[::7] = 0.25  # rows of ties
+    want = as_numpy(topk_mask(scores, 210, method="top_k"))
+    eager = tf_backend.native_topk_mask(tf.constant(scores), 210, True)
+    assert threads == [3]
+    in_training = tf.function(
+        lambda s: tf_backend.native_topk_mask(s, 210, training=True)
+    )
+    np.testing.assert_array_equal(as_numpy(eager), want)
+    np.testing.assert_array_equal(as_numpy(in_training(scores)), want)
 
 
 @pytest.mark.parametrize("shape", [(12, 40), (3, 4, 40), (0, 40)])

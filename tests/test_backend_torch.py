@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from inference_utils import CONFIGS
 from inference_utils import INPUT_DIM
+from inference_utils import NATIVE_SELECTION
 from inference_utils import UNITS
 from inference_utils import as_numpy
 from inference_utils import make_pair
@@ -742,3 +743,39 @@ def test_the_native_kernel_runs_on_torchs_threads(
     finally:
         torch.set_num_threads(before)
     assert threads == [expected]
+
+
+@pytest.mark.parametrize(
+    "torch_threads, cpus, expected", [(3, 8, 3), (3, 2, 2), (1, 8, 1)]
+)
+def test_the_selection_runs_on_torchs_threads(
+    torch_backend, monkeypatch, torch_threads, cpus, expected, rng
+):
+    """The training selection (`midl_topk_mask`) and the masked path's
+    mix (`midl_select_mix`) get `torch.get_num_threads()`, at most the
+    CPUs this process may run on."""
+    import torch
+
+    from keras_midl.native import kernels
+
+    if build.library() is None:
+        pytest.skip("the native kernel could not be built here")
+    threads = spy_native_threads(monkeypatch, NATIVE_SELECTION)
+    monkeypatch.setattr(kernels, "available_cpus", lambda: cpus)
+    logits, full, light = (
+        torch.tensor(rng.normal(size=(4, 30)).astype("float32"))
+        for _ in range(3)
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        mask = torch_backend.native_topk_mask(logits, 7, training=True)
+        mixed = torch_backend.native_select_mix(
+            logits, 7, full.clone(), None, light, None
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [expected, expected]
+    np.testing.assert_array_equal(
+        as_numpy(mixed), np.where(as_numpy(mask) > 0, full, light)
+    )

@@ -392,6 +392,77 @@ def test_topk_mask_equals_topk_mask(shape, k, kind, rng):
         np.testing.assert_array_equal(mask, want)
 
 
+# 600 rows of 500 scores: 300,000, two threads of at least 2^17 each.
+THREADED_SHAPE, THREADED_K = (600, 500), 210
+
+
+def _threaded_logits(rng, kind):
+    logits = rng.normal(size=THREADED_SHAPE).astype("float32")
+    if kind == "ties":
+        logits = np.round(logits).astype("float32")
+    elif kind == "tied_rows":
+        logits[::7] = 0.25
+    return logits
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "tied_rows"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_selection_shares_rows_among_threads(kind, threads, rng):
+    """`midl_topk_mask` and `midl_select_mix` give each thread rows of
+    their own (a thread for each 2^17 scores or more): the same outputs
+    as `topk_mask`'s and the masked path's, bit for bit, on any count."""
+    _training_library()
+    logits = _threaded_logits(rng, kind)
+    count, units = THREADED_SHAPE
+    want = keras.ops.convert_to_numpy(topk_mask(logits, THREADED_K))
+    mask = np.empty(THREADED_SHAPE, np.float32)
+    ran = native.kernels.topk_mask_pointers(
+        logits.ctypes.data, count, units, THREADED_K, mask.ctypes.data,
+        threads=threads,
+    )
+    assert ran == min(threads, 2)
+    np.testing.assert_array_equal(mask, want)
+    np.testing.assert_array_equal(
+        native.kernels.topk_mask(logits, THREADED_K, threads=threads), want
+    )
+
+    full, light = (
+        rng.normal(size=THREADED_SHAPE).astype("float32") for _ in range(2)
+    )
+    bias, light_bias = (
+        rng.normal(size=units).astype("float32") for _ in range(2)
+    )
+    mixed = full.copy()
+    ran = native.kernels.select_mix_pointers(
+        logits.ctypes.data, count, units, THREADED_K, mixed.ctypes.data,
+        bias.ctypes.data, light.ctypes.data, light_bias.ctypes.data,
+        threads=threads,
+    )
+    assert ran == min(threads, 2)
+    expected = np.where(want > 0, full + bias, light + light_bias)
+    np.testing.assert_array_equal(
+        mixed.view("uint32"), expected.view("uint32")
+    )
+
+
+def test_a_small_selection_runs_on_one_thread(rng):
+    _training_library()
+    logits = rng.normal(size=(100, 500)).astype("float32")  # 50,000
+    mask = np.empty(logits.shape, np.float32)
+    assert native.kernels.topk_mask_pointers(
+        logits.ctypes.data, 100, 500, 9, mask.ctypes.data, threads=8
+    ) == 1
+
+
+@pytest.mark.parametrize("threads", [0, -1, 2.0, False])
+def test_the_selection_rejects_bad_threads(threads):
+    _training_library()
+    with pytest.raises(ValueError, match=f"threads={threads!r}"):
+        native.kernels.topk_mask(
+            np.zeros((2, 4), "float32"), 2, threads=threads
+        )
+
+
 def test_topk_mask_rejects_a_bad_k():
     _training_library()
     with pytest.raises(ValueError, match=r"`k` must be in \[1, 4\]"):

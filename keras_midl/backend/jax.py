@@ -72,7 +72,13 @@ def native_topk_mask(scores, k, training):
         jax.ShapeDtypeStruct(scores.shape, jnp.float32),
         vmap_method="broadcast_all",
     )
-    return call(jax.lax.stop_gradient(scores), k=np.int64(k))
+    # Rows shared among as many threads as XLA's CPU pool has (one per
+    # CPU this process may run on).
+    return call(
+        jax.lax.stop_gradient(scores),
+        k=np.int64(k),
+        threads=np.int64(kernels.available_cpus()),
+    )
 
 
 def compiled_selection(select, scores):

@@ -195,14 +195,16 @@ def native_topk_mask(scores, k, training):
     ):
         return None
     if tf.executing_eagerly():
-        return tf.convert_to_tensor(kernels.topk_mask(np.asarray(scores), k))
+        return tf.convert_to_tensor(
+            kernels.topk_mask(np.asarray(scores), k, intra_op_threads())
+        )
     if not _in_training_graph(training):
         return None
     training_ops = _training_ops()
     if training_ops is not None:
         return training_ops.midl_topk_mask(tf.stop_gradient(scores), k=k)
     mask = tf.numpy_function(
-        lambda values: kernels.topk_mask(values, k),
+        lambda values: kernels.topk_mask(values, k, intra_op_threads()),
         [tf.stop_gradient(scores)],
         tf.float32,
         stateful=False,

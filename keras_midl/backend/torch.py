@@ -250,7 +250,7 @@ def _topk_mask(scores, k):
         units = scores.shape[-1]
         kernels.topk_mask_pointers(
             scores.data_ptr(), mask.numel() // units, units, k,
-            mask.data_ptr(),
+            mask.data_ptr(), threads=intra_op_threads(),
         )
     return mask
 
@@ -561,6 +561,7 @@ def native_select_mix(logits, k, full, bias, light, light_bias):
             k,
             full.data_ptr(),
             *map(_address, (bias, light, light_bias)),
+            threads=intra_op_threads(),
         )
     return full
 

@@ -271,9 +271,11 @@ def _build():
     lib.midl_sparse_forward_int8.argtypes += [size, size, ctypes.c_int]
     lib.midl_sparse_forward_int8.argtypes += [pointer] * 3 + [size]
     lib.midl_sparse_forward_int8.restype = size
-    # The training selection and the straight-through mix.
-    lib.midl_topk_mask.argtypes = [pointer, size, size, size, pointer, pointer]
-    lib.midl_topk_mask.restype = None
+    # The training selection (the most threads last; returns the threads
+    # that ran) and the straight-through mix.
+    lib.midl_topk_mask.argtypes = [pointer, size, size, size, pointer]
+    lib.midl_topk_mask.argtypes += [pointer, size]
+    lib.midl_topk_mask.restype = size
     # The mix: mask, full, light, bias, light_bias, size, units, outputs,
     # scratch.
     lib.midl_mix.argtypes = [pointer] * 5 + [size, size, pointer, pointer]
@@ -283,10 +285,11 @@ def _build():
     lib.midl_mix_backward.argtypes = [pointer] * 7 + [size, ctypes.c_float]
     lib.midl_mix_backward.argtypes += [pointer, size] + [pointer] * 6
     lib.midl_mix_backward.restype = None
-    # The masked path's inference output, with no mask.
+    # The masked path's inference output, with no mask (threads last, as
+    # the selection).
     lib.midl_select_mix.argtypes = [pointer, size, size, size]
-    lib.midl_select_mix.argtypes += [pointer] * 5
-    lib.midl_select_mix.restype = None
+    lib.midl_select_mix.argtypes += [pointer] * 5 + [size]
+    lib.midl_select_mix.restype = size
     return lib
 
 

@@ -162,13 +162,16 @@ def sparse_forward_pointers(
     )
 
 
-def topk_mask_pointers(scores, count, units, k, mask):
+def topk_mask_pointers(scores, count, units, k, mask, threads=None):
     """`midl_topk_mask` on raw addresses: `keras_midl.ops.topk_mask` of
     the C-contiguous float32 `scores (count, units)` into the float32
-    `mask (count, units)`, `1 <= k <= units`."""
+    `mask (count, units)`, `1 <= k <= units`, on up to `threads` threads
+    (default: `available_cpus()`; the mask is the same for any count).
+    Returns the threads that ran."""
     scratch = _selection_scratch(units)
-    build.loaded_library().midl_topk_mask(
-        scores, count, units, k, mask, scratch.ctypes.data
+    return build.loaded_library().midl_topk_mask(
+        scores, count, units, k, mask, scratch.ctypes.data,
+        _threads(threads),
     )
 
 
@@ -201,15 +204,16 @@ def _mix_scratch(units):
 
 
 def select_mix_pointers(
-    logits, count, units, k, full, bias, light, light_bias
+    logits, count, units, k, full, bias, light, light_bias, threads=None
 ):
     """`midl_select_mix` on raw addresses (`bias`, `light`, `light_bias`
     0 where absent): over the C-contiguous float32 `full (count, units)`,
     `full + bias` at the `k` neurons `keras_midl.ops.topk_mask` selects
     from `logits (count, units)`, `light + light_bias` (0 without `light`)
-    at the others, `1 <= k <= units`."""
+    at the others, `1 <= k <= units`, on up to `threads` threads (as
+    `topk_mask_pointers`). Returns the threads that ran."""
     scratch = _selection_scratch(units)
-    build.loaded_library().midl_select_mix(
+    return build.loaded_library().midl_select_mix(
         logits,
         count,
         units,
@@ -219,6 +223,7 @@ def select_mix_pointers(
         light or None,
         light_bias or None,
         scratch.ctypes.data,
+        _threads(threads),
     )
 
 
@@ -260,17 +265,20 @@ def mix_backward_pointers(
     )
 
 
-def topk_mask(scores, k):
+def topk_mask(scores, k, threads=None):
     """`keras_midl.ops.topk_mask(scores, k)` in C, on a float32 NumPy
     array of any rank >= 1 (the same mask, bit for bit; the library must
-    be loaded, `build.library()`)."""
+    be loaded, `build.library()`), rows shared among up to `threads`
+    threads (default: `available_cpus()`; the same mask on any count)."""
+    threads = _threads(threads)
     scores = np.ascontiguousarray(scores, np.float32)
     units = scores.shape[-1]
     _check_k(k, units)
     mask = np.empty(scores.shape, np.float32)
     if mask.size:
         topk_mask_pointers(
-            scores.ctypes.data, mask.size // units, units, k, mask.ctypes.data
+            scores.ctypes.data, mask.size // units, units, k,
+            mask.ctypes.data, threads=threads,
         )
     return mask
 

@@ -32,7 +32,8 @@
  * `midl_topk_mask`, `midl_mix` and `midl_mix_backward`: the training
  * selection (the same mask as `topk_mask`) and the straight-through mix
  * with its gradients, each one pass where eager frameworks run a dozen
- * kernels (keras_midl/backend/torch.py, tensorflow.py).
+ * kernels (keras_midl/backend/torch.py, tensorflow.py). The selections
+ * take `threads` too; the mix and its gradients run on one thread.
  *
  * `kernel` is MIDL's `(units, dim)` layout, so each selected neuron is one
  * contiguous row that is read in place (nothing is copied). Eight neurons
@@ -366,7 +367,9 @@ static void gather_row(const struct full_path *p, int64_t b,
  * the frameworks' Dense reads its whole kernel on every core. Each output
  * is computed by one thread, in the same order whatever the thread
  * count, so the outputs are bitwise the same for any count. Threads run
- * only where each gets at least MIN_BYTES_PER_THREAD of kernel rows.
+ * only where each gets at least MIN_BYTES_PER_THREAD of kernel rows. The
+ * selection (`midl_topk_mask`, `midl_select_mix`) shares its rows the
+ * same way (see MIN_SCORES_PER_THREAD).
  *
  * Which threads: where the process has loaded GNU OpenMP into its global
  * scope (PyTorch's CPU builds, for their intra-op threads), that
@@ -381,13 +384,19 @@ static void gather_row(const struct full_path *p, int64_t b,
 #define MAX_THREADS 64
 #define MIN_BYTES_PER_THREAD ((int64_t)1 << 20)
 
-/* The threads for reading `bytes` of kernel rows: at most `threads`, at
- * least one, MIN_BYTES_PER_THREAD or more each. */
-static int64_t threads_for(int64_t bytes, int64_t threads) {
-  int64_t useful = bytes / MIN_BYTES_PER_THREAD;
+/* At most `threads` threads, at least one, and `least` or more of
+ * `amount` each. */
+static int64_t threads_sharing(int64_t amount, int64_t least,
+                               int64_t threads) {
+  const int64_t useful = amount / least;
   if (threads > useful) threads = useful;
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   return threads < 1 ? 1 : threads;
+}
+
+/* The threads for reading `bytes` of kernel rows. */
+static int64_t threads_for(int64_t bytes, int64_t threads) {
+  return threads_sharing(bytes, MIN_BYTES_PER_THREAD, threads);
 }
 
 /* GNU OpenMP's entry point in the process's global scope, where it is
@@ -406,13 +415,14 @@ static omp_parallel_fn loaded_openmp(void) {
  * starts late takes fewer, instead of holding up the call with a fixed
  * share. `threads` counts the threads that took part. */
 struct shared_tasks {
-  void (*run)(const void *context, int64_t first, int64_t end);
+  void (*run)(const void *context, int64_t first, int64_t end, int64_t slot);
   const void *context;
   int64_t count, chunk, next_chunk, threads;
 };
 
 static void take_chunks(struct shared_tasks *tasks) {
-  __atomic_fetch_add(&tasks->threads, 1, __ATOMIC_RELAXED);
+  const int64_t slot =
+      __atomic_fetch_add(&tasks->threads, 1, __ATOMIC_RELAXED);
   for (;;) {
     const int64_t first =
         __atomic_fetch_add(&tasks->next_chunk, 1, __ATOMIC_RELAXED) *
@@ -421,7 +431,7 @@ static void take_chunks(struct shared_tasks *tasks) {
     const int64_t end = first + tasks->chunk < tasks->count
                             ? first + tasks->chunk
                             : tasks->count;
-    tasks->run(tasks->context, first, end);
+    tasks->run(tasks->context, first, end, slot);
   }
 }
 
@@ -460,15 +470,17 @@ static int away_from_this_cpu(pthread_attr_t *attributes) {
 #endif
 }
 
-/* run(context, first, end) over [0, count) in chunks, on up to `threads`
- * threads (the calling thread one of them). Returns the threads that
- * took part. */
+/* run(context, first, end, slot) over [0, count) in chunks, on up to
+ * `threads` threads (the calling thread one of them); `slot`, in [0,
+ * threads), tells the threads apart (their own scratch). Returns the
+ * threads that took part. */
 static int64_t parallel_for(int64_t count, int64_t threads,
-                            void (*run)(const void *, int64_t, int64_t),
+                            void (*run)(const void *, int64_t, int64_t,
+                                        int64_t),
                             const void *context) {
   if (threads > count) threads = count;
   if (threads <= 1) {
-    run(context, 0, count);
+    run(context, 0, count, 0);
     return 1;
   }
   const int64_t chunks = threads * CHUNKS_PER_THREAD;
@@ -509,7 +521,8 @@ struct row_work {
 };
 
 static void gather_row_part(const void *context, int64_t first,
-                            int64_t end) {
+                            int64_t end, int64_t slot) {
+  (void)slot;
   const struct row_work *w = context;
   gather_row(w->path, w->b, w->selected, w->k, w->outputs, first, end);
 }
@@ -549,7 +562,8 @@ struct block_work {
 };
 
 static void gather_windows(const void *context, int64_t first_window,
-                           int64_t end_window) {
+                           int64_t end_window, int64_t slot) {
+  (void)slot;
   const struct block_work *w = context;
   int64_t picked[MAX_WINDOW];
   for (int64_t window = first_window; window < end_window; ++window) {
@@ -797,16 +811,57 @@ static void select_row(const float *logits, int64_t units, int64_t k,
   }
 }
 
-/* `keras_midl.ops.topk_mask` of each row of `scores` (count, units): 1.0f
- * at the k selected neurons, 0.0f elsewhere, into `mask` (count, units).
- * `scratch`: 3 * units floats. 1 <= k <= units. */
-void midl_topk_mask(const float *scores, int64_t count, int64_t units,
-                    int64_t k, float *mask, float *scratch) {
+/* The selection's threads (`midl_topk_mask`, `midl_select_mix`): at
+ * most `threads`, at least one, MIN_SCORES_PER_THREAD scores or more
+ * each. Each thread takes whole rows, so the outputs are the same, bit
+ * for bit, on any count. In a NumPy process (threads of our own), one
+ * thread took 0.41 ms at 256 x 1024 scores here, two 0.29 ms (256 x
+ * 4096: 1.56 and 1.07 ms); 128 x 1024 0.19 and 0.18 ms, a gain too small
+ * to start a thread for. The mix and its
+ * gradients (`midl_mix`, `midl_mix_backward`) stay on one thread: a pass
+ * over memory, which a second thread made slower at 256 x 1024 (0.15
+ * against 0.25 ms; the gradients, split by columns to keep each bias
+ * sum in order, 0.31 against 0.65 ms). */
+#define MIN_SCORES_PER_THREAD ((int64_t)1 << 17)
+
+static int64_t threads_for_scores(int64_t scores, int64_t threads) {
+  return threads_sharing(scores, MIN_SCORES_PER_THREAD, threads);
+}
+
+/* Scratch of `floats` floats per thread for up to `threads` threads
+ * (`parallel_for`'s slots): `given` for the first, one allocation
+ * (`*extra`, freed by the caller) for the others. Returns the threads it
+ * has scratch for: one where that allocation fails. */
+static int64_t scratch_per_thread(int64_t floats, int64_t threads,
+                                  float **extra) {
+  *extra = NULL;
+  if (threads <= 1) return 1;
+  *extra = malloc((size_t)((threads - 1) * floats) * sizeof **extra);
+  return *extra ? threads : 1;
+}
+
+static float *slot_scratch(float *given, float *extra, int64_t floats,
+                           int64_t slot) {
+  return slot == 0 ? given : extra + (slot - 1) * floats;
+}
+
+/* Rows [first, end) of `midl_topk_mask`, as a part of `parallel_for`. */
+struct topk_work {
+  const float *scores;
+  int64_t units, k;
+  float *mask, *scratch, *extra;
+};
+
+static void topk_rows(const void *context, int64_t first, int64_t end,
+                      int64_t slot) {
+  const struct topk_work *w = context;
+  const int64_t units = w->units, k = w->k;
+  float *scratch = slot_scratch(w->scratch, w->extra, 3 * units, slot);
   float *clean = scratch;
-  for (int64_t b = 0; b < count; ++b) {
-    float *out = mask + b * units;
+  for (int64_t b = first; b < end; ++b) {
+    float *out = w->mask + b * units;
     const float threshold =
-        row_threshold(scores + b * units, units, k, clean,
+        row_threshold(w->scores + b * units, units, k, clean,
                       (uint32_t *)(scratch + units));
     /* The mask of the scores at least the threshold, counted as it is
      * written: right unless ties at the threshold are more than needed. */
@@ -824,6 +879,22 @@ void midl_topk_mask(const float *scores, int64_t count, int64_t units,
       out[j] = (clean[j] > threshold || tied) ? 1.0f : 0.0f;
     }
   }
+}
+
+/* `keras_midl.ops.topk_mask` of each row of `scores` (count, units): 1.0f
+ * at the k selected neurons, 0.0f elsewhere, into `mask` (count, units).
+ * `scratch`: 3 * units floats. 1 <= k <= units. Up to `threads` threads
+ * take rows (`threads_for_scores`). Returns the threads that ran. */
+int64_t midl_topk_mask(const float *scores, int64_t count, int64_t units,
+                       int64_t k, float *mask, float *scratch,
+                       int64_t threads) {
+  struct topk_work work = {scores, units, k, mask, scratch, NULL};
+  threads = threads_for_scores(count * units, threads);
+  if (threads > count) threads = count;
+  threads = scratch_per_thread(3 * units, threads, &work.extra);
+  const int64_t ran = parallel_for(count, threads, topk_rows, &work);
+  free(work.extra);
+  return ran;
 }
 
 /* `units` floats of -0.0f, where a bias or a column is missing: adding
@@ -863,29 +934,30 @@ static void mix_row(float *restrict out, const float *restrict clean,
   }
 }
 
-/* The masked path's inference output, with no mask: `full[b, j] +
- * bias[j]` at the k neurons of row b that `topk_mask` selects from
- * `logits`, `light[b, j] + light_bias[j]` (0 where `light` is NULL) at
- * the others, written over `full` (count, units). `bias`, `light_bias`:
- * (units,) or NULL. Each value is the one float addition of the masked
- * path's bias add (a missing bias adds -0.0f, which changes no float),
- * so the output is the masked path's bit for bit. Rows without ties at
- * their threshold take one branch-free pass. `scratch`: 3 * units
- * floats. 1 <= k <= units. */
-void midl_select_mix(const float *logits, int64_t count, int64_t units,
-                     int64_t k, float *full, const float *bias,
-                     const float *light, const float *light_bias,
-                     float *scratch) {
+/* Rows [first, end) of `midl_select_mix`, as a part of `parallel_for`. */
+struct select_mix_work {
+  const float *logits;
+  int64_t units, k;
+  float *full;
+  const float *bias, *light, *light_bias;
+  float *scratch, *extra;
+};
+
+static void select_mix_rows(const void *context, int64_t first, int64_t end,
+                            int64_t slot) {
+  const struct select_mix_work *w = context;
+  const int64_t units = w->units, k = w->k;
+  float *scratch = slot_scratch(w->scratch, w->extra, 3 * units, slot);
   float *clean = scratch, *zeros = scratch + units;
-  for (int64_t b = 0; b < count; ++b) {
-    float *out = full + b * units;
-    const float *other = light ? light + b * units : NULL;
+  for (int64_t b = first; b < end; ++b) {
+    float *out = w->full + b * units;
+    const float *other = w->light ? w->light + b * units : NULL;
     const float threshold =
-        row_threshold(logits + b * units, units, k, clean,
+        row_threshold(w->logits + b * units, units, k, clean,
                       (uint32_t *)(scratch + units));
     /* The keys are spent: their scratch holds the missing biases. */
-    const float *add = or_negative_zeros(bias, units, zeros);
-    const float *light_add = or_negative_zeros(light_bias, units, zeros);
+    const float *add = or_negative_zeros(w->bias, units, zeros);
+    const float *light_add = or_negative_zeros(w->light_bias, units, zeros);
     int64_t at_least = 0;
     for (int64_t j = 0; j < units; ++j) at_least += clean[j] >= threshold;
     if (at_least == k) {
@@ -903,6 +975,30 @@ void midl_select_mix(const float *logits, int64_t count, int64_t units,
       }
     }
   }
+}
+
+/* The masked path's inference output, with no mask: `full[b, j] +
+ * bias[j]` at the k neurons of row b that `topk_mask` selects from
+ * `logits`, `light[b, j] + light_bias[j]` (0 where `light` is NULL) at
+ * the others, written over `full` (count, units). `bias`, `light_bias`:
+ * (units,) or NULL. Each value is the one float addition of the masked
+ * path's bias add (a missing bias adds -0.0f, which changes no float),
+ * so the output is the masked path's bit for bit. Rows without ties at
+ * their threshold take one branch-free pass. `scratch`: 3 * units
+ * floats. 1 <= k <= units. Up to `threads` threads take rows. Returns
+ * the threads that ran. */
+int64_t midl_select_mix(const float *logits, int64_t count, int64_t units,
+                        int64_t k, float *full, const float *bias,
+                        const float *light, const float *light_bias,
+                        float *scratch, int64_t threads) {
+  struct select_mix_work work = {logits, units, k, full, bias,
+                                 light, light_bias, scratch, NULL};
+  threads = threads_for_scores(count * units, threads);
+  if (threads > count) threads = count;
+  threads = scratch_per_thread(3 * units, threads, &work.extra);
+  const int64_t ran = parallel_for(count, threads, select_mix_rows, &work);
+  free(work.extra);
+  return ran;
 }
 
 /* One row of `midl_mix`: `n` elements; `light` NULL or not in each call's

@@ -10,8 +10,9 @@
 extern "C" {
 #endif
 
-void midl_topk_mask(const float *scores, int64_t count, int64_t units,
-                    int64_t k, float *mask, float *scratch);
+int64_t midl_topk_mask(const float *scores, int64_t count, int64_t units,
+                       int64_t k, float *mask, float *scratch,
+                       int64_t threads);
 void midl_mix(const float *mask, const float *full, const float *light,
               const float *bias, const float *light_bias, int64_t size,
               int64_t units, float *outputs, float *scratch);

@@ -3,10 +3,11 @@
 // `train_on_batch` without XLA).
 //
 // `MidlTopkMask` runs `midl_topk_mask` (select_gather.c, the same mask as
-// `keras_midl.ops.topk_mask`), `MidlMix` and `MidlMixGrad` the mix and
-// its gradients (`midl_mix`, `midl_mix_backward`): one kernel each where
-// the graph ran a `tf.numpy_function` (a Python call per step) and a
-// dozen elementwise kernels. Built by keras_midl/native/build.py against
+// `keras_midl.ops.topk_mask`, on the intra-op pool's threads), `MidlMix`
+// and `MidlMixGrad` the mix and its gradients (`midl_mix`,
+// `midl_mix_backward`): one kernel each where the graph ran a
+// `tf.numpy_function` (a Python call per step) and a dozen elementwise
+// kernels. Built by keras_midl/native/build.py against
 // the installed TensorFlow's headers, loaded and wrapped in a custom
 // gradient by keras_midl/backend/tensorflow.py. An empty `light`, bias or
 // `column` stands for none (NULL in the C functions). The mix adds the
@@ -54,6 +55,14 @@ tensorflow::Status MixScratch(OpKernelContext *context, int64_t units,
                                 TensorShape({3 * units}), scratch);
 }
 
+// The threads of TensorFlow's intra-op pool, which share the rows of
+// `midl_topk_mask` (the same mask on any count); one where the device
+// has none.
+int64_t IntraOpThreads(OpKernelContext *context) {
+  const auto *pool = context->device()->tensorflow_cpu_worker_threads();
+  return pool != nullptr && pool->num_threads > 1 ? pool->num_threads : 1;
+}
+
 class TopkMaskOp : public OpKernel {
  public:
   explicit TopkMaskOp(OpKernelConstruction *context) : OpKernel(context) {
@@ -78,7 +87,7 @@ class TopkMaskOp : public OpKernel {
                                           TensorShape({3 * units}), &scratch));
     midl_topk_mask(scores.flat<float>().data(), scores.NumElements() / units,
                    units, k_, mask->flat<float>().data(),
-                   scratch.flat<float>().data());
+                   scratch.flat<float>().data(), IntraOpThreads(context));
   }
 
  private:
