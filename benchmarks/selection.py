@@ -26,8 +26,9 @@ process) this measures, interleaved in one run after warm-up:
   noise only.
 
 Each backend runs with `--threads` threads (default 1: the machine these
-results come from has 2 cores shared with other jobs). The selection and
-the matmul are compiled with XLA on TensorFlow
+results come from has 2 cores shared with other jobs; 0: the backends'
+defaults, where the native selection shares its rows among threads).
+The selection and the matmul are compiled with XLA on TensorFlow
 (`tf.function(jit_compile=True)`) and JAX (`jax.jit`), eager on PyTorch.
 Timings are medians; only ratios measured in the same run are
 compared (the machine is shared).
@@ -37,9 +38,9 @@ Usage:
     python -m benchmarks.selection                  # every backend
     python -m benchmarks.selection --backends torch --repeats 5
 
-Writes `selection.json` and `selection.md` to `--output` (default: a folder
-outside the repository; `--output benchmarks/results/selection` updates
-the committed results).
+Writes `<name>.json` and `<name>.md` (`--name`, default `selection`) to
+`--output` (default: a folder outside the repository; `--output
+benchmarks/results/selection` updates the committed results).
 """
 
 import argparse
@@ -260,7 +261,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads per backend (0: the backends' "
+                        "defaults)")
+    parser.add_argument("--name", default="selection",
+                        help="stem of the result files")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     common.add_output_argument(parser)
     args = parser.parse_args()
@@ -277,7 +282,7 @@ def main():
     metadata["load_average_after"] = common.load_average()
     choice = fastest(rows)
     common.write_json(
-        common.output_path(args.output, "selection.json"),
+        common.output_path(args.output, f"{args.name}.json"),
         rows,
         metadata,
         k_ratio=K_RATIO,
@@ -286,7 +291,7 @@ def main():
     selection = [row for row in rows if row["kind"] == "selection"]
     training = [row for row in rows if row["kind"] == "training"]
     shape = lambda row: f"{row['batch']}x{row['input_dim']} @ {row['units']}"  # noqa: E731
-    path = common.output_path(args.output, "selection.md")
+    path = common.output_path(args.output, f"{args.name}.md")
     common.write_markdown(
         path,
         selection,
