@@ -817,11 +817,11 @@ static void select_row(const float *logits, int64_t units, int64_t k,
  * for bit, on any count. In a NumPy process (threads of our own), one
  * thread took 0.41 ms at 256 x 1024 scores here, two 0.29 ms (256 x
  * 4096: 1.56 and 1.07 ms); 128 x 1024 0.19 and 0.18 ms, a gain too small
- * to start a thread for. The mix and its
- * gradients (`midl_mix`, `midl_mix_backward`) stay on one thread: a pass
- * over memory, which a second thread made slower at 256 x 1024 (0.15
- * against 0.25 ms; the gradients, split by columns to keep each bias
- * sum in order, 0.31 against 0.65 ms). */
+ * to start a thread for. The mix and its gradients (`midl_mix`,
+ * `midl_mix_backward`) stay on one thread: a pass over memory, which a
+ * second thread made slower at 256 x 1024 (0.15 against 0.25 ms; the
+ * gradients, split by columns to keep each bias sum in order, 0.31
+ * against 0.65 ms). */
 #define MIN_SCORES_PER_THREAD ((int64_t)1 << 17)
 
 static int64_t threads_for_scores(int64_t scores, int64_t threads) {
