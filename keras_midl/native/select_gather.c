@@ -845,6 +845,23 @@ static float *slot_scratch(float *given, float *extra, int64_t floats,
   return slot == 0 ? given : extra + (slot - 1) * floats;
 }
 
+/* run(work, first, end, slot) over the `count` rows of a selection of
+ * `units` scores each, on the threads `threads_for_scores` allows, each
+ * with 3 * units floats of scratch (`*extra`, in `work`, holds the
+ * others' while it runs). Returns the threads that ran. */
+static int64_t select_rows(int64_t count, int64_t units, int64_t threads,
+                           void (*run)(const void *, int64_t, int64_t,
+                                       int64_t),
+                           const void *work, float **extra) {
+  threads = threads_for_scores(count * units, threads);
+  if (threads > count) threads = count;
+  threads = scratch_per_thread(3 * units, threads, extra);
+  const int64_t ran = parallel_for(count, threads, run, work);
+  free(*extra);
+  *extra = NULL;
+  return ran;
+}
+
 /* Rows [first, end) of `midl_topk_mask`, as a part of `parallel_for`. */
 struct topk_work {
   const float *scores;
@@ -889,12 +906,7 @@ int64_t midl_topk_mask(const float *scores, int64_t count, int64_t units,
                        int64_t k, float *mask, float *scratch,
                        int64_t threads) {
   struct topk_work work = {scores, units, k, mask, scratch, NULL};
-  threads = threads_for_scores(count * units, threads);
-  if (threads > count) threads = count;
-  threads = scratch_per_thread(3 * units, threads, &work.extra);
-  const int64_t ran = parallel_for(count, threads, topk_rows, &work);
-  free(work.extra);
-  return ran;
+  return select_rows(count, units, threads, topk_rows, &work, &work.extra);
 }
 
 /* `units` floats of -0.0f, where a bias or a column is missing: adding
@@ -993,12 +1005,8 @@ int64_t midl_select_mix(const float *logits, int64_t count, int64_t units,
                         float *scratch, int64_t threads) {
   struct select_mix_work work = {logits, units, k, full, bias,
                                  light, light_bias, scratch, NULL};
-  threads = threads_for_scores(count * units, threads);
-  if (threads > count) threads = count;
-  threads = scratch_per_thread(3 * units, threads, &work.extra);
-  const int64_t ran = parallel_for(count, threads, select_mix_rows, &work);
-  free(work.extra);
-  return ran;
+  return select_rows(count, units, threads, select_mix_rows, &work,
+                     &work.extra);
 }
 
 /* One row of `midl_mix`: `n` elements; `light` NULL or not in each call's
