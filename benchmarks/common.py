@@ -128,14 +128,37 @@ def _cpu_model():
     return platform.processor() or None
 
 
+# Environment variables that change a timing from outside the script:
+# glibc's allocator settings (`MALLOC_*_`, `GLIBC_TUNABLES`) and an
+# allocator swapped in by `LD_PRELOAD` (jemalloc, tcmalloc). They decide
+# how many page faults a PyTorch step pays (docs/inference_paths.md).
+ALLOCATOR_VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD")
+ALLOCATOR_PREFIX = "MALLOC_"
+
+
+def _allocator_environment():
+    """The allocator settings of this process's environment, sorted."""
+    return {
+        name: value
+        for name, value in sorted(os.environ.items())
+        if name in ALLOCATOR_VARIABLES or name.startswith(ALLOCATOR_PREFIX)
+    }
+
+
 def command_line():
     """The command that started this process, as a copyable shell string.
 
     `python -m benchmarks.<name> ...` for a module run with `-m`, else
-    `python <script> ...`; prefixed with `KERAS_BACKEND=...` when set.
+    `python <script> ...`; prefixed with `KERAS_BACKEND=...` when set,
+    then with the allocator settings that are set
+    (`ALLOCATOR_VARIABLES`, `MALLOC_*`).
     """
     backend = os.environ.get("KERAS_BACKEND")
     prefix = f"KERAS_BACKEND={backend} " if backend else ""
+    prefix += "".join(
+        f"{name}={shlex.quote(value)} "
+        for name, value in _allocator_environment().items()
+    )
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name:
         script = f"-m {spec.name.removesuffix('.__main__')}"

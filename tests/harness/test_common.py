@@ -48,8 +48,24 @@ def test_command_line(spec_name, argv, expected, monkeypatch):
     monkeypatch.setitem(sys.modules, "__main__", main)
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setenv("KERAS_BACKEND", "jax")
+    for name in list(os.environ):
+        if name.startswith("MALLOC_") or name in common.ALLOCATOR_VARIABLES:
+            monkeypatch.delenv(name)
     command = common.command_line()
     assert command.startswith(f"KERAS_BACKEND=jax python {expected}")
+
+
+def test_command_line_records_allocator_settings(monkeypatch):
+    monkeypatch.setenv("KERAS_BACKEND", "torch")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4000000000")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2 x.so")
+    monkeypatch.setenv("MALLOCX", "not an allocator setting")
+    command = common.command_line()
+    assert command.startswith(
+        "KERAS_BACKEND=torch LD_PRELOAD='/usr/lib/libjemalloc.so.2 x.so' "
+        "MALLOC_TRIM_THRESHOLD_=4000000000 python "
+    )
+    assert "MALLOCX" not in command
 
 
 def test_results_record_how_they_were_made(tmp_path):
