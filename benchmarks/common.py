@@ -569,6 +569,36 @@ def block(value):
     return value
 
 
+def page_faults(call, repeats=5):
+    """The minor page faults this process takes per `call()`: the median
+    over `repeats` calls, after one call not counted.
+
+    A fault is the kernel mapping a fresh page (zeroing it) on first
+    touch; an allocator that returns freed memory to the system pays one
+    per 4 KiB page of every large temporary again on each call, a cost
+    the timing includes and that varies with the allocator's state.
+
+    Returns:
+        The median count, or `None` where the platform does not count
+        them (no `resource` module).
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    block(call())
+    counts = []
+    for _ in range(repeats):
+        before = faults()
+        block(call())
+        counts.append(faults() - before)
+    return statistics.median(counts)
+
+
 def interleaved_medians(
     candidates, warmup=0, repeats=10, rest=1.0, settle=0
 ):

@@ -76,6 +76,14 @@ readings are at most 1 (`common.LOAD_LIMIT`); each group first waits
 for the load to settle after its warm-up (`common.wait_for_quiet`). The
 result files flag the others as not valid.
 
+After the timings, every call runs 6 more times to count the process's
+minor page faults per call (`common.page_faults`, median of the last 5):
+where glibc's allocator gives large freed blocks back to the system
+(PyTorch's tensors), a step maps and zeroes fresh pages again, a cost
+that differs between processes with the allocator's state; the
+allocator settings of the environment (`MALLOC_*_`) are part of the
+recorded command (`common.command_line`).
+
 Usage:
 
     python -m benchmarks.training_step --profile
@@ -200,8 +208,9 @@ def profile_layers():
 
 def timed_rows(calls, args, **labels):
     """Times `calls` interleaved (Dense among them); one row per call,
-    with `labels`, its median, its ratio to Dense and the load average
-    read before and after."""
+    with `labels`, its median, its ratio to Dense, the load average read
+    before and after, and its page faults per call (`common.page_faults`,
+    counted after the timings)."""
     for _ in range(args.warmup):
         for call in calls.values():
             common.block(call())
@@ -210,6 +219,7 @@ def timed_rows(calls, args, **labels):
         calls, repeats=args.repeats, settle=SETTLE
     )
     after = common.load_average()
+    faults = {name: common.page_faults(call) for name, call in calls.items()}
     best = min(medians[name] for name in BASELINES if name in medians)
     return [
         {
@@ -218,6 +228,7 @@ def timed_rows(calls, args, **labels):
             "ms": 1e3 * seconds,
             "ratio_to_dense": seconds / medians["Dense"],
             "ratio_to_best_dense": seconds / best,
+            "page_faults": faults[name],
             "load_before": before,
             "load_after": after,
         }
@@ -382,6 +393,7 @@ COLUMNS = [
     ("ratio_to_best_dense", "/ best dense", ".2f"),
     ("target", "Target", ".2f"),
     ("target_met", "Met", None),
+    ("page_faults", "Page faults / call", ".0f"),
     ("load_before", "Load before", ".2f"),
     ("load_after", "Load after", ".2f"),
     ("valid", "Valid", None),
@@ -420,7 +432,12 @@ def main(argv=None):
         "rests as long as it works, so its own thread adds about 0.5 "
         f"to the load average; each group waits for the load to fall to "
         f"{common.QUIET_LOAD:g} after its warm-up. Valid: both load readings "
-        f"at most {common.LOAD_LIMIT:g}.",
+        f"at most {common.LOAD_LIMIT:g}. Page faults / call: the "
+        "process's minor page faults per call, median of 5 calls after "
+        "the timings (`common.page_faults`); every fault maps and zeroes "
+        "a fresh 4 KiB page, which glibc's allocator makes a call pay "
+        "again for each large temporary where it gives freed memory "
+        "back to the system (see docs/inference_paths.md).",
         "Profile variants (`--profile`): `fixed mask` replaces the "
         "selection by a constant mask; `fixed mask, plain mix` also "
         "replaces the straight-through mix by a plain one with no "

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import mmap
 import os
 import sys
 import time
@@ -318,3 +319,20 @@ def test_child_output_holds_the_rows_and_the_environment(tmp_path):
     assert set(metadata) == set(common.environment()) | {"threads"}
     assert metadata["threads"] == 1
     assert metadata["backend"] == keras.backend.backend()
+
+
+def test_page_faults_count_the_pages_a_call_maps():
+    """A call that touches 64 fresh pages takes at least 64 faults (256
+    KiB at 4 KiB pages: no huge page fits); a call that touches none,
+    fewer."""
+    if common.page_faults(lambda: None) is None:
+        pytest.skip("this platform does not count page faults")
+    pages = 64
+
+    def touch_fresh_pages():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as memory:
+            for page in range(pages):
+                memory[page * mmap.PAGESIZE] = 1
+
+    assert common.page_faults(touch_fresh_pages) >= pages
+    assert common.page_faults(lambda: None) < pages

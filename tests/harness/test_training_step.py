@@ -21,6 +21,8 @@ def test_timed_rows_give_ratios_to_dense():
     assert by_variant["Dense"]["ratio_to_dense"] == 1.0
     assert by_variant["MIDL"]["ratio_to_dense"] > 1.0
     assert {row["case"] for row in rows} == {"c"}
+    assert all(row["page_faults"] is None or row["page_faults"] >= 0
+               for row in rows)
 
 
 def test_ratios_to_the_faster_dense_layout():
