@@ -519,7 +519,7 @@ class MIDLConv2D(GatedLayer):
     def _conv(self, inputs, kernel):
         return ops.conv(
             ops.cast(inputs, self.compute_dtype),
-            kernel,
+            backend.current().conv_kernel(kernel),
             strides=self.strides,
             padding=self.padding,
             dilation_rate=self.dilation_rate,

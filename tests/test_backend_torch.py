@@ -779,3 +779,63 @@ def test_the_selection_runs_on_torchs_threads(
     np.testing.assert_array_equal(
         as_numpy(mixed), np.where(as_numpy(mask) > 0, full, light)
     )
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 4, 1), (3, 4, 1), (2, 2, 2, 3, 1)])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_conv_kernel_of_one_output_channel_is_a_copy_in_torch_layout(
+    torch_backend, shape, dtype, rng
+):
+    """Keras's permutation of the returned half-precision kernel to
+    `(c_out, c_in, *spatial)` is a contiguous tensor, not a view that
+    only reads as channels-last (which PyTorch's float16 convolution
+    cannot take a gradient into), with the kernel's values."""
+    kernel = keras.ops.cast(rng.normal(size=shape), dtype)
+    spatial = len(shape) - 2
+    order = (spatial + 1, spatial, *range(spatial))
+    laid_out = torch_backend.conv_kernel(kernel)
+    assert laid_out.permute(order).is_contiguous()
+    assert not kernel.permute(order).is_contiguous()
+    np.testing.assert_array_equal(
+        as_numpy(keras.ops.cast(laid_out, "float32")),
+        as_numpy(keras.ops.cast(kernel, "float32")),
+    )
+
+
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((3, 3, 4, 2), "float16"), ((3, 3, 4, 1), "float32")],
+)
+def test_conv_kernel_leaves_other_kernels(torch_backend, shape, dtype, rng):
+    """Several output channels, or float32: the kernel as it is."""
+    kernel = keras.ops.cast(rng.normal(size=shape), dtype)
+    assert torch_backend.conv_kernel(kernel) is kernel
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_conv_of_one_output_channel_has_gradients(
+    torch_backend, dtype, rng
+):
+    """The gradient of a float16 (bfloat16) convolution with one output
+    channel, channels-last as Keras runs it, through `conv_kernel`, is
+    the float32 one (without it, float16 failed on some CPUs:
+    "slow_conv2d: grad_weight must be contiguous")."""
+    import torch
+
+    x = rng.normal(size=(4, 6, 6, 3)).astype("float32")
+    w = rng.normal(size=(3, 3, 3, 1)).astype("float32")
+
+    def kernel_gradient(compute_dtype):
+        kernel = torch.tensor(w, requires_grad=True)
+        outputs = keras.ops.conv(
+            keras.ops.cast(x, compute_dtype),
+            torch_backend.conv_kernel(keras.ops.cast(kernel, compute_dtype)),
+            padding="same",
+        )
+        keras.ops.sum(keras.ops.cast(outputs, "float32")).backward()
+        return kernel.grad.numpy()
+
+    np.testing.assert_allclose(
+        kernel_gradient(dtype), kernel_gradient("float32"), rtol=0.05,
+        atol=0.05,
+    )

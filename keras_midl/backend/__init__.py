@@ -14,6 +14,9 @@ on backends without a module of their own, such as NumPy's):
 * `matmul_transposed(inputs, kernel)`: `inputs @ kernel^T` for a kernel
   stored as `(units, input_dim)` (MIDL's full path), in the form that is
   fastest on the backend.
+* `conv_kernel(kernel)`: a convolution kernel `(*spatial, c_in, c_out)`
+  as `ops.conv` takes it, in the layout the backend's convolution needs
+  (torch: a copy where `c_out` is 1, see there).
 * `native_forward(inputs, weights, k)`: a layer's gathered forward in
   the native kernel, or `None` where it cannot run here (device, dtype).
 * `compiled_gathered(inputs, weights, k)`: the gathered forward compiled

@@ -35,6 +35,12 @@ def matmul_transposed(inputs, kernel):
     return matmul_rows(inputs, kernel, transposed_activations)
 
 
+def conv_kernel(kernel):
+    """A convolution kernel `(*spatial, c_in, c_out)` as `ops.conv` takes
+    it, in the layout the backend's convolution needs; here unchanged."""
+    return kernel
+
+
 def transposed_activations(rows, kernel):
     """`rows @ kernel^T` of a matrix `rows` as `(kernel @ rows^T)^T`."""
     return ops.transpose(ops.matmul(kernel, ops.transpose(rows)))

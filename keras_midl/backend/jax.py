@@ -14,6 +14,7 @@ from keras_midl.ops.selection import cache_sized_block
 # The same as on a backend without a module of its own.
 exporting = generic.exporting
 matmul_transposed = generic.matmul_transposed
+conv_kernel = generic.conv_kernel
 compiled_gathered = generic.compiled_gathered
 native_mix = generic.native_mix
 native_select_mix_runs = generic.native_select_mix_runs

@@ -26,6 +26,7 @@ TRANSPOSED_OPERAND_ROWS = 128
 
 # The same as on a backend without a module of its own.
 exporting = generic.exporting
+conv_kernel = generic.conv_kernel
 compiled_gathered = generic.compiled_gathered
 native_select_mix_runs = generic.native_select_mix_runs
 native_select_mix = generic.native_select_mix

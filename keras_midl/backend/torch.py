@@ -47,6 +47,32 @@ def matmul_transposed(inputs, kernel):
     return ops.matmul(inputs, ops.transpose(kernel))
 
 
+def conv_kernel(kernel):
+    """A convolution kernel `(*spatial, c_in, c_out)` as `ops.conv` takes
+    it; in half precision with one output channel, a copy laid out so
+    that the view Keras passes to PyTorch, `(c_out, c_in, *spatial)`, is
+    contiguous.
+
+    With `c_out = 1` that view's strides also read as channels-last, so
+    Keras passes it on uncopied, and PyTorch's CPU convolution in float16
+    (`slow_conv2d`, where oneDNN takes no float16) fails in the backward
+    pass: "grad_weight must be contiguous". MIDLConv2D's light
+    convolution has one output channel at rank 1 (seen under
+    `mixed_float16` on an AMD EPYC with torch 2.13, not on an Intel
+    Xeon). Other kernels, and float32 ones, are returned as they are.
+    """
+    if kernel.shape[-1] != 1:
+        return kernel
+    kernel = ops.convert_to_tensor(kernel)
+    if kernel.dtype not in (torch.float16, torch.bfloat16):
+        return kernel
+    spatial = kernel.ndim - 2
+    # Keras's permutation to PyTorch's layout, and its inverse.
+    order = (spatial + 1, spatial, *range(spatial))
+    inverse = tuple(order.index(axis) for axis in range(kernel.ndim))
+    return kernel.permute(order).contiguous().permute(inverse)
+
+
 def native_forward(inputs, weights, k, quantize_inputs=True):
     """The gathered forward in the native kernel; `None` where it cannot
     run (tensors not on the CPU, neither float32 nor the int8 kernel of a
