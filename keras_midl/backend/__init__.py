@@ -16,7 +16,8 @@ on backends without a module of their own, such as NumPy's):
   fastest on the backend.
 * `conv_kernel(kernel)`: a convolution kernel `(*spatial, c_in, c_out)`
   as `ops.conv` takes it, in the layout the backend's convolution needs
-  (torch: a copy where `c_out` is 1, see there).
+  (torch: a copy of a half-precision kernel whose `c_out` is 1, see
+  there).
 * `native_forward(inputs, weights, k)`: a layer's gathered forward in
   the native kernel, or `None` where it cannot run here (device, dtype).
 * `compiled_gathered(inputs, weights, k)`: the gathered forward compiled
