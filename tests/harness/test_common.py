@@ -34,6 +34,14 @@ def test_output_path_creates_the_folder(tmp_path):
     assert folder.is_dir()
 
 
+@pytest.fixture
+def without_allocator_settings(monkeypatch):
+    """The allocator settings of the environment (which `command_line`
+    records) removed, so the recorded command is the test's own."""
+    for name in common._allocator_environment():
+        monkeypatch.delenv(name)
+
+
 @pytest.mark.parametrize(
     "spec_name, argv, expected",
     [
@@ -41,7 +49,9 @@ def test_output_path_creates_the_folder(tmp_path):
         (None, ["benchmarks/smi.py", "a b"], "benchmarks/smi.py 'a b'"),
     ],
 )
-def test_command_line(spec_name, argv, expected, monkeypatch):
+def test_command_line(
+    spec_name, argv, expected, without_allocator_settings, monkeypatch
+):
     main = type(sys)("__main__")
     main.__spec__ = (
         None if spec_name is None else type("Spec", (), {"name": spec_name})
@@ -49,14 +59,13 @@ def test_command_line(spec_name, argv, expected, monkeypatch):
     monkeypatch.setitem(sys.modules, "__main__", main)
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setenv("KERAS_BACKEND", "jax")
-    for name in list(os.environ):
-        if name.startswith("MALLOC_") or name in common.ALLOCATOR_VARIABLES:
-            monkeypatch.delenv(name)
     command = common.command_line()
     assert command.startswith(f"KERAS_BACKEND=jax python {expected}")
 
 
-def test_command_line_records_allocator_settings(monkeypatch):
+def test_command_line_records_allocator_settings(
+    without_allocator_settings, monkeypatch
+):
     monkeypatch.setenv("KERAS_BACKEND", "torch")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4000000000")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2 x.so")
