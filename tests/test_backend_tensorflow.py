@@ -84,20 +84,30 @@ def test_in_trace_inside_graphs_only(tf_backend):
     assert not tf_backend.exporting()
 
 
-@pytest.mark.parametrize("shape", [(127, 24), (128, 24), (4, 64, 24)])
-def test_matmul_transposed_in_graphs_of_many_rows_transposes_nothing(
-    tf_backend, shape, rng
+@pytest.mark.parametrize("traced", [True, False])
+@pytest.mark.parametrize(
+    "shape", [(1, 24), (2, 24), (16, 24), (128, 24), (4, 64, 24)]
+)
+def test_matmul_transposed_reads_the_kernel_transposed(
+    tf_backend, shape, traced, rng, monkeypatch
 ):
-    """From `TRANSPOSED_OPERAND_ROWS` rows a traced `inputs @ kernel^T`
-    and its gradients are `MatMul`s with no `Transpose`, the kernel's
-    gradient written in its layout; with fewer rows the activations and
-    the output are transposed, forward and backward."""
+    """Beyond a single row, `inputs @ kernel^T` and its gradients are
+    matmuls with no `Transpose` (a `BatchMatMulV2` reading the kernel
+    transposed, the kernel's gradient written in its layout), in graphs
+    and eager calls; a single row transposes the activations and the
+    output. The values are the product's either way."""
     import tensorflow as tf
 
     inputs = tf.constant(rng.normal(size=shape).astype("float32"))
     kernel = tf.Variable(rng.normal(size=(10, shape[-1])).astype("float32"))
+    transposing = tf_backend.generic.transposed_activations
+    transposed_calls = []
+    monkeypatch.setattr(
+        tf_backend.generic,
+        "transposed_activations",
+        lambda *args: transposed_calls.append(1) or transposing(*args),
+    )
 
-    @tf.function
     def outputs_and_gradients(inputs):
         with tf.GradientTape() as tape:
             tape.watch(inputs)
@@ -105,7 +115,11 @@ def test_matmul_transposed_in_graphs_of_many_rows_transposes_nothing(
             loss = tf.reduce_sum(outputs * outputs)
         return (outputs, *tape.gradient(loss, [inputs, kernel]))
 
-    outputs, d_inputs, d_kernel = outputs_and_gradients(inputs)
+    function = (
+        tf.function(outputs_and_gradients) if traced
+        else outputs_and_gradients
+    )
+    outputs, d_inputs, d_kernel = function(inputs)
     x, w = inputs.numpy(), kernel.numpy()
     want = x @ w.T
     np.testing.assert_allclose(outputs.numpy(), want, rtol=1e-4, atol=1e-4)
@@ -115,10 +129,13 @@ def test_matmul_transposed_in_graphs_of_many_rows_transposes_nothing(
     np.testing.assert_allclose(
         d_kernel.numpy(), 2 * (rows @ w.T).T @ rows, rtol=1e-4, atol=1e-3
     )
-    graph = outputs_and_gradients.get_concrete_function(inputs).graph
-    transposes = [op for op in graph.get_operations() if op.type == "Transpose"]
-    many = np.prod(shape[:-1]) >= tf_backend.TRANSPOSED_OPERAND_ROWS
-    assert (len(transposes) == 0) == bool(many)
+    single_row = np.prod(shape[:-1]) == 1
+    assert bool(transposed_calls) == single_row
+    if traced:
+        graph = function.get_concrete_function(inputs).graph
+        executed = {op.type for op in graph.get_operations()}
+        assert ("Transpose" in executed) == single_row
+        assert ("BatchMatMulV2" in executed) == (not single_row)
 
 
 def test_tf_function_runs_keras_ops_and_equals_masked(native_calls, rng):

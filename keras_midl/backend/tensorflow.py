@@ -18,11 +18,6 @@ _on_cpu = []
 _selections = {}
 _EMPTY = (0,)
 
-# In graphs with at least this many rows (a static count: training
-# batches), `matmul_transposed` is one `MatMul` reading the kernel
-# transposed (see there).
-TRANSPOSED_OPERAND_ROWS = 128
-
 
 # The same as on a backend without a module of its own.
 exporting = generic.exporting
@@ -41,19 +36,23 @@ def in_trace(inputs):
 def matmul_transposed(inputs, kernel):
     """`inputs @ kernel^T` for a kernel stored as `(units, input_dim)`.
 
-    In a graph with at least `TRANSPOSED_OPERAND_ROWS` rows (a static
-    count; training batches), one `MatMul` with `transpose_b`: its
-    gradients are two `MatMul`s, the kernel's `g^T x` written in the
-    kernel's layout, where `matmul(x, transpose(kernel))` adds a
-    `Transpose` of the kernel's gradient (a copy of the whole kernel
-    each step) and `(kernel @ rows^T)^T` four transposes. A training step
-    of the MLP 784-1024-1024-10 at batch 256, one thread, took 1.26-1.27x
-    Dense's time against 1.36x with `matmul(x, transpose(kernel))`, and
-    784-512-256-10 at batch 128 1.33x against 1.37x with `(kernel @
-    rows^T)^T` (one-off A/Bs in one process). Forward only, at 128 rows
-    and more, it takes the time of the other forms (0.97-1.00x); at 16
-    rows 1.14x, so smaller batches and eager calls take
-    `generic.matmul_transposed`'s form.
+    One `BatchMatMulV2` reading the kernel transposed (`adj_y`, what
+    `tf.einsum("bi,oi->bo")` lowers to), in graphs and eager calls, for
+    every row count but a static single row. Its gradients are two
+    matmuls, the kernel's written in the kernel's layout (no `Transpose`
+    of the kernel or of its gradient). On the AMD EPYC (Zen 4) this
+    project's later results come from, one thread, forward in a
+    `tf.function` (time over `x @ W` in Dense's layout), it took
+    0.97x at 256 x 4096 -> 4096 and 0.95-1.05x from 4 to 1024 rows,
+    where `MatMul` with `transpose_b` (this function's form before, at
+    128 rows and more) took 1.05-1.09x, and 1.50x at 16 rows, and
+    `(kernel @ rows^T)^T` (its form below 128 rows and in eager calls)
+    up to 1.50x; forward and backward 0.98-1.04x against `transpose_b`'s
+    1.03-1.08x. At one row `BatchMatMulV2` took 1.44x and `(kernel @
+    rows^T)^T` 0.92x, so a single row keeps `generic.matmul_transposed`'s
+    form. One-off A/Bs, interleaved medians; on the Intel Xeon of the
+    earlier results `MatMul` with `transpose_b` and `einsum` measured
+    alike at 256 rows, and `BatchMatMulV2` was not measured there.
     """
     return generic.matmul_rows(inputs, kernel, _matmul_transposed_rows)
 
@@ -61,15 +60,10 @@ def matmul_transposed(inputs, kernel):
 def _matmul_transposed_rows(rows, kernel):
     """`rows @ kernel^T` of a matrix `rows`, by `matmul_transposed`'s
     rule."""
-    count = rows.shape[0]
-    if (
-        count is None
-        or count < TRANSPOSED_OPERAND_ROWS
-        or not in_trace(rows)
-    ):
+    if rows.shape[0] == 1:
         return generic.transposed_activations(rows, kernel)
-    return tf.linalg.matmul(
-        rows, tf.convert_to_tensor(kernel), transpose_b=True
+    return tf.raw_ops.BatchMatMulV2(
+        x=rows, y=tf.convert_to_tensor(kernel), adj_y=True
     )
 
 
