@@ -42,17 +42,18 @@ def matmul_transposed(inputs, kernel):
     matmuls, the kernel's written in the kernel's layout (no `Transpose`
     of the kernel or of its gradient). On the AMD EPYC (Zen 4) this
     project's later results come from, one thread, forward in a
-    `tf.function` (time over `x @ W` in Dense's layout), it took
-    0.97x at 256 x 4096 -> 4096 and 0.95-1.05x from 4 to 1024 rows,
-    where `MatMul` with `transpose_b` (this function's form before, at
-    128 rows and more) took 1.05-1.09x, and 1.50x at 16 rows, and
-    `(kernel @ rows^T)^T` (its form below 128 rows and in eager calls)
-    up to 1.50x; forward and backward 0.98-1.04x against `transpose_b`'s
-    1.03-1.08x. At one row `BatchMatMulV2` took 1.44x and `(kernel @
-    rows^T)^T` 0.92x, so a single row keeps `generic.matmul_transposed`'s
-    form. One-off A/Bs, interleaved medians; on the Intel Xeon of the
-    earlier results `MatMul` with `transpose_b` and `einsum` measured
-    alike at 256 rows, and `BatchMatMulV2` was not measured there.
+    `tf.function`, time over `x @ W` in Dense's layout: 0.97x at 256 x
+    4096 -> 4096 and 0.84-1.05x from 4 to 1024 rows, where `MatMul` with
+    `transpose_b` (this function's form before, at 128 rows and more)
+    took 1.00-1.09x from 127 rows and 1.50-1.62x at 16, and `(kernel @
+    rows^T)^T` (its form below 128 rows and in eager calls) up to 1.50x
+    (1.57x eager); forward and backward 0.95-1.04x against `transpose_b`'s
+    1.03-1.08x (1.15x at 16 rows). At one row `BatchMatMulV2` took 1.44x
+    and `(kernel @ rows^T)^T` 0.92x, so a single row keeps
+    `generic.matmul_transposed`'s form. One-off A/Bs, interleaved
+    medians; on the Intel Xeon of the earlier results `MatMul` with
+    `transpose_b` and `einsum` measured alike at 256 rows, and
+    `BatchMatMulV2` was not measured there.
     """
     return generic.matmul_rows(inputs, kernel, _matmul_transposed_rows)
 
