@@ -352,3 +352,38 @@ def test_the_native_kernel_runs_on_every_available_cpu(
     x = rng.normal(size=(2, INPUT_DIM)).astype("float32")
     jax_backend.native_forward(x, dispatch.layer_weights(layer), layer.k)
     assert threads == [5]
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 24), (16, 24), (127, 24), (128, 24), (4, 8, 24)]
+)
+def test_matmul_transposed_keeps_its_transposes_below_128_rows(
+    jax_backend, shape, rng
+):
+    """Below `MATERIALIZED_TRANSPOSE_ROWS` rows, on a CPU, the compiled
+    `inputs @ kernel^T` keeps its transposes out of the dot (optimization
+    barriers); from that count XLA folds them. Values and gradients are
+    the product's either way."""
+    import jax
+
+    inputs = rng.normal(size=shape).astype("float32")
+    kernel = rng.normal(size=(10, shape[-1])).astype("float32")
+
+    def loss(inputs, kernel):
+        outputs = jax_backend.matmul_transposed(inputs, kernel)
+        return (outputs * outputs).sum(), outputs
+
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, outputs), (d_inputs, d_kernel) = compiled(inputs, kernel)
+    want = inputs @ kernel.T
+    np.testing.assert_allclose(outputs, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(d_inputs, 2 * want @ kernel, rtol=1e-4,
+                               atol=1e-3)
+    rows = inputs.reshape(-1, shape[-1])
+    np.testing.assert_allclose(
+        d_kernel, 2 * (rows @ kernel.T).T @ rows, rtol=1e-4, atol=1e-3
+    )
+    program = jax.jit(loss).lower(inputs, kernel).as_text()
+    few = np.prod(shape[:-1]) < jax_backend.MATERIALIZED_TRANSPOSE_ROWS
+    on_cpu = jax.default_backend() == "cpu"
+    assert ("optimization_barrier" in program) == (few and on_cpu)
