@@ -7,8 +7,10 @@ candidate timed the way a user calls it, all interleaved in one round
 robin after warm-up, `--repeats` rounds, same weights:
 
 * `keras.layers.Dense(n)` in a compiled forward (below), and the two raw
-  dense matmuls (`x @ W`, Dense's layout, and `(W^T x^T)^T`, the layout
-  MIDL stores its kernel in; the faster is "best dense");
+  dense matmuls (`x @ W`, Dense's layout, and the product in the layout
+  MIDL stores its kernel in, computed as MIDL's full path computes it,
+  `keras_midl.backend`'s `matmul_transposed`, or `F.linear` on torch; the
+  faster is "best dense");
 * `MIDL(n)` with `inference_path="masked"` in a compiled forward;
 * `MIDL(n)` with `inference_path="gathered"` in an eager call, `layer(x)`
   (on PyTorch under `torch.no_grad()`): the native kernel where it applies
@@ -200,9 +202,15 @@ def raw_matmuls(kernel_t):
 
     Returns:
         Dict `name -> function(x)`: `"x @ W"` (Dense's layout) and
-        `"W^T layout"` (`(W^T x^T)^T`, or `F.linear` on torch).
+        `"W^T layout"`: the product in MIDL's layout as MIDL's full path
+        computes it (`matmul_transposed` of `keras_midl.backend`), or
+        `F.linear` on torch.
     """
     import keras
+
+    from keras_midl import backend as backends
+
+    product = backends.current().matmul_transposed
 
     backend = keras.backend.backend()
     kernel = np.ascontiguousarray(kernel_t.T)
@@ -212,16 +220,14 @@ def raw_matmuls(kernel_t):
 
         w, wt = jnp.asarray(kernel), jnp.asarray(kernel_t)
         xw = jax.jit(lambda x, w: x @ w)
-        own = jax.jit(lambda x, wt: (wt @ x.T).T)
+        own = jax.jit(product)
         return {"x @ W": lambda x: xw(x, w), "W^T layout": lambda x: own(x, wt)}
     if backend == "tensorflow":
         import tensorflow as tf
 
         w, wt = tf.constant(kernel), tf.constant(kernel_t)
         xw = tf.function(lambda x: tf.matmul(x, w))
-        own = tf.function(
-            lambda x: tf.transpose(tf.matmul(wt, x, transpose_b=True))
-        )
+        own = tf.function(lambda x: product(x, wt))
         return {"x @ W": xw, "W^T layout": own}
     if backend == "torch":
         import torch
@@ -800,8 +806,9 @@ def write_rows(rows, metadata, args):
         columns=LATENCY_COLUMNS,
         notes=(
             "Dense: keras.layers.Dense. x @ W, W^T layout: raw backend "
-            "matmuls in Dense's layout and in MIDL's (the faster is 'best "
-            "dense'). Dense, masked: in a compiled forward (tf.function "
+            "matmuls in Dense's layout and in MIDL's, the latter as MIDL's "
+            "full path computes it (the faster is 'best dense'). Dense, "
+            "masked: in a compiled forward (tf.function "
             "without XLA, jax.jit, eager torch under no_grad). Gathered: "
             '`inference_path="gathered"`, called as the row says: '
             f"'{EAGER_NATIVE}' is `layer(x)` (torch: under no_grad), the "
