@@ -34,18 +34,22 @@ def matmul_transposed(inputs, kernel):
     contracting axis minor, whatever form is written (`x @ kernel.T`,
     `dot_general`, `(kernel @ x.T).T` compile to the same dot); on a CPU
     that dot is slow at small batches. So below
-    `MATERIALIZED_TRANSPOSE_ROWS` rows (a static count) on a CPU, each
-    transpose is kept as a copy (`jax.lax.optimization_barrier`), and the
-    dot is `kernel @ rows^T` as laid out: a matrix times a few columns.
+    `MATERIALIZED_TRANSPOSE_ROWS` rows (a static count) on a CPU, the
+    forward pass keeps each transpose as a copy
+    (`jax.lax.optimization_barrier`), and its dot is `kernel @ rows^T` as
+    laid out: a matrix times a few columns. The backward pass is the two
+    plain products `g @ kernel` and `g^T @ rows`, laid out by XLA (through
+    the barriers it took 1.35-1.53x the time of Dense's).
+
     On the AMD EPYC of this project's later results (jaxlib 0.10.2, one
     thread, `jax.jit`, time over `x @ W` in Dense's layout; one-off A/Bs,
-    interleaved medians) it took, at d = n = 4096, 0.37-0.58x from 2 to
-    16 rows and 0.73-0.95x from 32 to 96, where the folded form took
-    1.12-1.69x; at d = n = 1024 0.40-0.60x from 2 to 32 rows against
-    0.93-1.28x. From 128 rows the folded form is as fast or faster (at
-    256 x 4096 -> 4096 1.08x against 1.14-1.15x), and a GPU's matmul
-    takes transposed operands as they are. Gradients pass through the
-    barriers unchanged.
+    interleaved medians), at d = n = 4096 the forward pass took 0.37-0.58x
+    from 2 to 16 rows and 0.73-0.95x from 32 to 96, where the folded form
+    took 1.12-1.69x; at d = n = 1024 0.40-0.60x from 2 to 32 rows against
+    0.93-1.28x. Forward and backward: 0.76-0.96x from 2 to 100 rows,
+    against the folded form's 0.98-1.08x. From 128 rows the folded form
+    is as fast or faster (forward at 256 x 4096 -> 4096 1.08x against
+    1.14-1.15x), and a GPU's matmul takes transposed operands as they are.
     """
     return generic.matmul_rows(inputs, kernel, _matmul_transposed_rows)
 
@@ -61,9 +65,27 @@ def _matmul_transposed_rows(rows, kernel):
         or jax.default_backend() != "cpu"
     ):
         return generic.transposed_activations(rows, kernel)
-    columns = jax.lax.optimization_barrier(ops.transpose(rows))
-    products = jax.lax.optimization_barrier(ops.matmul(kernel, columns))
-    return ops.transpose(products)
+    return _laid_out_product(rows, ops.convert_to_tensor(kernel))
+
+
+@jax.custom_vjp
+def _laid_out_product(rows, kernel):
+    """`rows @ kernel^T` as `kernel @ rows^T` with both transposes kept
+    as copies (see `matmul_transposed`)."""
+    columns = jax.lax.optimization_barrier(rows.T)
+    return jax.lax.optimization_barrier(kernel @ columns).T
+
+
+def _laid_out_product_forward(rows, kernel):
+    return _laid_out_product(rows, kernel), (rows, kernel)
+
+
+def _laid_out_product_backward(residuals, gradient):
+    rows, kernel = residuals
+    return gradient @ kernel, gradient.T @ rows
+
+
+_laid_out_product.defvjp(_laid_out_product_forward, _laid_out_product_backward)
 
 
 def in_trace(inputs):
