@@ -26,11 +26,12 @@ def matmul_transposed(inputs, kernel):
     """`inputs @ kernel^T` for a kernel stored as `(units, input_dim)`,
     computed as `(kernel @ rows^T)^T`.
 
-    CPU matmuls with a transposed right operand (what `matmul(x,
-    transpose(kernel))` and `einsum` lower to) are slower than `x @ W` at
-    small batches (TensorFlow about 2x; XLA up to 13x at batch 1, where
-    it copies the transposed kernel), while transposing the activations
-    costs no more than Dense.
+    Some CPU matmuls with a transposed right operand are slower than
+    `x @ W` at small batches (TensorFlow's `MatMul` with `transpose_b` up
+    to 2x; XLA's dot up to 13x at batch 1, where it copies the transposed
+    kernel), while transposing the activations costs no more than Dense.
+    TensorFlow and JAX take forms of their own
+    (`keras_midl.backend.tensorflow`, `keras_midl.backend.jax`).
     """
     return matmul_rows(inputs, kernel, transposed_activations)
 
