@@ -168,6 +168,21 @@ def variable_gradients(layer, fn):
     raise NotImplementedError(backend)
 
 
+def assert_transposed_product(inputs, kernel, outputs, d_inputs, d_kernel):
+    """`outputs` is `inputs @ kernel^T` (a kernel stored as `(units, d)`,
+    inputs of any rank), and `d_inputs`, `d_kernel` the gradients of
+    `sum(outputs ** 2)`; NumPy arrays."""
+    want = inputs @ kernel.T
+    np.testing.assert_allclose(outputs, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        d_inputs, 2 * want @ kernel, rtol=1e-4, atol=1e-3
+    )
+    rows = inputs.reshape(-1, inputs.shape[-1])
+    np.testing.assert_allclose(
+        d_kernel, 2 * (rows @ kernel.T).T @ rows, rtol=1e-4, atol=1e-3
+    )
+
+
 def built_dense(input_dim=12, units=20, rng=None, **kwargs):
     rng = rng or np.random.default_rng(0)
     kwargs.setdefault("activation", "relu")

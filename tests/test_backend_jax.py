@@ -5,6 +5,7 @@ and the gathered path in a SavedModel."""
 import keras
 import numpy as np
 import pytest
+from backend_utils import assert_transposed_product
 from inference_utils import CONFIGS
 from inference_utils import INPUT_DIM
 from inference_utils import UNITS
@@ -375,13 +376,8 @@ def test_matmul_transposed_keeps_its_transposes_below_128_rows(
 
     compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     (_, outputs), (d_inputs, d_kernel) = compiled(inputs, kernel)
-    want = inputs @ kernel.T
-    np.testing.assert_allclose(outputs, want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(d_inputs, 2 * want @ kernel, rtol=1e-4,
-                               atol=1e-3)
-    rows = inputs.reshape(-1, shape[-1])
-    np.testing.assert_allclose(
-        d_kernel, 2 * (rows @ kernel.T).T @ rows, rtol=1e-4, atol=1e-3
+    assert_transposed_product(
+        inputs, kernel, *map(np.asarray, (outputs, d_inputs, d_kernel))
     )
     program = jax.jit(loss).lower(inputs, kernel).as_text()
     few = np.prod(shape[:-1]) < jax_backend.MATERIALIZED_TRANSPOSE_ROWS

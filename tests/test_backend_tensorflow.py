@@ -12,6 +12,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+from backend_utils import assert_transposed_product
 from inference_utils import CONFIGS
 from inference_utils import INPUT_DIM
 from inference_utils import NATIVE_SELECTION
@@ -120,14 +121,10 @@ def test_matmul_transposed_reads_the_kernel_transposed(
         else outputs_and_gradients
     )
     outputs, d_inputs, d_kernel = function(inputs)
-    x, w = inputs.numpy(), kernel.numpy()
-    want = x @ w.T
-    np.testing.assert_allclose(outputs.numpy(), want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(d_inputs.numpy(), 2 * want @ w, rtol=1e-4,
-                               atol=1e-3)
-    rows = x.reshape(-1, shape[-1])
-    np.testing.assert_allclose(
-        d_kernel.numpy(), 2 * (rows @ w.T).T @ rows, rtol=1e-4, atol=1e-3
+    assert_transposed_product(
+        inputs.numpy(),
+        kernel.numpy(),
+        *(tensor.numpy() for tensor in (outputs, d_inputs, d_kernel)),
     )
     single_row = np.prod(shape[:-1]) == 1
     assert bool(transposed_calls) == single_row
